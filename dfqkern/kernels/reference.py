@@ -1,0 +1,386 @@
+"""Pure-torch reference ops: the oracle every backend (Triton, CPU, CUDA) is tested against.
+
+Conventions (see :mod:`dfqkern.formats` for codes and packing):
+
+* ``codes = clamp(round_half_even(x * inv_scale) + zero_point, 0, 2**bits - 1)`` where
+  ``inv_scale = 1 / scale`` is computed in float32 by torch **before** the kernel runs (kernels
+  receive ``inv_scale``; this keeps approximate on-device division out of the integer path).
+  Rounding happens before the integer zero point is added, so no FMA can change a code.
+* ``dequant = (codes - zero_point) * scale``.
+* Per-channel parameters are 1-D and broadcast along ``axis`` of the input; per-tensor
+  parameters are 0-d or one-element.
+* Integer GEMM / conv results are exact (computed in float64, whose 53-bit mantissa holds every
+  partial sum these bit widths can produce) and returned as int32.
+
+Every op here has the same name and signature in every backend module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import (PackedActivation, PackedWeight, check_bits, code_max, matrix_to_conv_weight,
+                       pack_codes, symmetric_zero_point)
+
+ZETA = 1.1
+GAMMA = -0.1
+SCALE_EPS = 1e-8
+
+DEVICES = ("cpu", "cuda")
+
+
+def is_available() -> bool:
+    return True
+
+
+class Unsupported(NotImplementedError):
+    """Raised by a backend for an argument combination it does not implement (dispatch falls back)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devs = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    if len(set(devs.values())) > 1:
+        raise ValueError("tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devs.items()))
+
+
+def broadcast_param(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Shape a per-tensor (``axis=None``) or per-channel (1-D along ``axis``) parameter to broadcast against ``x``."""
+    p = torch.as_tensor(p, device=x.device)
+    if axis is None:
+        if p.numel() != 1:
+            raise ValueError(f"per-tensor parameter must have one element, got shape {tuple(p.shape)}")
+        return p.reshape(())
+    axis = axis % x.dim()
+    if p.numel() != x.shape[axis]:
+        raise ValueError(
+            f"per-channel parameter has {p.numel()} elements but input has {x.shape[axis]} along axis {axis}")
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def reduce_to_param(t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Sum ``t`` over every dim except ``axis`` (or all dims for per-tensor)."""
+    if axis is None:
+        return t.sum().reshape(1)
+    axis = axis % t.dim()
+    dims = [d for d in range(t.dim()) if d != axis]
+    return t.sum(dim=dims) if dims else t
+
+
+def inv_scale(scale: torch.Tensor) -> torch.Tensor:
+    return 1.0 / scale.float()
+
+
+# ----------------------------------------------------------------------------- quantization parameters
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
+    """Scale and integer zero point (float32, int32) covering ``[lo, hi]`` (widened to include 0)."""
+    lo = torch.minimum(torch.as_tensor(lo, dtype=torch.float32), torch.zeros(()))
+    hi = torch.maximum(torch.as_tensor(hi, dtype=torch.float32), torch.zeros(()))
+    qmax = code_max(bits)
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.clamp(amax / (symmetric_zero_point(bits) - 1), min=SCALE_EPS)
+        zp = torch.full_like(scale, symmetric_zero_point(bits), dtype=torch.int32)
+    else:
+        scale = torch.clamp((hi - lo) / qmax, min=SCALE_EPS)
+        zp = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
+    return scale, zp
+
+
+# ----------------------------------------------------------------------------- quantize / dequantize / fake-quant
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+             axis: int | None = None) -> torch.Tensor:
+    """Float -> unsigned codes (uint8)."""
+    _check_float("x", x)
+    check_bits(bits, (2, 3, 4, 8), "bits")
+    inv = broadcast_param(inv_scale(scale), x, axis)
+    zp = broadcast_param(zero_point, x, axis).to(torch.float32)
+    q = torch.round(x.float() * inv) + zp
+    return torch.clamp(q, 0, code_max(bits)).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               axis: int | None = None) -> torch.Tensor:
+    s = broadcast_param(scale, codes, axis).float()
+    zp = broadcast_param(zero_point, codes, axis).to(torch.float32)
+    return (codes.to(torch.float32) - zp) * s
+
+
+# Counter-based hash shared by every backend so QDrop masks agree bit for bit.
+# x0 = (index + seed * 0x9E3779B9) mod 2**32, then "lowbias32":
+# x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16  (all mod 2**32).
+# An element keeps its float value (quantization dropped) when hash < round(drop_prob * 2**32).
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
+    # (a * b) mod 2**32 in int64 without overflow: split b into 16-bit halves.
+    lo = a * (b & 0xFFFF)
+    hi = ((a * (b >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def hash32(index: torch.Tensor, seed: int) -> torch.Tensor:
+    x = (index + ((seed * 0x9E3779B9) & _MASK32)) & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def drop_threshold(drop_prob: float) -> int:
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+    return min(int(round(drop_prob * 2 ** 32)), 2 ** 32)
+
+
+def qdrop_mask(shape, drop_prob: float, seed: int, device=None) -> torch.Tensor:
+    """Boolean mask, True where quantization is dropped (the float value is kept)."""
+    n = math.prod(shape)
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    return (hash32(idx, int(seed) & _MASK32) < drop_threshold(drop_prob)).reshape(shape)
+
+
+def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                       axis: int | None = None, drop_prob: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x.dtype``; with ``drop_prob > 0`` (QDrop) dropped elements pass through."""
+    _check_same_device(x=x, scale=scale, zero_point=zero_point)
+    out = dequantize(quantize(x, scale, zero_point, bits, axis), scale, zero_point, axis).to(x.dtype)
+    if drop_prob > 0:
+        out = torch.where(qdrop_mask(x.shape, drop_prob, seed, x.device), x, out)
+    return out
+
+
+def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        bits: int, axis: int | None = None, grad_scale: float = 1.0, drop_prob: float = 0.0,
+                        seed: int = 0):
+    """Gradients of :func:`fake_quant_forward`: ``(grad_x, grad_scale, grad_zero_point)``.
+
+    ``grad_x`` is the straight-through estimate (passes inside the clip range). ``grad_scale`` is
+    LSQ's: ``round(x/s) - x/s`` inside, ``qmin - z`` / ``qmax - z`` where clipped; ``grad_zero_point``
+    is ``-s`` where clipped, 0 inside. Both are reduced to the parameter's shape (fp32) and
+    multiplied by ``grad_scale`` (LSQ's ``1/sqrt(numel * qmax)`` if the caller wants it).
+    """
+    g = grad.float()
+    inv = broadcast_param(inv_scale(scale), x, axis)
+    s = broadcast_param(scale, x, axis).float()
+    zp = broadcast_param(zero_point, x, axis).to(torch.float32)
+    xs = x.float() * inv
+    r = torch.round(xs)
+    t = r + zp
+    qmax = code_max(bits)
+    below, above = t < 0, t > qmax
+    inside = ~(below | above)
+    if drop_prob > 0:
+        kept = ~qdrop_mask(x.shape, drop_prob, seed, x.device)
+        gq = g * kept
+        gx = torch.where(kept, g * inside, g)
+    else:
+        gq = g
+        gx = g * inside
+    ds = gq * torch.where(inside, r - xs, torch.where(below, -zp, qmax - zp))
+    dz = gq * torch.where(inside, torch.zeros_like(xs), -s)
+    return gx.to(x.dtype), reduce_to_param(ds, axis) * grad_scale, reduce_to_param(dz, axis) * grad_scale
+
+
+# ----------------------------------------------------------------------------- AdaRound
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def adaround_init_v(w: torch.Tensor, scale: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """V such that the soft rounding starts at the float weight's fractional part."""
+    frac = w.float() * broadcast_param(inv_scale(scale), w, axis)
+    frac = frac - torch.floor(frac)
+    p = torch.clamp((frac - GAMMA) / (ZETA - GAMMA), 1e-4, 1 - 1e-4)
+    return torch.log(p / (1 - p))
+
+
+def adaround_base(w: torch.Tensor, scale: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """``floor(w / s)``: the integer part AdaRound learns to round up or down from (float32)."""
+    return torch.floor(w.float() * broadcast_param(inv_scale(scale), w, axis))
+
+
+def adaround_forward(base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     bits: int, axis: int = 0, beta: float = 2.0, hard: bool = False):
+    """AdaRound weight and regularizer: ``(w_hat, reg)``.
+
+    ``w_hat = s * (clamp(base + h(V) + z, 0, qmax) - z)`` with ``h`` the rectified sigmoid (soft) or
+    ``V >= 0`` (hard); ``reg = sum(1 - |2h - 1|**beta)`` (0 for hard rounding).
+    """
+    _check_float("v", v)
+    if base.shape != v.shape:
+        raise ValueError(f"base and v must have one shape, got {tuple(base.shape)} and {tuple(v.shape)}")
+    s = broadcast_param(scale, v, axis).float()
+    zp = broadcast_param(zero_point, v, axis).to(torch.float32)
+    h = (v >= 0).float() if hard else rectified_sigmoid(v.float())
+    c = torch.clamp(base.float() + h + zp, 0, code_max(bits))
+    w_hat = (c - zp) * s
+    reg = torch.zeros((), device=v.device) if hard else (1 - (2 * h - 1).abs().pow(beta)).sum()
+    return w_hat.to(v.dtype), reg
+
+
+def adaround_backward(grad: torch.Tensor, base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                      zero_point: torch.Tensor, bits: int, axis: int = 0, beta: float = 2.0,
+                      reg_grad: float = 0.0):
+    """Gradients of soft :func:`adaround_forward`: ``(grad_v, grad_scale)``.
+
+    ``grad_v`` includes ``reg_grad * d reg / dV`` (``reg_grad`` is the loss's weight on ``reg``).
+    ``grad_scale`` treats ``base`` as fixed (Genie-M learns the scale jointly with the rounding).
+    """
+    g = grad.float()
+    s = broadcast_param(scale, v, axis).float()
+    zp = broadcast_param(zero_point, v, axis).to(torch.float32)
+    vf = v.float()
+    sig = torch.sigmoid(vf)
+    hs = sig * (ZETA - GAMMA) + GAMMA
+    h = torch.clamp(hs, 0.0, 1.0)
+    dh_dv = torch.where((hs > 0) & (hs < 1), sig * (1 - sig) * (ZETA - GAMMA), torch.zeros_like(vf))
+    t = base.float() + h + zp
+    qmax = code_max(bits)
+    inside = (t >= 0) & (t <= qmax)
+    c = torch.clamp(t, 0, qmax)
+    u = 2 * h - 1
+    dreg_dh = -beta * u.abs().pow(beta - 1) * torch.sign(u) * 2
+    gv = g * s * inside * dh_dv + reg_grad * dreg_dh * dh_dv
+    gs = reduce_to_param(g * (c - zp), axis)
+    return gv.to(v.dtype), gs
+
+
+# ----------------------------------------------------------------------------- packed activations / GEMM / conv
+
+@dataclass
+class ActQuant:
+    """How a packed op quantizes its input: static per-tensor ``scale``/``zero_point``, or per-token dynamic."""
+
+    bits: int
+    scale: torch.Tensor | None = None  # one element; None for per-token
+    zero_point: torch.Tensor | None = None
+    per_token: bool = False
+    symmetric: bool = False
+
+    def __post_init__(self):
+        check_bits(self.bits, (4, 8), "act bits")
+        if not self.per_token and (self.scale is None or self.zero_point is None):
+            raise ValueError("static activation quantization needs scale and zero_point")
+
+
+def token_qparams(x2d: torch.Tensor, bits: int, symmetric: bool):
+    """Per-row (token) dynamic scale and zero point from each row's min/max."""
+    x = x2d.float()
+    return qparams_from_range(x.amin(dim=1), x.amax(dim=1), bits, symmetric)
+
+
+def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
+    """Quantize ``[M, K]`` activations and pack them along K."""
+    _check_float("x", x2d)
+    if x2d.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x2d.shape)}")
+    if act.per_token:
+        scale, zp = token_qparams(x2d, act.bits, act.symmetric)
+        codes = quantize(x2d, scale.to(x2d.device), zp.to(x2d.device), act.bits, axis=0)
+    else:
+        scale = act.scale.reshape(1).float()
+        zp = act.zero_point.reshape(1).to(torch.int32)
+        codes = quantize(x2d, scale, zp, act.bits)
+    zp = zp.to(device=x2d.device, dtype=torch.int32)
+    return PackedActivation(pack_codes(codes, act.bits, zp.reshape(-1, 1) if act.per_token else zp),
+                            scale.to(x2d.device).float(), zp, act.bits, x2d.shape[1])
+
+
+def _exact_int(t: torch.Tensor) -> torch.Tensor:
+    return torch.round(t).to(torch.int32)
+
+
+def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
+    """Exact int32 ``(a_codes - a_zp) @ (w_codes - w_zp).T`` -> ``[M, N]``."""
+    if pa.k != pw.k:
+        raise ValueError(f"activation K={pa.k} does not match weight K={pw.k}")
+    return _exact_int(pa.int_matrix().double() @ pw.int_matrix().double().T)
+
+
+def _epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype, channel_dim: int):
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    sw = w_scale.float().reshape(shape)
+    if a_scale.numel() == 1:
+        y = acc.float() * (a_scale.float().reshape(()) * sw)
+    else:  # per-token: one scale per row of a 2-D accumulator
+        y = acc.float() * (a_scale.float().reshape(-1, 1) * sw)
+    if bias is not None:
+        y = y + bias.float().reshape(shape)
+    return y.to(out_dtype)
+
+
+def _check_linear_args(x, pw, bias):
+    _check_float("x", x)
+    if x.shape[-1] != pw.k:
+        raise ValueError(f"x has {x.shape[-1]} input features, weight expects K={pw.k}")
+    if bias is not None and bias.numel() != pw.n:
+        raise ValueError(f"bias must have {pw.n} elements, got {bias.numel()}")
+    _check_same_device(x=x, weight=pw.data, bias=bias)
+
+
+def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Packed Linear: ``[..., K] -> [..., N]``. ``act=None`` is weight-only (float activations)."""
+    _check_linear_args(x, pw, bias)
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, pw.k)
+    if act is None:
+        y = F.linear(x2d.float(), pw.dequantize().reshape(pw.n, pw.k).float(),
+                     None if bias is None else bias.float()).to(out_dtype)
+    else:
+        pa = quantize_activation(x2d, act)
+        y = _epilogue(linear_int(pa, pw), pa.scale, pw.scale, bias, out_dtype, 1)
+    return y.reshape(*lead, pw.n)
+
+
+def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
+               dilation=1, groups: int = 1) -> torch.Tensor:
+    """Exact int32 convolution of ``(x_codes - x_zp)`` with ``(w_codes - w_zp)``; padding is the value 0."""
+    if x_codes.dim() != 4:
+        raise ValueError(f"x_codes must be NCHW, got shape {tuple(x_codes.shape)}")
+    if len(pw.shape) != 4:
+        raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
+    xi = x_codes.double() - x_zero_point.reshape(()).double()
+    wi = matrix_to_conv_weight(pw.int_matrix().double(), pw.shape)
+    return _exact_int(F.conv2d(xi, wi, None, stride, padding, dilation, groups))
+
+
+def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
+           stride=1, padding=0, dilation=1, groups: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Packed Conv2d on NCHW input. Activations are per-tensor (``act.per_token`` is rejected)."""
+    _check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
+    if x.shape[1] != pw.shape[1] * groups:
+        raise ValueError(f"x has {x.shape[1]} channels, weight expects {pw.shape[1] * groups} (groups={groups})")
+    _check_same_device(x=x, weight=pw.data, bias=bias)
+    out_dtype = out_dtype or x.dtype
+    if act is None:
+        return F.conv2d(x.float(), pw.dequantize().float(), None if bias is None else bias.float(),
+                        stride, padding, dilation, groups).to(out_dtype)
+    if act.per_token:
+        raise ValueError("act.per_token is not supported for conv2d; use per-tensor activation quantization")
+    codes = quantize(x, act.scale.reshape(1), act.zero_point.reshape(1), act.bits)
+    acc = conv2d_int(codes, act.zero_point, pw, stride, padding, dilation, groups)
+    return _epilogue(acc, act.scale, pw.scale, bias, out_dtype, 1)
