@@ -27,7 +27,7 @@ checkpoints store.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -153,6 +153,8 @@ class PackedWeight:
     bits: int
     k: int
     shape: tuple[int, ...]  # the float weight's shape (Linear [N, K] or Conv2d [O, C/g, kh, kw])
+    # Backend-derived layouts (e.g. a CPU kernel's tile order), keyed by backend name; never saved.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
