@@ -39,6 +39,12 @@ def default_cifar10_dir() -> Path:
 
 # ----------------------------------------------------------------------------- transforms
 
+def _scaled(size: int, crop_pct: float) -> int:
+    """floor(size / crop_pct) as timm computes it; the epsilon keeps crop_pct = crop / resize
+    (torchvision's specs) from landing one pixel short through rounding (224 / (224/232) -> 232)."""
+    return math.floor(size / crop_pct + 1e-6)
+
+
 class ResizeCenterCrop:
     """Resize to ``size / crop_pct`` then center-crop to ``size`` (timm's eval transform).
 
@@ -56,10 +62,10 @@ class ResizeCenterCrop:
             return img
         mode = InterpolationMode(self.interpolation)
         if self.height == self.width:  # shorter side, aspect kept
-            img = TF.resize(img, math.floor(self.height / self.crop_pct), interpolation=mode)
+            img = TF.resize(img, _scaled(self.height, self.crop_pct), interpolation=mode)
         else:
-            img = TF.resize(img, [math.floor(self.height / self.crop_pct),
-                                  math.floor(self.width / self.crop_pct)], interpolation=mode)
+            img = TF.resize(img, [_scaled(self.height, self.crop_pct), _scaled(self.width, self.crop_pct)],
+                            interpolation=mode)
         return TF.center_crop(img, [self.height, self.width])
 
     def __repr__(self):

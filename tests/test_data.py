@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dfqkern.data import (ImageFolderDataset, TarImageDataset, build_transform, calibration_tensor,
+from dfqkern.data import (ImageFolderDataset, _scaled, TarImageDataset, build_transform, calibration_tensor,
                           default_cifar10_dir, digits_dataset, find_labels_csv, open_dataset, random_subset)
 from dfqkern.models import InputSpec, input_spec
 
@@ -56,6 +56,21 @@ def test_transform_resizes_center_crops_and_converts_channels():
 def test_transform_non_square_target():
     spec = InputSpec(mean=(0.0,) * 3, std=(1.0,) * 3, input_size=(3, 6, 10))
     assert build_transform(spec)(Image.new("RGB", (7, 13))).shape == (3, 6, 10)
+
+
+@given(crop=st.integers(1, 1024), extra=st.integers(0, 512))
+def test_resize_size_recovered_from_crop_pct(crop, extra):
+    # torchvision specs store crop_pct = crop / resize; the resize size must come back exactly.
+    assert _scaled(crop, crop / (crop + extra)) == crop + extra
+
+
+def test_torchvision_resize_then_crop():
+    spec = input_spec("torchvision:mobilenet_v2")  # resize 232, crop 224
+    img = Image.new("RGB", (464, 300))
+    img.paste((255, 255, 255), (0, 0, 464, 16))  # a white band: 16/300*232 = 12.4 rows after resize,
+    x = build_transform(spec)(img)  # of which (232 - 224) / 2 = 4 are cropped away
+    white = (x[0] > 0).float().mean(dim=1)
+    assert x.shape == (3, 224, 224) and 7 <= int(white.sum()) <= 9
 
 
 def test_build_transform_rejects_bad_channels():
