@@ -1,0 +1,400 @@
+"""Text-to-image diffusion as a source of calibration images.
+
+Any diffusers text-to-image pipeline (Stable Diffusion 1.x/2.x, SDXL, ...) by hub id or local
+directory. diffusers is imported only inside these functions. Every image has its own seeded
+``torch.Generator`` (on the CPU, so the initial noise is the same on any device), hence any image
+can be regenerated alone from its :class:`~dfqkern.datagen.prompts.PromptRecord`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .prompts import PromptRecord, mixup_prompt_embeds
+from .store import to_uint8
+
+OUTPUTS = ("uint8", "float")
+
+# Short scheduler names -> diffusers classes (a diffusers class name is accepted as well).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "dpmsolver": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler", "ddpm": "DDPMScheduler", "heun": "HeunDiscreteScheduler",
+}
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+class PipelineUnavailableError(RuntimeError):
+    """The requested diffusion pipeline cannot be loaded (missing directory, offline, not on the hub)."""
+
+
+def offline_mode() -> bool:
+    """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE /
+    DIFFUSERS_OFFLINE set to a true value)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(s) or s.count("/") > 1 or "\\" in s
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(id_or_dir: "str | Path", device: "str | torch.device | None" = None,
+                  dtype: "torch.dtype | None" = None, scheduler: "str | None" = None,
+                  local_files_only: "bool | None" = None, **kwargs):
+    """Load a diffusers text-to-image pipeline from a hub id or a local directory.
+
+    ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and float32 elsewhere
+    (fp16 convolutions are slow or unsupported on CPU). ``scheduler`` swaps the scheduler, by short
+    name (``ddim``, ``pndm``, ``euler``, ``euler_a``, ``dpm++``, ``unipc``, ``lms``, ``ddpm``,
+    ``heun``) or diffusers class name, keeping the pipeline's scheduler config.
+    ``local_files_only=None`` follows the environment (``HF_HUB_OFFLINE=1`` etc.). The safety
+    checker is not loaded (it blanks images; calibration images are never shown to anyone) and the
+    pipeline's own progress bar is disabled: callers show one bar for the whole set.
+    Extra ``kwargs`` go to ``from_pretrained`` (e.g. ``variant="fp16"``, ``revision=...``).
+    """
+    import diffusers
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    name = str(id_or_dir)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if local_files_only is None:
+        local_files_only = offline_mode()
+    path = Path(name).expanduser()
+    is_dir = path.is_dir()
+    if not is_dir and (path.exists() or _looks_like_path(name)):
+        raise PipelineUnavailableError(
+            f"diffusion pipeline {name!r}: no such directory (expected a folder written by "
+            f"save_pretrained, with model_index.json, or a hub id such as 'org/model')")
+    source = str(path) if is_dir else name
+    try:
+        index = DiffusionPipeline.load_config(source, local_files_only=local_files_only)
+    except Exception as err:  # hub / filesystem errors have many types; all mean "not available"
+        hint = (" (offline mode: the model must already be in the Hugging Face cache; unset HF_HUB_OFFLINE "
+                "or pass local_files_only=False to download it)" if local_files_only and not is_dir else "")
+        where = "directory" if is_dir else "hub id"
+        raise PipelineUnavailableError(
+            f"diffusion pipeline {name!r} ({where}) is not available: {type(err).__name__}: {err}{hint}") from err
+    if "safety_checker" in index:
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+    dtype_kw = "dtype" if _diffusers_takes_dtype(diffusers.__version__) else "torch_dtype"
+    load_kw = dict(kwargs, local_files_only=local_files_only, **{dtype_kw: dtype})
+    try:
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(source, **load_kw)
+        except ValueError as auto_err:  # a class the auto mapping does not know: load it as it is
+            if "can't find" not in str(auto_err):
+                raise
+            pipe = DiffusionPipeline.from_pretrained(source, **load_kw)
+    except (OSError, EnvironmentError) as err:
+        raise PipelineUnavailableError(f"diffusion pipeline {name!r} could not be loaded: {err}") from err
+    if scheduler is not None:
+        pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _diffusers_takes_dtype(version: str) -> bool:
+    # diffusers renamed from_pretrained(torch_dtype=) to dtype= in 0.36; both work, the old one warns.
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (0, 36)
+
+
+def _make_scheduler(name: str, config):
+    import diffusers
+
+    cls_name = SCHEDULERS.get(name.lower(), name)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)} or a diffusers scheduler class "
+                         f"name, got {name!r}")
+    return cls.from_config(config)
+
+
+def pipeline_info(pipeline) -> dict:
+    """What the manifest records about the generator: source id/dir, class, diffusers version, dtype."""
+    import diffusers
+
+    cfg = getattr(pipeline, "config", {}) or {}
+    name = cfg.get("_name_or_path", None) if hasattr(cfg, "get") else None
+    sched = getattr(pipeline, "scheduler", None)
+    return {"id": str(name) if name else type(pipeline).__name__, "class": type(pipeline).__name__,
+            "library": "diffusers", "version": diffusers.__version__,
+            "scheduler": type(sched).__name__ if sched is not None else None,
+            "dtype": str(getattr(pipeline, "dtype", "")).replace("torch.", "")}
+
+
+# ----------------------------------------------------------------------------- ranks
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: torch.distributed when initialized, else an already
+    created accelerate state, else the launcher's environment (torchrun / accelerate launch: RANK,
+    WORLD_SIZE; MPI; SLURM); ``(0, 1)`` for a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    state_mod = sys.modules.get("accelerate.state")  # only if the user already uses accelerate
+    if state_mod is not None:
+        shared = getattr(getattr(state_mod, "PartialState", None), "_shared_state", None)
+        if shared and "num_processes" in shared:
+            return int(shared.get("process_index", 0)), int(shared["num_processes"])
+    for r, w in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                 ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1
+
+
+def check_rank(rank: "int | None", world_size: "int | None") -> tuple[int, int]:
+    if rank is None or world_size is None:
+        r, w = dist_info()
+        rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    return rank, world_size
+
+
+def shard_records(records: Sequence, rank: "int | None" = None, world_size: "int | None" = None) -> list:
+    """This rank's contiguous slice of ``records``; slices of all ranks are disjoint, cover every
+    record and differ in length by at most one. Ranks default to :func:`dist_info`."""
+    rank, world_size = check_rank(rank, world_size)
+    n = len(records)
+    start, stop = rank * n // world_size, (rank + 1) * n // world_size
+    return list(records[start:stop])
+
+
+# ----------------------------------------------------------------------------- generation
+
+def resize_center_crop(images: torch.Tensor, size: "int | tuple[int, int] | None") -> torch.Tensor:
+    """Resize ``[N, C, H, W]`` so it covers ``size`` (keeping aspect), then center-crop to it."""
+    if size is None:
+        return images
+    th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if th < 1 or tw < 1:
+        raise ValueError(f"output_size must be positive, got {size!r}")
+    h, w = images.shape[-2:]
+    if (h, w) != (th, tw):
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        if (nh, nw) != (h, w):
+            images = F.interpolate(images.float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                                   antialias=True).clamp_(0, 1)
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        images = images[..., top:top + th, left:left + tw]
+    return images
+
+
+def _as_tensor(images) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images.float().cpu()
+    import numpy as np  # PIL list or numpy array, when a pipeline ignores output_type="pt"
+
+    if isinstance(images, np.ndarray):
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                        for im in images])
+
+
+def _check_generation_args(records, guidance_scale, steps, batch_size, output, height, width):
+    if not all(isinstance(r, PromptRecord) for r in records):
+        raise TypeError("records must be PromptRecord objects (see dfqkern.datagen.build_prompts)")
+    if steps is None or int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (int(v) < 8 or int(v) % 8):
+            raise ValueError(f"{name} must be a multiple of 8 (latent diffusion), got {v!r}")
+    levels = {bool(r.class_texts) for r in records}
+    if len(levels) > 1:
+        raise ValueError("records mix text prompts and embedding-level mixup; generate them separately")
+
+
+def iter_images(pipeline, records: Sequence[PromptRecord], *, guidance_scale: float = 7.5, steps: int = 30,
+                height: "int | None" = None, width: "int | None" = None, negative_prompt: "str | None" = None,
+                batch_size: int = 4, output_size: "int | tuple[int, int] | None" = None,
+                output: str = "uint8") -> Iterator[tuple[list[PromptRecord], torch.Tensor]]:
+    """Yield ``(records_batch, images_batch)`` batch by batch (see :func:`generate_images`)."""
+    records = list(records)
+    _check_generation_args(records, guidance_scale, steps, batch_size, output, height, width)
+    for start in range(0, len(records), int(batch_size)):
+        batch = records[start:start + int(batch_size)]
+        # CPU generators: identical initial noise on every device, one per image.
+        gens = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
+        call = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), generator=gens,
+                    output_type="pt", height=height, width=width)
+        if batch[0].class_texts:
+            encoder, tokenizer = getattr(pipeline, "text_encoder", None), getattr(pipeline, "tokenizer", None)
+            if encoder is None or tokenizer is None or getattr(pipeline, "text_encoder_2", None) is not None:
+                raise ValueError(f"embedding-level mixup needs a pipeline with one CLIP text encoder "
+                                 f"(Stable Diffusion 1.x/2.x); {type(pipeline).__name__} is not supported: "
+                                 f"use mixup_level='text'")
+            embeds, neg = mixup_prompt_embeds(encoder, tokenizer, [r.class_texts for r in batch],
+                                              [r.weights for r in batch], negative_prompt)
+            dtype = getattr(pipeline, "dtype", embeds.dtype)
+            call.update(prompt_embeds=embeds.to(dtype), negative_prompt_embeds=neg.to(dtype))
+        else:
+            call["prompt"] = [r.text for r in batch]
+            if negative_prompt:
+                call["negative_prompt"] = [negative_prompt] * len(batch)
+        with torch.inference_mode():
+            images = _as_tensor(pipeline(**call).images)
+        images = resize_center_crop(images.clamp(0, 1), output_size)
+        yield batch, (to_uint8(images) if output == "uint8" else images.clamp(0, 1).contiguous())
+
+
+def generate_images(pipeline, records: Sequence[PromptRecord], *, guidance_scale: float = 7.5,
+                    steps: int = 30, height: "int | None" = None, width: "int | None" = None,
+                    negative_prompt: "str | None" = None, batch_size: int = 4,
+                    output_size: "int | tuple[int, int] | None" = None, output: str = "uint8",
+                    progress: bool = False) -> torch.Tensor:
+    """Generate one image per record: ``[N, 3, H, W]`` uint8 (``output="uint8"``) or float in [0, 1].
+
+    ``height``/``width``: the pipeline's resolution (default: the model's native one);
+    ``output_size``: int or (h, w) of the classifier input, reached by resize + center crop.
+    ``guidance_scale <= 1`` disables classifier-free guidance (then the negative prompt is unused).
+    Records with ``class_texts`` use embedding-level mixup (prompt_embeds).
+    """
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=len(records), desc="diffusion", unit="img", disable=not progress) as bar:
+        for _, images in iter_images(pipeline, records, guidance_scale=guidance_scale, steps=steps,
+                                     height=height, width=width, negative_prompt=negative_prompt,
+                                     batch_size=batch_size, output_size=output_size, output=output):
+            out.append(images)
+            bar.update(len(images))
+    if not out:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8 if output == "uint8" else torch.float32)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- synthetic set
+
+def generate_diffusion_set(out_dir: "str | Path", pipeline, *, classes="imagenet", num_images: int = 1000,
+                           prompt_mode: str = "mixup", mixup_k: int = 2, mixup_level: str = "text",
+                           weights: str = "uniform", dirichlet_alpha: float = 1.0, seed: int = 0,
+                           guidance_scale: float = 7.5, steps: int = 30, height: "int | None" = None,
+                           width: "int | None" = None, negative_prompt: "str | None" = None,
+                           batch_size: int = 4, output_size: "int | tuple[int, int] | None" = None,
+                           shard_size: int = 256, scheduler: "str | None" = None,
+                           device: "str | torch.device | None" = None, dtype: "torch.dtype | None" = None,
+                           local_files_only: "bool | None" = None, overwrite: bool = False,
+                           progress: bool = True, rank: "int | None" = None,
+                           world_size: "int | None" = None) -> Path:
+    """Generate (or resume) a text-to-image synthetic set in ``out_dir``; returns ``out_dir``.
+
+    ``pipeline``: a hub id or directory (loaded with :func:`load_pipeline` only if images are
+    missing) or an already loaded pipeline. Prompts come from
+    :func:`~dfqkern.datagen.prompts.build_prompts`; images are resized/center-cropped to
+    ``output_size``. Finished shards and images already on disk are skipped; with several ranks
+    (torch.distributed, accelerate or RANK/WORLD_SIZE) each rank fills its own shards and the
+    manifest is written once all are finished. Open the result with
+    :func:`~dfqkern.datagen.store.load_synthetic`. ``batch_size`` and ``device`` do not enter the
+    resume check (they do not change what is asked for, only how fast it is made).
+    """
+    from .prompts import build_prompts, class_names as _class_names
+    from .store import SyntheticSetWriter, fill_set
+
+    import diffusers
+
+    rank, world_size = check_rank(rank, world_size)
+    names = _class_names(classes)
+    records = build_prompts(names, num_images, prompt_mode, mixup_k=mixup_k, mixup_level=mixup_level,
+                            weights=weights, dirichlet_alpha=dirichlet_alpha, seed=seed)
+    _check_generation_args(records, guidance_scale, steps, batch_size, "uint8", height, width)
+    loaded = not isinstance(pipeline, (str, Path))
+    dev = torch.device(device) if device is not None else (
+        getattr(pipeline, "device", None) if loaded else None) or default_device()
+    if loaded:
+        info = pipeline_info(pipeline)
+        pipe_id, sched_name, dtype_name = info["id"], info["scheduler"], info["dtype"]
+    else:
+        pipe_id, sched_name = str(pipeline), scheduler
+        resolved = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+        dtype_name = str(resolved).replace("torch.", "")
+    size = None if output_size is None else ([output_size] * 2 if isinstance(output_size, int) else list(output_size))
+    config = {"source": "diffusion", "pipeline": pipe_id, "scheduler": sched_name, "dtype": dtype_name,
+              "classes": classes if isinstance(classes, str) else None, "prompt_mode": prompt_mode,
+              "mixup_k": mixup_k if prompt_mode == "mixup" else None, "mixup_level": mixup_level,
+              "weights": weights, "dirichlet_alpha": dirichlet_alpha, "seed": seed, "num_images": num_images,
+              "guidance_scale": guidance_scale, "steps": steps, "height": height, "width": width,
+              "negative_prompt": negative_prompt, "output_size": size}
+    entries = []
+    for r in records:
+        e = {"prompt": r.text, "classes": list(r.classes), "class_names": [names[c] for c in r.classes],
+             "weights": list(r.weights), "template": r.template, "seed": r.seed, "mode": r.mode}
+        if r.class_texts:
+            e["class_texts"] = list(r.class_texts)
+        entries.append(e)
+    meta = {"source": "diffusion", "generator": {"id": pipe_id, "library": "diffusers",
+                                                 "version": diffusers.__version__},
+            "class_names": names, "num_classes": len(names), "label_type": "soft"}
+    writer = SyntheticSetWriter(out_dir, entries=entries, config=config, meta=meta, channels=3,
+                                shard_size=shard_size, overwrite=overwrite)
+    state = {"pipe": pipeline if loaded else None}
+
+    def produce(indices):
+        if state["pipe"] is None:  # load only when some image is actually missing
+            state["pipe"] = load_pipeline(pipeline, dev, dtype, scheduler, local_files_only)
+        for batch, images in iter_images(state["pipe"], [records[i] for i in indices],
+                                         guidance_scale=guidance_scale, steps=steps, height=height,
+                                         width=width, negative_prompt=negative_prompt, batch_size=batch_size,
+                                         output_size=output_size, output="uint8"):
+            yield [r.index for r in batch], images
+
+    fill_set(writer, produce, rank=rank, world_size=world_size, progress=progress, desc="diffusion set")
+    return Path(out_dir)
+
+
+def records_from_manifest(manifest: dict) -> list[PromptRecord]:
+    """The prompt records of a diffusion set, rebuilt from its manifest entries."""
+    if manifest.get("source") != "diffusion":
+        raise ValueError(f"not a diffusion set (source={manifest.get('source')!r})")
+    return [PromptRecord(index=int(e["index"]), text=e["prompt"], classes=tuple(e["classes"]),
+                         weights=tuple(e["weights"]), template=int(e["template"]), seed=int(e["seed"]),
+                         mode=e.get("mode", "single"), class_texts=tuple(e.get("class_texts", ())))
+            for e in manifest["images"]]
+
+
+def regenerate_images(pipeline, synthetic_set, indices: Sequence[int], *, batch_size: int = 1) -> torch.Tensor:
+    """Regenerate images of a finished diffusion set from its manifest (prompt, seed, settings).
+
+    Returns uint8 ``[n, 3, H, W]``. With the batch composition of the original run (e.g.
+    ``batch_size=1`` for a set made with ``batch_size=1``) the result is bit-identical; otherwise
+    batched floating-point arithmetic may move isolated pixels by one 8-bit level.
+    """
+    from .store import SyntheticSet
+
+    ds = synthetic_set if isinstance(synthetic_set, SyntheticSet) else SyntheticSet(synthetic_set, verify=False)
+    cfg = ds.manifest["config"]
+    records = records_from_manifest(ds.manifest)
+    size = cfg.get("output_size")
+    return generate_images(pipeline, [records[int(i)] for i in indices], guidance_scale=cfg["guidance_scale"],
+                           steps=cfg["steps"], height=cfg["height"], width=cfg["width"],
+                           negative_prompt=cfg["negative_prompt"], batch_size=batch_size,
+                           output_size=tuple(size) if size else None, output="uint8")
