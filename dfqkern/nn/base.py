@@ -1,0 +1,94 @@
+"""What QuantLinear and QuantConv2d share: quantizers, fake-quant vs packed mode, packing."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LayerQuant, QuantConfig
+from ..formats import PackedWeight, packed_width
+from .quantizers import ActQuantizer, WeightQuantizer
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf values; quantization needs finite weights")
+
+
+class QuantLayer(nn.Module):
+    """Base of the drop-in quantized layers.
+
+    Fake-quant mode (calibration): float ``weight`` passes through ``w_quant``; the input through
+    ``a_quant`` (``None`` when the layer is weight-only). Packed mode (deployment, after
+    :meth:`pack`): the float weight is gone; ``packed_weight`` (uint8, layout kpack-lsb-v1),
+    ``w_scale`` and ``w_zero`` buffers feed the dispatch kernels.
+    """
+
+    def _init_quant(self, out_channels: int, k: int, lq: LayerQuant, cfg: QuantConfig, packed: bool):
+        self.lq, self.cfg = lq, cfg
+        self.w_quant = WeightQuantizer(lq.weight_bits, out_channels, cfg.weight_symmetric)
+        self.a_quant = None if lq.act_bits is None else ActQuantizer(
+            lq.act_bits, cfg.act_symmetric, cfg.act_granularity == "per_token", cfg.act_observer, cfg.lp, cfg.grid,
+            cfg.min_clip, seed=cfg.seed)
+        self.is_packed = False
+        self._pw_cache: tuple | None = None
+        if packed:
+            self._make_packed_buffers(torch.zeros(out_channels, packed_width(k, lq.weight_bits), dtype=torch.uint8),
+                                      torch.ones(out_channels), torch.zeros(out_channels, dtype=torch.int32))
+
+    @property
+    def reduction_size(self) -> int:
+        raise NotImplementedError
+
+    def _make_packed_buffers(self, data, scale, zero):
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        self.register_buffer("packed_weight", data)
+        self.register_buffer("w_scale", scale.float())
+        self.register_buffer("w_zero", zero.to(torch.int32))
+        self.w_quant = None
+        self.is_packed = True
+
+    def weight_matrix_codes(self) -> torch.Tensor:
+        """Codes of the current weight as ``[N, K]`` in the packed layout's K order."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def observe_weight(self, cfg: QuantConfig | None = None) -> None:
+        cfg = cfg or self.cfg
+        self.w_quant.observe(self.weight, cfg.weight_observer, cfg.lp, cfg.grid, cfg.min_clip)
+
+    def quant_weight(self) -> torch.Tensor:
+        return self.w_quant(self.weight)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.a_quant is None else self.a_quant(x)
+
+    @torch.no_grad()
+    def pack(self) -> "QuantLayer":
+        """Freeze the quantized weight into packed integer codes (irreversible: the float weight is dropped)."""
+        if self.is_packed:
+            return self
+        if self.a_quant is not None and not bool(self.a_quant.calibrated):
+            raise RuntimeError("pack() needs calibrated activation quantizers; run observer calibration first")
+        wq = self.w_quant
+        pw = PackedWeight.from_codes(self.weight_matrix_codes(), wq.scale.detach(), wq.zero_point, wq.bits,
+                                     tuple(self.weight.shape))
+        self._make_packed_buffers(pw.data, pw.scale, pw.zero_point)
+        return self
+
+    def packed(self) -> PackedWeight:
+        """The packed weight as a :class:`PackedWeight` view (rebuilt when buffers move or reload)."""
+        key = (self.packed_weight.data_ptr(), self.packed_weight.device, self.w_scale.data_ptr(),
+               self.w_zero.data_ptr())
+        if self._pw_cache is None or self._pw_cache[0] != key:
+            pw = PackedWeight(self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
+                              self.reduction_size, self.weight_shape)
+            self._pw_cache = (key, pw)
+        return self._pw_cache[1]
+
+    def act_params(self):
+        return None if self.a_quant is None else self.a_quant.kernel_params()
+
+    def extra_repr(self) -> str:
+        return (f"w{self.lq.weight_bits}"
+                f"{'' if self.lq.act_bits is None else 'a%d' % self.lq.act_bits}, packed={self.is_packed}")

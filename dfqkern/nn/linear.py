@@ -1,0 +1,51 @@
+"""QuantLinear: drop-in nn.Linear with fake-quant (calibration) and packed (deployment) modes."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerQuant, QuantConfig
+from ..kernels import dispatch
+from .base import QuantLayer, check_finite
+
+
+class QuantLinear(QuantLayer):
+    def __init__(self, in_features: int, out_features: int, bias: bool, lq: LayerQuant, cfg: QuantConfig,
+                 packed: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._init_quant(out_features, in_features, lq, cfg, packed)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, lq: LayerQuant, cfg: QuantConfig, name: str = "linear") -> "QuantLinear":
+        check_finite(f"{name}.weight", module.weight)
+        q = cls(module.in_features, module.out_features, module.bias is not None, lq, cfg)
+        with torch.no_grad():
+            q.weight.copy_(module.weight)
+            if module.bias is not None:
+                q.bias.copy_(module.bias)
+        q.to(module.weight.device)
+        q.observe_weight()
+        return q
+
+    @property
+    def reduction_size(self) -> int:
+        return self.in_features
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def weight_matrix_codes(self) -> torch.Tensor:
+        return self.w_quant.codes(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_packed:
+            return dispatch.linear(x, self.packed(), self.bias, self.act_params())
+        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

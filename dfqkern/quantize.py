@@ -1,0 +1,193 @@
+"""quantize_model: fold BatchNorm, swap Linear / Conv2d for quantized twins, observe ranges, pack."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import LayerQuant, QuantConfig
+from .nn import QuantConv2d, QuantLayer, QuantLinear
+from .nn.conv import unsupported_reason
+
+log = logging.getLogger(__name__)
+
+# Module type -> factory(module, LayerQuant, QuantConfig, name). Extend to quantize more layer types.
+HANDLERS: dict[type, Callable[..., QuantLayer]] = {
+    nn.Linear: QuantLinear.from_float,
+    nn.Conv2d: QuantConv2d.from_float,
+}
+
+
+@dataclass
+class QuantReport:
+    """What quantize_model did: per-layer bits, BatchNorms folded, modules left in float and why."""
+
+    layers: dict[str, LayerQuant] = field(default_factory=dict)
+    folded_bn: dict[str, str] = field(default_factory=dict)  # bn name -> conv name
+    unhandled: dict[str, str] = field(default_factory=dict)  # module name -> reason
+
+    def to_dict(self) -> dict:
+        return {"layers": {k: {"weight_bits": v.weight_bits, "act_bits": v.act_bits} for k, v in self.layers.items()},
+                "folded_bn": dict(self.folded_bn), "unhandled": dict(self.unhandled)}
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+
+def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """``{bn_name: conv_name}`` for every BatchNorm2d fed only by a Conv2d whose output nothing else uses.
+
+    Found from the traced graph (torch.fx), not from names, so any wiring is handled correctly;
+    a model fx cannot trace is left unfolded (with a warning).
+    """
+    import torch.fx
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "do not fold"
+        log.warning("BatchNorm folding skipped: torch.fx could not trace the model (%s)", e)
+        return {}
+    mods = dict(model.named_modules())
+    pairs = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
+                and len(src.users) == 1):
+            pairs[node.target] = src.target
+    # a conv reached by several call sites (shared module) must not be folded
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return {bn: conv for bn, conv in pairs.items() if counts[bn] == 1 and counts[conv] == 1}
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> dict[str, str]:
+    """Fold eval-mode BatchNorm2d into the preceding Conv2d in place; returns ``{bn_name: conv_name}``."""
+    pairs = find_conv_bn_pairs(model)
+    for bn_name, conv_name in pairs.items():
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if bn.running_mean is None or not bn.affine and bn.running_var is None:
+            continue
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        conv.bias = nn.Parameter(new_bias)
+        _set_module(model, bn_name, nn.Identity())
+    return pairs
+
+
+# ----------------------------------------------------------------------------- swapping
+
+def _candidates(model: nn.Module, cfg: QuantConfig, report: QuantReport) -> list[tuple[str, nn.Module]]:
+    """Quantizable (name, module) pairs in execution-ish (registration) order; records what is skipped."""
+    inside_mha = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            report.unhandled[name] = "nn.MultiheadAttention uses its projection weights functionally"
+            inside_mha.update(f"{name}.{c}" for c, _ in m.named_modules() if c)
+    out = []
+    for name, m in model.named_modules():
+        if not name or name in inside_mha:
+            continue
+        if type(m) in HANDLERS:
+            if cfg.is_skipped(name):
+                report.unhandled[name] = "skipped by config"
+                continue
+            reason = unsupported_reason(m) if isinstance(m, nn.Conv2d) else None
+            if reason:
+                report.unhandled[name] = reason
+                continue
+            out.append((name, m))
+        elif isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.LSTM, nn.GRU)):
+            report.unhandled[name] = f"{type(m).__name__} has no quantized handler"
+    return out
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` with Linear / Conv2d layers swapped for QuantLinear / QuantConv2d (fake-quant mode).
+
+    BatchNorm is folded first (``config.fold_bn``). Weight quantizers are initialised from the
+    weights right away; activation quantizers need data: :func:`calibrate_activations`. The
+    report (``model.dfqkern_report``) lists per-layer bits and every module left in float.
+    """
+    cfg = config or QuantConfig()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval()
+    report = QuantReport()
+    if cfg.fold_bn:
+        report.folded_bn = fold_batchnorm(qmodel)
+    cands = _candidates(qmodel, cfg, report)
+    for i, (name, m) in enumerate(cands):
+        lq = cfg.resolve(name, m, is_first=i == 0, is_last=i == len(cands) - 1)
+        _set_module(qmodel, name, HANDLERS[type(m)](m, lq, cfg, name))
+        report.layers[name] = lq
+    for name, reason in report.unhandled.items():
+        log.info("left in float: %s (%s)", name, reason)
+    qmodel.dfqkern_report = report
+    qmodel.dfqkern_config = cfg
+    return qmodel
+
+
+def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer))
+
+
+def set_act_mode(model: nn.Module, mode: str) -> None:
+    for _, layer in quant_layers(model):
+        if layer.a_quant is not None:
+            layer.a_quant.set_mode(mode)
+
+
+def _batches(data, batch_size: int):
+    if isinstance(data, torch.Tensor):
+        if data.numel() == 0 or len(data) == 0:
+            raise ValueError("calibration data is empty")
+        return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+    if not batches:
+        raise ValueError("calibration data is empty")
+    return batches
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, data, batch_size: int = 32, device=None, progress: bool = True) -> nn.Module:
+    """Observer calibration: run ``data`` (a tensor of inputs or an iterable of batches) and set activation ranges."""
+    device = device or next(model.parameters()).device
+    set_act_mode(model, "observe")
+    model.eval()
+    try:
+        for x in tqdm(_batches(data, batch_size), desc="observe activations", disable=not progress, leave=False):
+            model(x.to(device))
+    except Exception:
+        set_act_mode(model, "quant")
+        raise
+    for _, layer in quant_layers(model):
+        if layer.a_quant is not None:
+            layer.a_quant.finalize()
+    return model
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Pack every quantized layer in place (deployment mode; the float weights are dropped)."""
+    for _, layer in quant_layers(model):
+        layer.pack()
+    return model
