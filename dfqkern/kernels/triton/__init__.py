@@ -41,3 +41,6 @@ if _HAVE_TRITON:
     from .gemm import linear, linear_int
 
     __all__ = ["DEVICES", "INTERPRET", "is_available", "linear", "linear_int", "quantize_activation"]
+    from .conv2d import conv2d, conv2d_int
+
+    __all__ += ["conv2d", "conv2d_int"]
