@@ -44,3 +44,6 @@ if _HAVE_TRITON:
     from .conv2d import conv2d, conv2d_int
 
     __all__ += ["conv2d", "conv2d_int"]
+    from .fake_quant import fake_quant_backward, fake_quant_forward
+
+    __all__ += ["fake_quant_backward", "fake_quant_forward"]
