@@ -47,3 +47,6 @@ if _HAVE_TRITON:
     from .fake_quant import fake_quant_backward, fake_quant_forward
 
     __all__ += ["fake_quant_backward", "fake_quant_forward"]
+    from .adaround import adaround_backward, adaround_forward
+
+    __all__ += ["adaround_backward", "adaround_forward"]
