@@ -1,0 +1,167 @@
+"""``dfqkern`` command line: argument parsing only; the work lives in the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+
+
+def _bits_or_none(text: str):
+    return None if text.lower() in ("none", "float", "fp") else int(text)
+
+
+def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
+    g.add_argument("--abits", type=_bits_or_none, default=8, help="activation bits: 4, 8 or 'none' (default 8)")
+    g.add_argument("--all-layers", action="store_true", help="quantize first and last layer like the rest "
+                   "(default: keep them at 8 bits)")
+    g.add_argument("--weight-observer", choices=("minmax", "mse"), default="mse")
+    g.add_argument("--act-observer", choices=("minmax", "mse"), default="mse")
+    g.add_argument("--symmetric-weights", action="store_true")
+    g.add_argument("--per-token", action="store_true", help="dynamic per-token activation quantization")
+    g.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers in float")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _config(args):
+    from .config import QuantConfig
+
+    return QuantConfig(weight_bits=args.wbits, act_bits=args.abits, weight_symmetric=args.symmetric_weights,
+                       act_granularity="per_token" if args.per_token else "per_tensor",
+                       weight_observer=args.weight_observer, act_observer=args.act_observer,
+                       first_last_bits=None if args.all_layers else 8, skip=tuple(args.skip), seed=args.seed)
+
+
+def _emit(result, json_out):
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if json_out:
+        from .pipeline import write_json
+
+        write_json(result, json_out)
+    print(text)
+
+
+def cmd_quantize(args) -> int:
+    from .pipeline import QuantizeJob, run_quantize
+
+    job = QuantizeJob(model=args.model, calib_data=args.calib_data, out=args.out, config=_config(args),
+                      checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
+                      num_calib=args.num_calib, method=args.method, iters=args.iters, batch_size=args.batch_size,
+                      eval_data=args.eval_data, eval_limit=args.eval_limit, overwrite=args.overwrite,
+                      device=args.device)
+    _emit(run_quantize(job), args.json_out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .pipeline import evaluate_on
+
+    if bool(args.model) == bool(args.quantized):
+        raise SystemExit("dfqkern eval: give exactly one of --model (float) or --quantized (packed checkpoint dir)")
+    if args.quantized:
+        from .io import load_quantized
+
+        model = load_quantized(args.quantized, device=args.device)
+    else:
+        from .models import create_model
+
+        model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                             pretrained=args.pretrained)
+    res = evaluate_on(model, args.data, args.limit, args.batch_size, args.device)
+    res.update(model=args.model or args.quantized, data=args.data)
+    _emit(res, args.json_out)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io import checkpoint_summary
+
+    s = checkpoint_summary(args.checkpoint)
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+        return 0
+    print(f"{s['path']}: arch={s['arch']} scheme={s['scheme']} (dfqkern {s['package_version']})")
+    print(f"{'layer':40} {'kind':7} {'w':>2} {'a':>5}  shape")
+    for name, r in s["layers"].items():
+        print(f"{name:40} {r['kind']:7} {r['weight_bits']:>2} {str(r['act_bits']):>5}  {r['weight_shape']}")
+    for name, why in s["unhandled"].items():
+        print(f"{name:40} float   ({why})")
+    print(f"size: {s['checkpoint_bytes'] / 1024:.1f} KiB packed vs {s['float_bytes'] / 1024:.1f} KiB float "
+          f"({s['compression']:.2f}x smaller)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfqkern", description="Data-free quantization with packed low-bit kernels")
+    p.add_argument("--version", action="version", version=f"dfqkern {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint")
+    q.add_argument("--model", required=True, help="registry name, timm:NAME or torchvision:NAME")
+    q.add_argument("--checkpoint", help="float weights (state dict file, loaded weights-only)")
+    q.add_argument("--pretrained", action="store_true", help="use the library's pretrained weights")
+    q.add_argument("--num-classes", type=int)
+    q.add_argument("--calib-data", required=True, help="image folder, tar(+labels csv) or synthetic:DIR")
+    q.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
+    q.add_argument("--method", default="observer", choices=("observer", "adaround", "brecq", "qdrop", "genie"))
+    q.add_argument("--iters", type=int, help="reconstruction iterations per block / layer")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--eval-data", help="also report FP vs quantized top-1 on this labelled data")
+    q.add_argument("--eval-limit", type=int)
+    q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--json-out")
+    _add_quant_flags(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="top-1 of a float model or a packed checkpoint")
+    e.add_argument("--model")
+    e.add_argument("--checkpoint")
+    e.add_argument("--pretrained", action="store_true")
+    e.add_argument("--num-classes", type=int)
+    e.add_argument("--quantized", help="packed checkpoint directory")
+    e.add_argument("--data", required=True, help="image folder or tar + labels csv")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json-out")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="layers, bits and size of a packed checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="train, quantize, pack, save and reload a small digits model (offline)")
+    d.add_argument("--out", help="where to write the checkpoints (default: a temporary directory)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        print(f"dfqkern {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

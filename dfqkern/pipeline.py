@@ -1,0 +1,113 @@
+"""End-to-end jobs behind the CLI: quantize a registry model on calibration data, evaluate, save."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import QuantConfig
+from .quantize import calibrate_activations, quantize_model
+
+log = logging.getLogger(__name__)
+
+METHODS = ("observer", "adaround", "brecq", "qdrop", "genie")
+
+
+@dataclass
+class QuantizeJob:
+    """Everything ``dfqkern quantize`` needs (the CLI fills it from its flags)."""
+
+    model: str
+    calib_data: str
+    out: str
+    config: QuantConfig = field(default_factory=QuantConfig)
+    checkpoint: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    num_calib: int = 256
+    method: str = "observer"
+    iters: int | None = None
+    batch_size: int = 32
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    overwrite: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.num_calib <= 0:
+            raise ValueError(f"num_calib must be positive, got {self.num_calib}")
+        if Path(self.out).exists() and not self.overwrite:
+            raise FileExistsError(f"out {self.out!r} exists; pass --overwrite to replace it")
+
+
+def load_calibration(spec: str, model: torch.nn.Module, n: int, seed: int) -> torch.Tensor:
+    """``n`` calibration inputs from an image folder / tar, or ``synthetic:DIR`` (a SyntheticSet)."""
+    from .data import build_transform, calibration_tensor, open_dataset
+
+    transform = build_transform(model.dfqkern_input_spec)
+    if spec.startswith("synthetic:"):
+        from .datagen.store import load_synthetic
+
+        ds = load_synthetic(spec[len("synthetic:"):], transform=transform)
+    else:
+        ds = open_dataset(spec, transform=transform)
+    if len(ds) == 0:
+        raise ValueError(f"calib_data {spec!r} holds no images")
+    return calibration_tensor(ds, min(n, len(ds)), seed)
+
+
+def evaluate_on(model, data: str, limit: int | None = None, batch_size: int = 256, device: str = "cpu") -> dict:
+    from .data import build_transform, open_dataset
+    from .evaluation import evaluate_top1
+
+    ds = open_dataset(data, transform=build_transform(model.dfqkern_input_spec))
+    return evaluate_top1(model, ds, batch_size=batch_size, device=device, limit=limit)
+
+
+def run_quantize(job: QuantizeJob) -> dict:
+    """Build, calibrate, pack and save; returns a summary (accuracies when ``eval_data`` is given)."""
+    from .io import save_quantized
+    from .models import create_model
+    from .quantize import pack_model
+
+    torch.manual_seed(job.config.seed)
+    t0 = time.time()
+    fp = create_model(job.model, checkpoint=job.checkpoint, num_classes=job.num_classes,
+                      pretrained=job.pretrained).to(job.device)
+    calib = load_calibration(job.calib_data, fp, job.num_calib, job.config.seed)
+    q = quantize_model(fp, job.config)
+    calibrate_activations(q, calib, job.batch_size, job.device)
+    if job.method != "observer":
+        from .calib import CalibConfig, calibrate
+
+        kw = {"method": job.method, "batch_size": job.batch_size, "seed": job.config.seed}
+        if job.iters is not None:
+            kw["iters"] = job.iters
+        q = calibrate(q, fp, calib, CalibConfig(**kw))
+    pack_model(q)
+    kwargs = {"num_classes": job.num_classes} if job.num_classes else {}
+    save_quantized(q, job.out, overwrite=job.overwrite, arch=job.model, arch_kwargs=kwargs)
+    summary = {"model": job.model, "scheme": job.config.scheme_name, "method": job.method, "out": job.out,
+               "calib_images": len(calib), "seconds_quantize": round(time.time() - t0, 1),
+               "unhandled": q.dfqkern_report.unhandled}
+    if job.eval_data:
+        summary["fp_top1"] = evaluate_on(fp, job.eval_data, job.eval_limit, device=job.device)["top1"]
+        summary["quant_top1"] = evaluate_on(q, job.eval_data, job.eval_limit, device=job.device)["top1"]
+        summary["drop"] = round(summary["fp_top1"] - summary["quant_top1"], 2)
+    return summary
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    """Atomic JSON write (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
