@@ -79,7 +79,7 @@ def fold_batchnorm(model: nn.Module) -> dict[str, str]:
     pairs = find_conv_bn_pairs(model)
     for bn_name, conv_name in pairs.items():
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if bn.running_mean is None or not bn.affine and bn.running_var is None:
+        if bn.running_mean is None or bn.running_var is None:  # batch-statistics BN cannot be folded
             continue
         std = torch.sqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.affine else torch.ones_like(std)
