@@ -25,7 +25,8 @@ GAMMA = tl.constexpr(reference.GAMMA)
 @triton.jit
 def _pow_abs(a, e, pow0):
     """``a ** e`` for ``a >= 0`` without libdevice; ``pow0`` is torch's ``0 ** e`` (host-computed)."""
-    return tl.where(a == 0.0, pow0, tl.exp2(e * tl.log2(a)))
+    zero = a == 0.0
+    return tl.where(zero, pow0, tl.exp2(e * tl.log2(tl.where(zero, 1.0, a))))
 
 
 @triton.jit
