@@ -7,12 +7,15 @@ forces one backend (strict); ``None`` picks automatically by device (see kernels
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .formats import PackedWeight
 from .kernels import dispatch
+from .kernels.reference import ActQuant
 
 
 # ----------------------------------------------------------------------------- fake-quant
@@ -125,3 +128,96 @@ def adaround(base: Tensor, v: Tensor, scale: Tensor, zero_point: Tensor, bits: i
     """AdaRound weight and rounding regularizer ``(w_hat, reg)``; differentiable in ``v`` and ``scale``."""
     return _adaround(base.contiguous(), v.contiguous(), scale, zero_point, bits, axis, float(beta), bool(hard),
                      None if backend is None else str(getattr(backend, "value", backend)))
+
+
+# ----------------------------------------------------------------------------- packed inference ops
+# Registered as custom ops too, so torch.compile treats a packed layer as one opaque kernel call
+# instead of tracing into the Python dispatch. Inference only (no autograd formula).
+
+_PACKED_VIEWS: dict[int, tuple] = {}  # id(data) -> (weakref to data, PackedWeight); tensors hash elementwise
+
+
+def packed_weight_view(data: Tensor, scale: Tensor, zero: Tensor, bits: int, k: int, shape) -> PackedWeight:
+    """The PackedWeight over these buffers, kept per ``data`` tensor so backend layouts
+    (``PackedWeight.cache``) are derived once, not per call."""
+    entry = _PACKED_VIEWS.get(id(data))
+    pw = entry[1] if entry is not None and entry[0]() is data else None
+    if pw is None or pw.scale is not scale or pw.zero_point is not zero or pw.bits != bits or pw.k != k:
+        pw = PackedWeight(data, scale, zero, bits, k, tuple(shape))
+        key, views = id(data), _PACKED_VIEWS
+
+        def forget(ref):  # drop the entry when its tensor dies (unless the id was reused since)
+            if views.get(key, (None,))[0] is ref:
+                del views[key]
+
+        views[key] = (weakref.ref(data, forget), pw)
+    return pw
+
+
+def _act(a_scale, a_zero, abits, per_token, symmetric):
+    if abits == 0:
+        return None
+    if per_token:
+        return ActQuant(abits, per_token=True, symmetric=symmetric)
+    return ActQuant(abits, a_scale, a_zero, symmetric=symmetric)
+
+
+@torch.library.custom_op("dfqkern::packed_linear", mutates_args=())
+def _packed_linear(x: Tensor, data: Tensor, w_scale: Tensor, w_zero: Tensor, wbits: int, k: int,
+                   bias: Optional[Tensor], a_scale: Tensor, a_zero: Tensor, abits: int, per_token: bool,
+                   act_symmetric: bool, backend: Optional[str]) -> Tensor:
+    pw = packed_weight_view(data, w_scale, w_zero, wbits, k, (data.shape[0], k))
+    # outputs must be fresh contiguous tensors: the fake impl promises that layout to torch.compile
+    return dispatch.linear(x, pw, bias, _act(a_scale, a_zero, abits, per_token, act_symmetric),
+                           backend=backend).contiguous()
+
+
+@_packed_linear.register_fake
+def _(x, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits, per_token, act_symmetric, backend):
+    return x.new_empty((*x.shape[:-1], data.shape[0]))
+
+
+@torch.library.custom_op("dfqkern::packed_conv2d", mutates_args=())
+def _packed_conv2d(x: Tensor, data: Tensor, w_scale: Tensor, w_zero: Tensor, wbits: int, weight_shape: list[int],
+                   bias: Optional[Tensor], a_scale: Tensor, a_zero: Tensor, abits: int, act_symmetric: bool,
+                   stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                   backend: Optional[str]) -> Tensor:
+    k = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    pw = packed_weight_view(data, w_scale, w_zero, wbits, k, weight_shape)
+    return dispatch.conv2d(x, pw, bias, _act(a_scale, a_zero, abits, False, act_symmetric), tuple(stride),
+                           tuple(padding), tuple(dilation), groups, backend=backend).contiguous()
+
+
+@_packed_conv2d.register_fake
+def _(x, data, w_scale, w_zero, wbits, weight_shape, bias, a_scale, a_zero, abits, act_symmetric, stride, padding,
+      dilation, groups, backend):
+    n, _, h, w = x.shape
+    kh, kw = weight_shape[2], weight_shape[3]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, weight_shape[0], ho, wo))
+
+
+def packed_linear(x, data, w_scale, w_zero, wbits, k, bias=None, a_scale=None, a_zero=None, abits=None,
+                  per_token=False, act_symmetric=False, backend=None):
+    """Packed Linear through the dispatch, as one custom op (``abits=None``: weight-only)."""
+    a_scale, a_zero = _act_tensors(x, a_scale, a_zero)
+    return _packed_linear(x, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits or 0, per_token,
+                          act_symmetric, backend)
+
+
+def packed_conv2d(x, data, w_scale, w_zero, wbits, weight_shape, bias=None, a_scale=None, a_zero=None, abits=None,
+                  act_symmetric=False, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, backend=None):
+    """Packed Conv2d through the dispatch, as one custom op (``abits=None``: weight-only)."""
+    a_scale, a_zero = _act_tensors(x, a_scale, a_zero)
+    return _packed_conv2d(x, data, w_scale, w_zero, wbits, list(weight_shape), bias, a_scale, a_zero, abits or 0,
+                          act_symmetric, list(stride), list(padding), list(dilation), groups, backend)
+
+
+def _act_tensors(x, a_scale, a_zero):
+    # custom ops take tensors, not None: placeholders for weight-only / per-token layers
+    if a_scale is None:
+        a_scale = x.new_ones(1, dtype=torch.float32)
+    if a_zero is None:
+        a_zero = torch.zeros(1, dtype=torch.int32, device=x.device)
+    return a_scale, a_zero

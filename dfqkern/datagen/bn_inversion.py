@@ -229,7 +229,9 @@ class GenieGenerator(nn.Module):
         self.conv1, self.bn1 = SwingConv2d(2 * width, 2 * width, swing), nn.BatchNorm2d(2 * width)
         self.conv2, self.bn2 = SwingConv2d(2 * width, width, swing), nn.BatchNorm2d(width)
         self.conv3 = SwingConv2d(width, c, swing)
-        self.out_bn = nn.BatchNorm2d(c, affine=False)  # unit-variance output, like normalized inputs
+        # Genie ends in an affine-free BN (unit-variance output, like normalized inputs); a learnable
+        # affine (initialized to identity) also fits inputs whose statistics are not N(0, 1).
+        self.out_bn = nn.BatchNorm2d(c)
 
     def set_swing(self, on: bool, rng: "torch.Generator | None" = None) -> None:
         for m in (self.conv1, self.conv2, self.conv3):
@@ -411,7 +413,7 @@ def _invert_batch(model, cap, target, batch_seed, bar, *, method, iters, lr, ce_
         if bounds is not None and method != "genie":
             with torch.no_grad():
                 x.copy_(torch.max(torch.min(x, bounds[1]), bounds[0]))
-        history.append(float(bn))
+        history.append(bn.item())
         bar.update(1)
     with torch.no_grad():
         if method == "genie":
@@ -469,7 +471,7 @@ def _invert_set(model, cap, labels, batch_size, seed, stretch_weight, bar, *, me
                 totals = [(t1 - c1 + f1, t2 - c2 + f2, tn - cn + fn) for (t1, t2, tn), (c1, c2, cn), (f1, f2, fn)
                           in zip(totals, cache[b], fresh)]
                 cache[b] = fresh
-            sweep.append(float(bn))
+            sweep.append(bn.item())
             bar.update(1)
         history.append(sum(sweep) / len(sweep))
     return torch.cat([x.detach().float().cpu() for x in xs]), history

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..config import LayerQuant, QuantConfig
+from ..autograd import packed_weight_view
 from ..formats import PackedWeight, packed_width
 from .quantizers import ActQuantizer, WeightQuantizer
 
@@ -23,14 +24,16 @@ class QuantLayer(nn.Module):
     ``w_scale`` and ``w_zero`` buffers feed the dispatch kernels.
     """
 
-    def _init_quant(self, out_channels: int, k: int, lq: LayerQuant, cfg: QuantConfig, packed: bool):
+    def _init_quant(self, out_channels: int, k: int, lq: LayerQuant, cfg: QuantConfig, packed: bool,
+                    token_acts: bool):
+        """``token_acts``: the input is a sequence of tokens, so per-token activation quantization applies
+        (Linear); convolutions always quantize activations per tensor."""
         self.lq, self.cfg = lq, cfg
         self.w_quant = WeightQuantizer(lq.weight_bits, out_channels, cfg.weight_symmetric)
         self.a_quant = None if lq.act_bits is None else ActQuantizer(
-            lq.act_bits, cfg.act_symmetric, cfg.act_granularity == "per_token", cfg.act_observer, cfg.lp, cfg.grid,
+            lq.act_bits, cfg.act_symmetric, token_acts and cfg.act_granularity == "per_token", cfg.act_observer, cfg.lp, cfg.grid,
             cfg.min_clip, seed=cfg.seed)
         self.is_packed = False
-        self._pw_cache: tuple | None = None
         if packed:
             self._make_packed_buffers(torch.zeros(out_channels, packed_width(k, lq.weight_bits), dtype=torch.uint8),
                                       torch.ones(out_channels), torch.zeros(out_channels, dtype=torch.int32))
@@ -46,6 +49,8 @@ class QuantLayer(nn.Module):
         self.register_buffer("w_scale", scale.float())
         self.register_buffer("w_zero", zero.to(torch.int32))
         self.w_quant = None
+        if self.bias is not None:  # packed layers are inference-only
+            self.bias.requires_grad_(False)
         self.is_packed = True
 
     def weight_matrix_codes(self) -> torch.Tensor:
@@ -77,17 +82,18 @@ class QuantLayer(nn.Module):
         return self
 
     def packed(self) -> PackedWeight:
-        """The packed weight as a :class:`PackedWeight` view (rebuilt when buffers move or reload)."""
-        key = (self.packed_weight.data_ptr(), self.packed_weight.device, self.w_scale.data_ptr(),
-               self.w_zero.data_ptr())
-        if self._pw_cache is None or self._pw_cache[0] != key:
-            pw = PackedWeight(self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
-                              self.reduction_size, self.weight_shape)
-            self._pw_cache = (key, pw)
-        return self._pw_cache[1]
+        """The packed weight as a :class:`PackedWeight` view over the buffers."""
+        return packed_weight_view(self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
+                                  self.reduction_size, self.weight_shape)
 
-    def act_params(self):
-        return None if self.a_quant is None else self.a_quant.kernel_params()
+    def packed_act_kwargs(self) -> dict:
+        """Activation arguments of the packed custom ops (see :mod:`dfqkern.autograd`)."""
+        a = self.a_quant
+        if a is None:
+            return {}
+        if a.per_token:
+            return {"abits": a.bits, "act_symmetric": a.symmetric, "per_token": True}
+        return {"abits": a.bits, "act_symmetric": a.symmetric, "a_scale": a.scale.detach(), "a_zero": a.zero_point}
 
     def extra_repr(self) -> str:
         return (f"w{self.lq.weight_bits}"

@@ -8,7 +8,7 @@ from torch.nn.modules.utils import _pair
 
 from ..config import LayerQuant, QuantConfig
 from ..formats import conv_weight_to_matrix
-from ..kernels import dispatch
+from ..autograd import packed_conv2d
 from .base import QuantLayer, check_finite
 
 
@@ -46,7 +46,7 @@ class QuantConv2d(QuantLayer):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self._init_quant(out_channels, self.reduction_size, lq, cfg, packed)
+        self._init_quant(out_channels, self.reduction_size, lq, cfg, packed, token_acts=False)
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, lq: LayerQuant, cfg: QuantConfig, name: str = "conv") -> "QuantConv2d":
@@ -77,8 +77,9 @@ class QuantConv2d(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_packed:
-            return dispatch.conv2d(x, self.packed(), self.bias, self.act_params(), self.stride, self.padding,
-                                   self.dilation, self.groups)
+            return packed_conv2d(x, self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
+                                 self.weight_shape, self.bias, stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation, groups=self.groups, **self.packed_act_kwargs())
         return F.conv2d(self.quant_input(x), self.quant_weight(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerQuant, QuantConfig
-from ..kernels import dispatch
+from ..autograd import packed_linear
 from .base import QuantLayer, check_finite
 
 
@@ -17,7 +17,7 @@ class QuantLinear(QuantLayer):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._init_quant(out_features, in_features, lq, cfg, packed)
+        self._init_quant(out_features, in_features, lq, cfg, packed, token_acts=True)
 
     @classmethod
     def from_float(cls, module: nn.Linear, lq: LayerQuant, cfg: QuantConfig, name: str = "linear") -> "QuantLinear":
@@ -44,7 +44,8 @@ class QuantLinear(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_packed:
-            return dispatch.linear(x, self.packed(), self.bias, self.act_params())
+            return packed_linear(x, self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
+                                 self.in_features, self.bias, **self.packed_act_kwargs())
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
 
     def extra_repr(self) -> str:

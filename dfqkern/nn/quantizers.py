@@ -151,9 +151,3 @@ class ActQuantizer(nn.Module):
             seed = (self.seed * 1000003 + self._calls) & 0x7FFFFFFF
             self._calls += 1
         return fake_quant(x, self.scale, self.zero_point, self.bits, None, drop_prob=drop, seed=seed)
-
-    def kernel_params(self) -> R.ActQuant:
-        """The activation quantization a packed kernel applies to its input."""
-        if self.per_token:
-            return R.ActQuant(self.bits, per_token=True, symmetric=self.symmetric)
-        return R.ActQuant(self.bits, self.scale.detach(), self.zero_point, symmetric=self.symmetric)
