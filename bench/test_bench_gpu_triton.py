@@ -170,6 +170,26 @@ def test_linear(benchmark, backend, peaks, scheme, m, k, n):
     wall_clock(benchmark, fused)
 
 
+@pytest.mark.parametrize("wbits", [4, 2])
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("k,n", VIT_LINEAR, ids=lambda v: str(v))
+def test_linear_weight_only(benchmark, backend, peaks, wbits, m, k, n):
+    x = torch.randn(m, k, device=CUDA, dtype=torch.float16)
+    w16 = torch.randn(n, k, device=CUDA, dtype=torch.float16) * 0.02
+    b16 = torch.randn(n, device=CUDA, dtype=torch.float16)
+    pw = random_packed_weight(n, k, wbits)
+    torch.testing.assert_close(backend.linear(x, pw, b16), R.linear(x, pw, b16), rtol=2 ** -9, atol=1e-3)
+    shape = f"M={m} K={k} N={n}"
+    ops = 2 * m * n * k
+    t16 = bench_ms(lambda: F.linear(x, w16, b16))
+    record(benchmark, peaks, "linear weight-only", shape, "fp16 F.linear (cuBLAS)", t16, ops,
+           2 * (m * k + n * k + m * n), "fp16")
+    fn = lambda: backend.linear(x, pw, b16)  # noqa: E731
+    record(benchmark, peaks, "linear weight-only", shape, f"triton w{wbits}a16", bench_ms(fn), ops,
+           2 * m * k + n * packed_width(k, wbits) + 8 * n + 2 * m * n, "fp16", t16)
+    wall_clock(benchmark, fn)
+
+
 # ----------------------------------------------------------------------------- packed Conv2d (ResNet)
 
 CONVS = {  # name: (C, O, H, k, stride)

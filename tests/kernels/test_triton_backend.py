@@ -299,6 +299,23 @@ def test_linear_float(gen, out_dtype, scheme, per_token, symmetric):
         assert_close(got, ref, rtol=FLOAT_RTOL[out_dtype], atol=1e-30, scheme=scheme, bias=b is not None)
 
 
+@pytest.mark.parametrize("wbits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_weight_only(gen, wbits, dtype):
+    k, n = 69, 33
+    pw = rand_weight(gen, n, k, wbits)
+    x = rand_x(gen, 17, k, dtype=dtype)
+    bias = rand_x(gen, n)
+    got = triton_call("linear", x, pw, bias, None, torch.float32)
+    ref = R.linear(x, pw, bias, None, torch.float32)
+    exact = x.double() @ pw.dequantize().double().T + bias.double()
+    # DESIGN's float rule: at most about twice as far from the fp64 result as the torch reference
+    err, ref_err = (got.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-7 * exact.abs().max(), ctx(err=float(err), ref_err=float(ref_err), wbits=wbits)
+    if dtype == torch.float16:  # default out dtype follows x
+        assert TB.linear(x, pw, bias).dtype == torch.float16
+
+
 def _count_launches(monkeypatch) -> list:
     import triton.runtime.jit as jit
 
@@ -526,7 +543,7 @@ def test_unsupported_combinations_fall_back(gen, monkeypatch):
     with pytest.raises(Unsupported, match="groups"):
         TB.conv2d(x, cw, None, act, groups=2)  # grouped, not depthwise
     with pytest.raises(Unsupported, match="act=None"):
-        TB.linear(rand_x(gen, 2, 10), rand_weight(gen, 3, 10, 4))
+        TB.conv2d(x, rand_weight(gen, 4, 9 * 4, 4, shape=(4, 4, 3, 3)))  # weight-only conv
     if TB.INTERPRET:
         with pytest.raises(Unsupported, match="bfloat16"):
             TB.fake_quant_forward(rand_x(gen, 3, 3, dtype=torch.bfloat16), dev(torch.tensor(0.1)),

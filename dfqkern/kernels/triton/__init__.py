@@ -4,9 +4,10 @@ Importing this module imports ``triton`` (never done by ``import dfqkern``) but 
 device. Kernels run on CUDA tensors; under ``TRITON_INTERPRET=1`` (set before this module is first
 imported) they run in Triton's interpreter on any device, which is how the CPU tests use them.
 
-Not implemented here (dispatch falls back to the next backend): weight-only ``linear`` /
-``conv2d`` (``act=None``), grouped convolution other than depthwise, bfloat16 under the
-interpreter, and ``quantize`` / ``dequantize`` (plain elementwise torch is already memory-bound).
+Not implemented here (raise :class:`Unsupported`, so dispatch falls back to the next backend):
+weight-only ``conv2d`` (``act=None``), grouped convolution other than depthwise, non-uint8 codes
+for ``conv2d_int``, bfloat16 under the interpreter; ``quantize`` / ``dequantize`` are not provided
+(plain elementwise torch is already memory-bound).
 """
 from __future__ import annotations
 

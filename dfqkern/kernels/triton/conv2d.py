@@ -72,7 +72,7 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp
     acc = zero_point_correction(acc, a_sum, a_zp_rows, w_zp, w_center, w_sum, K, True, W_WIDE)
     out_off = (nb * son + oh * soh + ow * sow)[:, None] + cols.to(tl.int64)[None, :] * soc
     store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, 0, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS)
+                 FLOAT_OUT, HAS_BIAS, True)
 
 
 @triton.jit
@@ -106,7 +106,7 @@ def _depthwise_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr,
         acc += a * w[None, :]
     out_off = (nb * son + oh * soh + ow * sow)[:, None] + cols.to(tl.int64)[None, :] * soc
     store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, 0, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS)
+                 FLOAT_OUT, HAS_BIAS, True)
 
 
 # ----------------------------------------------------------------------------- host side

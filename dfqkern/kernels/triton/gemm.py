@@ -53,15 +53,19 @@ def zero_point_correction(acc, a_sum, a_zp, w_zp, w_center, w_sum, K, A_WIDE: tl
 
 @triton.jit
 def store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, A_PSTRIDE, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """int32 result, or reference._epilogue: ``acc * (a_scale * w_scale) + bias`` in fp32, cast on store."""
+                 FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, A_SCALED: tl.constexpr):
+    """int32 result, or reference._epilogue: ``acc * (a_scale * w_scale) + bias`` in fp32, cast on store
+    (``acc * w_scale + bias`` when not ``A_SCALED``: float activations)."""
     rmask = rows < M
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
     if FLOAT_OUT:
-        sa = tl.load(a_scale_ptr + rows * A_PSTRIDE, mask=rmask, other=0.0).to(tl.float32)
         sw = tl.load(w_scale_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        y = acc.to(tl.float32) * (sa[:, None] * sw[None, :])
+        if A_SCALED:
+            sa = tl.load(a_scale_ptr + rows * A_PSTRIDE, mask=rmask, other=0.0).to(tl.float32)
+            y = acc.to(tl.float32) * (sa[:, None] * sw[None, :])
+        else:
+            y = acc * sw[None, :]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -159,7 +163,38 @@ def _linear_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_
     acc = zero_point_correction(acc, a_sum, a_zp, w_zp, w_center, w_sum, K, A_WIDE, W_WIDE)
     out_off = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, A_PSTRIDE, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS)
+                 FLOAT_OUT, HAS_BIAS, True)
+
+
+@autotune(key=["M_BUCKET", "N", "K", "W_SLOT", "DOT_DTYPE"])
+@triton.jit
+def _linear_weight_only_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, M, N, K, M_BUCKET,
+                               stride_xm, stride_xk, stride_wn, stride_om, stride_on,
+                               W_SLOT: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Float activations times ``(w - zw)`` (small integers, exact in fp16 / bf16 / fp32); the per-row
+    weight scale is applied once in the epilogue."""
+    pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < M
+    cmask = cols < N
+    w_zp = tl.load(w_zp_ptr + cols, mask=cmask, other=0)
+    x_row = rows.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        xm = rmask[:, None] & (ks < K)[None, :]
+        x = tl.load(x_ptr + x_row + ks[None, :] * stride_xk, mask=xm, other=0.0).to(DOT_DTYPE)
+        wm = (ks < K)[:, None] & cmask[None, :]
+        w = load_codes(w_ptr, cols.to(tl.int64)[None, :] * stride_wn, ks[:, None], wm, W_SLOT)
+        w = tl.where(wm, w - w_zp[None, :], 0).to(DOT_DTYPE)
+        if DOT_DTYPE == tl.float32:
+            acc = tl.dot(x, w, acc, input_precision="ieee")  # no tf32: match the fp32 reference
+        else:
+            acc = tl.dot(x, w, acc)
+    out_off = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    store_output(acc, out_ptr, out_off, rows, cols, M, N, w_scale_ptr, 0, w_scale_ptr, bias_ptr, True, HAS_BIAS, False)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -216,6 +251,24 @@ def _gemm(pa: PackedActivation, pw: PackedWeight, bias: torch.Tensor | None, out
     return out
 
 
+def _weight_only(x2d: torch.Tensor, pw: PackedWeight, bias, out_dtype) -> torch.Tensor:
+    from .fake_quant import check_float_dtype
+
+    check_float_dtype("x", x2d)
+    w = weight_operand(pw)
+    m, n = x2d.shape[0], pw.n
+    out = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
+    if m == 0 or n == 0:
+        return out
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x2d.dtype, tl.float32)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    _linear_weight_only_kernel[grid](
+        x2d, w["data"], out, w["scale"], w["zp"], bias if bias is not None else w["scale"], m, n, pw.k, m_bucket(m),
+        x2d.stride(0), x2d.stride(1), w["data"].stride(0), out.stride(0), out.stride(1),
+        W_SLOT=w["slot"], DOT_DTYPE=dot, HAS_BIAS=bias is not None)
+    return out
+
+
 def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
     """Triton twin of :func:`reference.linear_int`: exact int32 ``[M, N]``."""
     return _gemm(pa, pw, None, None)
@@ -225,16 +278,16 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
            act: reference.ActQuant | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton twin of :func:`reference.linear`: activation-quantize launch + GEMM launch with fused epilogue.
 
-    Weight-only (``act=None``) is not implemented here: raises :class:`Unsupported` (dispatch
-    falls back to the next backend).
+    Weight-only (``act=None``): one launch, float ``x`` times the unpacked integer weight in
+    ``x``'s precision (fp32 without tf32), fp32 accumulation, weight scale in the epilogue.
     """
     reference._check_linear_args(x, pw, bias)
-    if act is None:
-        raise reference.Unsupported("triton linear needs quantized activations (act=None is weight-only)")
     out_dtype = out_dtype or x.dtype
     check_out_dtype(out_dtype)
     check_device(x=x)
     lead = x.shape[:-1]
-    pa = quantize_activation(x.reshape(-1, pw.k), act)
     bias_c = None if bias is None else bias.reshape(-1)
+    if act is None:
+        return _weight_only(x.reshape(-1, pw.k), pw, bias_c, out_dtype).reshape(*lead, pw.n)
+    pa = quantize_activation(x.reshape(-1, pw.k), act)
     return _gemm(pa, pw, bias_c, out_dtype).reshape(*lead, pw.n)
