@@ -98,7 +98,8 @@ def launch_act_quant(x: torch.Tensor, m: int, k: int, rows_per_batch: int, strid
         _act_quant_kernel[(triton.cdiv(m, block_m),)](
             x, out, s_in, z_in, scale, zp, m, k, nb, rows_per_batch, *strides, nb,
             QMAX=qmax, SYM_DIV=float(symmetric_zero_point(act.bits) - 1), SLOT=slot,
-            DYNAMIC=act.per_token, SYMMETRIC=act.symmetric, BLOCK_M=block_m, BLOCK_B=block_b)
+            DYNAMIC=act.per_token, SYMMETRIC=act.symmetric, BLOCK_M=block_m, BLOCK_B=block_b,
+            enable_fp_fusion=False)  # no FMA: x * inv must round before rint, as in torch
     return out, scale, zp
 
 

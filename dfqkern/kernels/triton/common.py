@@ -1,6 +1,9 @@
 """Pieces every Triton kernel family shares: exact rounding, the QDrop hash, code unpacking, host checks.
 
 Pure Triton only (no inline asm, no libdevice) so the same code runs under ``TRITON_INTERPRET=1``.
+Kernels whose results must match the reference bit for bit are launched with
+``enable_fp_fusion=False``: a contracted ``x * inv - floor(...)`` (FMA) would round differently
+from torch's separate multiply and subtract.
 """
 from __future__ import annotations
 

@@ -157,14 +157,15 @@ def _launch(codes, x_strides, a_scale, a_zp, pw: PackedWeight, g: dict, bias, ou
             codes, wt["data"], out, a_scale, a_zp, wt["scale"], wt["zp"], bias_arg,
             m, g["o"], g["h"], g["w"], g["oh"], g["ow"], g["kh"], g["kw"], g["o"] // g["c"],
             *x_strides, *o_strides, wt["data"].stride(0), *geo,
-            W_SLOT=wt["slot"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None, BM=bm, BN=bn)
+            W_SLOT=wt["slot"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None, BM=bm, BN=bn, enable_fp_fusion=False)
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(g["o"], meta["BN"]),)  # noqa: E731
     _conv_kernel[grid](
         codes, wt["data"], out, a_scale, a_zp, wt["scale"], wt["zp"], wt["center"], wt["sum"], bias_arg,
         m, g["o"], pw.k, m_bucket(m), g["c"], g["h"], g["w"], g["oh"], g["ow"], g["kw"],
         *x_strides, *o_strides, wt["data"].stride(0), *geo,
-        W_SLOT=wt["slot"], W_WIDE=wt["wide"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None)
+        W_SLOT=wt["slot"], W_WIDE=wt["wide"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+        enable_fp_fusion=False)  # epilogue rounds like the reference (no FMA)
     return out
 
 

@@ -247,7 +247,7 @@ def _gemm(pa: PackedActivation, pw: PackedWeight, bias: torch.Tensor | None, out
         bias if bias is not None else w["scale"], m, n, pw.k, m_bucket(m), a.stride(0), w["data"].stride(0),
         out.stride(0), out.stride(1), 0 if a_scale.numel() == 1 else 1,
         A_SLOT=a_bits_slot, W_SLOT=w["slot"], A_WIDE=pa.bits > 4, W_WIDE=w["wide"], FLOAT_OUT=float_out,
-        HAS_BIAS=bias is not None)
+        HAS_BIAS=bias is not None, enable_fp_fusion=False)  # epilogue rounds like the reference (no FMA)
     return out
 
 
