@@ -51,7 +51,7 @@ from .prompts import balanced_class_groups, image_seed
 METHODS = ("zeroq", "genie", "hast", "dgh")
 LABEL_MODES = ("single", "mixup")
 WEIGHT_MODES = ("dirichlet", "uniform")
-DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.25, "genie": 0.05}
+DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.1, "genie": 0.05}
 
 
 # ----------------------------------------------------------------------------- BN statistics
@@ -305,7 +305,7 @@ def invert_bn(model: nn.Module, num_images: int, method: str = "genie", label_mo
               clamp_range: "tuple[Sequence[float], Sequence[float]] | None" = None) -> InversionResult:
     """Invert ``model``'s BatchNorm statistics into ``num_images`` images (see the module docs).
 
-    ``lr`` defaults per method (pixels 0.25, genie 0.05), cosine-annealed over ``iters``.
+    ``lr`` defaults per method (zeroq/hast 0.25, dgh 0.1, genie 0.05), cosine-annealed over ``iters``.
     ``targets`` overrides the sampled targets with explicit (classes, weights) per image.
     ``tv_weight`` adds a total-variation image prior; ``jitter`` (default: 2 for dgh, 0 otherwise)
     the max shift of the flip+shift augmentation. ``clamp_range=(mean, std)`` keeps optimized
@@ -424,56 +424,74 @@ def _invert_batch(model, cap, target, batch_seed, bar, *, method, iters, lr, ce_
     return out.detach().float().cpu(), history
 
 
+class SetStatistics:
+    """DGH's set-level BN statistics: per-layer first/second moments of every batch of the set.
+
+    ``loss_with(b, live)`` is the BN loss of the *whole set* in which batch ``b`` contributes its
+    live moments (with gradient) and every other batch its cached ones; ``update(b, moments)``
+    replaces batch ``b``'s cache. Sums are float64 so that the running totals do not drift.
+    """
+
+    def __init__(self, cap: BNCapture, batch_moments: list):
+        self.cap = cap
+        self.cache = [[(a.detach().double(), q.detach().double(), n) for a, q, n in m] for m in batch_moments]
+        self.totals = [tuple(sum(v) for v in zip(*per_layer)) for per_layer in zip(*self.cache)]
+
+    def loss_with(self, b: int, live) -> torch.Tensor:
+        moments = [(t1 - c1 + s1.double(), t2 - c2 + s2.double(), tn - cn + n)
+                   for (t1, t2, tn), (c1, c2, cn), (s1, s2, n) in zip(self.totals, self.cache[b], live)]
+        return self.cap.loss_from_moments(moments).float()
+
+    def update(self, b: int, live) -> None:
+        fresh = [(a.detach().double(), q.detach().double(), n) for a, q, n in live]
+        self.totals = [(t1 - c1 + f1, t2 - c2 + f2, tn - cn + fn) for (t1, t2, tn), (c1, c2, cn), (f1, f2, fn)
+                       in zip(self.totals, self.cache[b], fresh)]
+        self.cache[b] = fresh
+
+    def loss(self) -> float:
+        return float(self.cap.loss_from_moments(self.totals))
+
+
 def _invert_set(model, cap, labels, batch_size, seed, stretch_weight, bar, *, method, iters, lr, ce_weight,
                 focal_gamma, tv_weight, jitter, bounds, latent_dim, shape, device):
     """DGH: all images optimized against the statistics of the whole set (one sweep per iteration)."""
     n = labels.shape[0]
     rng = torch.Generator().manual_seed(image_seed(seed, 0x64676800))
     xs, opts, scheds, starts = [], [], [], list(range(0, n, batch_size))
-    for b, start in enumerate(starts):
+    for start in starts:
         x = torch.randn(min(batch_size, n - start), *shape, generator=rng).to(device)
         if bounds is not None:
             x = torch.max(torch.min(x, bounds[1]), bounds[0])
         xs.append(x.requires_grad_(True))
         opts.append(torch.optim.Adam([xs[-1]], lr=lr))
         scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], iters))
-    # Cached per-batch moments (detached, float64): the set-level statistics.
-    cache = []
+    moments = []
     with torch.no_grad():
         for x in xs:
             model(x)
-            cache.append([(a.double(), b.double(), c) for a, b, c in cap.moments()])
-    totals = [tuple(sum(v) for v in zip(*per_layer)) for per_layer in zip(*cache)]
+            moments.append(cap.moments())
+    stats = SetStatistics(cap, moments)
     history = []
     for _ in range(iters):
-        sweep = []
         for b, x in enumerate(xs):
             opts[b].zero_grad(set_to_none=True)
             logits = model(_augment(x, rng, jitter) if jitter else x)
             live = cap.moments()
-            # set moments = (all batches' cached moments - this batch's cached) + this batch live
-            total = [(t1 - c1 + s1.double(), t2 - c2 + s2.double(), tn - cn + n_)
-                     for (t1, t2, tn), (c1, c2, cn), (s1, s2, n_) in zip(totals, cache[b], live)]
-            bn = cap.loss_from_moments(total).float()
+            bn = stats.loss_with(b, live)
             loss = bn + _prior_loss(x, tv_weight)
-            target = labels[starts[b]:starts[b] + len(x)].to(device)
             if ce_weight:
-                loss = loss + ce_weight * _target_loss(logits, target, None)
+                loss = loss + ce_weight * _target_loss(logits, labels[starts[b]:starts[b] + len(x)].to(device), None)
             if stretch_weight:
                 loss = loss + stretch_weight * _stretch_loss(logits)
             loss.backward()
             opts[b].step()
             scheds[b].step()
-            with torch.no_grad():
-                if bounds is not None:
+            stats.update(b, live)
+            if bounds is not None:
+                with torch.no_grad():
                     x.copy_(torch.max(torch.min(x, bounds[1]), bounds[0]))
-                fresh = [(a.detach().double(), q.detach().double(), c) for a, q, c in live]
-                totals = [(t1 - c1 + f1, t2 - c2 + f2, tn - cn + fn) for (t1, t2, tn), (c1, c2, cn), (f1, f2, fn)
-                          in zip(totals, cache[b], fresh)]
-                cache[b] = fresh
-            sweep.append(bn.item())
             bar.update(1)
-        history.append(sum(sweep) / len(sweep))
+        history.append(stats.loss())  # set-level loss from the moments of this sweep
     return torch.cat([x.detach().float().cpu() for x in xs]), history
 
 

@@ -96,14 +96,26 @@ class TinyBNNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def make_tiny_bn_net(seed=0, channels=3, num_classes=6):
+def make_tiny_bn_net(seed=0, channels=3, num_classes=6, size=8):
+    """Random weights; BN running statistics measured on a made-up "training distribution"
+    (per-channel shifted and scaled smooth noise), so they are realizable by some images but far
+    from what N(0, 1) pixels give."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = TinyBNNet(channels, num_classes)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.momentum = None  # cumulative average over the calibration batches
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    shift = torch.linspace(-0.8, 0.8, channels).reshape(1, -1, 1, 1)
+    scale = torch.linspace(0.4, 1.6, channels).reshape(1, -1, 1, 1)
+    net.train()
+    with torch.no_grad():
+        for _ in range(20):
+            low = torch.randn(32, channels, size // 2, size // 2, generator=g)
+            x = nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+            net(x * scale + shift)
     return net.eval()
 
 
