@@ -334,7 +334,8 @@ def invert_bn(model: nn.Module, num_images: int, method: str = "genie", label_mo
         if targets is None:
             classes, mix = make_targets(num_images, num_classes, label_mode, mixup_k, weights, dirichlet_alpha, seed)
         else:
-            classes, mix = [tuple(int(c) for c in cs) for cs in targets[0]], [tuple(float(w) for w in ws) for ws in targets[1]]
+            classes = [tuple(int(c) for c in cs) for cs in targets[0]]
+            mix = [tuple(float(w) for w in ws) for ws in targets[1]]
             if len(classes) != num_images or len(mix) != num_images:
                 raise ValueError(f"targets must give classes and weights for all {num_images} images")
         labels = soft_labels(classes, mix, num_classes)

@@ -336,7 +336,8 @@ def mixup_prompt_embeds(text_encoder, tokenizer, class_texts: Sequence[Sequence[
     matching shape and dtype (so classifier-free guidance works as with text prompts).
     """
     if len(class_texts) != len(weights):
-        raise ValueError(f"class_texts and weights must have the same length, got {len(class_texts)} and {len(weights)}")
+        raise ValueError(f"class_texts and weights must have the same length, got {len(class_texts)} "
+                         f"and {len(weights)}")
     if not class_texts:
         raise ValueError("class_texts is empty")
     k = len(class_texts[0])

@@ -119,6 +119,12 @@ def make_tiny_bn_net(seed=0, channels=3, num_classes=6, size=8):
     return net.eval()
 
 
+@pytest.fixture(name="make_tiny_bn_net")
+def make_tiny_bn_net_fixture():
+    """The factory itself (tests import nothing from conftest: module names could clash)."""
+    return make_tiny_bn_net
+
+
 @pytest.fixture
 def tiny_bn_net():
     return make_tiny_bn_net()

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_bn_net
 from dfqkern.datagen import bn_inversion as B
 from dfqkern.datagen.store import MANIFEST, SyntheticSetWriter, load_synthetic
 
@@ -110,7 +109,7 @@ def test_dgh_stretches_the_output_distribution(tiny_bn_net):
     assert logit_range(stretched.images) > 1.4 * logit_range(plain.images)
 
 
-def test_losses_match_their_definitions():
+def test_losses_match_their_definitions(make_tiny_bn_net):
     torch.manual_seed(0)
     logits = torch.randn(5, 4)
     target = torch.softmax(torch.randn(5, 4), dim=1)
@@ -167,7 +166,7 @@ def test_model_without_bn_is_refused():
         B.invert_bn(net, 2, "zeroq", iters=1, batch_size=2, input_shape=SHAPE, progress=False)
 
 
-def test_bn_inversion_set_store_and_resume(tmp_path, monkeypatch):
+def test_bn_inversion_set_store_and_resume(tmp_path, monkeypatch, make_tiny_bn_net):
     net = make_tiny_bn_net(channels=1, num_classes=4)
     shape, mean, std = (1, 8, 8), [0.5], [0.25]
     kw = dict(num_images=6, input_shape=shape, mean=mean, std=std, method="zeroq", label_mode="mixup", iters=10,
@@ -204,12 +203,13 @@ def test_bn_inversion_set_store_and_resume(tmp_path, monkeypatch):
                         lambda self, i, img: (calls.append(("resume", i)), original(self, i, img)))
     B.generate_bn_inversion_set(tmp_path / "run", net, **kw)
     assert calls[-3:] == [("resume", 3), ("resume", 4), ("resume", 5)]  # only the unfinished shard redone
-    assert json.loads((tmp_path / "run" / MANIFEST).read_text()) == json.loads((tmp_path / "ref" / MANIFEST).read_text())
+    ref = json.loads((tmp_path / "ref" / MANIFEST).read_text())
+    assert json.loads((tmp_path / "run" / MANIFEST).read_text()) == ref
     with pytest.raises(ValueError, match="different configuration.*method"):
         B.generate_bn_inversion_set(tmp_path / "run", net, **{**kw, "method": "hast"})
 
 
-def test_bn_inversion_set_argument_errors(tmp_path):
+def test_bn_inversion_set_argument_errors(tmp_path, make_tiny_bn_net):
     net = make_tiny_bn_net()
     base = dict(num_images=2, input_shape=SHAPE, mean=[0.5] * 3, std=[0.25] * 3, iters=1, batch_size=2,
                 progress=False)
