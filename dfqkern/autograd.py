@@ -88,8 +88,10 @@ def _(base, v, scale, zero_point, bits, axis, beta, hard, backend):
 
 @torch.library.custom_op("dfqkern::adaround_backward", mutates_args=())
 def _adaround_backward(grad: Tensor, base: Tensor, v: Tensor, scale: Tensor, zero_point: Tensor, bits: int, axis: int,
-                       beta: float, reg_grad: float, backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    gv, gs = dispatch.adaround_backward(grad, base, v, scale, zero_point, bits, axis, beta, reg_grad, backend=backend)
+                       beta: float, reg_grad: Tensor, backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    # reg_grad stays a tensor up to here so tracing (torch.compile backward) never needs its value
+    gv, gs = dispatch.adaround_backward(grad, base, v, scale, zero_point, bits, axis, beta, float(reg_grad),
+                                        backend=backend)
     return gv, gs.reshape(scale.shape).to(scale.dtype)
 
 
@@ -115,7 +117,7 @@ def _ar_backward(ctx, grad_w, grad_reg):
     bits, axis, beta, backend = ctx.args
     if grad_w is None:
         grad_w = torch.zeros_like(v)
-    reg_grad = 0.0 if grad_reg is None else float(grad_reg)
+    reg_grad = torch.zeros((), device=v.device) if grad_reg is None else grad_reg.reshape(())
     gv, gs = _adaround_backward(grad_w.contiguous(), base, v, scale, zero_point, bits, axis, beta, reg_grad, backend)
     return None, gv, gs, None, None, None, None, None, None
 

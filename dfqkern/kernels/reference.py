@@ -301,7 +301,7 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
         zp = act.zero_point.reshape(1).to(torch.int32)
         codes = quantize(x2d, scale, zp, act.bits)
     zp = zp.to(device=x2d.device, dtype=torch.int32)
-    return PackedActivation(pack_codes(codes, act.bits, zp.reshape(-1, 1) if act.per_token else zp),
+    return PackedActivation(pack_codes(codes, act.bits, zp),
                             scale.to(x2d.device).float(), zp, act.bits, x2d.shape[1])
 
 

@@ -143,7 +143,7 @@ class ActQuantizer(nn.Module):
         if self.mode == "observe":
             self.tracker.update(x)
             return x
-        if not bool(self.calibrated):
+        if not torch.compiler.is_compiling() and not bool(self.calibrated):  # no data-dependent branch in graphs
             raise RuntimeError("activation quantizer used before calibration: observe data, then call finalize()")
         drop = self.drop_prob if self.training else 0.0
         seed = 0
