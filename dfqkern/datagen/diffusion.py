@@ -79,7 +79,7 @@ def load_pipeline(id_or_dir: "str | Path", device: "str | torch.device | None" =
         raise PipelineUnavailableError(
             f"diffusion pipeline {name!r}: no such directory (expected a folder written by "
             f"save_pretrained, with model_index.json, or a hub id such as 'org/model')")
-    source = str(path) if is_dir else name
+    source = _source_name(name)
     try:
         index = DiffusionPipeline.load_config(source, local_files_only=local_files_only)
     except Exception as err:  # hub / filesystem errors have many types; all mean "not available"
@@ -106,6 +106,27 @@ def load_pipeline(id_or_dir: "str | Path", device: "str | torch.device | None" =
         pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _source_name(id_or_dir) -> str:
+    """The name ``from_pretrained`` receives (and the pipeline reports as ``_name_or_path``)."""
+    path = Path(str(id_or_dir)).expanduser()
+    return str(path) if path.is_dir() else str(id_or_dir)
+
+
+def _default_scheduler(id_or_dir, local_files_only) -> str:
+    """Scheduler class named in the pipeline's model_index.json (raises if the pipeline is unavailable)."""
+    from diffusers import DiffusionPipeline
+
+    name = _source_name(id_or_dir)
+    offline = offline_mode() if local_files_only is None else local_files_only
+    try:
+        index = DiffusionPipeline.load_config(name, local_files_only=offline)
+    except Exception as err:
+        raise PipelineUnavailableError(f"diffusion pipeline {str(id_or_dir)!r} is not available: "
+                                       f"{type(err).__name__}: {err}") from err
+    entry = index.get("scheduler")
+    return str(entry[1]) if isinstance(entry, (list, tuple)) and len(entry) == 2 else "unknown"
 
 
 def _diffusers_takes_dtype(version: str) -> bool:
@@ -317,7 +338,7 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, *, classes="imagenet
     :func:`~dfqkern.datagen.store.load_synthetic`. ``batch_size`` and ``device`` do not enter the
     resume check (they do not change what is asked for, only how fast it is made).
     """
-    from .prompts import build_prompts, class_names as _class_names
+    from .prompts import CLASS_SETS, build_prompts, class_names as _class_names
     from .store import SyntheticSetWriter, fill_set
 
     import diffusers
@@ -331,15 +352,25 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, *, classes="imagenet
     dev = torch.device(device) if device is not None else (
         getattr(pipeline, "device", None) if loaded else None) or default_device()
     if loaded:
+        for name, value in (("scheduler", scheduler), ("dtype", dtype), ("local_files_only", local_files_only)):
+            if value is not None:
+                raise ValueError(f"{name} applies when the pipeline is loaded by id or directory; a loaded "
+                                 f"pipeline is used as it is (set it up before passing it)")
         info = pipeline_info(pipeline)
         pipe_id, sched_name, dtype_name = info["id"], info["scheduler"], info["dtype"]
     else:
-        pipe_id, sched_name = str(pipeline), scheduler
+        # Record what the loaded pipeline will report, so a run started from an id and resumed with
+        # the loaded pipeline (or the other way round) has the same config.
+        pipe_id = _source_name(pipeline)
+        sched_name = SCHEDULERS.get(scheduler.lower(), scheduler) if scheduler else _default_scheduler(
+            pipeline, local_files_only)
         resolved = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         dtype_name = str(resolved).replace("torch.", "")
     size = None if output_size is None else ([output_size] * 2 if isinstance(output_size, int) else list(output_size))
     config = {"source": "diffusion", "pipeline": pipe_id, "scheduler": sched_name, "dtype": dtype_name,
-              "classes": classes if isinstance(classes, str) else None, "prompt_mode": prompt_mode,
+              # a named class set, or "custom" (the names themselves are in the manifest and the plan)
+              "classes": str(classes).lower() if str(classes).lower() in CLASS_SETS else "custom",
+              "prompt_mode": prompt_mode,
               "mixup_k": mixup_k if prompt_mode == "mixup" else None, "mixup_level": mixup_level,
               "weights": weights, "dirichlet_alpha": dirichlet_alpha, "seed": seed, "num_images": num_images,
               "guidance_scale": guidance_scale, "steps": steps, "height": height, "width": width,

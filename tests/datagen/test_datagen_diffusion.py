@@ -105,6 +105,20 @@ def test_other_config_refused_then_overwritten(tiny_pipeline, tmp_path):
     assert load_synthetic(tmp_path).manifest["config"]["steps"] == 3
 
 
+def test_resume_by_directory_with_loaded_pipeline(tiny_pipeline, tiny_pipeline_dir, tmp_path):
+    # Started from the directory, continued with the already loaded pipeline: one and the same config.
+    kw = dict(classes="cifar10", num_images=2, seed=0, shard_size=1, batch_size=1, **GEN)
+    D.generate_diffusion_set(tmp_path, str(tiny_pipeline_dir), device="cpu", **kw)
+    m = load_synthetic(tmp_path).manifest
+    assert m["config"]["scheduler"] == "DDIMScheduler" and m["config"]["dtype"] == "float32"
+    (tmp_path / "shard_00001" / "shard.json").unlink()
+    (tmp_path / "shard_00001" / "00000001.png").unlink()
+    D.generate_diffusion_set(tmp_path, tiny_pipeline, **kw)
+    assert load_synthetic(tmp_path).manifest == m
+    with pytest.raises(ValueError, match="scheduler applies when the pipeline is loaded by id"):
+        D.generate_diffusion_set(tmp_path, tiny_pipeline, scheduler="ddim", **kw)
+
+
 def test_embedding_level_mixup_generation(tiny_pipeline, tmp_path):
     D.generate_diffusion_set(tmp_path, tiny_pipeline, classes="cifar10", num_images=2, prompt_mode="mixup",
                              mixup_level="embedding", weights="dirichlet", negative_prompt="blurry", seed=1,
