@@ -11,7 +11,8 @@ with mu/sigma the per-channel mean / standard deviation of the layer's input ove
 
 * ``zeroq`` -- optimize the pixels directly (Adam), ZeroQ's "distilled data".
 * ``genie`` -- Genie's generator path: a small generator (latent -> image; linear, two upsampling
-  conv stages, tanh, a final affine-free BN) is trained *jointly* with its per-batch latent codes.
+  conv stages, tanh, a final BN -- with a learned affine, unlike Genie's affine-free one, so model
+  inputs need not be N(0, 1)) is trained *jointly* with its per-batch latent codes.
   Its convolutions are "swing convolutions": during optimization the input is reflect-padded and
   randomly shifted by up to ``swing`` pixels before the convolution, which removes the fixed
   spatial artifacts a generator trained on a single batch otherwise bakes in.
