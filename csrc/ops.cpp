@@ -1,5 +1,14 @@
 // dfqkern._C: op registration and argument checks only; the math lives in csrc/cpu and csrc/cuda.
+//
+// CPU ops are registered as torch.ops.dfqkern.cpu_* (schema + CPU kernel). Each wrapper checks its
+// arguments and raises a readable error (ValueError / TypeError naming the argument and the allowed
+// values) before calling dfqkern::cpu::*; no kernel ever sees an unchecked tensor.
 #include <torch/extension.h>
+
+#include <string>
+
+#include "cpu/common.h"
+#include "cpu/kernels.h"
 
 #ifndef DFQKERN_VERSION
 #define DFQKERN_VERSION "dev"
@@ -21,10 +30,356 @@ pybind11::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
+  d["cpu_ops"] = true;
+  d["cpu_avx2"] = cpu::cpu_has_avx2();
   return d;
 }
 
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// ------------------------------------------------------------------------------------------ checks
+
+void check_cpu(const char* name, const Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the dfqkern CPU backend, got device ",
+                    t.device());
+}
+
+void check_float(const char* name, const Tensor& t) {
+  check_cpu(name, t);
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
+                   " must be float32, float16 or bfloat16, got ", s);
+}
+
+void check_bits(const char* name, int64_t bits, std::initializer_list<int64_t> allowed) {
+  bool ok = false;
+  std::string list;
+  for (int64_t a : allowed) {
+    ok = ok || a == bits;
+    list += (list.empty() ? "" : ", ") + std::to_string(a);
+  }
+  TORCH_CHECK_VALUE(ok, name, " must be one of (", list, "), got ", bits);
+}
+
+void check_same_shape(const char* a, const Tensor& ta, const char* b, const Tensor& tb) {
+  TORCH_CHECK_VALUE(ta.sizes() == tb.sizes(), a, " and ", b, " must have one shape, got ", ta.sizes(), " and ",
+                    tb.sizes());
+}
+
+// Normalizes `axis` against x and checks the per-tensor / per-channel parameter sizes.
+optional<int64_t> check_params(const Tensor& x, const Tensor& scale, const Tensor& zero_point, optional<int64_t> axis) {
+  check_cpu("scale", scale);
+  check_cpu("zero_point", zero_point);
+  TORCH_CHECK_TYPE(scale.is_floating_point(), "scale must be a floating-point tensor, got ", scale.scalar_type());
+  TORCH_CHECK_TYPE(zero_point.scalar_type() != at::kBool && !zero_point.is_complex(),
+                   "zero_point must be an integer or float tensor, got ", zero_point.scalar_type());
+  if (!axis) {
+    TORCH_CHECK_VALUE(scale.numel() == 1 && zero_point.numel() == 1,
+                      "per-tensor scale and zero_point must have one element, got shapes ", scale.sizes(), " and ",
+                      zero_point.sizes());
+    return axis;
+  }
+  const int64_t dim = x.dim();
+  TORCH_CHECK_VALUE(dim > 0 && *axis >= -dim && *axis < dim, "axis must be in [", -dim, ", ", dim - 1,
+                    "] for a tensor of shape ", x.sizes(), ", got ", *axis);
+  const int64_t a = *axis < 0 ? *axis + dim : *axis;
+  TORCH_CHECK_VALUE(scale.numel() == x.size(a) && zero_point.numel() == x.size(a), "per-channel scale and zero_point must have ",
+                    x.size(a), " elements (size of axis ", a, "), got ", scale.numel(), " and ", zero_point.numel());
+  return a;
+}
+
+void check_drop(double drop_prob) {
+  TORCH_CHECK_VALUE(drop_prob >= 0.0 && drop_prob <= 1.0, "drop_prob must be in [0, 1], got ", drop_prob);
+}
+
+int64_t tiles_of(int64_t rows) { return (rows + 3) / 4; }
+
+int64_t chunk_k(int64_t w_bits) { return w_bits == 2 ? 128 : (w_bits == 8 ? 32 : 64); }
+
+// A prepacked cpu-tile-v1 weight of `groups` x `n/groups` rows and K = k.
+void check_prepacked(const Tensor& tiles, const Tensor& corr, int64_t w_bits, int64_t n, int64_t k, int64_t groups) {
+  check_bits("w_bits", w_bits, {2, 3, 4, 8});
+  check_cpu("w_tiles", tiles);
+  check_cpu("w_corr", corr);
+  TORCH_CHECK_VALUE(groups >= 1 && n % groups == 0, "weight rows (", n, ") must be a multiple of groups (", groups, ")");
+  const int64_t t = groups * tiles_of(n / groups), nchunks = (k + chunk_k(w_bits) - 1) / chunk_k(w_bits);
+  TORCH_CHECK_TYPE(tiles.scalar_type() == at::kByte && tiles.is_contiguous(), "w_tiles must be contiguous uint8, got ",
+                   tiles.scalar_type());
+  TORCH_CHECK_VALUE(tiles.numel() == t * nchunks * 128, "w_tiles has ", tiles.numel(), " bytes; a cpu-tile-v1 weight with ",
+                    n, " rows, K=", k, ", ", w_bits, " bits, groups=", groups, " needs ", t * nchunks * 128,
+                    " (re-derive it with cpu_prepack_weight)");
+  TORCH_CHECK_VALUE(corr.scalar_type() == at::kInt && corr.is_contiguous() && corr.dim() == 2 &&
+                        corr.size(0) == t * 4 && corr.size(1) == 3,
+                    "w_corr must be contiguous int32 [", t * 4, ", 3], got ", corr.scalar_type(), " ", corr.sizes());
+}
+
+void check_row_vector(const char* name, const Tensor& t, int64_t n) {
+  check_cpu(name, t);
+  TORCH_CHECK_TYPE(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == n, name, " must have ", n, " elements, got ", t.numel());
+}
+
+void check_act_params(const optional<Tensor>& a_scale, const optional<Tensor>& a_zero_point, bool per_token) {
+  if (per_token) return;
+  TORCH_CHECK_VALUE(a_scale && a_zero_point, "static activation quantization needs a_scale and a_zero_point");
+  check_cpu("a_scale", *a_scale);
+  check_cpu("a_zero_point", *a_zero_point);
+  TORCH_CHECK_VALUE(a_scale->numel() == 1 && a_zero_point->numel() == 1,
+                    "a_scale and a_zero_point must have one element (per-tensor), got shapes ", a_scale->sizes(), " and ",
+                    a_zero_point->sizes());
+  TORCH_CHECK_TYPE(a_scale->is_floating_point(), "a_scale must be a floating-point tensor, got ", a_scale->scalar_type());
+}
+
+void check_packed_codes(const char* name, const Tensor& data, int64_t bits, int64_t k) {
+  check_cpu(name, data);
+  const int64_t per = bits == 2 ? 4 : (bits == 8 ? 1 : 2);
+  TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, name, " must be uint8 (kpack-lsb-v1), got ", data.scalar_type());
+  TORCH_CHECK_VALUE(data.dim() == 2 && data.size(1) == (k + per - 1) / per, name, " must be [rows, ", (k + per - 1) / per,
+                    "] for K=", k, " ", bits, "-bit codes, got ", data.sizes());
+}
+
+// ------------------------------------------------------------------------------------------ wrappers
+
+std::string isa() { return cpu::isa_name(); }
+
+void set_isa(const std::string& name) { cpu::set_isa(name); }
+
+Tensor quantize(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t bits, optional<int64_t> axis) {
+  check_float("x", x);
+  check_bits("bits", bits, {2, 3, 4, 8});
+  axis = check_params(x, scale, zero_point, axis);
+  return cpu::quantize(x, scale, zero_point, bits, axis);
+}
+
+Tensor dequantize(const Tensor& codes, const Tensor& scale, const Tensor& zero_point, optional<int64_t> axis) {
+  check_cpu("codes", codes);
+  TORCH_CHECK_TYPE(!codes.is_floating_point() && !codes.is_complex() && codes.scalar_type() != at::kBool,
+                   "codes must be an integer tensor, got ", codes.scalar_type());
+  axis = check_params(codes, scale, zero_point, axis);
+  return cpu::dequantize(codes, scale, zero_point, axis);
+}
+
+Tensor fake_quant_forward(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t bits,
+                          optional<int64_t> axis, double drop_prob, int64_t seed) {
+  check_float("x", x);
+  check_bits("bits", bits, {2, 3, 4, 8});
+  check_drop(drop_prob);
+  axis = check_params(x, scale, zero_point, axis);
+  return cpu::fake_quant_forward(x, scale, zero_point, bits, axis, drop_prob, seed);
+}
+
+std::tuple<Tensor, Tensor, Tensor> fake_quant_backward(const Tensor& grad, const Tensor& x, const Tensor& scale,
+                                                       const Tensor& zero_point, int64_t bits, optional<int64_t> axis,
+                                                       double grad_scale, double drop_prob, int64_t seed) {
+  check_float("grad", grad);
+  check_float("x", x);
+  check_same_shape("grad", grad, "x", x);
+  check_bits("bits", bits, {2, 3, 4, 8});
+  check_drop(drop_prob);
+  axis = check_params(x, scale, zero_point, axis);
+  return cpu::fake_quant_backward(grad, x, scale, zero_point, bits, axis, grad_scale, drop_prob, seed);
+}
+
+std::tuple<Tensor, Tensor> adaround_forward(const Tensor& base, const Tensor& v, const Tensor& scale,
+                                            const Tensor& zero_point, int64_t bits, optional<int64_t> axis, double beta,
+                                            bool hard) {
+  check_float("v", v);
+  check_float("base", base);
+  check_same_shape("base", base, "v", v);
+  check_bits("bits", bits, {2, 3, 4, 8});
+  axis = check_params(v, scale, zero_point, axis);
+  return cpu::adaround_forward(base, v, scale, zero_point, bits, axis, beta, hard);
+}
+
+std::tuple<Tensor, Tensor> adaround_backward(const Tensor& grad, const Tensor& base, const Tensor& v,
+                                             const Tensor& scale, const Tensor& zero_point, int64_t bits,
+                                             optional<int64_t> axis, double beta, double reg_grad) {
+  check_float("grad", grad);
+  check_float("v", v);
+  check_float("base", base);
+  check_same_shape("base", base, "v", v);
+  check_same_shape("grad", grad, "v", v);
+  check_bits("bits", bits, {2, 3, 4, 8});
+  axis = check_params(v, scale, zero_point, axis);
+  return cpu::adaround_backward(grad, base, v, scale, zero_point, bits, axis, beta, reg_grad);
+}
+
+std::tuple<Tensor, Tensor> prepack_weight(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k,
+                                          int64_t groups) {
+  check_bits("bits", bits, {2, 3, 4, 8});
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  check_packed_codes("data", data, bits, k);
+  TORCH_CHECK_VALUE(groups >= 1 && data.size(0) % groups == 0, "groups must be >= 1 and divide the ", data.size(0),
+                    " weight rows, got ", groups);
+  check_cpu("zero_point", zero_point);
+  TORCH_CHECK_VALUE(zero_point.numel() == data.size(0), "zero_point must have one element per weight row (",
+                    data.size(0), "), got ", zero_point.numel());
+  return cpu::prepack_weight(data, zero_point, bits, k, groups);
+}
+
+Tensor prepack_depthwise(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k) {
+  check_bits("bits", bits, {2, 3, 4, 8});
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  check_packed_codes("data", data, bits, k);
+  check_cpu("zero_point", zero_point);
+  TORCH_CHECK_VALUE(zero_point.numel() == data.size(0), "zero_point must have one element per weight row (",
+                    data.size(0), "), got ", zero_point.numel());
+  const Tensor zi = zero_point.to(at::kInt);
+  TORCH_CHECK_VALUE(zi.abs().max().item<int32_t>() <= 32000, "weight zero points must lie in [-32000, 32000]");
+  return cpu::prepack_depthwise(data, zero_point, bits, k);
+}
+
+std::tuple<Tensor, Tensor, Tensor> quantize_activation(const Tensor& x, const optional<Tensor>& scale,
+                                                       const optional<Tensor>& zero_point, int64_t bits, bool per_token,
+                                                       bool symmetric) {
+  check_float("x", x);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) >= 1, "x must have K >= 1 features, got shape ", x.sizes());
+  check_bits("act bits", bits, {4, 8});
+  check_act_params(scale, zero_point, per_token);
+  return cpu::quantize_activation(x, scale, zero_point, bits, per_token, symmetric);
+}
+
+Tensor linear_int(const Tensor& a_data, const Tensor& a_zero_point, int64_t a_bits, int64_t k, const Tensor& w_tiles,
+                  const Tensor& w_corr, int64_t w_bits, int64_t n) {
+  check_bits("a_bits", a_bits, {4, 8});
+  check_packed_codes("a_data", a_data, a_bits, k);
+  check_cpu("a_zero_point", a_zero_point);
+  TORCH_CHECK_VALUE(a_zero_point.numel() == 1 || a_zero_point.numel() == a_data.size(0),
+                    "a_zero_point must have 1 (per-tensor) or M=", a_data.size(0), " (per-token) elements, got ",
+                    a_zero_point.numel());
+  check_prepacked(w_tiles, w_corr, w_bits, n, k, 1);
+  return cpu::linear_int(a_data, a_zero_point, a_bits, k, w_tiles, w_corr, w_bits, n);
+}
+
+Tensor linear(const Tensor& x, const Tensor& w_tiles, const Tensor& w_corr, const Tensor& w_scale, int64_t w_bits,
+              int64_t n, int64_t k, const optional<Tensor>& bias, const optional<Tensor>& a_scale,
+              const optional<Tensor>& a_zero_point, int64_t a_bits, bool per_token, bool symmetric) {
+  check_float("x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "x has ", x.dim() ? x.size(-1) : 0,
+                    " input features, weight expects K=", k);
+  check_prepacked(w_tiles, w_corr, w_bits, n, k, 1);
+  check_row_vector("w_scale", w_scale, n);
+  if (bias) check_row_vector("bias", *bias, n);
+  check_bits("a_bits", a_bits, {4, 8});
+  check_act_params(a_scale, a_zero_point, per_token);
+  return cpu::linear(x, w_tiles, w_corr, w_scale, w_bits, n, k, bias, a_scale, a_zero_point, a_bits, per_token,
+                     symmetric);
+}
+
+cpu::ConvGeom conv_geom(const Tensor& x, at::IntArrayRef w_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be NCHW (4-D), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w_shape.size() == 4, "w_shape must be [O, C/groups, kh, kw], got ", w_shape);
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "stride, padding and dilation must have two elements each, got ", stride, ", ", padding, ", ",
+                    dilation);
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, "dilation must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "padding must be >= 0, got ", padding);
+  TORCH_CHECK_VALUE(groups >= 1 && w_shape[0] % groups == 0, "groups must be >= 1 and divide the ", w_shape[0],
+                    " output channels, got ", groups);
+  TORCH_CHECK_VALUE(x.size(1) == w_shape[1] * groups, "x has ", x.size(1), " channels, weight expects ",
+                    w_shape[1] * groups, " (groups=", groups, ")");
+  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (w_shape[2] - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (w_shape[3] - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(x.size(2) + 2 * padding[0] >= dilation[0] * (w_shape[2] - 1) + 1 &&
+                        x.size(3) + 2 * padding[1] >= dilation[1] * (w_shape[3] - 1) + 1 && oh >= 1 && ow >= 1,
+                    "input ", x.sizes(), " with padding ", padding, " is smaller than the dilated kernel ",
+                    w_shape.slice(2));
+  return cpu::ConvGeom{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups,
+                       w_shape[0], w_shape[1], w_shape[2], w_shape[3]};
+}
+
+void check_conv_weight(const Tensor& w, const Tensor& w_corr, int64_t w_bits, const cpu::ConvGeom& g) {
+  const int64_t k = g.kh * g.kw * g.in_per_group;
+  if (g.in_per_group == 1) {  // direct depthwise layout
+    check_bits("w_bits", w_bits, {2, 3, 4, 8});
+    check_cpu("w", w);
+    TORCH_CHECK_VALUE(w.scalar_type() == at::kShort && w.is_contiguous() && w.dim() == 2 && w.size(0) == g.out_ch &&
+                          w.size(1) == k,
+                      "a C/groups == 1 convolution needs the depthwise layout int16 [", g.out_ch, ", ", k,
+                      "] from cpu_prepack_depthwise, got ", w.scalar_type(), " ", w.sizes());
+  } else {
+    check_prepacked(w, w_corr, w_bits, g.out_ch, k, g.groups);
+  }
+}
+
+Tensor conv2d_int(const Tensor& x_codes, int64_t x_zero_point, const Tensor& w, const Tensor& w_corr, int64_t w_bits,
+                  at::IntArrayRef w_shape, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t groups) {
+  check_cpu("x_codes", x_codes);
+  TORCH_CHECK_TYPE(x_codes.scalar_type() == at::kByte, "x_codes must be uint8 codes, got ", x_codes.scalar_type());
+  TORCH_CHECK_VALUE(x_zero_point >= 0 && x_zero_point <= 255, "x_zero_point must be a code in [0, 255], got ",
+                    x_zero_point);
+  const cpu::ConvGeom g = conv_geom(x_codes, w_shape, stride, padding, dilation, groups);
+  check_conv_weight(w, w_corr, w_bits, g);
+  return cpu::conv2d_int(x_codes, x_zero_point, w, w_corr, w_bits, g);
+}
+
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& w_corr, const Tensor& w_scale, int64_t w_bits,
+              at::IntArrayRef w_shape, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+              int64_t groups, const optional<Tensor>& bias, double a_scale, int64_t a_zero_point, int64_t a_bits) {
+  check_float("x", x);
+  check_bits("a_bits", a_bits, {4, 8});
+  TORCH_CHECK_VALUE(a_zero_point >= 0 && a_zero_point <= 255, "a_zero_point must be an integer in [0, 255], got ",
+                    a_zero_point);
+  TORCH_CHECK_VALUE(a_scale > 0, "a_scale must be > 0, got ", a_scale);
+  const cpu::ConvGeom g = conv_geom(x, w_shape, stride, padding, dilation, groups);
+  check_conv_weight(w, w_corr, w_bits, g);
+  check_row_vector("w_scale", w_scale, g.out_ch);
+  if (bias) check_row_vector("bias", *bias, g.out_ch);
+  return cpu::conv2d(x, w, w_corr, w_scale, w_bits, g, bias, a_scale, a_zero_point, a_bits);
+}
+
+}  // namespace
 }  // namespace dfqkern
+
+TORCH_LIBRARY_FRAGMENT(dfqkern, m) {
+  m.def("cpu_isa() -> str", &dfqkern::isa);
+  m.def("cpu_set_isa(str name) -> ()", &dfqkern::set_isa);
+  m.def("cpu_quantize(Tensor x, Tensor scale, Tensor zero_point, int bits, int? axis) -> Tensor");
+  m.def("cpu_dequantize(Tensor codes, Tensor scale, Tensor zero_point, int? axis) -> Tensor");
+  m.def("cpu_fake_quant_forward(Tensor x, Tensor scale, Tensor zero_point, int bits, int? axis, float drop_prob, "
+        "int seed) -> Tensor");
+  m.def("cpu_fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int bits, int? axis, "
+        "float grad_scale, float drop_prob, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_adaround_forward(Tensor base, Tensor v, Tensor scale, Tensor zero_point, int bits, int? axis, "
+        "float beta, bool hard) -> (Tensor, Tensor)");
+  m.def("cpu_adaround_backward(Tensor grad, Tensor base, Tensor v, Tensor scale, Tensor zero_point, int bits, "
+        "int? axis, float beta, float reg_grad) -> (Tensor, Tensor)");
+  m.def("cpu_prepack_weight(Tensor data, Tensor zero_point, int bits, int k, int groups) -> (Tensor, Tensor)");
+  m.def("cpu_prepack_depthwise(Tensor data, Tensor zero_point, int bits, int k) -> Tensor");
+  m.def("cpu_quantize_activation(Tensor x, Tensor? scale, Tensor? zero_point, int bits, bool per_token, "
+        "bool symmetric) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_linear_int(Tensor a_data, Tensor a_zero_point, int a_bits, int k, Tensor w_tiles, Tensor w_corr, "
+        "int w_bits, int n) -> Tensor");
+  m.def("cpu_linear(Tensor x, Tensor w_tiles, Tensor w_corr, Tensor w_scale, int w_bits, int n, int k, Tensor? bias, "
+        "Tensor? a_scale, Tensor? a_zero_point, int a_bits, bool per_token, bool symmetric) -> Tensor");
+  m.def("cpu_conv2d_int(Tensor x_codes, int x_zero_point, Tensor w, Tensor w_corr, int w_bits, int[] w_shape, "
+        "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("cpu_conv2d(Tensor x, Tensor w, Tensor w_corr, Tensor w_scale, int w_bits, int[] w_shape, int[] stride, "
+        "int[] padding, int[] dilation, int groups, Tensor? bias, float a_scale, int a_zero_point, int a_bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dfqkern, CPU, m) {
+  m.impl("cpu_quantize", &dfqkern::quantize);
+  m.impl("cpu_dequantize", &dfqkern::dequantize);
+  m.impl("cpu_fake_quant_forward", &dfqkern::fake_quant_forward);
+  m.impl("cpu_fake_quant_backward", &dfqkern::fake_quant_backward);
+  m.impl("cpu_adaround_forward", &dfqkern::adaround_forward);
+  m.impl("cpu_adaround_backward", &dfqkern::adaround_backward);
+  m.impl("cpu_prepack_weight", &dfqkern::prepack_weight);
+  m.impl("cpu_prepack_depthwise", &dfqkern::prepack_depthwise);
+  m.impl("cpu_quantize_activation", &dfqkern::quantize_activation);
+  m.impl("cpu_linear_int", &dfqkern::linear_int);
+  m.impl("cpu_linear", &dfqkern::linear);
+  m.impl("cpu_conv2d_int", &dfqkern::conv2d_int);
+  m.impl("cpu_conv2d", &dfqkern::conv2d);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dfqkern compiled kernels (CPU; CUDA when built with it)";

@@ -1,0 +1,39 @@
+// Shared pieces of the CPU backend: ISA choice, work splitting, small POD parameter blocks.
+//
+// Every kernel family has two implementations with identical integer results:
+//   *_avx2.cpp      explicit AVX2/FMA/F16C intrinsics, compiled with `#pragma GCC target` so the
+//                   rest of the library stays baseline x86-64;
+//   *_portable.cpp  plain C++ (what runs on CPUs without AVX2, and what tests compare against).
+// The choice is made at run time (`active_isa()`), from the CPU's features and the environment
+// variable DFQKERN_CPU_ISA = auto | avx2 | portable (or `set_isa` from Python, for tests).
+//
+// Headers included by the *_avx2.cpp files must only contain declarations and PODs: an inline
+// function compiled under the AVX2 target could be merged by the linker into portable callers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace dfqkern::cpu {
+
+enum class Isa { portable = 0, avx2 = 1 };
+
+Isa active_isa();
+bool cpu_has_avx2();                 // AVX2 + FMA + F16C, as reported by the CPU
+void set_isa(const std::string& name);  // "auto" | "avx2" | "portable"; throws on an unknown name / no AVX2
+std::string isa_name();
+
+// Float element types the kernels accept (x, grad, v, ...).
+enum class FType { f32 = 0, f16 = 1, bf16 = 2 };
+
+// Calls fn(begin, end) over [0, n) split across torch's intra-op threads (OpenMP), with at least
+// `grain` items per chunk. Defined in isa.cpp (the only place that touches ATen's thread pool).
+void parallel_range(int64_t n, int64_t grain, void (*fn)(void* ctx, int64_t begin, int64_t end), void* ctx);
+
+template <class F>
+inline void parallel_for(int64_t n, int64_t grain, const F& f) {
+  parallel_range(n, grain, [](void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); },
+                 const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+}  // namespace dfqkern::cpu

@@ -1,0 +1,276 @@
+// Packed Conv2d (NCHW): quantize-to-NHWC + im2col into the packed GEMM, or a direct kernel for
+// depthwise-style convolutions (C/groups == 1).
+//
+// GEMM path, per image and group: rows m = output pixels, K = (kh, kw, c) as in
+// formats.conv_weight_to_matrix. Activations are first quantized once into NHWC kernel elements
+// (int8 code-128 / int16 code) with per-pixel, per-group code sums; im2col then copies C/groups-long
+// runs and fills padded taps with the zero point's code, so they contribute exactly zero, and the
+// row sum for the zero-point correction is a sum of kh*kw pixel sums. 1x1 / stride 1 / no padding
+// convolutions with groups = 1 use the NHWC buffer directly as the GEMM rows.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "common.h"
+#include "depthwise.h"
+#include "float_io.h"
+#include "gemm_driver.h"
+#include "kernels.h"
+
+namespace dfqkern::cpu {
+namespace {
+
+using gemm::kTileRows;
+
+struct Dims {
+  int64_t b, c, h, w, oh, ow;
+};
+
+Dims dims_of(const at::Tensor& x, const ConvGeom& g) {
+  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0};
+  d.oh = (d.h + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
+  d.ow = (d.w + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
+  return d;
+}
+
+// Codes of one NCHW plane segment [off, off + n): from float (quantized) or already codes.
+struct CodeSource {
+  const uint8_t* codes = nullptr;  // conv2d_int
+  const In* x = nullptr;           // conv2d
+  ew::FqParams p{};
+  void get(int64_t off, int64_t n, uint8_t* dst, float* fbuf) const {
+    if (codes) std::copy(codes + off, codes + off + n, dst);
+    else gemm::quantize_codes(x->get(off, n, fbuf), dst, n, p);
+  }
+};
+
+struct Epilogue {
+  int32_t* out_i = nullptr;
+  float* out_f = nullptr;
+  const float* w_scale = nullptr;
+  const float* bias = nullptr;
+  float a_scale = 1.f;
+};
+
+// ---------------------------------------------------------------------------------- GEMM path
+
+void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w_tiles,
+               const at::Tensor& w_corr, int64_t w_bits, const Epilogue& ep) {
+  const int wb = static_cast<int>(w_bits == 3 ? 4 : w_bits), eb = gemm::act_elem_bytes(wb);
+  const int64_t cg = g.in_per_group, og = g.out_ch / g.groups, tpg = (og + kTileRows - 1) / kTileRows;
+  const int64_t k = g.kh * g.kw * cg, nchunks = gemm::num_chunks(k, wb), kp = nchunks * gemm::chunk_k(wb);
+  const int64_t hw = d.h * d.w, p = d.oh * d.ow;
+  const bool direct = g.groups == 1 && g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+                      g.pad_h == 0 && g.pad_w == 0;
+  const int64_t cs = direct ? kp : d.c;  // NHWC pixel stride (elements)
+  const int8_t pad8 = static_cast<int8_t>(static_cast<uint8_t>(za) ^ 0x80);
+  const int16_t pad16 = static_cast<int16_t>(za);
+
+  // 1. quantize NCHW -> NHWC kernel elements + per-pixel per-group code sums
+  std::unique_ptr<uint8_t[]> xs(new uint8_t[static_cast<size_t>(d.b * hw * cs * eb)]);
+  std::vector<int32_t> pixsum(static_cast<size_t>(d.b * hw * g.groups), 0);
+  constexpr int64_t kPix = 64;
+  const int64_t pblocks = (hw + kPix - 1) / kPix;
+  parallel_for(d.b * pblocks, 1, [&](int64_t bgn, int64_t end) {
+    uint8_t codes[kPix];
+    float fbuf[kPix];
+    for (int64_t it = bgn; it < end; ++it) {
+      const int64_t b = it / pblocks, p0 = (it % pblocks) * kPix, n = std::min(kPix, hw - p0);
+      for (int64_t c = 0; c < d.c; ++c) {
+        src.get((b * d.c + c) * hw + p0, n, codes, fbuf);
+        int32_t* ps = pixsum.data() + (b * hw + p0) * g.groups + c / cg;
+        if (wb == 8) {
+          int16_t* dst = reinterpret_cast<int16_t*>(xs.get()) + (b * hw + p0) * cs + c;
+          for (int64_t i = 0; i < n; ++i) dst[i * cs] = codes[i];
+        } else {
+          int8_t* dst = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0) * cs + c;
+          for (int64_t i = 0; i < n; ++i) dst[i * cs] = static_cast<int8_t>(codes[i] ^ 0x80);
+        }
+        for (int64_t i = 0; i < n; ++i) ps[i * g.groups] += codes[i];
+      }
+      if (direct && kp > d.c) {  // K padding of the rows used in place: code 0
+        for (int64_t i = 0; i < n; ++i) {
+          if (wb == 8) {
+            int16_t* row = reinterpret_cast<int16_t*>(xs.get()) + (b * hw + p0 + i) * cs;
+            std::fill(row + d.c, row + kp, int16_t(0));
+          } else {
+            int8_t* row = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0 + i) * cs;
+            std::fill(row + d.c, row + kp, int8_t(-128));
+          }
+        }
+      }
+    }
+  });
+
+  // 2. per image and group: im2col rows, then the GEMM writing NCHW output
+  std::unique_ptr<uint8_t[]> cols(direct ? nullptr : new uint8_t[static_cast<size_t>(p * kp * eb)]);
+  std::vector<int32_t> rowsum(p);
+  const int32_t zp_vec[1] = {za};
+  const float as_vec[1] = {ep.a_scale};
+  for (int64_t b = 0; b < d.b; ++b) {
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      if (direct) {
+        for (int64_t m = 0; m < p; ++m) rowsum[m] = pixsum[b * hw + m];
+      } else {
+        parallel_for(p, 16, [&](int64_t bgn, int64_t end) {
+          for (int64_t m = bgn; m < end; ++m) {
+            const int64_t oy = m / d.ow, ox = m % d.ow;
+            int32_t s = 0;
+            int64_t kk = 0;
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
+              for (int64_t j = 0; j < g.kw; ++j, kk += cg) {
+                const int64_t ix = ox * g.stride_w - g.pad_w + j * g.dil_w;
+                const bool in = iy >= 0 && iy < d.h && ix >= 0 && ix < d.w;
+                const int64_t pix = b * hw + iy * d.w + ix;
+                if (in) s += pixsum[pix * g.groups + grp];
+                else s += za * static_cast<int32_t>(cg);
+                if (wb == 8) {
+                  int16_t* dst = reinterpret_cast<int16_t*>(cols.get()) + m * kp + kk;
+                  if (in) std::copy_n(reinterpret_cast<const int16_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
+                  else std::fill_n(dst, cg, pad16);
+                } else {
+                  int8_t* dst = reinterpret_cast<int8_t*>(cols.get()) + m * kp + kk;
+                  if (in) std::copy_n(reinterpret_cast<const int8_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
+                  else std::fill_n(dst, cg, pad8);
+                }
+              }
+            }
+            if (wb == 8) std::fill(reinterpret_cast<int16_t*>(cols.get()) + m * kp + k,
+                                   reinterpret_cast<int16_t*>(cols.get()) + (m + 1) * kp, int16_t(0));
+            else std::fill(reinterpret_cast<int8_t*>(cols.get()) + m * kp + k,
+                           reinterpret_cast<int8_t*>(cols.get()) + (m + 1) * kp, int8_t(-128));
+            rowsum[m] = s;
+          }
+        });
+      }
+      gemm::Args a{};
+      a.a = direct ? static_cast<const void*>(xs.get() + b * hw * cs * eb) : static_cast<const void*>(cols.get());
+      a.lda = kp;
+      a.a_sum = rowsum.data();
+      a.a_zp = zp_vec;
+      a.a_zp_step = 0;
+      a.a_scale = as_vec;
+      a.a_scale_step = 0;
+      a.w = w_tiles.data_ptr<uint8_t>() + grp * tpg * nchunks * kTileRows * gemm::kChunkBytes;
+      a.nchunks = nchunks;
+      a.wbits = wb;
+      a.corr = w_corr.data_ptr<int32_t>() + grp * tpg * kTileRows * 3;
+      a.w_scale = ep.w_scale ? ep.w_scale + grp * og : nullptr;
+      a.bias = ep.bias ? ep.bias + grp * og : nullptr;
+      a.n = og;
+      const int64_t out_off = (b * g.out_ch + grp * og) * p;
+      a.out_i = ep.out_i ? ep.out_i + out_off : nullptr;
+      a.out_f = ep.out_f ? ep.out_f + out_off : nullptr;
+      a.ldo_m = 1;
+      a.ldo_n = p;
+      gemm::run(a, p, tpg);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- depthwise path
+
+void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w16,
+                    const Epilogue& ep) {
+  const int64_t mult = g.out_ch / g.groups, hp = d.h + 2 * g.pad_h, wp = d.w + 2 * g.pad_w, p = d.oh * d.ow;
+  const int16_t* wv = w16.data_ptr<int16_t>();
+  const auto fn = active_isa() == Isa::avx2 ? dw::conv_avx2 : dw::conv_portable;
+  // One work item per (image, input channel): the plane is built once for its `mult` outputs.
+  parallel_for(d.b * d.c, 1, [&](int64_t bgn, int64_t end) {
+    std::vector<int16_t> plane(static_cast<size_t>(hp * wp));
+    std::vector<uint8_t> codes(static_cast<size_t>(d.w));
+    std::vector<float> fbuf(static_cast<size_t>(d.w));
+    std::vector<int32_t> acc(static_cast<size_t>(p));
+    for (int64_t it = bgn; it < end; ++it) {
+      const int64_t b = it / d.c, c = it % d.c;
+      std::fill(plane.begin(), plane.end(), int16_t(0));
+      for (int64_t y = 0; y < d.h; ++y) {
+        src.get(((b * d.c + c) * d.h + y) * d.w, d.w, codes.data(), fbuf.data());
+        int16_t* row = plane.data() + (y + g.pad_h) * wp + g.pad_w;
+        for (int64_t x = 0; x < d.w; ++x) row[x] = static_cast<int16_t>(codes[x] - za);
+      }
+      for (int64_t o = c * mult; o < (c + 1) * mult; ++o) {
+        const dw::Plane pl{plane.data(), wp, wv + o * g.kh * g.kw, g.kh, g.kw, g.stride_h, g.stride_w,
+                           g.dil_h, g.dil_w, d.oh, d.ow};
+        const int64_t off = (b * g.out_ch + o) * p;
+        if (ep.out_i) {
+          fn(pl, ep.out_i + off);
+        } else {
+          fn(pl, acc.data());
+          const float s = ep.a_scale * ep.w_scale[o];
+          float* out = ep.out_f + off;
+          if (ep.bias) {
+            const float bv = ep.bias[o];
+            for (int64_t i = 0; i < p; ++i) out[i] = static_cast<float>(acc[i]) * s + bv;
+          } else {
+            for (int64_t i = 0; i < p; ++i) out[i] = static_cast<float>(acc[i]) * s;
+          }
+        }
+      }
+    }
+  });
+}
+
+void dispatch_conv(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w,
+                   const at::Tensor& corr, int64_t w_bits, const Epilogue& ep) {
+  if (g.in_per_group == 1) conv_depthwise(src, za, d, g, w, ep);
+  else conv_gemm(src, za, d, g, w, corr, w_bits, ep);
+}
+
+}  // namespace
+
+at::Tensor prepack_depthwise(const at::Tensor& data_in, const at::Tensor& zero_point, int64_t bits, int64_t k) {
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor zp = zero_point.to(at::kInt).contiguous();
+  const int slot = bits == 2 ? 2 : (bits == 8 ? 8 : 4), per = 8 / slot;
+  const int64_t rows = data.size(0), stride = data.size(1);
+  at::Tensor out = at::empty({rows, k}, data.options().dtype(at::kShort));
+  const uint8_t* s = data.data_ptr<uint8_t>();
+  int16_t* o = out.data_ptr<int16_t>();
+  const int32_t* z = zp.data_ptr<int32_t>();
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t j = 0; j < k; ++j)
+      o[n * k + j] = static_cast<int16_t>(((s[n * stride + j / per] >> ((j % per) * slot)) & ((1 << slot) - 1)) - z[n]);
+  return out;
+}
+
+at::Tensor conv2d_int(const at::Tensor& x_codes_in, int64_t x_zero_point, const at::Tensor& w_prepacked,
+                      const at::Tensor& w_corr, int64_t w_bits, const ConvGeom& g) {
+  const at::Tensor x = x_codes_in.contiguous();
+  const Dims d = dims_of(x, g);
+  at::Tensor out = at::empty({d.b, g.out_ch, d.oh, d.ow}, x.options().dtype(at::kInt));
+  CodeSource src;
+  src.codes = x.data_ptr<uint8_t>();
+  Epilogue ep;
+  ep.out_i = out.data_ptr<int32_t>();
+  dispatch_conv(src, static_cast<int32_t>(x_zero_point), d, g, w_prepacked, w_corr, w_bits, ep);
+  return out;
+}
+
+at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
+                  const at::Tensor& w_scale_in, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias_in,
+                  double a_scale, int64_t a_zero_point, int64_t a_bits) {
+  const at::Tensor x = x_in.contiguous();
+  const Dims d = dims_of(x, g);
+  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({d.b, g.out_ch, d.oh, d.ow}, x.options().dtype(at::kFloat));
+  const In xin(x);
+  CodeSource src;
+  src.x = &xin;
+  const float s = static_cast<float>(a_scale);
+  src.p = ew::FqParams{1.0f / s, s, static_cast<float>(a_zero_point), static_cast<float>((1 << a_bits) - 1), {}};
+  Epilogue ep;
+  ep.out_f = out.data_ptr<float>();
+  ep.w_scale = w_scale.data_ptr<float>();
+  ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  ep.a_scale = s;
+  dispatch_conv(src, static_cast<int32_t>(a_zero_point), d, g, w_prepacked, w_corr, w_bits, ep);
+  return out;
+}
+
+}  // namespace dfqkern::cpu

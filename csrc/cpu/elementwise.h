@@ -1,0 +1,58 @@
+// Elementwise kernels (quantize, fused fake-quant, fused AdaRound) over one contiguous fp32 run
+// that shares one set of quantization parameters (one channel, or the whole tensor).
+// Drivers (elementwise.cpp) split tensors into such runs, convert fp16/bf16 chunks to fp32, run
+// the chosen ISA's kernel and combine the per-run partial sums in a fixed order, so reductions
+// are deterministic whatever the thread count.
+//
+// Semantics follow dfqkern/kernels/reference.py exactly, element by element:
+//   r = round_half_even(x * inv_scale)    (fp32 multiply; inv_scale = 1/scale in fp32, by the caller)
+//   t = r + zero_point                     (zero point as fp32, added after rounding)
+//   code = trunc(clamp(t, 0, qmax)),  dequant = (code - zero_point) * scale
+#pragma once
+
+#include <cstdint>
+
+namespace dfqkern::cpu::ew {
+
+// QDrop: an element keeps its float value when hash32(flat_index, seed) < threshold.
+struct Drop {
+  uint32_t seed_mix = 0;  // (seed * 0x9E3779B9) mod 2^32
+  uint64_t threshold = 0; // round(drop_prob * 2^32) in [0, 2^32]; 0 = QDrop off
+};
+
+struct FqParams {
+  float inv, scale, zp, qmax;
+  Drop drop;
+};
+
+struct ArParams {
+  float scale, zp, qmax;
+  float beta;     // regularizer exponent
+  float beta_m1;  // (float)(beta - 1), rounded from double as torch does
+  float reg_grad;
+  bool hard;
+};
+
+// Per-run partial sums (double so long runs stay accurate).
+struct Sums2 {
+  double a = 0, b = 0;
+};
+
+#define DFQ_EW_DECLARE(isa)                                                                                   \
+  void quantize_##isa(const float* x, uint8_t* q, int64_t n, const FqParams& p);                            \
+  void fq_forward_##isa(const float* x, float* y, int64_t n, const FqParams& p, uint64_t idx0);             \
+  /* sums.a += sum of d(out)/d(scale) terms, sums.b += sum of d(out)/d(zero_point) terms */                 \
+  void fq_backward_##isa(const float* g, const float* x, float* gx, int64_t n, const FqParams& p,            \
+                         uint64_t idx0, Sums2& sums);                                                         \
+  /* reg += sum(1 - |2h - 1|^beta) unless hard */                                                             \
+  void ar_forward_##isa(const float* base, const float* v, float* w, int64_t n, const ArParams& p,          \
+                        double& reg);                                                                         \
+  /* gs += sum(g * (c - zp)) */                                                                               \
+  void ar_backward_##isa(const float* g, const float* base, const float* v, float* gv, int64_t n,            \
+                         const ArParams& p, double& gs);
+
+DFQ_EW_DECLARE(portable)
+DFQ_EW_DECLARE(avx2)
+#undef DFQ_EW_DECLARE
+
+}  // namespace dfqkern::cpu::ew

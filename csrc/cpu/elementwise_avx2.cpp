@@ -1,0 +1,194 @@
+// AVX2 elementwise kernels: 8 lanes per step, the scalar element functions for the tail.
+// Integer-valued results (codes, STE masks, QDrop masks) equal the portable kernels' bit for bit;
+// the AdaRound sigmoid / pow use Cephes-style exp / log (about 1 ulp from libm).
+#include "elementwise_scalar.h"
+
+#pragma GCC target("avx2,fma,f16c")
+#include "avx2_math.h"
+
+namespace dfqkern::cpu::ew {
+namespace {
+
+using namespace dfqkern::cpu::avx2;
+
+constexpr int64_t kFlush = 16;  // vector steps between float -> double flushes of partial sums
+
+struct VecParams {
+  __m256 inv, scale, zp, qmax, zero;
+  explicit VecParams(const FqParams& p)
+      : inv(_mm256_set1_ps(p.inv)), scale(_mm256_set1_ps(p.scale)), zp(_mm256_set1_ps(p.zp)),
+        qmax(_mm256_set1_ps(p.qmax)), zero(_mm256_setzero_ps()) {}
+};
+
+// QDrop lanes (all-ones where the element keeps its float value) for indices idx .. idx+7.
+struct DropVec {
+  bool on, all;
+  __m256i seed, thr_biased, lanes, bias;
+  explicit DropVec(const Drop& d)
+      : on(d.threshold != 0), all(d.threshold >= (uint64_t(1) << 32)),
+        seed(_mm256_set1_epi32(static_cast<int>(d.seed_mix))),
+        thr_biased(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(d.threshold) ^ 0x80000000u))),
+        lanes(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), bias(_mm256_set1_epi32(static_cast<int>(0x80000000u))) {}
+  __m256 mask(uint64_t idx) const {
+    if (all) return _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    const __m256i i = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(idx))), lanes);
+    const __m256i h = hash32_epi32(i, seed);
+    // unsigned h < thr  <=>  signed (h ^ 2^31) < (thr ^ 2^31)
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(thr_biased, _mm256_xor_si256(h, bias)));
+  }
+};
+
+inline __m256 round_even(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+inline __m256 clamp_ps(__m256 v, __m256 lo, __m256 hi) { return _mm256_min_ps(_mm256_max_ps(v, lo), hi); }
+
+inline __m256 code_ps(__m256 x, const VecParams& v) {
+  const __m256 t = _mm256_add_ps(round_even(_mm256_mul_ps(x, v.inv)), v.zp);
+  return _mm256_round_ps(clamp_ps(t, v.zero, v.qmax), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+}
+
+}  // namespace
+
+void quantize_avx2(const float* x, uint8_t* q, int64_t n, const FqParams& p) {
+  const VecParams v(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i c = _mm256_cvttps_epi32(code_ps(_mm256_loadu_ps(x + i), v));
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w, w));
+  }
+  for (; i < n; ++i) q[i] = static_cast<uint8_t>(code_of(x[i], p));
+}
+
+void fq_forward_avx2(const float* x, float* y, int64_t n, const FqParams& p, uint64_t idx0) {
+  const VecParams v(p);
+  const DropVec d(p.drop);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    __m256 out = _mm256_mul_ps(_mm256_sub_ps(code_ps(xv, v), v.zp), v.scale);
+    if (d.on) out = _mm256_blendv_ps(out, xv, d.mask(idx0 + i));
+    _mm256_storeu_ps(y + i, out);
+  }
+  for (; i < n; ++i) y[i] = fq_forward_one(x[i], p, idx0 + i);
+}
+
+void fq_backward_avx2(const float* g, const float* x, float* gx, int64_t n, const FqParams& p, uint64_t idx0,
+                      Sums2& sums) {
+  const VecParams v(p);
+  const DropVec d(p.drop);
+  const __m256 one = _mm256_set1_ps(1.f), neg_zp = _mm256_sub_ps(v.zero, v.zp), hi_term = _mm256_sub_ps(v.qmax, v.zp),
+               neg_s = _mm256_sub_ps(v.zero, v.scale);
+  __m256 ds_f = _mm256_setzero_ps(), dz_f = _mm256_setzero_ps();
+  __m256d ds_d = _mm256_setzero_pd(), dz_d = _mm256_setzero_pd();
+  int64_t i = 0, steps = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 xs = _mm256_mul_ps(_mm256_loadu_ps(x + i), v.inv);
+    const __m256 r = round_even(xs);
+    const __m256 t = _mm256_add_ps(r, v.zp);
+    const __m256 below = _mm256_cmp_ps(t, v.zero, _CMP_LT_OQ);
+    const __m256 above = _mm256_cmp_ps(t, v.qmax, _CMP_GT_OQ);
+    const __m256 outside = _mm256_or_ps(below, above);
+    __m256 gq = gv;
+    __m256 g_out = _mm256_mul_ps(gv, _mm256_andnot_ps(outside, one));  // g * inside, as torch multiplies
+    if (d.on) {
+      const __m256 m = d.mask(idx0 + i);
+      gq = _mm256_blendv_ps(gv, _mm256_mul_ps(gv, v.zero), m);
+      g_out = _mm256_blendv_ps(g_out, gv, m);
+    }
+    _mm256_storeu_ps(gx + i, g_out);
+    const __m256 clipped = _mm256_blendv_ps(hi_term, neg_zp, below);
+    ds_f = _mm256_add_ps(ds_f, _mm256_mul_ps(gq, _mm256_blendv_ps(_mm256_sub_ps(r, xs), clipped, outside)));
+    dz_f = _mm256_add_ps(dz_f, _mm256_mul_ps(gq, _mm256_and_ps(neg_s, outside)));
+    if (++steps == kFlush) {
+      flush_to_double(ds_f, ds_d);
+      flush_to_double(dz_f, dz_d);
+      steps = 0;
+    }
+  }
+  flush_to_double(ds_f, ds_d);
+  flush_to_double(dz_f, dz_d);
+  double ds = hsum_pd(ds_d), dz = hsum_pd(dz_d);
+  for (; i < n; ++i) gx[i] = fq_backward_one(g[i], x[i], p, idx0 + i, ds, dz);
+  sums.a += ds;
+  sums.b += dz;
+}
+
+namespace {
+
+struct ArVec {
+  __m256 scale, zp, qmax, zero, one, stretch, gamma;
+  explicit ArVec(const ArParams& p)
+      : scale(_mm256_set1_ps(p.scale)), zp(_mm256_set1_ps(p.zp)), qmax(_mm256_set1_ps(p.qmax)),
+        zero(_mm256_setzero_ps()), one(_mm256_set1_ps(1.f)), stretch(_mm256_set1_ps(kStretch)),
+        gamma(_mm256_set1_ps(kGamma)) {}
+};
+
+}  // namespace
+
+void ar_forward_avx2(const float* base, const float* v, float* w, int64_t n, const ArParams& p, double& reg) {
+  const ArVec c(p);
+  const __m256 two = _mm256_set1_ps(2.f);
+  __m256 reg_f = _mm256_setzero_ps();
+  __m256d reg_d = _mm256_setzero_pd();
+  int64_t i = 0, steps = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vv = _mm256_loadu_ps(v + i);
+    __m256 h;
+    if (p.hard) {
+      h = _mm256_and_ps(_mm256_cmp_ps(vv, c.zero, _CMP_GE_OQ), c.one);
+    } else {
+      h = clamp_ps(_mm256_add_ps(_mm256_mul_ps(sigmoid_ps(vv), c.stretch), c.gamma), c.zero, c.one);
+      const __m256 u = _mm256_sub_ps(_mm256_mul_ps(two, h), c.one);
+      reg_f = _mm256_add_ps(reg_f, _mm256_sub_ps(c.one, pow_abs_ps(u, p.beta)));
+      if (++steps == kFlush) {
+        flush_to_double(reg_f, reg_d);
+        steps = 0;
+      }
+    }
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(base + i), h), c.zp);
+    _mm256_storeu_ps(w + i, _mm256_mul_ps(_mm256_sub_ps(clamp_ps(t, c.zero, c.qmax), c.zp), c.scale));
+  }
+  flush_to_double(reg_f, reg_d);
+  double r = hsum_pd(reg_d);
+  for (; i < n; ++i) w[i] = ar_forward_one(base[i], v[i], p, r);
+  reg += r;
+}
+
+void ar_backward_avx2(const float* g, const float* base, const float* v, float* gv, int64_t n, const ArParams& p,
+                      double& gs) {
+  const ArVec c(p);
+  const __m256 two = _mm256_set1_ps(2.f), neg_beta = _mm256_set1_ps(-p.beta), reg_grad = _mm256_set1_ps(p.reg_grad);
+  __m256 gs_f = _mm256_setzero_ps();
+  __m256d gs_d = _mm256_setzero_pd();
+  int64_t i = 0, steps = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gg = _mm256_loadu_ps(g + i);
+    const __m256 sig = sigmoid_ps(_mm256_loadu_ps(v + i));
+    const __m256 hs = _mm256_add_ps(_mm256_mul_ps(sig, c.stretch), c.gamma);
+    const __m256 h = clamp_ps(hs, c.zero, c.one);
+    const __m256 soft = _mm256_and_ps(_mm256_cmp_ps(hs, c.zero, _CMP_GT_OQ), _mm256_cmp_ps(hs, c.one, _CMP_LT_OQ));
+    const __m256 dh_dv = _mm256_and_ps(soft, _mm256_mul_ps(_mm256_mul_ps(sig, _mm256_sub_ps(c.one, sig)), c.stretch));
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(base + i), h), c.zp);
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(t, c.zero, _CMP_GE_OQ), _mm256_cmp_ps(t, c.qmax, _CMP_LE_OQ));
+    const __m256 cc = clamp_ps(t, c.zero, c.qmax);
+    const __m256 u = _mm256_sub_ps(_mm256_mul_ps(two, h), c.one);
+    const __m256 sgn = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(u, c.zero, _CMP_GT_OQ), c.one),
+                                     _mm256_and_ps(_mm256_cmp_ps(u, c.zero, _CMP_LT_OQ), c.one));
+    const __m256 dreg = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(neg_beta, pow_abs_ps(u, p.beta_m1)), sgn), two);
+    const __m256 task = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(gg, c.scale), _mm256_and_ps(inside, c.one)), dh_dv);
+    _mm256_storeu_ps(gv + i, _mm256_add_ps(task, _mm256_mul_ps(_mm256_mul_ps(reg_grad, dreg), dh_dv)));
+    gs_f = _mm256_add_ps(gs_f, _mm256_mul_ps(gg, _mm256_sub_ps(cc, c.zp)));
+    if (++steps == kFlush) {
+      flush_to_double(gs_f, gs_d);
+      steps = 0;
+    }
+  }
+  flush_to_double(gs_f, gs_d);
+  double s = hsum_pd(gs_d);
+  for (; i < n; ++i) gv[i] = ar_backward_one(g[i], base[i], v[i], p, s);
+  gs += s;
+}
+
+}  // namespace dfqkern::cpu::ew

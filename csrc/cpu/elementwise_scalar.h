@@ -1,0 +1,99 @@
+// Scalar element functions: the portable kernels' bodies and the AVX2 kernels' tails.
+// Included BEFORE any `#pragma GCC target`, so these inline functions are always baseline code.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "elementwise.h"
+
+namespace dfqkern::cpu::ew {
+
+constexpr float kZeta = 1.1f;
+constexpr float kGamma = -0.1f;
+// reference.py multiplies by the Python float (ZETA - GAMMA); torch rounds that scalar to fp32.
+constexpr float kStretch = static_cast<float>(1.1 - (-0.1));
+
+inline uint32_t hash32(uint32_t index, uint32_t seed_mix) {
+  uint32_t x = index + seed_mix;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline bool dropped(const Drop& d, uint64_t index) {
+  return d.threshold != 0 && hash32(static_cast<uint32_t>(index), d.seed_mix) < d.threshold;
+}
+
+inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// trunc(clamp(round(x * inv) + zp, 0, qmax)) as a float holding the code.
+inline float code_of(float x, const FqParams& p) {
+  return std::trunc(clampf(std::nearbyint(x * p.inv) + p.zp, 0.f, p.qmax));
+}
+
+inline float fq_forward_one(float x, const FqParams& p, uint64_t index) {
+  if (dropped(p.drop, index)) return x;
+  return (code_of(x, p) - p.zp) * p.scale;
+}
+
+inline float fq_backward_one(float g, float x, const FqParams& p, uint64_t index, double& ds, double& dz) {
+  const float xs = x * p.inv;
+  const float r = std::nearbyint(xs);
+  const float t = r + p.zp;
+  const bool below = t < 0.f, above = t > p.qmax, inside = !(below || above);
+  const float inside_f = inside ? 1.f : 0.f;
+  float gq = g, gx = g * inside_f;
+  if (dropped(p.drop, index)) {
+    gq = g * 0.f;
+    gx = g;
+  }
+  ds += gq * (inside ? (r - xs) : (below ? -p.zp : p.qmax - p.zp));
+  dz += gq * (inside ? 0.f : -p.scale);
+  return gx;
+}
+
+inline float sigmoidf(float v) { return 1.f / (1.f + std::exp(-v)); }
+
+// |u|^e as torch computes pow(tensor, scalar): exponents 1 and 2 are exact special cases.
+inline float powf_abs(float u, float e) {
+  const float a = std::fabs(u);
+  if (e == 0.f) return 1.f;
+  if (e == 1.f) return a;
+  if (e == 2.f) return a * a;
+  if (e == 3.f) return a * a * a;
+  if (e == 0.5f) return std::sqrt(a);
+  return std::pow(a, e);
+}
+
+inline float ar_forward_one(float base, float v, const ArParams& p, double& reg) {
+  float h;
+  if (p.hard) {
+    h = v >= 0.f ? 1.f : 0.f;
+  } else {
+    h = clampf(sigmoidf(v) * kStretch + kGamma, 0.f, 1.f);
+    reg += 1.f - powf_abs(2.f * h - 1.f, p.beta);
+  }
+  const float c = clampf(base + h + p.zp, 0.f, p.qmax);
+  return (c - p.zp) * p.scale;
+}
+
+inline float ar_backward_one(float g, float base, float v, const ArParams& p, double& gs) {
+  const float sig = sigmoidf(v);
+  const float hs = sig * kStretch + kGamma;
+  const float h = clampf(hs, 0.f, 1.f);
+  const float dh_dv = (hs > 0.f && hs < 1.f) ? sig * (1.f - sig) * kStretch : 0.f;
+  const float t = base + h + p.zp;
+  const bool inside = t >= 0.f && t <= p.qmax;
+  const float c = clampf(t, 0.f, p.qmax);
+  const float u = 2.f * h - 1.f;
+  const float sgn = u > 0.f ? 1.f : (u < 0.f ? -1.f : 0.f);
+  const float dreg_dh = -p.beta * powf_abs(u, p.beta_m1) * sgn * 2.f;
+  gs += g * (c - p.zp);
+  return g * p.scale * (inside ? 1.f : 0.f) * dh_dv + p.reg_grad * dreg_dh * dh_dv;
+}
+
+}  // namespace dfqkern::cpu::ew

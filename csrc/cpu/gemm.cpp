@@ -1,0 +1,285 @@
+// Packed GEMM drivers: weight prepacking (kpack-lsb-v1 -> cpu-tile-v1), activation quantization
+// (static per-tensor or dynamic per-token, fused with the conversion to kernel rows), threading.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "common.h"
+#include "float_io.h"
+#include "gemm_driver.h"
+#include "kernels.h"
+
+namespace dfqkern::cpu {
+
+namespace gemm {
+
+int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int wbits, void* dst) {
+  int32_t sum = 0;
+  if (wbits == 8) {
+    auto d = static_cast<int16_t*>(dst);
+    for (int64_t i = 0; i < k; ++i) {
+      d[i] = codes[i];
+      sum += codes[i];
+    }
+    std::fill(d + k, d + kp, int16_t(0));
+  } else {
+    auto d = static_cast<int8_t*>(dst);
+    for (int64_t i = 0; i < k; ++i) {
+      d[i] = static_cast<int8_t>(codes[i] ^ 0x80);  // code - 128
+      sum += codes[i];
+    }
+    std::fill(d + k, d + kp, int8_t(-128));  // code 0
+  }
+  return sum;
+}
+
+void quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p) {
+  (active_isa() == Isa::avx2 ? ew::quantize_avx2 : ew::quantize_portable)(x, q, k, p);
+}
+
+void run(const Args& g, int64_t m, int64_t tiles) {
+  if (m <= 0 || tiles <= 0) return;
+  // Work items: blocks of kMB rows x kTB tiles; weights of a tile block stay in L1/L2 while the
+  // rows of a row block stream past them.
+  constexpr int64_t kMB = 64;
+  const int64_t tb = m == 1 ? 8 : 16;
+  const int64_t mblocks = (m + kMB - 1) / kMB, tblocks = (tiles + tb - 1) / tb;
+  const auto fn = active_isa() == Isa::avx2 ? run_avx2 : run_portable;
+  parallel_for(mblocks * tblocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t mb = it % mblocks, t = it / mblocks;
+      fn(g, mb * kMB, std::min(m, (mb + 1) * kMB), t * tb, std::min(tiles, (t + 1) * tb));
+    }
+  });
+}
+
+}  // namespace gemm
+
+namespace {
+
+using gemm::kChunkBytes;
+using gemm::kTileRows;
+
+inline int slot_bits(int64_t bits) { return bits == 2 ? 2 : (bits == 8 ? 8 : 4); }
+
+// Unsigned code k of a kpack-lsb-v1 row.
+inline uint8_t kpack_code(const uint8_t* row, int64_t k, int slot) {
+  const int per = 8 / slot;
+  return static_cast<uint8_t>((row[k / per] >> ((k % per) * slot)) & ((1 << slot) - 1));
+}
+
+struct ActRows {
+  std::unique_ptr<uint8_t[]> data;
+  std::vector<int32_t> sum, zp;
+  std::vector<float> scale;
+  int64_t kp = 0;
+};
+
+ActRows alloc_rows(int64_t m, int64_t k, int wbits) {
+  ActRows r;
+  r.kp = gemm::num_chunks(k, wbits) * gemm::chunk_k(wbits);
+  r.data.reset(new uint8_t[static_cast<size_t>(std::max<int64_t>(m, 1) * r.kp * gemm::act_elem_bytes(wbits))]);
+  r.sum.resize(m);
+  return r;
+}
+
+// Per-token parameters exactly as reference.token_qparams / qparams_from_range compute them in fp32.
+void token_qparams(float lo, float hi, int64_t bits, bool symmetric, float& scale, int32_t& zp) {
+  lo = std::min(lo, 0.f);
+  hi = std::max(hi, 0.f);
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  if (symmetric) {
+    const float amax = std::max(-lo, hi);
+    scale = std::max(amax / static_cast<float>((1 << (bits - 1)) - 1), 1e-8f);
+    zp = 1 << (bits - 1);
+  } else {
+    scale = std::max((hi - lo) / qmax, 1e-8f);
+    zp = static_cast<int32_t>(std::min(std::max(std::nearbyint(-lo / scale), 0.f), qmax));
+  }
+}
+
+// Quantizes float x [M, K] into kernel rows (wbits layout); per-token or static per-tensor.
+// `packed` (optional): also writes kpack-lsb-v1 rows of `abits`-bit codes [M, packed_width].
+ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool symmetric, float s_static,
+                      int32_t zp_static, int wbits, uint8_t* packed) {
+  const int64_t m = x.size(0), k = x.size(1);
+  ActRows r = alloc_rows(m, k, wbits);
+  r.zp.assign(per_token ? m : 1, zp_static);
+  r.scale.assign(per_token ? m : 1, s_static);
+  const In xin(x);
+  const float qmax = static_cast<float>((1 << abits) - 1);
+  const int slot = slot_bits(abits), per = 8 / slot;
+  const int64_t pw = (k + per - 1) / per;
+  const bool use_avx2 = active_isa() == Isa::avx2;
+  const int64_t row_bytes = r.kp * gemm::act_elem_bytes(wbits);
+  parallel_for(m, 8, [&](int64_t b, int64_t e) {
+    std::vector<float> fbuf(x.scalar_type() == at::kFloat ? 0 : k);
+    std::vector<uint8_t> codes(k);
+    for (int64_t i = b; i < e; ++i) {
+      const float* xr = xin.get(i * k, k, fbuf.data());
+      float scale = s_static;
+      int32_t zp = zp_static;
+      if (per_token) {
+        float lo = 0.f, hi = 0.f;
+        if (k > 0) (use_avx2 ? gemm::minmax_avx2 : gemm::minmax_portable)(xr, k, lo, hi);
+        token_qparams(lo, hi, abits, symmetric, scale, zp);
+        r.scale[i] = scale;
+        r.zp[i] = zp;
+      }
+      const ew::FqParams p{1.0f / scale, scale, static_cast<float>(zp), qmax, {}};
+      gemm::quantize_codes(xr, codes.data(), k, p);
+      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, wbits, r.data.get() + i * row_bytes);
+      if (packed) {
+        uint8_t* pr = packed + i * pw;
+        std::fill(pr, pr + pw, uint8_t(0));
+        for (int64_t j = 0; j < pw * per; ++j) {
+          const uint8_t c = j < k ? codes[j] : static_cast<uint8_t>(zp);  // padded slots hold the zero point
+          pr[j / per] |= static_cast<uint8_t>(c << ((j % per) * slot));
+        }
+      }
+    }
+  });
+  return r;
+}
+
+gemm::Args make_args(const ActRows& r, const at::Tensor& w_tiles, const at::Tensor& w_corr, int64_t w_bits,
+                     int64_t n, int64_t k) {
+  gemm::Args g{};
+  g.a = r.data.get();
+  g.lda = r.kp;
+  g.a_sum = r.sum.data();
+  g.a_zp = r.zp.data();
+  g.a_zp_step = r.zp.size() > 1 ? 1 : 0;
+  g.a_scale = r.scale.empty() ? nullptr : r.scale.data();
+  g.a_scale_step = r.scale.size() > 1 ? 1 : 0;
+  g.w = w_tiles.data_ptr<uint8_t>();
+  g.nchunks = gemm::num_chunks(k, static_cast<int>(w_bits == 3 ? 4 : w_bits));
+  g.wbits = static_cast<int>(w_bits == 3 ? 4 : w_bits);
+  g.corr = w_corr.data_ptr<int32_t>();
+  g.n = n;
+  return g;
+}
+
+int kernel_bits(int64_t w_bits) { return static_cast<int>(w_bits == 3 ? 4 : w_bits); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data_in, const at::Tensor& zero_point, int64_t bits,
+                                                  int64_t k, int64_t groups) {
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor zp = zero_point.to(at::kInt).contiguous();
+  const int wb = kernel_bits(bits);
+  const int slot = slot_bits(bits), ck = gemm::chunk_k(wb);
+  const int64_t rows = data.size(0), og = rows / groups, tpg = (og + kTileRows - 1) / kTileRows;
+  const int64_t nchunks = gemm::num_chunks(k, wb), row_stride = data.size(1);
+  at::Tensor tiles = at::zeros({groups * tpg * nchunks * kTileRows * kChunkBytes}, data.options());
+  at::Tensor corr = at::zeros({groups * tpg * kTileRows, 3}, data.options().dtype(at::kInt));
+  const uint8_t* src = data.data_ptr<uint8_t>();
+  const int32_t* zpp = zp.data_ptr<int32_t>();
+  uint8_t* dst = tiles.data_ptr<uint8_t>();
+  int32_t* cp = corr.data_ptr<int32_t>();
+  const int off = gemm::act_offset(wb);
+  parallel_for(rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const int64_t g = n / og, j = n % og;
+      const int64_t t = g * tpg + j / kTileRows, r = j % kTileRows;  // tile, row in tile
+      const uint8_t* row = src + n * row_stride;
+      int64_t sum = 0;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const uint8_t c = kpack_code(row, kk, slot);
+        sum += c;
+        const int64_t chunk = kk / ck, within = kk % ck;
+        uint8_t* chunk_row = dst + ((t * nchunks + chunk) * kTileRows + r) * kChunkBytes;
+        if (wb == 8) chunk_row[within] = c;
+        else if (wb == 2) chunk_row[within % 32] |= static_cast<uint8_t>(c << (2 * (within / 32)));
+        else chunk_row[within % 32] |= static_cast<uint8_t>(c << (4 * (within / 32)));
+      }
+      int32_t* c3 = cp + (t * kTileRows + r) * 3;
+      c3[0] = static_cast<int32_t>(off * sum);
+      c3[1] = zpp[n];
+      c3[2] = static_cast<int32_t>(sum - k * static_cast<int64_t>(zpp[n]));
+    }
+  });
+  return {tiles, corr};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation(const at::Tensor& x_in,
+                                                                   const std::optional<at::Tensor>& scale,
+                                                                   const std::optional<at::Tensor>& zero_point,
+                                                                   int64_t bits, bool per_token, bool symmetric) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), per = 8 / slot_bits(bits);
+  float s = 1.f;
+  int32_t z = 0;
+  if (!per_token) {
+    s = scale->to(at::kFloat).reshape({1}).item<float>();
+    z = zero_point->to(at::kInt).reshape({1}).item<int32_t>();
+  }
+  at::Tensor packed = at::empty({m, (k + per - 1) / per}, x.options().dtype(at::kByte));
+  // The kernel rows are a by-product here; 8-bit rows are the cheapest to fill.
+  ActRows r = quantize_rows(x, bits, per_token, symmetric, s, z, 8, packed.data_ptr<uint8_t>());
+  const int64_t np = per_token ? m : 1;
+  at::Tensor scale_out = at::empty({np}, x.options().dtype(at::kFloat));
+  at::Tensor zp_out = at::empty({np}, x.options().dtype(at::kInt));
+  std::copy(r.scale.begin(), r.scale.end(), scale_out.data_ptr<float>());
+  std::copy(r.zp.begin(), r.zp.end(), zp_out.data_ptr<int32_t>());
+  return {packed, scale_out, zp_out};
+}
+
+at::Tensor linear_int(const at::Tensor& a_data_in, const at::Tensor& a_zero_point, int64_t a_bits, int64_t k,
+                      const at::Tensor& w_tiles, const at::Tensor& w_corr, int64_t w_bits, int64_t n) {
+  const at::Tensor a_data = a_data_in.contiguous();
+  const int64_t m = a_data.size(0), bytes = a_data.size(1);
+  const int wb = kernel_bits(w_bits), slot = slot_bits(a_bits);
+  ActRows r = alloc_rows(m, k, wb);
+  const at::Tensor zp = a_zero_point.to(at::kInt).contiguous().reshape({-1});
+  r.zp.assign(zp.data_ptr<int32_t>(), zp.data_ptr<int32_t>() + zp.numel());
+  const uint8_t* src = a_data.data_ptr<uint8_t>();
+  const int64_t row_bytes = r.kp * gemm::act_elem_bytes(wb);
+  parallel_for(m, 8, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> codes(k);
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t j = 0; j < k; ++j) codes[j] = kpack_code(src + i * bytes, j, slot);
+      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, wb, r.data.get() + i * row_bytes);
+    }
+  });
+  at::Tensor out = at::empty({m, n}, a_data.options().dtype(at::kInt));
+  gemm::Args g = make_args(r, w_tiles, w_corr, w_bits, n, k);
+  g.out_i = out.data_ptr<int32_t>();
+  g.ldo_m = n;
+  g.ldo_n = 1;
+  gemm::run(g, m, (n + kTileRows - 1) / kTileRows);
+  return out;
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_tiles, const at::Tensor& w_corr,
+                  const at::Tensor& w_scale_in, int64_t w_bits, int64_t n, int64_t k, const std::optional<at::Tensor>& bias_in,
+                  const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& a_zero_point,
+                  int64_t a_bits, bool per_token, bool symmetric) {
+  const at::Tensor x = x_in.reshape({-1, k}).contiguous();
+  const int64_t m = x.size(0);
+  float s = 1.f;
+  int32_t z = 0;
+  if (!per_token) {
+    s = a_scale->to(at::kFloat).reshape({1}).item<float>();
+    z = a_zero_point->to(at::kInt).reshape({1}).item<int32_t>();
+  }
+  ActRows r = quantize_rows(x, a_bits, per_token, symmetric, s, z, kernel_bits(w_bits), nullptr);
+  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  gemm::Args g = make_args(r, w_tiles, w_corr, w_bits, n, k);
+  g.w_scale = w_scale.data_ptr<float>();
+  g.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  g.out_f = out.data_ptr<float>();
+  g.ldo_m = n;
+  g.ldo_n = 1;
+  gemm::run(g, m, (n + kTileRows - 1) / kTileRows);
+  return out;
+}
+
+}  // namespace dfqkern::cpu

@@ -1,0 +1,27 @@
+// Helpers shared by the GEMM and conv drivers (portable code; includes ATen).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "elementwise.h"
+#include "gemm.h"
+
+namespace dfqkern::cpu::gemm {
+
+// Element size of an activation row for weights of `wbits` bits (int8 a' or int16 codes).
+inline int act_elem_bytes(int wbits) { return wbits == 8 ? 2 : 1; }
+
+inline int64_t num_chunks(int64_t k, int wbits) { return (k + chunk_k(wbits) - 1) / chunk_k(wbits); }
+
+// Writes one activation row (kp elements, padded) from `k` unsigned codes; returns the sum of the codes.
+int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int wbits, void* dst);
+
+// Quantizes `k` fp32 values with (inv, zp, qmax) into unsigned codes (ISA-dispatched ew::quantize).
+void quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p);
+
+// Runs g over rows [0, m) and tiles [0, tiles) on torch's threads.
+void run(const Args& g, int64_t m, int64_t tiles);
+
+}  // namespace dfqkern::cpu::gemm

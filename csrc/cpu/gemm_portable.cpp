@@ -1,0 +1,95 @@
+// Portable packed GEMM (any CPU) and the epilogue shared with the AVX2 kernels.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+
+namespace dfqkern::cpu::gemm {
+
+void finish_tile(const Args& g, int64_t m0, int mr, int64_t t, const int32_t (*dots)[kTileRows]) {
+  for (int i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    const uint32_t sa = static_cast<uint32_t>(g.a_sum[m]);
+    const uint32_t za = static_cast<uint32_t>(g.a_zp[m * g.a_zp_step]);
+    for (int r = 0; r < kTileRows; ++r) {
+      const int64_t row = t * kTileRows + r;
+      if (row >= g.n) break;
+      const int32_t* c = g.corr + row * 3;
+      // wrapping uint32 arithmetic: exact whenever the true result fits in int32
+      const uint32_t acc = static_cast<uint32_t>(dots[i][r]) + static_cast<uint32_t>(c[0]) -
+                           static_cast<uint32_t>(c[1]) * sa - za * static_cast<uint32_t>(c[2]);
+      const int64_t o = m * g.ldo_m + row * g.ldo_n;
+      if (g.out_i) {
+        g.out_i[o] = static_cast<int32_t>(acc);
+      } else {
+        // reference epilogue order: acc * (a_scale * w_scale) + bias, in fp32
+        float y = static_cast<float>(static_cast<int32_t>(acc)) * (g.a_scale[m * g.a_scale_step] * g.w_scale[row]);
+        if (g.bias) y = y + g.bias[row];
+        g.out_f[o] = y;
+      }
+    }
+  }
+}
+
+namespace {
+
+// Unpacks one 32-byte chunk of a row into chunk_k(wbits) codes.
+inline int unpack_chunk(const uint8_t* src, int wbits, int16_t* dst) {
+  if (wbits == 8) {
+    for (int j = 0; j < 32; ++j) dst[j] = src[j];
+    return 32;
+  }
+  if (wbits == 2) {
+    for (int s = 0; s < 4; ++s)
+      for (int j = 0; j < 32; ++j) dst[32 * s + j] = (src[j] >> (2 * s)) & 3;
+    return 128;
+  }
+  for (int j = 0; j < 32; ++j) {
+    dst[j] = src[j] & 15;
+    dst[32 + j] = src[j] >> 4;
+  }
+  return 64;
+}
+
+}  // namespace
+
+void run_portable(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  const int ck = chunk_k(g.wbits);
+  int16_t w[kTileRows][128];
+  std::vector<int32_t> dots_v(static_cast<size_t>(m1 - m0) * kTileRows);
+  auto dots = reinterpret_cast<int32_t(*)[kTileRows]>(dots_v.data());
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(dots_v.begin(), dots_v.end(), 0);
+    const uint8_t* wt = g.w + t * g.nchunks * kTileRows * kChunkBytes;
+    for (int64_t c = 0; c < g.nchunks; ++c) {
+      for (int r = 0; r < kTileRows; ++r) unpack_chunk(wt + (c * kTileRows + r) * kChunkBytes, g.wbits, w[r]);
+      for (int64_t m = m0; m < m1; ++m) {
+        for (int r = 0; r < kTileRows; ++r) {
+          int32_t s = 0;
+          if (g.wbits == 8) {
+            const int16_t* a = static_cast<const int16_t*>(g.a) + m * g.lda + c * ck;
+            for (int j = 0; j < ck; ++j) s += int32_t(a[j]) * w[r][j];
+          } else {
+            const int8_t* a = static_cast<const int8_t*>(g.a) + m * g.lda + c * ck;
+            for (int j = 0; j < ck; ++j) s += int32_t(a[j]) * w[r][j];
+          }
+          dots[m - m0][r] += s;
+        }
+      }
+    }
+    finish_tile(g, m0, static_cast<int>(m1 - m0), t, dots);
+  }
+}
+
+void minmax_portable(const float* x, int64_t n, float& lo, float& hi) {
+  float l = x[0], h = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    l = std::min(l, x[i]);
+    h = std::max(h, x[i]);
+  }
+  lo = l;
+  hi = h;
+}
+
+}  // namespace dfqkern::cpu::gemm

@@ -1,0 +1,62 @@
+// Run-time ISA choice and the thread splitter (see common.h).
+#include "common.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+
+namespace dfqkern::cpu {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+Isa parse(const std::string& name) {
+  if (name == "portable") return Isa::portable;
+  if (name == "avx2") {
+    TORCH_CHECK_VALUE(cpu_has_avx2(), "dfqkern CPU ISA 'avx2' requested but this CPU lacks AVX2/FMA/F16C");
+    return Isa::avx2;
+  }
+  TORCH_CHECK_VALUE(name == "auto" || name.empty(), "dfqkern CPU ISA must be one of 'auto', 'avx2', 'portable', got '",
+                    name, "'");
+  return cpu_has_avx2() ? Isa::avx2 : Isa::portable;
+}
+
+std::atomic<int>& isa_state() {
+  static std::atomic<int> state{[] {
+    const char* env = std::getenv("DFQKERN_CPU_ISA");
+    return static_cast<int>(parse(env ? env : "auto"));
+  }()};
+  return state;
+}
+
+}  // namespace
+
+Isa active_isa() { return static_cast<Isa>(isa_state().load(std::memory_order_relaxed)); }
+
+void set_isa(const std::string& name) { isa_state().store(static_cast<int>(parse(name))); }
+
+std::string isa_name() { return active_isa() == Isa::avx2 ? "avx2" : "portable"; }
+
+void parallel_range(int64_t n, int64_t grain, void (*fn)(void*, int64_t, int64_t), void* ctx) {
+  if (n <= 0) return;
+  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    fn(ctx, 0, n);
+    return;
+  }
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+}
+
+}  // namespace dfqkern::cpu

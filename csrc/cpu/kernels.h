@@ -1,0 +1,67 @@
+// The CPU backend's C++ API, called by csrc/ops.cpp after its argument checks.
+// Functions here assume checked arguments (CPU tensors, float inputs, parameter sizes that match);
+// they make inputs contiguous / fp32 where a kernel needs it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace dfqkern::cpu {
+
+// --------------------------------------------------------------------------- elementwise (elementwise.cpp)
+at::Tensor quantize(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits,
+                    std::optional<int64_t> axis);
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero_point,
+                      std::optional<int64_t> axis);
+at::Tensor fake_quant_forward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits,
+                              std::optional<int64_t> axis, double drop_prob, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& scale,
+                                                                   const at::Tensor& zero_point, int64_t bits,
+                                                                   std::optional<int64_t> axis, double grad_scale,
+                                                                   double drop_prob, int64_t seed);
+std::tuple<at::Tensor, at::Tensor> adaround_forward(const at::Tensor& base, const at::Tensor& v,
+                                                    const at::Tensor& scale, const at::Tensor& zero_point,
+                                                    int64_t bits, std::optional<int64_t> axis, double beta, bool hard);
+std::tuple<at::Tensor, at::Tensor> adaround_backward(const at::Tensor& grad, const at::Tensor& base,
+                                                     const at::Tensor& v, const at::Tensor& scale,
+                                                     const at::Tensor& zero_point, int64_t bits,
+                                                     std::optional<int64_t> axis, double beta, double reg_grad);
+
+// --------------------------------------------------------------------------- packed GEMM (gemm.cpp)
+// Weight layout "cpu-tile-v1" (derived from kpack-lsb-v1 by prepack_weight; see gemm.h).
+// Returns (tiles uint8 [groups * tiles_per_group * nchunks * 4 * 32], corr int32 [groups * tiles_per_group * 4, 3]).
+std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data, const at::Tensor& zero_point, int64_t bits,
+                                                  int64_t k, int64_t groups);
+// Quantize float [M, K] activations and pack them (kpack-lsb-v1): (data, scale [1]|[M], zero_point [1]|[M]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& scale,
+                                                                   const std::optional<at::Tensor>& zero_point,
+                                                                   int64_t bits, bool per_token, bool symmetric);
+// Exact int32 (a - a_zp) @ (w - w_zp)^T from packed activations [M, packed K] and a prepacked weight.
+at::Tensor linear_int(const at::Tensor& a_data, const at::Tensor& a_zero_point, int64_t a_bits, int64_t k,
+                      const at::Tensor& w_tiles, const at::Tensor& w_corr, int64_t w_bits, int64_t n);
+// Packed Linear with activations quantized on the fly; fp32 [M, N] output.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w_tiles, const at::Tensor& w_corr, const at::Tensor& w_scale,
+                  int64_t w_bits, int64_t n, int64_t k, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& a_zero_point,
+                  int64_t a_bits, bool per_token, bool symmetric);
+
+// --------------------------------------------------------------------------- conv2d (conv.cpp)
+// Depthwise-style weights (C/groups == 1): int16 [O, kh*kw] holding code - zero_point.
+at::Tensor prepack_depthwise(const at::Tensor& data, const at::Tensor& zero_point, int64_t bits, int64_t k);
+struct ConvGeom {
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+  int64_t out_ch, in_per_group, kh, kw;  // weight [out_ch, in_per_group, kh, kw]
+};
+// Exact int32 NCHW convolution of (x_codes - x_zp) with the prepacked weight (zero padding).
+at::Tensor conv2d_int(const at::Tensor& x_codes, int64_t x_zero_point, const at::Tensor& w_prepacked,
+                      const at::Tensor& w_corr, int64_t w_bits, const ConvGeom& g);
+// Packed Conv2d on float NCHW input with static per-tensor activation quantization; fp32 NCHW output.
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
+                  const at::Tensor& w_scale, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias,
+                  double a_scale, int64_t a_zero_point, int64_t a_bits);
+
+}  // namespace dfqkern::cpu

@@ -1,0 +1,216 @@
+"""CPU backend: the compiled kernels of ``dfqkern._C`` (csrc/cpu) behind the reference op signatures.
+
+Every op has the signature and semantics of the same function in :mod:`dfqkern.kernels.reference`
+(integer results identical, float results within rounding). Argument combinations the kernels do
+not cover raise :class:`~dfqkern.kernels.reference.Unsupported`, so automatic dispatch falls back
+to the reference: weight-only packed Linear / Conv2d (``act=None``), non-integer activation zero
+points in convolutions, string padding, integer input codes that are not uint8.
+
+Instruction set: AVX2 (+FMA, F16C) kernels when the CPU has them, portable C++ otherwise; force one
+with ``DFQKERN_CPU_ISA=avx2|portable|auto`` or :func:`use_isa` (both give identical integer results).
+
+Weight layouts derived from a :class:`~dfqkern.formats.PackedWeight` (``kpack-lsb-v1``) on first
+use and cached in ``pw.cache["cpu"]`` (never saved; delete the entry if ``pw.data`` is modified
+in place):
+
+* ``("tile", groups)`` -> ``(tiles, corr)``: layout ``cpu-tile-v1`` (csrc/cpu/gemm.h). Rows in tiles
+  of 4 (per conv group), K in 32-byte chunks per row (128 2-bit, 64 3/4-bit or 32 8-bit codes, one
+  slot per 32 consecutive k), tile-major so a tile's rows stream together; ``corr`` holds per-row
+  code sums and zero points for the exact zero-point correction.
+* ``"dw"`` -> int16 ``[O, kh*kw]`` of ``code - zero_point`` for convolutions with one input channel
+  per group (depthwise), run by a direct kernel.
+
+Threads: torch's intra-op threads (``torch.set_num_threads``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..formats import PackedActivation, PackedWeight
+from .reference import ActQuant, Unsupported
+
+DEVICES = ("cpu",)
+
+_OPS = None  # torch.ops.dfqkern once the extension is loaded
+
+
+def _load():
+    global _OPS
+    if _OPS is None:
+        from .. import _C  # noqa: F401  (registers torch.ops.dfqkern.cpu_*)
+
+        ops = torch.ops.dfqkern
+        ops.cpu_linear  # noqa: B018  (raises if this build has no CPU ops)
+        _OPS = ops
+    return _OPS
+
+
+def is_available() -> bool:
+    """True when ``dfqkern._C`` imports and contains the CPU ops."""
+    try:
+        _load()
+        return True
+    except Exception:  # noqa: BLE001 - missing / stale extension: the reference backend serves
+        return False
+
+
+def isa() -> str:
+    """The instruction set the kernels use now: ``"avx2"`` or ``"portable"``."""
+    return _load().cpu_isa()
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the kernels with ``name`` (``"avx2"``, ``"portable"`` or ``"auto"``) inside the block."""
+    ops = _load()
+    before = ops.cpu_isa()
+    ops.cpu_set_isa(name)
+    try:
+        yield
+    finally:
+        ops.cpu_set_isa(before)
+
+
+def _t(v) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+
+
+# ----------------------------------------------------------------------------- elementwise ops
+
+def quantize(x, scale, zero_point, bits, axis=None):
+    return _load().cpu_quantize(x, _t(scale), _t(zero_point), bits, axis)
+
+
+def dequantize(codes, scale, zero_point, axis=None):
+    return _load().cpu_dequantize(codes, _t(scale), _t(zero_point), axis)
+
+
+def fake_quant_forward(x, scale, zero_point, bits, axis=None, drop_prob=0.0, seed=0):
+    return _load().cpu_fake_quant_forward(x, _t(scale), _t(zero_point), bits, axis, float(drop_prob), int(seed))
+
+
+def fake_quant_backward(grad, x, scale, zero_point, bits, axis=None, grad_scale=1.0, drop_prob=0.0, seed=0):
+    return _load().cpu_fake_quant_backward(grad, x, _t(scale), _t(zero_point), bits, axis, float(grad_scale),
+                                           float(drop_prob), int(seed))
+
+
+def adaround_forward(base, v, scale, zero_point, bits, axis=0, beta=2.0, hard=False):
+    return _load().cpu_adaround_forward(base, v, _t(scale), _t(zero_point), bits, axis, float(beta), bool(hard))
+
+
+def adaround_backward(grad, base, v, scale, zero_point, bits, axis=0, beta=2.0, reg_grad=0.0):
+    return _load().cpu_adaround_backward(grad, base, v, _t(scale), _t(zero_point), bits, axis, float(beta),
+                                         float(reg_grad))
+
+
+# ----------------------------------------------------------------------------- weight layouts
+
+def tile_weight(pw: PackedWeight, groups: int = 1):
+    """``(tiles, corr)`` in the ``cpu-tile-v1`` layout, derived once and cached in ``pw.cache["cpu"]``."""
+    cache = pw.cache.setdefault("cpu", {})
+    key = ("tile", groups)
+    w = cache.get(key)
+    if w is None:
+        w = cache[key] = _load().cpu_prepack_weight(pw.data, pw.zero_point, pw.bits, pw.k, groups)
+    return w
+
+
+def depthwise_weight(pw: PackedWeight) -> torch.Tensor:
+    """int16 ``[O, kh*kw]`` of ``code - zero_point`` for one-input-channel-per-group convolutions (cached)."""
+    cache = pw.cache.setdefault("cpu", {})
+    w = cache.get("dw")
+    if w is None:
+        w = cache["dw"] = _load().cpu_prepack_depthwise(pw.data, pw.zero_point, pw.bits, pw.k)
+    return w
+
+
+# ----------------------------------------------------------------------------- packed activations / GEMM / conv
+
+def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
+    data, scale, zp = _load().cpu_quantize_activation(x2d, act.scale, act.zero_point, act.bits, act.per_token,
+                                                      act.symmetric)
+    return PackedActivation(data, scale, zp, act.bits, x2d.shape[1])
+
+
+def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
+    if pa.k != pw.k:
+        raise ValueError(f"activation K={pa.k} does not match weight K={pw.k}")
+    tiles, corr = tile_weight(pw)
+    return _load().cpu_linear_int(pa.data, pa.zero_point, pa.bits, pa.k, tiles, corr, pw.bits, pw.n)
+
+
+def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    # The M = 1 path is latency-bound: one cache lookup, one op call, no tensor checks in Python
+    # (the C++ wrapper checks shapes, dtypes and sizes).
+    if act is None:
+        raise Unsupported("weight-only packed linear (act=None) is not implemented by the CPU backend")
+    c = pw.cache.get("cpu")
+    w = c.get(("tile", 1)) if c is not None else None
+    if w is None:
+        w = tile_weight(pw)
+    y = (_OPS or _load()).cpu_linear(x, w[0], w[1], pw.scale, pw.bits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
+                        act.per_token, act.symmetric)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], pw.n)
+    out_dtype = out_dtype or x.dtype
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def _pair(v, name: str) -> list[int]:
+    if isinstance(v, str):
+        raise Unsupported(f"{name}={v!r} (string padding) is not implemented by the CPU backend")
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(e) for e in v]
+    if len(v) == 1:
+        return v * 2
+    return v
+
+
+def _int_zero_point(zp, what: str) -> int:
+    z = float(torch.as_tensor(zp).reshape(()))
+    if z != int(z) or not 0 <= z <= 255:
+        raise Unsupported(f"{what} must be an integer in [0, 255] for the CPU backend, got {z}")
+    return int(z)
+
+
+def _conv_weight(pw: PackedWeight, groups: int):
+    if len(pw.shape) != 4:
+        raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
+    if pw.shape[1] == 1:
+        return depthwise_weight(pw), torch.empty(0, dtype=torch.int32)
+    if pw.shape[0] % groups:
+        raise ValueError(f"groups={groups} must divide the {pw.shape[0]} output channels")
+    return tile_weight(pw, groups)
+
+
+def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
+               dilation=1, groups: int = 1) -> torch.Tensor:
+    if x_codes.dim() != 4:
+        raise ValueError(f"x_codes must be NCHW, got shape {tuple(x_codes.shape)}")
+    if x_codes.dtype != torch.uint8:
+        raise Unsupported(f"x_codes must be uint8 for the CPU backend, got {x_codes.dtype}")
+    za = _int_zero_point(x_zero_point, "x_zero_point")
+    w, corr = _conv_weight(pw, groups)
+    return _load().cpu_conv2d_int(x_codes, za, w, corr, pw.bits, list(pw.shape), _pair(stride, "stride"),
+                                  _pair(padding, "padding"), _pair(dilation, "dilation"), groups)
+
+
+def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
+           stride=1, padding=0, dilation=1, groups: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    if act is None:
+        raise Unsupported("weight-only packed conv2d (act=None) is not implemented by the CPU backend")
+    if act.per_token:
+        raise ValueError("act.per_token is not supported for conv2d; use per-tensor activation quantization")
+    if x.dim() != 4:
+        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
+    za = _int_zero_point(act.zero_point, "act.zero_point")
+    w, corr = _conv_weight(pw, groups)
+    y = _load().cpu_conv2d(x, w, corr, pw.scale, pw.bits, list(pw.shape), _pair(stride, "stride"),
+                           _pair(padding, "padding"), _pair(dilation, "dilation"), groups, bias,
+                           float(act.scale.reshape(-1)[0]), za, act.bits)
+    out_dtype = out_dtype or x.dtype
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
