@@ -95,6 +95,33 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    if args.source == "diffusion":
+        if not args.pipeline:
+            raise SystemExit("dfqkern generate: --source diffusion needs --pipeline (hub id or local directory)")
+        from .datagen import generate_diffusion_set
+
+        out = generate_diffusion_set(
+            args.out, args.pipeline, classes=args.classes, num_images=args.num_images, prompt_mode=args.prompt_mode,
+            mixup_k=args.mixup_k, mixup_level=args.mixup_level, seed=args.seed, guidance_scale=args.guidance_scale,
+            steps=args.steps, height=args.resolution, width=args.resolution, negative_prompt=args.negative_prompt,
+            batch_size=args.batch_size, output_size=args.output_size, scheduler=args.scheduler, device=args.device,
+            overwrite=args.overwrite)
+    else:
+        if not args.model:
+            raise SystemExit("dfqkern generate: --source bn-inversion needs --model")
+        from .models import create_model
+        from .pipeline import generate_bn_inversion
+
+        model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                             pretrained=args.pretrained)
+        out = generate_bn_inversion(model, args.out, args.num_images, args.method, args.label_mode,
+                                    iters=args.iters, batch_size=args.batch_size, seed=args.seed,
+                                    overwrite=args.overwrite, device=args.device, mixup_k=args.mixup_k)
+    print(f"synthetic set in {out} (use it with --calib-data synthetic:{out})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -113,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", help="float weights (state dict file, loaded weights-only)")
     q.add_argument("--pretrained", action="store_true", help="use the library's pretrained weights")
     q.add_argument("--num-classes", type=int)
-    q.add_argument("--calib-data", required=True, help="image folder, tar(+labels csv) or synthetic:DIR")
+    q.add_argument("--calib-data", required=True, help="image folder, tar(+labels csv), synthetic:DIR, or "
+                   "bn-inversion:METHOD[:single|mixup] (data-free: generated now from the model's BatchNorm statistics)")
     q.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
     q.add_argument("--method", default="observer", choices=("observer", "adaround", "brecq", "qdrop", "genie"))
     q.add_argument("--iters", type=int, help="reconstruction iterations per block / layer")
@@ -144,6 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="make a synthetic calibration set (diffusion prompts or BN inversion)")
+    g.add_argument("--source", choices=("diffusion", "bn-inversion"), required=True)
+    g.add_argument("--out", required=True, help="output directory (resumes an unfinished set)")
+    g.add_argument("--num-images", type=int, default=256)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--device", default=None)
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--mixup-k", type=int, default=2, help="classes fused per prompt / soft label (mixup modes)")
+    gd = g.add_argument_group("diffusion")
+    gd.add_argument("--pipeline", help="diffusers text-to-image pipeline: hub id or local directory")
+    gd.add_argument("--classes", default="imagenet", help="imagenet, cifar10, cifar100 or a file of class names")
+    gd.add_argument("--prompt-mode", choices=("single", "genq", "mixup"), default="mixup")
+    gd.add_argument("--mixup-level", choices=("text", "embedding"), default="text")
+    gd.add_argument("--steps", type=int, default=30)
+    gd.add_argument("--guidance-scale", type=float, default=7.5)
+    gd.add_argument("--resolution", type=int, help="generation height = width (default: the pipeline's)")
+    gd.add_argument("--output-size", type=int, help="resize / center-crop the images to this size")
+    gd.add_argument("--negative-prompt")
+    gd.add_argument("--scheduler")
+    gb = g.add_argument_group("bn-inversion")
+    gb.add_argument("--model", help="registry name, timm:NAME or torchvision:NAME (needs BatchNorm)")
+    gb.add_argument("--checkpoint")
+    gb.add_argument("--pretrained", action="store_true")
+    gb.add_argument("--num-classes", type=int)
+    gb.add_argument("--method", choices=("zeroq", "genie", "hast", "dgh"), default="genie")
+    gb.add_argument("--label-mode", choices=("single", "mixup"), default="mixup")
+    gb.add_argument("--iters", type=int, default=500)
+    g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="train, quantize, pack, save and reload a small digits model (offline)")
     d.add_argument("--out", help="where to write the checkpoints (default: a temporary directory)")

@@ -47,17 +47,57 @@ class QuantizeJob:
             raise FileExistsError(f"out {self.out!r} exists; pass --overwrite to replace it")
 
 
-def load_calibration(spec: str, model: torch.nn.Module, n: int, seed: int) -> torch.Tensor:
-    """``n`` calibration inputs from an image folder / tar, or ``synthetic:DIR`` (a SyntheticSet)."""
+BN_INVERSION_PREFIX = "bn-inversion:"
+
+
+def tensor_transform(spec):
+    """For [0, 1] image tensors (synthetic sets): resize to the model's input size, then normalize."""
+    import torch.nn.functional as F
+
+    mean = torch.tensor(spec.mean).reshape(-1, 1, 1)
+    std = torch.tensor(spec.std).reshape(-1, 1, 1)
+    size = tuple(spec.input_size[1:])
+
+    def apply(img: torch.Tensor) -> torch.Tensor:
+        if tuple(img.shape[-2:]) != size:
+            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return (img - mean) / std
+
+    return apply
+
+
+def generate_bn_inversion(model: torch.nn.Module, out: str, num_images: int, method: str = "genie",
+                          label_mode: str = "mixup", iters: int = 500, batch_size: int = 32, seed: int = 0,
+                          overwrite: bool = False, device: str = "cpu", **kwargs):
+    """A BN-inversion SyntheticSet for ``model`` in ``out`` (resumes a finished or partial set)."""
+    from .datagen import generate_bn_inversion_set
+
+    spec = model.dfqkern_input_spec
+    return generate_bn_inversion_set(out, model, num_images=num_images, input_shape=spec.input_size, mean=spec.mean,
+                                     std=spec.std, method=method, label_mode=label_mode, iters=iters,
+                                     batch_size=batch_size, seed=seed, model_id=getattr(model, "dfqkern_arch", None),
+                                     device=device, overwrite=overwrite, **kwargs)
+
+
+def load_calibration(spec: str, model: torch.nn.Module, n: int, seed: int, work_dir: str | None = None,
+                     iters: int = 500) -> torch.Tensor:
+    """``n`` calibration inputs from an image folder / tar, ``synthetic:DIR`` (a SyntheticSet), or
+    ``bn-inversion:METHOD[:single|mixup]`` (generated now from the model's BatchNorm statistics into
+    ``work_dir``, resumable)."""
     from .data import build_transform, calibration_tensor, open_dataset
+    from .datagen.store import load_synthetic
 
-    transform = build_transform(model.dfqkern_input_spec)
-    if spec.startswith("synthetic:"):
-        from .datagen.store import load_synthetic
-
-        ds = load_synthetic(spec[len("synthetic:"):], transform=transform)
+    if spec.startswith(BN_INVERSION_PREFIX):
+        parts = spec[len(BN_INVERSION_PREFIX):].split(":")
+        method, label_mode = parts[0], (parts[1] if len(parts) > 1 else "mixup")
+        if work_dir is None:
+            raise ValueError("calib_data 'bn-inversion:...' needs a work directory for the generated set")
+        out = generate_bn_inversion(model, work_dir, n, method, label_mode, iters=iters, seed=seed)
+        ds = load_synthetic(out, transform=tensor_transform(model.dfqkern_input_spec))
+    elif spec.startswith("synthetic:"):
+        ds = load_synthetic(spec[len("synthetic:"):], transform=tensor_transform(model.dfqkern_input_spec))
     else:
-        ds = open_dataset(spec, transform=transform)
+        ds = open_dataset(spec, transform=build_transform(model.dfqkern_input_spec))
     if len(ds) == 0:
         raise ValueError(f"calib_data {spec!r} holds no images")
     return calibration_tensor(ds, min(n, len(ds)), seed)
@@ -81,7 +121,7 @@ def run_quantize(job: QuantizeJob) -> dict:
     t0 = time.time()
     fp = create_model(job.model, checkpoint=job.checkpoint, num_classes=job.num_classes,
                       pretrained=job.pretrained).to(job.device)
-    calib = load_calibration(job.calib_data, fp, job.num_calib, job.config.seed)
+    calib = load_calibration(job.calib_data, fp, job.num_calib, job.config.seed, work_dir=f"{job.out}.calib-data")
     q = quantize_model(fp, job.config)
     calibrate_activations(q, calib, job.batch_size, job.device)
     if job.method != "observer":
