@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfqkern.formats import PackedWeight, code_max, conv_weight_to_matrix, symmetric_zero_point
+from dfqkern.formats import PackedWeight, code_max, conv_weight_to_matrix, symmetric_zero_point, unpack_codes
 from dfqkern.kernels import reference as R
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -371,10 +371,6 @@ def test_linear_int_exact(m, n, k, wbits, abits, per_token, seed):
     x = torch.randn(m, k, generator=g)
     if per_token:
         act = R.ActQuant(abits, per_token=True)
-        if k % 2 and abits == 4:
-            k_even = k + 1  # odd K with 4-bit per-token packing is a known bug (see the xfail test below)
-            pw = _packed_weight(n, k_even, wbits, g)
-            x = torch.randn(m, k_even, generator=g)
     else:
         s, z = R.qparams_from_range(x.min(), x.max(), abits, False)
         act = R.ActQuant(abits, s, z)
@@ -398,12 +394,12 @@ def test_linear_int_extreme_magnitudes_exact():
     assert R.linear_int(pa2, pw).tolist() == [[-255 * 255 * k, 0]]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: reference.quantize_activation passes the per-token zero point as "
-                   "[M, 1] to pack_codes, which needs it broadcastable to [M]; crashes when K % per_byte != 0")
 def test_per_token_activation_odd_k():
+    """Regression: per-token zero points used to be passed to pack_codes as [M, 1] (crash when K pads)."""
     x = torch.randn(3, 5)
     pa = R.quantize_activation(x, R.ActQuant(4, per_token=True))
     assert torch.equal(pa.codes(), R.quantize(x, pa.scale, pa.zero_point, 4, axis=0))
+    assert torch.equal(unpack_codes(pa.data, 4, 6)[:, 5].int(), pa.zero_point)  # pad slot = the row's zero point
 
 
 def test_quantize_activation_params():
