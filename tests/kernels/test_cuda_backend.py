@@ -535,15 +535,16 @@ def test_depthwise_conv2d_int_exact(c, k, stride, padding, dilation):
 
 
 @gpu
-@pytest.mark.parametrize("abits", [4, 8])
+@pytest.mark.parametrize("abits,a4", [(8, None), (4, "int4"), (4, "int8")])
 @pytest.mark.parametrize("case", CONV_CASES[:4])
+@pytest.mark.parametrize("wbits", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_conv2d_float(a4_path, abits, case, dtype):
-    if abits == 8 and a4_path == "int8":
-        pytest.skip("the A4 path choice does not apply to 8-bit activations (covered by the int4 variant)")
+def test_conv2d_float(monkeypatch, abits, a4, case, wbits, dtype):
+    if a4 is not None:
+        monkeypatch.setenv(C.A4_PATH_ENV, a4)
     n, c, h, w, o, k, stride, padding, dilation = case
-    g = _gen("conv", abits, case, dtype)
-    pw = _conv_weight(o, c, k, 4, True, g)
+    g = _gen("conv", abits, case, wbits, dtype)
+    pw = _conv_weight(o, c, k, wbits, False, g)  # asymmetric: exercises the int4 path's row-sum correction
     x = torch.randn(n, c, h, w, generator=g).to(DEV, dtype)
     bias = torch.randn(o, generator=g).to(DEV)
     act = static_act(abits, g, 0.04)
