@@ -216,10 +216,12 @@ EMU_CASES = [  # (path, wbits, abits-derived, K, N, M, symmetric weights, per-to
     (C.PATH_A8, 2, 300, 7, 3, False, True),
     (C.PATH_A4_INT4, 4, 200, 8, 16, False, True),
     (C.PATH_A4_INT4, 4, 77, 6, 5, True, False),
+    (C.PATH_A4_INT4, 4, 77, 6, 9, False, True),
     (C.PATH_A4_INT4, 2, 300, 8, 16, False, True),
     (C.PATH_A4_INT4, 2, 65, 3, 1, True, False),
     (C.PATH_A4_INT8, 4, 200, 8, 16, False, True),
     (C.PATH_A4_INT8, 3, 31, 8, 9, False, False),
+    (C.PATH_A4_INT8, 4, 45, 8, 16, False, True),
     (C.PATH_A4_INT8, 2, 300, 8, 16, False, True),
 ]
 
@@ -233,7 +235,7 @@ def test_emulated_warp_tile_matches_reference(path, wbits, k, n, m, symmetric, p
     pw = PackedWeight.from_codes(w_codes, torch.ones(n), w_zp, wbits)
     a_codes = _rand_codes((m, k), abits, g)
     a_zp = _rand_codes((m,), abits, g) if per_token else _rand_codes((1,), abits, g)
-    pa = PackedActivation(pack_codes(a_codes, abits, a_zp.reshape(-1, 1) if per_token else a_zp),
+    pa = PackedActivation(pack_codes(a_codes, abits, a_zp),  # odd K: the pad slot holds the row's zero point
                           torch.ones(a_zp.numel()), a_zp.to(torch.int32), abits, k)
     cw = C.build_gemm_weight(pw.codes(), pw.zero_point, wbits, "i8" if path == C.PATH_A8 else "i4")
     assert cw.need_row_sums == (path != C.PATH_A8 and bool((C.center_code(cw.slot_bits) - w_zp != 0).any()))
@@ -383,7 +385,7 @@ def rand_weight(n, k, bits, symmetric, g, shape=None) -> PackedWeight:
 def rand_act(m, k, bits, per_token, g) -> PackedActivation:
     codes = _rand_codes((m, k), bits, g)
     zp = _rand_codes((m if per_token else 1,), bits, g).to(torch.int32)
-    data = pack_codes(codes, bits, zp.reshape(-1, 1) if per_token else zp)
+    data = pack_codes(codes, bits, zp)
     return PackedActivation(data.to(DEV), torch.rand(zp.numel(), generator=g).to(DEV) + 0.01, zp.to(DEV), bits, k)
 
 
