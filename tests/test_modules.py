@@ -66,10 +66,22 @@ def make_conv(opt, wb, ab, cfg=CFG, seed=0):
 
 # ----------------------------------------------------------------------------- packed == fake-quant
 
+@pytest.fixture(params=["auto", "reference"])
+def backend_env(request, monkeypatch):
+    """Packed layers dispatch automatically (the compiled CPU backend when built); also force the reference."""
+    from dfqkern.kernels import dispatch
+
+    if request.param == "reference":
+        monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    else:
+        monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("ab", ABITS)
 @pytest.mark.parametrize("wb", WBITS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_packed_equals_fake_quant(wb, ab, bias):
+def test_linear_packed_equals_fake_quant(wb, ab, bias, backend_env):
     k, n = 13, 7  # K odd: every packed width pads
     _, q = make_linear(k, n, bias, wb, ab)
     x = torch.randn(3, 5, k, generator=_gen(9))
@@ -99,6 +111,21 @@ def test_linear_packed_equals_fake_quant(wb, ab, bias):
 @pytest.mark.parametrize("ab", ABITS)
 @pytest.mark.parametrize("wb", WBITS)
 def test_conv_packed_equals_fake_quant(opt, wb, ab):
+    _check_conv_packed_equals_fake_quant(opt, wb, ab)
+
+
+@pytest.mark.parametrize("opt", [CONV_OPTIONS[n] for n in ("3x3_s2_nobias", "depthwise_x2_s2", "nonsquare")],
+                         ids=["3x3_s2_nobias", "depthwise_x2_s2", "nonsquare"])
+@pytest.mark.parametrize("ab", ABITS)
+@pytest.mark.parametrize("wb", WBITS)
+def test_conv_packed_equals_fake_quant_reference_backend(opt, wb, ab, monkeypatch):
+    from dfqkern.kernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    _check_conv_packed_equals_fake_quant(opt, wb, ab)
+
+
+def _check_conv_packed_equals_fake_quant(opt, wb, ab):
     conv, q = make_conv(opt, wb, ab)
     cin, hw = opt[0], opt[-1]
     x = torch.randn(2, cin, *hw, generator=_gen(3))
@@ -302,7 +329,7 @@ def test_packed_forward_errors_name_the_argument():
     q.pack()
     with pytest.raises(ValueError, match="x has 7 input features, weight expects K=8"):
         q(torch.randn(2, 7))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+    with pytest.raises(TypeError, match=r"x must be (a floating-point tensor|float32, float16 or bfloat16)"):
         q(torch.ones(2, 8, dtype=torch.int64))
     _, c = make_conv(CONV_OPTIONS["3x3"], 4, 8)
     c.pack()
