@@ -1,0 +1,13 @@
+"""Calibration: observer ranges and AdaRound / BRECQ / QDrop / Genie-M reconstruction.
+
+``calibrate(qmodel, fp_model, data, CalibConfig(method=..., iters=...))`` is the one entry point.
+"""
+from .config import METHODS, CalibConfig
+from .reconstruct import CalibReport, UnitReport, calibrate, calibration_data, observe_activations
+from .units import Unit, block_types, find_units, register_block
+from .vit import QuantAttention, quantize_attention
+
+__all__ = [
+    "METHODS", "CalibConfig", "CalibReport", "QuantAttention", "Unit", "UnitReport", "block_types", "calibrate",
+    "calibration_data", "find_units", "observe_activations", "quantize_attention", "register_block",
+]

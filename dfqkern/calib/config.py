@@ -1,0 +1,148 @@
+"""CalibConfig: how a quantized model is calibrated (method, schedule, learning rates, budgets).
+
+Defaults follow AdaRound / BRECQ / QDrop: rounding loss weight 0.01, beta annealed 20 -> 2 after a
+20 % warm-up, batch 32, Adam lr 1e-3 on the rounding variables, 4e-5 on activation step sizes
+(cosine-annealed), 20k iterations per unit, QDrop drop probability 0.5.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+CALIB_CONFIG_VERSION = 1
+METHODS = ("observer", "adaround", "brecq", "qdrop", "genie")
+QDROP_MASKS = ("auto", "kernel", "torch")
+# Per method: (units are blocks, learn activation step sizes, learn weight scales, default drop prob)
+METHOD_TRAITS = {
+    "observer": (False, False, False, 0.0),
+    "adaround": (False, False, False, 0.0),
+    "brecq": (True, True, False, 0.0),
+    "qdrop": (True, True, False, 0.5),
+    "genie": (True, True, True, 0.5),
+}
+# The literature's iteration count: the automatic rounding lr keeps lr * iters at least its 1e-3 * 20k.
+REFERENCE_ITERS = 20000
+REFERENCE_ROUND_LR = 1e-3
+MAX_ROUND_LR = 1e-2
+
+
+def _positive(name: str, value, kind=float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not value > 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration settings.
+
+    method: ``observer`` (ranges only), ``adaround`` (layer-wise learned rounding), ``brecq``
+    (block-wise rounding + LSQ activation step sizes), ``qdrop`` (brecq with random dropping of
+    activation quantization and mixed FP / quantized block inputs), ``genie`` (qdrop with the weight
+    scale learned jointly with the rounding).
+
+    iters: optimisation steps per unit (block or lone layer). round_lr ``None`` picks
+    ``1e-3 * 20000 / iters`` clipped to [1e-3, 1e-2], so short runs can still drive the rounding
+    variables to hard decisions. weight_scale_lr (genie) is relative: each layer's Adam lr is this
+    times its mean weight scale. drop_prob ``None`` uses the method's default (0.5 for qdrop/genie).
+    qdrop_mask: ``kernel`` draws the QDrop mask inside the fused fake-quant op (counter hash, same on
+    every backend), ``torch`` draws it with torch's generator around the op (much faster on the
+    reference backend), ``auto`` uses the kernel when a compiled backend serves the device.
+    observe_samples: calibration images used to observe activation ranges (``None``: all).
+    memory_budget_mb: block inputs/outputs beyond this are spilled to safetensors files in
+    ``spill_dir`` (a temporary directory when ``None``). checkpoint_dir: a per-unit checkpoint is
+    written there and a rerun with the same config and data resumes after the last finished unit.
+    """
+
+    method: str = "qdrop"
+    iters: int = 20000
+    batch_size: int = 32
+    round_lr: float | None = None
+    act_lr: float = 4e-5
+    weight_scale_lr: float = 1e-4
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    drop_prob: float | None = None
+    qdrop_mask: str = "auto"
+    observe_samples: int | None = 256
+    seed: int = 0
+    memory_budget_mb: float = 2048.0
+    spill_dir: str | None = None
+    checkpoint_dir: str | None = None
+    progress: bool = True
+    version: int = CALIB_CONFIG_VERSION
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.qdrop_mask not in QDROP_MASKS:
+            raise ValueError(f"qdrop_mask must be one of {QDROP_MASKS}, got {self.qdrop_mask!r}")
+        _positive("iters", self.iters, int)
+        _positive("batch_size", self.batch_size, int)
+        for name in ("act_lr", "weight_scale_lr", "beta_start", "beta_end", "memory_budget_mb"):
+            _positive(name, getattr(self, name))
+        if self.round_lr is not None:
+            _positive("round_lr", self.round_lr)
+        if isinstance(self.round_weight, bool) or not isinstance(self.round_weight, (int, float)) \
+                or self.round_weight < 0:
+            raise ValueError(f"round_weight must be a float >= 0, got {self.round_weight!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        if self.drop_prob is not None and not 0.0 <= self.drop_prob <= 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1] or None, got {self.drop_prob!r}")
+        if self.observe_samples is not None:
+            _positive("observe_samples", self.observe_samples, int)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.version != CALIB_CONFIG_VERSION:
+            raise ValueError(f"CalibConfig version {self.version} is not supported "
+                             f"(this dfqkern reads {CALIB_CONFIG_VERSION})")
+
+    # ------------------------------------------------------------------ derived settings
+
+    @property
+    def blockwise(self) -> bool:
+        return METHOD_TRAITS[self.method][0]
+
+    @property
+    def learn_act_scale(self) -> bool:
+        return METHOD_TRAITS[self.method][1]
+
+    @property
+    def learn_weight_scale(self) -> bool:
+        return METHOD_TRAITS[self.method][2]
+
+    @property
+    def effective_drop_prob(self) -> float:
+        return METHOD_TRAITS[self.method][3] if self.drop_prob is None else float(self.drop_prob)
+
+    @property
+    def effective_round_lr(self) -> float:
+        if self.round_lr is not None:
+            return float(self.round_lr)
+        return min(MAX_ROUND_LR, max(REFERENCE_ROUND_LR, REFERENCE_ROUND_LR * REFERENCE_ITERS / self.iters))
+
+    # ------------------------------------------------------------------ serialisation
+
+    def replace(self, **changes) -> "CalibConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CalibConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown CalibConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change the calibrated model (not where files go or whether bars show)."""
+        d = self.to_dict()
+        for k in ("spill_dir", "checkpoint_dir", "progress", "memory_budget_mb"):
+            d.pop(k)
+        return d

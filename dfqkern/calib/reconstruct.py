@@ -1,0 +1,393 @@
+"""calibrate(): observer ranges, then unit-by-unit reconstruction (AdaRound / BRECQ / QDrop / Genie-M).
+
+For each unit (block or lone layer), in execution order:
+
+1. capture its input in the quantized model (earlier units already reconstructed and hardened),
+   and its input and output in the float model (the target);
+2. learn the rounding of its weights (AdaRound), plus, block-wise methods, the step sizes of its
+   activation quantizers (LSQ) and, Genie-M, its weight scales, minimising output MSE plus the
+   annealed rounding regularizer. QDrop feeds an element-wise mix of float and quantized inputs
+   and drops activation quantization at random inside the unit;
+3. harden the rounding, and (with ``checkpoint_dir``) save the unit's state so a killed run resumes
+   after it with the very model an uninterrupted run gives.
+
+Randomness comes from generators seeded by ``(seed, unit index)``, so a fixed seed gives an
+identical model, resumed or not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..kernels import dispatch
+from ..nn import ActQuantizer, QuantLayer, WeightQuantizer
+from .capture import ActivationStore, capture, quantization_disabled
+from .config import CalibConfig
+from .losses import beta_at, reconstruction_loss, rounding_active, rounding_loss
+from .units import Unit, execution_order, find_units
+from .vit import FixedRangeActQuantizer, quantize_attention
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+EVAL_SAMPLES = 256  # inputs the before/after reconstruction losses are measured on
+
+
+@dataclass
+class UnitReport:
+    name: str
+    kind: str
+    iters: int
+    loss_nearest: float  # output MSE of the unit with round-to-nearest weights, before learning
+    loss_hard: float  # the same after learning, with the hardened rounding
+    loss_start: float  # training loss averaged over the first 10 % of the steps
+    loss_end: float  # ... and over the last 10 %
+    seconds: float
+    resumed: bool = False
+
+
+@dataclass
+class CalibReport:
+    method: str
+    config: dict
+    units: list[UnitReport] = field(default_factory=list)
+    observe_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- data
+
+def calibration_data(data) -> torch.Tensor:
+    """The calibration inputs as one float tensor: a tensor, a Dataset of tensors / (tensor, label)
+    items, or an iterable of batches (tensors or (tensor, ...) tuples)."""
+    def first(item):
+        return item[0] if isinstance(item, (tuple, list)) else item
+
+    if isinstance(data, torch.Tensor):
+        x = data
+    elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        x = torch.stack([first(data[i]) for i in range(len(data))]) if len(data) else torch.empty(0)
+    else:
+        try:
+            batches = [first(b) for b in data]
+        except TypeError:
+            raise TypeError(f"data must be a tensor, a Dataset or an iterable of batches, "
+                            f"got {type(data).__name__}") from None
+        x = torch.cat(batches) if batches else torch.empty(0)
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError("data must hold floating-point image tensors")
+    if x.dim() < 2 or len(x) == 0:
+        raise ValueError(f"data is empty or not batched: got shape {tuple(x.shape)}")
+    return x
+
+
+def _act_quantizers(module: nn.Module) -> list[ActQuantizer]:
+    return [m for m in module.modules() if isinstance(m, ActQuantizer)]
+
+
+@torch.no_grad()
+def observe_activations(model: nn.Module, data: torch.Tensor, batch_size: int, device, progress: bool) -> None:
+    """Set every static activation quantizer's range (QuantLayer inputs and attention matmuls alike)."""
+    quantizers = _act_quantizers(model)
+    was_training = model.training
+    model.eval()
+    for q in quantizers:
+        q.set_mode("observe")
+    try:
+        for i in tqdm(range(0, len(data), batch_size), desc="observe activations", disable=not progress,
+                      leave=False):
+            model(data[i:i + batch_size].to(device))
+        for q in quantizers:
+            q.finalize()
+    except Exception:
+        for q in quantizers:
+            q.mode = "quant"
+        raise
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _fingerprint(qmodel: nn.Module, units: list[Unit], data: torch.Tensor, cfg: CalibConfig) -> str:
+    h = hashlib.sha256()
+    qcfg = getattr(qmodel, "dfqkern_config", None)
+    meta = {"calib": cfg.result_fields(), "quant": qcfg.to_dict() if hasattr(qcfg, "to_dict") else None,
+            "units": [u.name for u in units], "data_shape": list(data.shape)}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    h.update(data.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Checkpoint:
+    """``progress.json`` (fingerprint, finished units) plus ``unit_NNNN.safetensors`` per finished unit."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        self.progress = self.root / "progress.json"
+        self.done: list[str] = []
+        if self.progress.exists():
+            state = json.loads(self.progress.read_text())
+            if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+                raise ValueError(f"checkpoint_dir {str(self.root)!r} holds a run with another model, data or "
+                                 f"config; use an empty directory (or delete it) to start over")
+            self.done = list(state["done"])
+
+    def _path(self, index: int) -> Path:
+        return self.root / f"unit_{index:04d}.safetensors"
+
+    def load(self, index: int, unit: Unit) -> None:
+        from safetensors.torch import load_file
+
+        unit.module.load_state_dict(load_file(str(self._path(index))), strict=True)
+
+    def save(self, index: int, unit: Unit) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in unit.module.state_dict().items()}
+        tmp = self._path(index).with_suffix(".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, self._path(index))
+        self.done.append(unit.name)
+        tmp = self.progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint,
+                                   "done": self.done}, indent=1))
+        os.replace(tmp, self.progress)
+
+
+# ----------------------------------------------------------------------------- one unit
+
+def _derived_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _use_kernel_mask(cfg: CalibConfig, device: torch.device) -> bool:
+    if cfg.qdrop_mask != "auto":
+        return cfg.qdrop_mask == "kernel"
+    compiled = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
+    return any(b in compiled for b in dispatch.available_backends())
+
+
+class _TorchQDrop:
+    """QDrop with torch's generator: keep the float value where a uniform draw falls below ``p``.
+
+    The same rule the fused op applies (``drop_prob`` = chance of keeping float), with a mask that
+    costs one ``rand`` instead of the counter hash, which the reference backend computes slowly.
+    """
+
+    def __init__(self, quantizers: list[ActQuantizer], p: float, gen: torch.Generator):
+        self.p, self.gen = p, gen
+        self.handles = [q.register_forward_hook(self._hook) for q in quantizers]
+
+    def _hook(self, mod, args, out):
+        if not mod.training or mod.mode != "quant":
+            return out
+        x = args[0]
+        keep_float = torch.rand(x.shape, generator=self.gen, device=x.device) < self.p
+        return torch.where(keep_float, x, out)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _eval_loss(unit: Unit, store: ActivationStore, idx: torch.Tensor, batch_size: int, device) -> float:
+    total = 0.0
+    for i in range(0, len(idx), batch_size):
+        j = idx[i:i + batch_size]
+        out = unit.module(store.rows("q_in", j).to(device))
+        total += reconstruction_loss(out, store.rows("fp_out", j).to(device)).item() * len(j)
+    return total / len(idx)
+
+
+def _reconstruct_unit(unit: Unit, index: int, store: ActivationStore, n: int, cfg: CalibConfig, device,
+                      desc: str) -> UnitReport:
+    t0 = time.perf_counter()
+    layers = unit.quant_layers()
+    gen = torch.Generator(device=device).manual_seed(_derived_seed(cfg.seed, index, 0))
+    eval_idx = torch.arange(min(n, EVAL_SAMPLES))
+    loss_nearest = _eval_loss(unit, store, eval_idx, cfg.batch_size, device)
+
+    wqs: list[WeightQuantizer] = [layer.w_quant for layer in layers]
+    round_params = [wq.start_adaround(layer.weight) for wq, layer in zip(wqs, layers)]
+    acts = [a for a in _act_quantizers(unit.module)
+            if not a.per_token and not isinstance(a, FixedRangeActQuantizer)]
+    groups = [{"params": round_params, "lr": cfg.effective_round_lr}]
+    scheduled = []
+    if cfg.learn_act_scale and acts:
+        scheduled.append({"params": [a.scale for a in acts], "lr": cfg.act_lr})
+    if cfg.learn_weight_scale:
+        for wq in wqs:  # relative lr: Adam moves a parameter by about lr per step, whatever its magnitude
+            scheduled.append({"params": [wq.scale], "lr": cfg.weight_scale_lr * wq.scale.detach().abs().mean().item()})
+    for g in scheduled:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    opt = torch.optim.Adam(groups + scheduled)
+    # cosine decay on the scales (QDrop's schedule for activation step sizes); rounding lr stays constant
+    n_round = len(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [lambda s: 1.0] * n_round + [lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.iters) / cfg.iters))]
+        * len(scheduled))
+
+    drop = cfg.effective_drop_prob
+    torch_qdrop = None
+    unit_acts = _act_quantizers(unit.module)
+    for j, a in enumerate(unit_acts):
+        a.train()
+        a._calls = 0
+        a.seed = _derived_seed(cfg.seed, index, j + 1)
+    if drop > 0:
+        if _use_kernel_mask(cfg, torch.device(device)):
+            for a in unit_acts:
+                a.drop_prob = drop
+        else:
+            torch_qdrop = _TorchQDrop(unit_acts, drop, gen)
+
+    losses = []
+    bar = tqdm(range(cfg.iters), desc=desc, disable=not cfg.progress, leave=False, mininterval=1.0)
+    try:
+        for step in bar:
+            idx = torch.randperm(n, generator=gen, device=device)[:cfg.batch_size].cpu()
+            inp = store.rows("q_in", idx).to(device)
+            if drop > 0:  # QDrop: each element of the unit input is float with probability `drop`
+                fp_in = store.rows("fp_in", idx).to(device)
+                inp = torch.where(torch.rand(inp.shape, generator=gen, device=device) < drop, fp_in, inp)
+            target = store.rows("fp_out", idx).to(device)
+            beta = beta_at(step, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            for wq in wqs:
+                wq.beta = beta
+            rec = reconstruction_loss(unit.module(inp), target)
+            loss = rec
+            if rounding_active(step, cfg.iters, cfg.warmup) and cfg.round_weight > 0:
+                reg = rounding_loss(wqs)
+                if reg is not None:
+                    loss = rec + cfg.round_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(rec.item())
+            if step % 50 == 0 or step == cfg.iters - 1:
+                bar.set_postfix(loss=f"{rec.item():.4g}", refresh=False)
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"reconstruction loss of unit {unit.name!r} became {losses[-1]} at step "
+                                         f"{step}; lower the learning rates")
+    finally:
+        bar.close()
+        if torch_qdrop is not None:
+            torch_qdrop.remove()
+        for a in unit_acts:
+            a.drop_prob = 0.0
+            a.eval()
+        for g in scheduled:
+            for p in g["params"]:
+                p.requires_grad_(False)
+        for p in round_params:
+            p.requires_grad_(False)
+        for wq in wqs:
+            wq.harden()
+            wq.last_reg = None
+    k = max(1, len(losses) // 10)
+    return UnitReport(unit.name, unit.kind, cfg.iters, loss_nearest,
+                      _eval_loss(unit, store, eval_idx, cfg.batch_size, device),
+                      sum(losses[:k]) / k, sum(losses[-k:]) / k, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+def _fp_counterpart(fp_model: nn.Module | None, qmodel: nn.Module, unit: Unit):
+    """(model, module) giving the unit's float input/output: ``fp_model``'s module of the same name,
+    or the quantized model itself with quantization disabled when no float model is given."""
+    if fp_model is None:
+        return qmodel, unit.module
+    try:
+        return fp_model, fp_model.get_submodule(unit.name) if unit.name else fp_model
+    except AttributeError:
+        raise ValueError(f"fp_model has no module {unit.name!r} matching the quantized model's unit; pass the "
+                         f"float model quantize_model was given (or fp_model=None)") from None
+
+
+def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: CalibConfig | None = None) -> nn.Module:
+    """Calibrate ``qmodel`` (from :func:`dfqkern.quantize.quantize_model`) in place and return it.
+
+    ``fp_model`` is the float model the quantized one was made from (its modules give the
+    reconstruction targets, matched by name); ``None`` uses ``qmodel`` with quantization
+    disabled, which computes the same function. ``data``: calibration images (see
+    :func:`calibration_data`). Activation ranges are always (re)observed first. timm ViT attention
+    modules get matmul quantizers (:mod:`dfqkern.calib.vit`). The report is attached as
+    ``qmodel.dfqkern_calib_report`` (:class:`CalibReport`).
+    """
+    cfg = config or CalibConfig()
+    if not isinstance(cfg, CalibConfig):
+        raise TypeError(f"config must be a CalibConfig, got {type(cfg).__name__}")
+    if not isinstance(qmodel, nn.Module) or not any(isinstance(m, QuantLayer) for m in qmodel.modules()):
+        raise ValueError("qmodel must be a model with quantized layers (dfqkern.quantize.quantize_model)")
+    if any(m.is_packed for m in qmodel.modules() if isinstance(m, QuantLayer)):
+        raise ValueError("qmodel is packed; calibrate the fake-quant model before pack_model()")
+    if fp_model is not None and not isinstance(fp_model, nn.Module):
+        raise TypeError(f"fp_model must be an nn.Module or None, got {type(fp_model).__name__}")
+    t_start = time.perf_counter()
+    x = calibration_data(data)
+    device = next(qmodel.parameters()).device
+    qmodel.eval()
+    if fp_model is not None:
+        fp_model.eval()
+    quantize_attention(qmodel)
+    report = CalibReport(cfg.method, cfg.to_dict())
+
+    t0 = time.perf_counter()
+    obs = x if cfg.observe_samples is None else x[:cfg.observe_samples]
+    observe_activations(qmodel, obs, cfg.batch_size, device, cfg.progress)
+    report.observe_seconds = time.perf_counter() - t0
+    if cfg.method == "observer":
+        report.seconds = time.perf_counter() - t_start
+        qmodel.dfqkern_calib_report = report
+        return qmodel
+
+    units = execution_order(qmodel, find_units(qmodel, cfg.blockwise), x[:1].to(device))
+    ckpt = _Checkpoint(cfg.checkpoint_dir, _fingerprint(qmodel, units, x, cfg)) if cfg.checkpoint_dir else None
+    need_fp_in = cfg.effective_drop_prob > 0
+    with ActivationStore(cfg.memory_budget_mb * 2 ** 20, cfg.spill_dir, device) as store:
+        for i, unit in enumerate(units):
+            desc = f"{cfg.method} [{i + 1}/{len(units)}] {unit.name or unit.kind}"
+            if ckpt is not None and i < len(ckpt.done):
+                if ckpt.done[i] != unit.name:
+                    raise ValueError(f"checkpoint lists unit {ckpt.done[i]!r} where the model has {unit.name!r}")
+                ckpt.load(i, unit)
+                report.units.append(UnitReport(unit.name, unit.kind, cfg.iters, math.nan, math.nan, math.nan,
+                                               math.nan, 0.0, resumed=True))
+                continue
+            capture(qmodel, unit.module, x, cfg.batch_size, store, input_name="q_in", module_name=unit.name,
+                    device=device)
+            fp_model_i, fp_module = _fp_counterpart(fp_model, qmodel, unit)
+            with quantization_disabled(qmodel):
+                capture(fp_model_i, fp_module, x, cfg.batch_size, store,
+                        input_name="fp_in" if need_fp_in else None, output_name="fp_out", module_name=unit.name,
+                        device=device)
+            rep = _reconstruct_unit(unit, i, store, len(x), cfg, device, desc)
+            report.units.append(rep)
+            log.info("%s: loss %.4g (nearest) -> %.4g (learned, hard) in %.1fs", unit.name, rep.loss_nearest,
+                     rep.loss_hard, rep.seconds)
+            for name in ("q_in", "fp_in", "fp_out"):
+                store.drop(name)
+            if ckpt is not None:
+                ckpt.save(i, unit)
+    report.seconds = time.perf_counter() - t_start
+    qmodel.dfqkern_calib_report = report
+    return qmodel
