@@ -17,12 +17,17 @@ def _random_images(n, seed=0):
 @pytest.mark.parametrize("label_mode", B.LABEL_MODES)
 def test_inversion_lowers_bn_loss(tiny_bn_net, method, label_mode):
     before = B.bn_statistics_loss(tiny_bn_net, _random_images(16))
-    res = B.invert_bn(tiny_bn_net, 12, method, label_mode, iters=60, batch_size=6, input_shape=SHAPE, seed=1,
-                      progress=False)
+    # The tiny random net's logit range is ~1, where DGH's 1/range stretch term would dominate the BN
+    # term at its default weight (real models have ranges ~10); the stretch has its own test below.
+    # Set-level matching with a smaller step (dgh lr 0.1) also converges more slowly: more iterations.
+    extra = {"stretch_weight": 0.1} if method == "dgh" else {}
+    iters = 100 if method == "dgh" else 60
+    res = B.invert_bn(tiny_bn_net, 12, method, label_mode, iters=iters, batch_size=6, input_shape=SHAPE, seed=1,
+                      progress=False, **extra)
     after = B.bn_statistics_loss(tiny_bn_net, res.images)
     assert after < 0.25 * before, (before, after)
     assert res.bn_loss_history[-1] < 0.5 * res.bn_loss_history[0]
-    assert len(res.bn_loss_history) == 60
+    assert len(res.bn_loss_history) == iters
     assert res.images.shape == (12, *SHAPE) and torch.isfinite(res.images).all()
     assert res.labels.shape == (12, 6) and torch.allclose(res.labels.sum(1), torch.ones(12))
     k = 1 if label_mode == "single" else 2
