@@ -337,3 +337,35 @@ def test_library_architectures(arch):
         assert all(isinstance(q.get_submodule(f"blocks.{i}.attn.qkv"), QuantLinear) for i in range(12))
     assert not q.dfqkern_report.unhandled
     _check_quantized(model, q, x, expect)
+
+
+# ----------------------------------------------------------------------------- real CIFAR-10 ResNet-20
+
+@pytest.mark.slow
+def test_cifar10_resnet20_real_accuracy(cifar10_dir):
+    """W8A8 (mse observers, 256 real training images): top-1 drop <= 0.3 points on the 5,000 dev images.
+
+    Also prints the W4A8 and W4A4 observer-only numbers: the baseline reconstruction must beat.
+    """
+    from dfqkern.data import build_transform, open_dataset
+    from dfqkern.evaluation import evaluate_top1
+    from dfqkern.pipeline import load_calibration
+
+    fp = create_model("cifar10_resnet20", pretrained=True)
+    dev = open_dataset(cifar10_dir / "cifar10_test_dev_jpeg.tar.gz", transform=build_transform(fp.dfqkern_input_spec))
+    assert len(dev) == 5000
+    calib = load_calibration(str(cifar10_dir / "cifar10_train_jpeg.tar.gz"), fp, 256, seed=0)
+    assert calib.shape == (256, 3, 32, 32)
+    fp_top1 = evaluate_top1(fp, dev, progress=False)["top1"]
+    assert fp_top1 == pytest.approx(81.02, abs=0.05)  # the README's measured FP accuracy
+    results = {}
+    for scheme in ("w8a8", "w4a8", "w4a4"):
+        q = quantize_model(fp, preset(scheme))  # defaults: mse observers, first/last layer at 8 bits
+        calibrate_activations(q, calib, progress=False)
+        pack_model(q)
+        results[scheme] = evaluate_top1(q, dev, progress=False)["top1"]
+    print(f"\nCIFAR-10 ResNet-20, dev 5000, observer (mse) calibration on 256 train images: FP {fp_top1:.2f}%")
+    for scheme, top1 in results.items():
+        print(f"  {scheme}: {top1:.2f}% (drop {fp_top1 - top1:.2f})")
+    assert fp_top1 - results["w8a8"] <= 0.3
+    assert 10 < results["w4a4"] <= results["w4a8"] + 1 and results["w4a8"] <= fp_top1 + 1  # sanity only
