@@ -4,8 +4,10 @@
 //   *_avx2.cpp      explicit AVX2/FMA/F16C intrinsics, compiled with `#pragma GCC target` so the
 //                   rest of the library stays baseline x86-64;
 //   *_portable.cpp  plain C++ (what runs on CPUs without AVX2, and what tests compare against).
+//   gemm_vnni.cpp   the GEMM micro-kernels with AVX512-VNNI vpdpbusd on 256-bit registers, where
+//                   the CPU has it (the other kernels then use their AVX2 versions).
 // The choice is made at run time (`active_isa()`), from the CPU's features and the environment
-// variable DFQKERN_CPU_ISA = auto | avx2 | portable (or `set_isa` from Python, for tests).
+// variable DFQKERN_CPU_ISA = auto | avx512vnni | avx2 | portable (or `set_isa` from Python, for tests).
 //
 // Headers included by the *_avx2.cpp files must only contain declarations and PODs: an inline
 // function compiled under the AVX2 target could be merged by the linker into portable callers.
@@ -16,11 +18,13 @@
 
 namespace dfqkern::cpu {
 
-enum class Isa { portable = 0, avx2 = 1 };
+// Ordered: each level implies the ones below it (avx512vnni = AVX2 kernels + VNNI GEMM).
+enum class Isa { portable = 0, avx2 = 1, avx512vnni = 2 };
 
 Isa active_isa();
-bool cpu_has_avx2();                 // AVX2 + FMA + F16C, as reported by the CPU
-void set_isa(const std::string& name);  // "auto" | "avx2" | "portable"; throws on an unknown name / no AVX2
+bool cpu_has_avx2();        // AVX2 + FMA + F16C, as reported by the CPU
+bool cpu_has_avx512vnni();  // AVX2 level + AVX512F/BW/VL + AVX512_VNNI (vpdpbusd on ymm registers)
+void set_isa(const std::string& name);  // "auto" | "avx512vnni" | "avx2" | "portable"; throws when unsupported
 std::string isa_name();
 
 // Float element types the kernels accept (x, grad, v, ...).

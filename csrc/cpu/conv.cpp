@@ -3,7 +3,7 @@
 //
 // GEMM path, per image and group: rows m = output pixels, K = (kh, kw, c) as in
 // formats.conv_weight_to_matrix. Activations are first quantized once into NHWC kernel elements
-// (int8 code-128 / int16 code) with per-pixel, per-group code sums; im2col then copies C/groups-long
+// (int8 code - 128) with per-pixel, per-group code sums; im2col then copies C/groups-long
 // runs and fills padded taps with the zero point's code, so they contribute exactly zero, and the
 // row sum for the zero-point correction is a sum of kh*kw pixel sums. 1x1 / stride 1 / no padding
 // convolutions with groups = 1 use the NHWC buffer directly as the GEMM rows.
@@ -58,7 +58,7 @@ struct Epilogue {
 
 void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w_tiles,
                const at::Tensor& w_corr, int64_t w_bits, const Epilogue& ep) {
-  const int wb = static_cast<int>(w_bits == 3 ? 4 : w_bits), eb = gemm::act_elem_bytes(wb);
+  const int wb = static_cast<int>(w_bits == 3 ? 4 : w_bits);
   const int64_t cg = g.in_per_group, og = g.out_ch / g.groups, tpg = (og + kTileRows - 1) / kTileRows;
   const int64_t k = g.kh * g.kw * cg, nchunks = gemm::num_chunks(k, wb), kp = nchunks * gemm::chunk_k(wb);
   const int64_t hw = d.h * d.w, p = d.oh * d.ow;
@@ -66,10 +66,9 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
                       g.pad_h == 0 && g.pad_w == 0;
   const int64_t cs = direct ? kp : d.c;  // NHWC pixel stride (elements)
   const int8_t pad8 = static_cast<int8_t>(static_cast<uint8_t>(za) ^ 0x80);
-  const int16_t pad16 = static_cast<int16_t>(za);
 
   // 1. quantize NCHW -> NHWC kernel elements + per-pixel per-group code sums
-  std::unique_ptr<uint8_t[]> xs(new uint8_t[static_cast<size_t>(d.b * hw * cs * eb)]);
+  std::unique_ptr<uint8_t[]> xs(new uint8_t[static_cast<size_t>(d.b * hw * cs)]);
   std::vector<int32_t> pixsum(static_cast<size_t>(d.b * hw * g.groups), 0);
   constexpr int64_t kPix = 64;
   const int64_t pblocks = (hw + kPix - 1) / kPix;
@@ -81,31 +80,21 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       for (int64_t c = 0; c < d.c; ++c) {
         src.get((b * d.c + c) * hw + p0, n, codes, fbuf);
         int32_t* ps = pixsum.data() + (b * hw + p0) * g.groups + c / cg;
-        if (wb == 8) {
-          int16_t* dst = reinterpret_cast<int16_t*>(xs.get()) + (b * hw + p0) * cs + c;
-          for (int64_t i = 0; i < n; ++i) dst[i * cs] = codes[i];
-        } else {
-          int8_t* dst = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0) * cs + c;
-          for (int64_t i = 0; i < n; ++i) dst[i * cs] = static_cast<int8_t>(codes[i] ^ 0x80);
-        }
+        int8_t* dst = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0) * cs + c;
+        for (int64_t i = 0; i < n; ++i) dst[i * cs] = static_cast<int8_t>(codes[i] ^ 0x80);
         for (int64_t i = 0; i < n; ++i) ps[i * g.groups] += codes[i];
       }
       if (direct && kp > d.c) {  // K padding of the rows used in place: code 0
         for (int64_t i = 0; i < n; ++i) {
-          if (wb == 8) {
-            int16_t* row = reinterpret_cast<int16_t*>(xs.get()) + (b * hw + p0 + i) * cs;
-            std::fill(row + d.c, row + kp, int16_t(0));
-          } else {
-            int8_t* row = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0 + i) * cs;
-            std::fill(row + d.c, row + kp, int8_t(-128));
-          }
+          int8_t* row = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0 + i) * cs;
+          std::fill(row + d.c, row + kp, int8_t(-128));
         }
       }
     }
   });
 
   // 2. per image and group: im2col rows, then the GEMM writing NCHW output
-  std::unique_ptr<uint8_t[]> cols(direct ? nullptr : new uint8_t[static_cast<size_t>(p * kp * eb)]);
+  std::unique_ptr<uint8_t[]> cols(direct ? nullptr : new uint8_t[static_cast<size_t>(p * kp)]);
   std::vector<int32_t> rowsum(p);
   const int32_t zp_vec[1] = {za};
   const float as_vec[1] = {ep.a_scale};
@@ -127,27 +116,19 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
                 const int64_t pix = b * hw + iy * d.w + ix;
                 if (in) s += pixsum[pix * g.groups + grp];
                 else s += za * static_cast<int32_t>(cg);
-                if (wb == 8) {
-                  int16_t* dst = reinterpret_cast<int16_t*>(cols.get()) + m * kp + kk;
-                  if (in) std::copy_n(reinterpret_cast<const int16_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
-                  else std::fill_n(dst, cg, pad16);
-                } else {
-                  int8_t* dst = reinterpret_cast<int8_t*>(cols.get()) + m * kp + kk;
-                  if (in) std::copy_n(reinterpret_cast<const int8_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
-                  else std::fill_n(dst, cg, pad8);
-                }
+                int8_t* dst = reinterpret_cast<int8_t*>(cols.get()) + m * kp + kk;
+                if (in) std::copy_n(reinterpret_cast<const int8_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
+                else std::fill_n(dst, cg, pad8);
               }
             }
-            if (wb == 8) std::fill(reinterpret_cast<int16_t*>(cols.get()) + m * kp + k,
-                                   reinterpret_cast<int16_t*>(cols.get()) + (m + 1) * kp, int16_t(0));
-            else std::fill(reinterpret_cast<int8_t*>(cols.get()) + m * kp + k,
-                           reinterpret_cast<int8_t*>(cols.get()) + (m + 1) * kp, int8_t(-128));
+            std::fill(reinterpret_cast<int8_t*>(cols.get()) + m * kp + k,
+                      reinterpret_cast<int8_t*>(cols.get()) + (m + 1) * kp, int8_t(-128));
             rowsum[m] = s;
           }
         });
       }
       gemm::Args a{};
-      a.a = direct ? static_cast<const void*>(xs.get() + b * hw * cs * eb) : static_cast<const void*>(cols.get());
+      a.a = reinterpret_cast<const int8_t*>(direct ? xs.get() + b * hw * cs : cols.get());
       a.lda = kp;
       a.a_sum = rowsum.data();
       a.a_zp = zp_vec;
@@ -157,7 +138,7 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       a.w = w_tiles.data_ptr<uint8_t>() + grp * tpg * nchunks * kTileRows * gemm::kChunkBytes;
       a.nchunks = nchunks;
       a.wbits = wb;
-      a.corr = w_corr.data_ptr<int32_t>() + grp * tpg * kTileRows * 3;
+      a.corr = w_corr.data_ptr<int32_t>() + grp * tpg * 3 * kTileRows;
       a.w_scale = ep.w_scale ? ep.w_scale + grp * og : nullptr;
       a.bias = ep.bias ? ep.bias + grp * og : nullptr;
       a.n = og;
@@ -177,7 +158,7 @@ void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const Conv
                     const Epilogue& ep) {
   const int64_t mult = g.out_ch / g.groups, hp = d.h + 2 * g.pad_h, wp = d.w + 2 * g.pad_w, p = d.oh * d.ow;
   const int16_t* wv = w16.data_ptr<int16_t>();
-  const auto fn = active_isa() == Isa::avx2 ? dw::conv_avx2 : dw::conv_portable;
+  const auto fn = active_isa() >= Isa::avx2 ? dw::conv_avx2 : dw::conv_portable;
   // One work item per (image, input channel): the plane is built once for its `mult` outputs.
   parallel_for(d.b * d.c, 1, [&](int64_t bgn, int64_t end) {
     std::vector<int16_t> plane(static_cast<size_t>(hp * wp));

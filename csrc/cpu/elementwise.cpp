@@ -75,7 +75,7 @@ ew::Drop make_drop(double drop_prob, int64_t seed) {
   return d;
 }
 
-bool avx2() { return active_isa() == Isa::avx2; }
+bool avx2() { return active_isa() >= Isa::avx2; }
 
 at::Tensor param_shaped(const std::vector<double>& sums, double mul) {
   at::Tensor out = at::empty({static_cast<int64_t>(sums.size())}, at::kFloat);

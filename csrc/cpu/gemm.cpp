@@ -16,28 +16,18 @@ namespace dfqkern::cpu {
 
 namespace gemm {
 
-int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int wbits, void* dst) {
+int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* dst) {
   int32_t sum = 0;
-  if (wbits == 8) {
-    auto d = static_cast<int16_t*>(dst);
-    for (int64_t i = 0; i < k; ++i) {
-      d[i] = codes[i];
-      sum += codes[i];
-    }
-    std::fill(d + k, d + kp, int16_t(0));
-  } else {
-    auto d = static_cast<int8_t*>(dst);
-    for (int64_t i = 0; i < k; ++i) {
-      d[i] = static_cast<int8_t>(codes[i] ^ 0x80);  // code - 128
-      sum += codes[i];
-    }
-    std::fill(d + k, d + kp, int8_t(-128));  // code 0
+  for (int64_t i = 0; i < k; ++i) {
+    dst[i] = static_cast<int8_t>(codes[i] ^ 0x80);  // code - 128
+    sum += codes[i];
   }
+  std::fill(dst + k, dst + kp, int8_t(-128));  // code 0
   return sum;
 }
 
 void quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p) {
-  (active_isa() == Isa::avx2 ? ew::quantize_avx2 : ew::quantize_portable)(x, q, k, p);
+  (active_isa() >= Isa::avx2 ? ew::quantize_avx2 : ew::quantize_portable)(x, q, k, p);
 }
 
 void run(const Args& g, int64_t m, int64_t tiles) {
@@ -47,7 +37,8 @@ void run(const Args& g, int64_t m, int64_t tiles) {
   constexpr int64_t kMB = 64;
   const int64_t tb = m == 1 ? 8 : 16;
   const int64_t mblocks = (m + kMB - 1) / kMB, tblocks = (tiles + tb - 1) / tb;
-  const auto fn = active_isa() == Isa::avx2 ? run_avx2 : run_portable;
+  const Isa isa = active_isa();
+  const auto fn = isa == Isa::avx512vnni ? run_avx512vnni : (isa == Isa::avx2 ? run_avx2 : run_portable);
   parallel_for(mblocks * tblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
       const int64_t mb = it % mblocks, t = it / mblocks;
@@ -72,7 +63,7 @@ inline uint8_t kpack_code(const uint8_t* row, int64_t k, int slot) {
 }
 
 struct ActRows {
-  std::unique_ptr<uint8_t[]> data;
+  std::unique_ptr<int8_t[]> data;
   std::vector<int32_t> sum, zp;
   std::vector<float> scale;
   int64_t kp = 0;
@@ -81,7 +72,7 @@ struct ActRows {
 ActRows alloc_rows(int64_t m, int64_t k, int wbits) {
   ActRows r;
   r.kp = gemm::num_chunks(k, wbits) * gemm::chunk_k(wbits);
-  r.data.reset(new uint8_t[static_cast<size_t>(std::max<int64_t>(m, 1) * r.kp * gemm::act_elem_bytes(wbits))]);
+  r.data.reset(new int8_t[static_cast<size_t>(std::max<int64_t>(m, 1) * r.kp)]);
   r.sum.resize(m);
   return r;
 }
@@ -113,8 +104,8 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
   const float qmax = static_cast<float>((1 << abits) - 1);
   const int slot = slot_bits(abits), per = 8 / slot;
   const int64_t pw = (k + per - 1) / per;
-  const bool use_avx2 = active_isa() == Isa::avx2;
-  const int64_t row_bytes = r.kp * gemm::act_elem_bytes(wbits);
+  const bool use_avx2 = active_isa() >= Isa::avx2;
+  const int64_t row_bytes = r.kp;
   parallel_for(m, 8, [&](int64_t b, int64_t e) {
     std::vector<float> fbuf(x.scalar_type() == at::kFloat ? 0 : k);
     std::vector<uint8_t> codes(k);
@@ -131,7 +122,7 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
       }
       const ew::FqParams p{1.0f / scale, scale, static_cast<float>(zp), qmax, {}};
       gemm::quantize_codes(xr, codes.data(), k, p);
-      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, wbits, r.data.get() + i * row_bytes);
+      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, r.data.get() + i * row_bytes);
       if (packed) {
         uint8_t* pr = packed + i * pw;
         std::fill(pr, pr + pw, uint8_t(0));
@@ -163,6 +154,18 @@ gemm::Args make_args(const ActRows& r, const at::Tensor& w_tiles, const at::Tens
   return g;
 }
 
+// One-element activation scale (as fp32) and zero point (truncated to int32, like .to(torch.int32)),
+// read directly for the common dtypes: .item() costs a dispatcher round trip on the M = 1 path.
+float scalar_f32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return *t.data_ptr<float>();
+  return t.to(at::kFloat).reshape({1}).item<float>();
+}
+int32_t scalar_i32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kInt) return *t.data_ptr<int32_t>();
+  if (t.scalar_type() == at::kLong) return static_cast<int32_t>(*t.data_ptr<int64_t>());
+  return t.to(at::kInt).reshape({1}).item<int32_t>();
+}
+
 int kernel_bits(int64_t w_bits) { return static_cast<int>(w_bits == 3 ? 4 : w_bits); }
 
 }  // namespace
@@ -176,12 +179,12 @@ std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data_in, con
   const int64_t rows = data.size(0), og = rows / groups, tpg = (og + kTileRows - 1) / kTileRows;
   const int64_t nchunks = gemm::num_chunks(k, wb), row_stride = data.size(1);
   at::Tensor tiles = at::zeros({groups * tpg * nchunks * kTileRows * kChunkBytes}, data.options());
-  at::Tensor corr = at::zeros({groups * tpg * kTileRows, 3}, data.options().dtype(at::kInt));
+  at::Tensor corr = at::zeros({groups * tpg, 3, kTileRows}, data.options().dtype(at::kInt));
   const uint8_t* src = data.data_ptr<uint8_t>();
   const int32_t* zpp = zp.data_ptr<int32_t>();
   uint8_t* dst = tiles.data_ptr<uint8_t>();
   int32_t* cp = corr.data_ptr<int32_t>();
-  const int off = gemm::act_offset(wb);
+  const int off = gemm::kActOffset;
   parallel_for(rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const int64_t g = n / og, j = n % og;
@@ -197,10 +200,10 @@ std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data_in, con
         else if (wb == 2) chunk_row[within % 32] |= static_cast<uint8_t>(c << (2 * (within / 32)));
         else chunk_row[within % 32] |= static_cast<uint8_t>(c << (4 * (within / 32)));
       }
-      int32_t* c3 = cp + (t * kTileRows + r) * 3;
+      int32_t* c3 = cp + t * 3 * kTileRows + r;
       c3[0] = static_cast<int32_t>(off * sum);
-      c3[1] = zpp[n];
-      c3[2] = static_cast<int32_t>(sum - k * static_cast<int64_t>(zpp[n]));
+      c3[kTileRows] = zpp[n];
+      c3[2 * kTileRows] = static_cast<int32_t>(sum - k * static_cast<int64_t>(zpp[n]));
     }
   });
   return {tiles, corr};
@@ -215,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation(const at::Ten
   float s = 1.f;
   int32_t z = 0;
   if (!per_token) {
-    s = scale->to(at::kFloat).reshape({1}).item<float>();
-    z = zero_point->to(at::kInt).reshape({1}).item<int32_t>();
+    s = scalar_f32(*scale);
+    z = scalar_i32(*zero_point);
   }
   at::Tensor packed = at::empty({m, (k + per - 1) / per}, x.options().dtype(at::kByte));
   // The kernel rows are a by-product here; 8-bit rows are the cheapest to fill.
@@ -238,12 +241,12 @@ at::Tensor linear_int(const at::Tensor& a_data_in, const at::Tensor& a_zero_poin
   const at::Tensor zp = a_zero_point.to(at::kInt).contiguous().reshape({-1});
   r.zp.assign(zp.data_ptr<int32_t>(), zp.data_ptr<int32_t>() + zp.numel());
   const uint8_t* src = a_data.data_ptr<uint8_t>();
-  const int64_t row_bytes = r.kp * gemm::act_elem_bytes(wb);
+  const int64_t row_bytes = r.kp;
   parallel_for(m, 8, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> codes(k);
     for (int64_t i = b; i < e; ++i) {
       for (int64_t j = 0; j < k; ++j) codes[j] = kpack_code(src + i * bytes, j, slot);
-      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, wb, r.data.get() + i * row_bytes);
+      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, r.data.get() + i * row_bytes);
     }
   });
   at::Tensor out = at::empty({m, n}, a_data.options().dtype(at::kInt));
@@ -264,8 +267,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_tiles, const at::T
   float s = 1.f;
   int32_t z = 0;
   if (!per_token) {
-    s = a_scale->to(at::kFloat).reshape({1}).item<float>();
-    z = a_zero_point->to(at::kInt).reshape({1}).item<int32_t>();
+    s = scalar_f32(*a_scale);
+    z = scalar_i32(*a_zero_point);
   }
   ActRows r = quantize_rows(x, a_bits, per_token, symmetric, s, z, kernel_bits(w_bits), nullptr);
   const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();

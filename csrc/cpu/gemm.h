@@ -11,15 +11,14 @@
 //     so one 32-byte load plus shift / mask yields 32 consecutive k per slot, matching a contiguous
 //     32-byte run of activations; K is padded up to whole chunks with code 0;
 //   * memory order tiles[tile][chunk][row in tile][32 bytes]: a tile's rows are streamed together.
-//   * corr[row] = {P, zw, Q} (int32): P = act_offset * sum_k code, zw = the row's zero point,
-//     Q = sum_k (code - zw) over the real K; act_offset = 128 for 2/3/4-bit, 0 for 8-bit.
+//   * corr[tile] = {P[4], zw[4], Q[4]} (int32, one value per tile row): P = act_offset * sum_k code,
+//     zw = the row's zero point, Q = sum_k (code - zw) over the real K; act_offset = 128.
 //
 // Activation rows (built per call from float x or packed codes), Kp = nchunks * chunk_k elements:
-//   * weights of 2/3/4 bits: int8 a' = code - 128 (unsigned codes become signed bytes, so that
-//     vpmaddubsw(unsigned weight code <= 15, signed a') can never saturate: 2 * 15 * 128 < 2^15);
-//     padding a' = -128 (code 0) meets weight code 0;
-//   * weights of 8 bits: int16 codes (vpmaddwd on widened weights), padding 0.
-//   * a_sum[m] = sum of the row's codes over the real K.
+//   int8 a' = code - 128 (unsigned codes become signed bytes, so that vpmaddubsw(unsigned weight
+//   code <= 15, signed a') can never saturate: 2 * 15 * 128 < 2^15, and vpdpbusd(weight, a') applies
+//   to every width); padding a' = -128 (code 0) meets weight code 0; a_sum[m] = sum of the row's
+//   codes over the real K.
 // Integer result (exact, wrapping int32 arithmetic like the int32 reference):
 //   sum_k (a - za)(w - zw) = dot(a', w) + P - zw * a_sum - za * Q.
 #pragma once
@@ -32,11 +31,11 @@ constexpr int kTileRows = 4;
 constexpr int kChunkBytes = 32;
 
 inline int chunk_k(int wbits) { return wbits == 2 ? 128 : (wbits == 8 ? 32 : 64); }
-inline int act_offset(int wbits) { return wbits == 8 ? 0 : 128; }
+constexpr int kActOffset = 128;  // activation rows hold code - 128
 
 struct Args {
-  // activations: int8 (wbits <= 4) or int16 (wbits == 8), row stride lda elements
-  const void* a;
+  // activations: int8 a' rows, row stride lda
+  const int8_t* a;
   int64_t lda;
   const int32_t* a_sum;
   const int32_t* a_zp;
@@ -47,7 +46,7 @@ struct Args {
   const uint8_t* w;
   int64_t nchunks;
   int wbits;
-  const int32_t* corr;    // [tiles * 4][3]
+  const int32_t* corr;    // [tiles][3][4]
   const float* w_scale;   // [n]
   const float* bias;      // [n] or null
   int64_t n;              // real rows; rows >= n in the last tile are padding
@@ -60,12 +59,14 @@ struct Args {
 // Rows [m0, m1) x tiles [t0, t1) of the product.
 void run_portable(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 void run_avx2(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+void run_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 
 // Row min / max of fp32 values (per-token activation ranges).
 void minmax_portable(const float* x, int64_t n, float& lo, float& hi);
 void minmax_avx2(const float* x, int64_t n, float& lo, float& hi);
 
-// Shared epilogue for one tile: dots[m][r] of rows m0.. (count mr) and tile t.
+// Shared epilogue for one tile: dots[m][r] of rows m0.. (count mr) and tile t (scalar / 4-wide SSE).
 void finish_tile(const Args& g, int64_t m0, int mr, int64_t t, const int32_t (*dots)[kTileRows]);
+void finish_tile_avx2(const Args& g, int64_t m0, int mr, int64_t t, const int32_t (*dots)[kTileRows]);
 
 }  // namespace dfqkern::cpu::gemm

@@ -1,7 +1,7 @@
 // AVX2 packed GEMM micro-kernels: MR activation rows x one 4-row weight tile, int32 lanes.
 //   2/3/4-bit: vpand / vpsrlw unpack, vpmaddubsw(weight code, a') -> int16 pairs (<= 2*15*128, no
-//              saturation), summed in int16 within a chunk, vpmaddwd(., 1) -> int32 accumulators.
-//   8-bit:     vpmovzxbw weights, vpmaddwd with int16 activation codes.
+//              saturation), accumulated in int16 for several slots, then vpmaddwd(., 1) -> int32.
+//   8-bit:     vpmovzxbw weights, vpmovsxbw activations, vpmaddwd.
 #include <algorithm>
 
 #include "gemm.h"
@@ -22,79 +22,87 @@ inline void store_dots(__m256i (&acc)[MR][kTileRows], int32_t (*dots)[kTileRows]
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[m]), hsum4_epi32(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
 }
 
-template <int MR>
-void tile_w4(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nchunks, int32_t (*dots)[kTileRows]) {
-  __m256i acc[MR][kTileRows];
+// 2/3/4-bit weights. For each 32-k slot of a chunk: unpack the slot of each tile row (one vpand,
+// plus a vpsrlw for the upper slots), vpmaddubsw it with each activation row and add the int16
+// pairs into int16 accumulators; every kFlush slots the int16 sums are widened (vpmaddwd by 1)
+// into int32 partial sums kept on the stack. A pair is at most 2 * qmax * 128 in magnitude, so
+// kFlush * 2 * qmax * 128 < 2^15 keeps the int16 sums exact.
+template <int MR, int SLOT_BITS>
+void tile_low(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nchunks, int32_t (*dots)[kTileRows]) {
+  constexpr int kSlots = 8 / SLOT_BITS;
+  constexpr int kFlush = SLOT_BITS == 2 ? 32 : 8;  // 32*2*3*128 = 24576, 8*2*15*128 = 30720
+  // int32 partial sums live in memory (touched once per kFlush slots) so that the MR x 4 int16
+  // accumulators, one weight slot and the mask fit the 16 ymm registers.
+  alignas(32) int32_t acc32[MR][kTileRows][8] = {};
+  __m256i acc16[MR][kTileRows];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int r = 0; r < kTileRows; ++r) acc[m][r] = _mm256_setzero_si256();
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int64_t c = 0; c < nchunks; ++c, w += kTileRows * kChunkBytes, a += 64) {
+    for (int r = 0; r < kTileRows; ++r) acc16[m][r] = _mm256_setzero_si256();
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << SLOT_BITS) - 1));
+  int pending = 0;
+  auto flush = [&]() {
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int r = 0; r < kTileRows; ++r) {
-      const __m256i wv = ld(w + r * kChunkBytes);
-      const __m256i lo = _mm256_and_si256(wv, mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
+      for (int r = 0; r < kTileRows; ++r) {
+        __m256i* p = reinterpret_cast<__m256i*>(acc32[m][r]);
+        _mm256_store_si256(p, _mm256_add_epi32(_mm256_load_si256(p), _mm256_madd_epi16(acc16[m][r], ones)));
+        acc16[m][r] = _mm256_setzero_si256();
+      }
+  };
+  for (int64_t c = 0; c < nchunks; ++c, w += kTileRows * kChunkBytes, a += 32 * kSlots) {
 #pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) {
-        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ld(a + m * lda)),
-                                           _mm256_maddubs_epi16(hi, ld(a + m * lda + 32)));
-        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(p, ones));
+    for (int j = 0; j < kSlots; ++j) {
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileRows; ++r) {
+        __m256i wv = ld(w + r * kChunkBytes);
+        if (j) wv = _mm256_srli_epi16(wv, j * SLOT_BITS);
+        wv = _mm256_and_si256(wv, mask);
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m)
+          acc16[m][r] = _mm256_add_epi16(acc16[m][r], _mm256_maddubs_epi16(wv, ld(a + m * lda + 32 * j)));
       }
     }
-  }
-  store_dots<MR>(acc, dots);
-}
-
-template <int MR>
-void tile_w2(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nchunks, int32_t (*dots)[kTileRows]) {
-  __m256i acc[MR][kTileRows];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < kTileRows; ++r) acc[m][r] = _mm256_setzero_si256();
-  const __m256i mask = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
-  for (int64_t c = 0; c < nchunks; ++c, w += kTileRows * kChunkBytes, a += 128) {
-#pragma GCC unroll 4
-    for (int r = 0; r < kTileRows; ++r) {
-      const __m256i wv = ld(w + r * kChunkBytes);
-      const __m256i s0 = _mm256_and_si256(wv, mask);
-      const __m256i s1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask);
-      const __m256i s2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
-      const __m256i s3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask);
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) {
-        const int8_t* am = a + m * lda;
-        const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(s0, ld(am)), _mm256_maddubs_epi16(s1, ld(am + 32)));
-        const __m256i p23 =
-            _mm256_add_epi16(_mm256_maddubs_epi16(s2, ld(am + 64)), _mm256_maddubs_epi16(s3, ld(am + 96)));
-        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(_mm256_add_epi16(p01, p23), ones));
-      }
+    pending += kSlots;
+    if (pending >= kFlush) {
+      flush();
+      pending = 0;
     }
   }
-  store_dots<MR>(acc, dots);
+  flush();
+  for (int m = 0; m < MR; ++m) {
+    const auto v = [&](int r) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(acc32[m][r])); };
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[m]), hsum4_epi32(v(0), v(1), v(2), v(3)));
+  }
 }
 
+// 8-bit weights: codes up to 255 would saturate vpmaddubsw, so both sides are widened to int16
+// (vpmovzxbw / vpmovsxbw) and multiplied with vpmaddwd. MR <= 2 keeps everything in registers.
 template <int MR>
-void tile_w8(const int16_t* a, int64_t lda, const uint8_t* w, int64_t nchunks, int32_t (*dots)[kTileRows]) {
+void tile_w8(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nchunks, int32_t (*dots)[kTileRows]) {
   __m256i acc[MR][kTileRows];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int r = 0; r < kTileRows; ++r) acc[m][r] = _mm256_setzero_si256();
+  const auto ld16 = [](const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); };
   for (int64_t c = 0; c < nchunks; ++c, w += kTileRows * kChunkBytes, a += 32) {
+    __m256i a0[MR], a1[MR];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      a0[m] = _mm256_cvtepi8_epi16(ld16(a + m * lda));
+      a1[m] = _mm256_cvtepi8_epi16(ld16(a + m * lda + 16));
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < kTileRows; ++r) {
-      const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * kChunkBytes)));
-      const __m256i w1 =
-          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * kChunkBytes + 16)));
+      const __m256i w0 = _mm256_cvtepu8_epi16(ld16(w + r * kChunkBytes));
+      const __m256i w1 = _mm256_cvtepu8_epi16(ld16(w + r * kChunkBytes + 16));
 #pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) {
-        const int16_t* am = a + m * lda;
-        acc[m][r] = _mm256_add_epi32(
-            acc[m][r], _mm256_add_epi32(_mm256_madd_epi16(w0, ld(am)), _mm256_madd_epi16(w1, ld(am + 16))));
-      }
+      for (int m = 0; m < MR; ++m)
+        acc[m][r] = _mm256_add_epi32(acc[m][r],
+                                     _mm256_add_epi32(_mm256_madd_epi16(w0, a0[m]), _mm256_madd_epi16(w1, a1[m])));
     }
   }
   store_dots<MR>(acc, dots);
@@ -103,28 +111,77 @@ void tile_w8(const int16_t* a, int64_t lda, const uint8_t* w, int64_t nchunks, i
 template <int MR>
 inline void tile(const Args& g, int64_t m, int64_t t, int32_t (*dots)[kTileRows]) {
   const uint8_t* w = g.w + t * g.nchunks * kTileRows * kChunkBytes;
-  if (g.wbits == 8)
-    tile_w8<MR>(static_cast<const int16_t*>(g.a) + m * g.lda, g.lda, w, g.nchunks, dots);
-  else if (g.wbits == 2)
-    tile_w2<MR>(static_cast<const int8_t*>(g.a) + m * g.lda, g.lda, w, g.nchunks, dots);
-  else
-    tile_w4<MR>(static_cast<const int8_t*>(g.a) + m * g.lda, g.lda, w, g.nchunks, dots);
+  const int8_t* a = g.a + m * g.lda;
+  if (g.wbits == 8) {
+    if constexpr (MR == 3) {
+      tile_w8<2>(a, g.lda, w, g.nchunks, dots);
+      tile_w8<1>(a + 2 * g.lda, g.lda, w, g.nchunks, dots + 2);
+    } else {
+      tile_w8<MR>(a, g.lda, w, g.nchunks, dots);
+    }
+  } else if (g.wbits == 2) {
+    tile_low<MR, 2>(a, g.lda, w, g.nchunks, dots);
+  } else {
+    tile_low<MR, 4>(a, g.lda, w, g.nchunks, dots);
+  }
 }
 
-constexpr int kMR = 2;  // activation rows per micro-kernel call (MR x 4 int32 accumulators in registers)
+constexpr int kMR = 2;  // activation rows per micro-kernel call: 2 x 4 int16 accumulators stay in the 16 ymm registers
 
 }  // namespace
+
+// Epilogue of one full tile (4 real rows) for mr activation rows, 4 outputs per vector; partial
+// tiles take the scalar finish_tile. Same operations and order as finish_tile.
+void finish_tile_avx2(const Args& g, int64_t m0, int mr, int64_t t, const int32_t (*dots)[kTileRows]) {
+  const int64_t row0 = t * kTileRows;
+  if (row0 + kTileRows > g.n) return finish_tile(g, m0, mr, t, dots);
+  const __m128i* c = reinterpret_cast<const __m128i*>(g.corr + t * 3 * kTileRows);
+  const __m128i P = _mm_loadu_si128(c), ZW = _mm_loadu_si128(c + 1), Q = _mm_loadu_si128(c + 2);
+  __m128 ws = _mm_setzero_ps(), bias = _mm_setzero_ps();
+  if (g.out_f) {
+    ws = _mm_loadu_ps(g.w_scale + row0);
+    if (g.bias) bias = _mm_loadu_ps(g.bias + row0);
+  }
+  for (int i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    const __m128i sa = _mm_set1_epi32(g.a_sum[m]), za = _mm_set1_epi32(g.a_zp[m * g.a_zp_step]);
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dots[i]));
+    const __m128i acc = _mm_sub_epi32(_mm_sub_epi32(_mm_add_epi32(d, P), _mm_mullo_epi32(ZW, sa)), _mm_mullo_epi32(za, Q));
+    const int64_t o = m * g.ldo_m + row0 * g.ldo_n;
+    alignas(16) float yv[kTileRows];
+    alignas(16) int32_t iv[kTileRows];
+    if (g.out_i) {
+      if (g.ldo_n == 1) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(g.out_i + o), acc);
+        continue;
+      }
+      _mm_store_si128(reinterpret_cast<__m128i*>(iv), acc);
+      for (int r = 0; r < kTileRows; ++r) g.out_i[o + r * g.ldo_n] = iv[r];
+      continue;
+    }
+    __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(acc), _mm_mul_ps(_mm_set1_ps(g.a_scale[m * g.a_scale_step]), ws));
+    if (g.bias) y = _mm_add_ps(y, bias);
+    if (g.ldo_n == 1) {
+      _mm_storeu_ps(g.out_f + o, y);
+    } else {
+      _mm_store_ps(yv, y);
+      for (int r = 0; r < kTileRows; ++r) g.out_f[o + r * g.ldo_n] = yv[r];
+    }
+  }
+}
 
 void run_avx2(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   int32_t dots[kMR][kTileRows];
   for (int64_t m = m0; m < m1; m += kMR) {
     const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
     for (int64_t t = t0; t < t1; ++t) {
-      if (mr == 2)
+      if (mr == 3)
+        tile<3>(g, m, t, dots);
+      else if (mr == 2)
         tile<2>(g, m, t, dots);
       else
         tile<1>(g, m, t, dots);
-      finish_tile(g, m, mr, t, dots);
+      finish_tile_avx2(g, m, mr, t, dots);
     }
   }
 }

@@ -10,13 +10,11 @@
 
 namespace dfqkern::cpu::gemm {
 
-// Element size of an activation row for weights of `wbits` bits (int8 a' or int16 codes).
-inline int act_elem_bytes(int wbits) { return wbits == 8 ? 2 : 1; }
-
 inline int64_t num_chunks(int64_t k, int wbits) { return (k + chunk_k(wbits) - 1) / chunk_k(wbits); }
 
-// Writes one activation row (kp elements, padded) from `k` unsigned codes; returns the sum of the codes.
-int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int wbits, void* dst);
+// Writes one activation row (kp int8 a' = code - 128, padded with code 0) from `k` unsigned codes;
+// returns the sum of the codes.
+int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* dst);
 
 // Quantizes `k` fp32 values with (inv, zp, qmax) into unsigned codes (ISA-dispatched ew::quantize).
 void quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p);

@@ -15,10 +15,10 @@ void finish_tile(const Args& g, int64_t m0, int mr, int64_t t, const int32_t (*d
     for (int r = 0; r < kTileRows; ++r) {
       const int64_t row = t * kTileRows + r;
       if (row >= g.n) break;
-      const int32_t* c = g.corr + row * 3;
+      const int32_t* c = g.corr + t * 3 * kTileRows + r;
       // wrapping uint32 arithmetic: exact whenever the true result fits in int32
       const uint32_t acc = static_cast<uint32_t>(dots[i][r]) + static_cast<uint32_t>(c[0]) -
-                           static_cast<uint32_t>(c[1]) * sa - za * static_cast<uint32_t>(c[2]);
+                           static_cast<uint32_t>(c[kTileRows]) * sa - za * static_cast<uint32_t>(c[2 * kTileRows]);
       const int64_t o = m * g.ldo_m + row * g.ldo_n;
       if (g.out_i) {
         g.out_i[o] = static_cast<int32_t>(acc);
@@ -67,13 +67,8 @@ void run_portable(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
       for (int64_t m = m0; m < m1; ++m) {
         for (int r = 0; r < kTileRows; ++r) {
           int32_t s = 0;
-          if (g.wbits == 8) {
-            const int16_t* a = static_cast<const int16_t*>(g.a) + m * g.lda + c * ck;
-            for (int j = 0; j < ck; ++j) s += int32_t(a[j]) * w[r][j];
-          } else {
-            const int8_t* a = static_cast<const int8_t*>(g.a) + m * g.lda + c * ck;
-            for (int j = 0; j < ck; ++j) s += int32_t(a[j]) * w[r][j];
-          }
+          const int8_t* a = g.a + m * g.lda + c * ck;
+          for (int j = 0; j < ck; ++j) s += int32_t(a[j]) * w[r][j];
           dots[m - m0][r] += s;
         }
       }

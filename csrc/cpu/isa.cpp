@@ -21,17 +21,34 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 Isa parse(const std::string& name) {
   if (name == "portable") return Isa::portable;
+  if (name == "avx512vnni") {
+    TORCH_CHECK_VALUE(cpu_has_avx512vnni(), "dfqkern CPU ISA 'avx512vnni' requested but this CPU lacks AVX512-VNNI/VL");
+    return Isa::avx512vnni;
+  }
   if (name == "avx2") {
     TORCH_CHECK_VALUE(cpu_has_avx2(), "dfqkern CPU ISA 'avx2' requested but this CPU lacks AVX2/FMA/F16C");
     return Isa::avx2;
   }
-  TORCH_CHECK_VALUE(name == "auto" || name.empty(), "dfqkern CPU ISA must be one of 'auto', 'avx2', 'portable', got '",
-                    name, "'");
-  return cpu_has_avx2() ? Isa::avx2 : Isa::portable;
+  TORCH_CHECK_VALUE(name == "auto" || name.empty(),
+                    "dfqkern CPU ISA must be one of 'auto', 'avx512vnni', 'avx2', 'portable', got '", name, "'");
+  return cpu_has_avx512vnni() ? Isa::avx512vnni : (cpu_has_avx2() ? Isa::avx2 : Isa::portable);
 }
 
 std::atomic<int>& isa_state() {
@@ -48,7 +65,13 @@ Isa active_isa() { return static_cast<Isa>(isa_state().load(std::memory_order_re
 
 void set_isa(const std::string& name) { isa_state().store(static_cast<int>(parse(name))); }
 
-std::string isa_name() { return active_isa() == Isa::avx2 ? "avx2" : "portable"; }
+std::string isa_name() {
+  switch (active_isa()) {
+    case Isa::avx512vnni: return "avx512vnni";
+    case Isa::avx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 void parallel_range(int64_t n, int64_t grain, void (*fn)(void*, int64_t, int64_t), void* ctx) {
   if (n <= 0) return;

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward(const at::Tensor& grad, con
 
 // --------------------------------------------------------------------------- packed GEMM (gemm.cpp)
 // Weight layout "cpu-tile-v1" (derived from kpack-lsb-v1 by prepack_weight; see gemm.h).
-// Returns (tiles uint8 [groups * tiles_per_group * nchunks * 4 * 32], corr int32 [groups * tiles_per_group * 4, 3]).
+// Returns (tiles uint8 [groups * tiles_per_group * nchunks * 4 * 32], corr int32 [groups * tiles_per_group, 3, 4]).
 std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data, const at::Tensor& zero_point, int64_t bits,
                                                   int64_t k, int64_t groups);
 // Quantize float [M, K] activations and pack them (kpack-lsb-v1): (data, scale [1]|[M], zero_point [1]|[M]).

@@ -34,15 +34,18 @@ from .reference import ActQuant, Unsupported
 DEVICES = ("cpu",)
 
 _OPS = None  # torch.ops.dfqkern once the extension is loaded
+_FAST = None  # dfqkern._C: direct (dispatcher-free) bindings of the latency-critical ops
+_NO_CORR = torch.empty(0, dtype=torch.int32)  # the depthwise layout needs no correction table
 
 
 def _load():
-    global _OPS
+    global _OPS, _FAST
     if _OPS is None:
-        from .. import _C  # noqa: F401  (registers torch.ops.dfqkern.cpu_*)
+        from .. import _C  # registers torch.ops.dfqkern.cpu_*
 
         ops = torch.ops.dfqkern
         ops.cpu_linear  # noqa: B018  (raises if this build has no CPU ops)
+        _FAST = _C if hasattr(_C, "cpu_linear") and hasattr(_C, "cpu_conv2d") else ops
         _OPS = ops
     return _OPS
 
@@ -151,7 +154,9 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     w = c.get(("tile", 1)) if c is not None else None
     if w is None:
         w = tile_weight(pw)
-    y = (_OPS or _load()).cpu_linear(x, w[0], w[1], pw.scale, pw.bits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
+    if _FAST is None:
+        _load()
+    y = _FAST.cpu_linear(x, w[0], w[1], pw.scale, pw.bits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
                         act.per_token, act.symmetric)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], pw.n)
@@ -181,7 +186,7 @@ def _conv_weight(pw: PackedWeight, groups: int):
     if len(pw.shape) != 4:
         raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
     if pw.shape[1] == 1:
-        return depthwise_weight(pw), torch.empty(0, dtype=torch.int32)
+        return depthwise_weight(pw), _NO_CORR
     if pw.shape[0] % groups:
         raise ValueError(f"groups={groups} must divide the {pw.shape[0]} output channels")
     return tile_weight(pw, groups)
@@ -209,7 +214,9 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
         raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
     za = _int_zero_point(act.zero_point, "act.zero_point")
     w, corr = _conv_weight(pw, groups)
-    y = _load().cpu_conv2d(x, w, corr, pw.scale, pw.bits, list(pw.shape), _pair(stride, "stride"),
+    if _FAST is None:
+        _load()
+    y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, list(pw.shape), _pair(stride, "stride"),
                            _pair(padding, "padding"), _pair(dilation, "dilation"), groups, bias,
                            float(act.scale.reshape(-1)[0]), za, act.bits)
     out_dtype = out_dtype or x.dtype
