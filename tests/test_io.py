@@ -287,6 +287,9 @@ def test_other_architecture(ckpt):
         load_quantized(ckpt, factory=lambda: DigitsCNN(num_classes=5))
     with pytest.raises(CheckpointError, match="layer 'fc' should be a Linear .* found nothing"):
         load_quantized(ckpt, factory=lambda: _without_fc())
+    _edit_meta(ckpt, lambda m: m["folded_bn"].update({"head.bn": "head.conv"}))
+    with pytest.raises(CheckpointError, match="another architecture: no module 'head.bn' in 'digits_cnn'"):
+        load_quantized(ckpt)
     _edit_meta(ckpt, lambda m: m.update(arch="no_such_model"))
     with pytest.raises(CheckpointError, match="cannot rebuild architecture 'no_such_model'.*pass factory="):
         load_quantized(ckpt)
