@@ -170,28 +170,16 @@ def make_act(x, bits, per_token, symmetric) -> ActQuant:
     return ActQuant(bits, per_token=True, symmetric=symmetric) if per_token else static_act(x, bits, symmetric)
 
 
-def _reference_pack_bug(x, act) -> bool:
-    # reference.quantize_activation passes the per-token zero point as [M, 1] to pack_codes, which
-    # expects [M]: it raises for per-token 4-bit activations with odd K (a padded slot). Reported to
-    # the lead; test_reference_quantize_activation_per_token_odd_k flips to XPASS once fixed.
-    return act.per_token and act.bits == 4 and x.shape[-1] % 2 == 1
-
-
 def ref_quantize_activation(x, act):
-    """reference.quantize_activation, composed from the same reference pieces where it hits the bug above."""
-    if not _reference_pack_bug(x, act):
-        return R.quantize_activation(x, act)
-    scale, zp = R.token_qparams(x, act.bits, act.symmetric)
-    codes = R.quantize(x, scale.to(x.device), zp.to(x.device), act.bits, axis=0)
-    zp = zp.to(device=x.device, dtype=torch.int32)
-    return PackedActivation(pack_codes(codes, act.bits, zp), scale.to(x.device), zp, act.bits, x.shape[1])
+    return R.quantize_activation(x, act)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="reference.quantize_activation: per-token zero "
-                   "point reshaped to [M, 1] before pack_codes (needs [M]); fix belongs to reference.py")
 def test_reference_quantize_activation_per_token_odd_k():
+    """Regression: per-token 4-bit activations with odd K (a padded slot) pack with each row's zero point."""
     x = dev(torch.randn(3, 5))
-    R.quantize_activation(x, ActQuant(4, per_token=True))
+    pa = R.quantize_activation(x, ActQuant(4, per_token=True))
+    assert pa.data.shape == (3, 3)
+    assert torch.equal(pa.data[:, -1] >> 4, pa.zero_point.to(torch.uint8))  # pad slot = row zero point
 
 
 # ----------------------------------------------------------------------------- contract
