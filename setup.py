@@ -24,7 +24,9 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DDFQKERN_VERSION=\"" + sources.VERSION + "\""]
+    # -ffp-contract=off: the CPU kernels reproduce the reference's fp32 epilogues bit for bit, which
+    # an FMA contraction of `acc * scale + bias` would break.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DDFQKERN_VERSION=\"" + sources.VERSION + "\""]
     libs = ["gomp"]
     build_cuda = (os.environ.get("DFQKERN_SKIP_CUDA") != "1" and torch.version.cuda is not None
                   and CUDA_HOME is not None and sources.cuda_sources())

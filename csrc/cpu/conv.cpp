@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -55,6 +56,14 @@ struct Epilogue {
 };
 
 // ---------------------------------------------------------------------------------- GEMM path
+
+// im2col copies runs of C/groups bytes; whole 16-byte pieces as fixed-size copies (inlined moves
+// instead of a memmove call per tap).
+inline void copy_run(const int8_t* src, int64_t n, int8_t* dst) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) std::memcpy(dst + j, src + j, 16);
+  for (; j < n; ++j) dst[j] = src[j];
+}
 
 void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w_tiles,
                const at::Tensor& w_corr, int64_t w_bits, const Epilogue& ep) {
@@ -117,7 +126,7 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
                 if (in) s += pixsum[pix * g.groups + grp];
                 else s += za * static_cast<int32_t>(cg);
                 int8_t* dst = reinterpret_cast<int8_t*>(cols.get()) + m * kp + kk;
-                if (in) std::copy_n(reinterpret_cast<const int8_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
+                if (in) copy_run(reinterpret_cast<const int8_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
                 else std::fill_n(dst, cg, pad8);
               }
             }

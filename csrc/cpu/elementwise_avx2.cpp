@@ -125,9 +125,10 @@ struct ArVec {
         gamma(_mm256_set1_ps(kGamma)) {}
 };
 
-}  // namespace
-
-void ar_forward_avx2(const float* base, const float* v, float* w, int64_t n, const ArParams& p, double& reg) {
+// The exponent cases are template parameters so the loops carry no per-step branches:
+// MODE 0 hard rounding (no regularizer), 1 soft with beta == 2 (|u|^2 = u*u), 2 soft, any beta.
+template <int MODE>
+void ar_forward_loop(const float* base, const float* v, float* w, int64_t n, const ArParams& p, double& reg) {
   const ArVec c(p);
   const __m256 two = _mm256_set1_ps(2.f);
   __m256 reg_f = _mm256_setzero_ps();
@@ -136,12 +137,13 @@ void ar_forward_avx2(const float* base, const float* v, float* w, int64_t n, con
   for (; i + 8 <= n; i += 8) {
     const __m256 vv = _mm256_loadu_ps(v + i);
     __m256 h;
-    if (p.hard) {
+    if constexpr (MODE == 0) {
       h = _mm256_and_ps(_mm256_cmp_ps(vv, c.zero, _CMP_GE_OQ), c.one);
     } else {
       h = clamp_ps(_mm256_add_ps(_mm256_mul_ps(sigmoid_ps(vv), c.stretch), c.gamma), c.zero, c.one);
       const __m256 u = _mm256_sub_ps(_mm256_mul_ps(two, h), c.one);
-      reg_f = _mm256_add_ps(reg_f, _mm256_sub_ps(c.one, pow_abs_ps(u, p.beta)));
+      const __m256 pw = MODE == 1 ? _mm256_mul_ps(u, u) : pow_abs_ps(u, p.beta);
+      reg_f = _mm256_add_ps(reg_f, _mm256_sub_ps(c.one, pw));
       if (++steps == kFlush) {
         flush_to_double(reg_f, reg_d);
         steps = 0;
@@ -156,7 +158,9 @@ void ar_forward_avx2(const float* base, const float* v, float* w, int64_t n, con
   reg += r;
 }
 
-void ar_backward_avx2(const float* g, const float* base, const float* v, float* gv, int64_t n, const ArParams& p,
+// MODE 1: beta == 2, so |u|^(beta-1) * sign(u) = u exactly; MODE 2: any beta.
+template <int MODE>
+void ar_backward_loop(const float* g, const float* base, const float* v, float* gv, int64_t n, const ArParams& p,
                       double& gs) {
   const ArVec c(p);
   const __m256 two = _mm256_set1_ps(2.f), neg_beta = _mm256_set1_ps(-p.beta), reg_grad = _mm256_set1_ps(p.reg_grad);
@@ -174,9 +178,14 @@ void ar_backward_avx2(const float* g, const float* base, const float* v, float* 
     const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(t, c.zero, _CMP_GE_OQ), _mm256_cmp_ps(t, c.qmax, _CMP_LE_OQ));
     const __m256 cc = clamp_ps(t, c.zero, c.qmax);
     const __m256 u = _mm256_sub_ps(_mm256_mul_ps(two, h), c.one);
-    const __m256 sgn = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(u, c.zero, _CMP_GT_OQ), c.one),
-                                     _mm256_and_ps(_mm256_cmp_ps(u, c.zero, _CMP_LT_OQ), c.one));
-    const __m256 dreg = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(neg_beta, pow_abs_ps(u, p.beta_m1)), sgn), two);
+    __m256 dreg;
+    if constexpr (MODE == 1) {
+      dreg = _mm256_mul_ps(_mm256_mul_ps(neg_beta, u), two);
+    } else {
+      const __m256 sgn = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(u, c.zero, _CMP_GT_OQ), c.one),
+                                       _mm256_and_ps(_mm256_cmp_ps(u, c.zero, _CMP_LT_OQ), c.one));
+      dreg = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(neg_beta, pow_abs_ps(u, p.beta_m1)), sgn), two);
+    }
     const __m256 task = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(gg, c.scale), _mm256_and_ps(inside, c.one)), dh_dv);
     _mm256_storeu_ps(gv + i, _mm256_add_ps(task, _mm256_mul_ps(_mm256_mul_ps(reg_grad, dreg), dh_dv)));
     gs_f = _mm256_add_ps(gs_f, _mm256_mul_ps(gg, _mm256_sub_ps(cc, c.zp)));
@@ -189,6 +198,20 @@ void ar_backward_avx2(const float* g, const float* base, const float* v, float* 
   double s = hsum_pd(gs_d);
   for (; i < n; ++i) gv[i] = ar_backward_one(g[i], base[i], v[i], p, s);
   gs += s;
+}
+
+}  // namespace
+
+void ar_forward_avx2(const float* base, const float* v, float* w, int64_t n, const ArParams& p, double& reg) {
+  if (p.hard) ar_forward_loop<0>(base, v, w, n, p, reg);
+  else if (p.beta == 2.f) ar_forward_loop<1>(base, v, w, n, p, reg);
+  else ar_forward_loop<2>(base, v, w, n, p, reg);
+}
+
+void ar_backward_avx2(const float* g, const float* base, const float* v, float* gv, int64_t n, const ArParams& p,
+                      double& gs) {
+  if (p.beta == 2.f && p.beta_m1 == 1.f) ar_backward_loop<1>(g, base, v, gv, n, p, gs);
+  else ar_backward_loop<2>(g, base, v, gv, n, p, gs);
 }
 
 }  // namespace dfqkern::cpu::ew

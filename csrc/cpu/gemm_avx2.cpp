@@ -142,45 +142,63 @@ void finish_tile_avx2(const Args& g, int64_t m0, int mr, int64_t t, const int32_
     ws = _mm_loadu_ps(g.w_scale + row0);
     if (g.bias) bias = _mm_loadu_ps(g.bias + row0);
   }
+  // one 4-vector (the tile's rows) per activation row
+  __m128 y[4];
+  __m128i acc[4];
   for (int i = 0; i < mr; ++i) {
     const int64_t m = m0 + i;
     const __m128i sa = _mm_set1_epi32(g.a_sum[m]), za = _mm_set1_epi32(g.a_zp[m * g.a_zp_step]);
     const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dots[i]));
-    const __m128i acc = _mm_sub_epi32(_mm_sub_epi32(_mm_add_epi32(d, P), _mm_mullo_epi32(ZW, sa)), _mm_mullo_epi32(za, Q));
-    const int64_t o = m * g.ldo_m + row0 * g.ldo_n;
-    alignas(16) float yv[kTileRows];
-    alignas(16) int32_t iv[kTileRows];
-    if (g.out_i) {
-      if (g.ldo_n == 1) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(g.out_i + o), acc);
-        continue;
-      }
-      _mm_store_si128(reinterpret_cast<__m128i*>(iv), acc);
-      for (int r = 0; r < kTileRows; ++r) g.out_i[o + r * g.ldo_n] = iv[r];
-      continue;
+    acc[i & 3] = _mm_sub_epi32(_mm_sub_epi32(_mm_add_epi32(d, P), _mm_mullo_epi32(ZW, sa)), _mm_mullo_epi32(za, Q));
+    if (g.out_f) {
+      y[i & 3] = _mm_mul_ps(_mm_cvtepi32_ps(acc[i & 3]), _mm_mul_ps(_mm_set1_ps(g.a_scale[m * g.a_scale_step]), ws));
+      if (g.bias) y[i & 3] = _mm_add_ps(y[i & 3], bias);
     }
-    __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(acc), _mm_mul_ps(_mm_set1_ps(g.a_scale[m * g.a_scale_step]), ws));
-    if (g.bias) y = _mm_add_ps(y, bias);
-    if (g.ldo_n == 1) {
-      _mm_storeu_ps(g.out_f + o, y);
+    const int64_t o = m * g.ldo_m + row0 * g.ldo_n;
+    if (g.ldo_n == 1) {  // row-major output (Linear): the 4 values are contiguous
+      if (g.out_i) _mm_storeu_si128(reinterpret_cast<__m128i*>(g.out_i + o), acc[i & 3]);
+      else _mm_storeu_ps(g.out_f + o, y[i & 3]);
+    } else if (!(mr == 4 && g.ldo_m == 1)) {  // strided, not transposable below: scalar stores
+      alignas(16) float yv[kTileRows];
+      alignas(16) int32_t iv[kTileRows];
+      _mm_store_ps(yv, y[i & 3]);
+      _mm_store_si128(reinterpret_cast<__m128i*>(iv), acc[i & 3]);
+      for (int r = 0; r < kTileRows; ++r) {
+        if (g.out_i) g.out_i[o + r * g.ldo_n] = iv[r];
+        else g.out_f[o + r * g.ldo_n] = yv[r];
+      }
+    }
+  }
+  if (g.ldo_n != 1 && mr == 4 && g.ldo_m == 1) {
+    // channel-major output (NCHW conv): transpose the 4 x 4 block so each row stores 4 pixels at once
+    if (g.out_i) {
+      __m128 v0 = _mm_castsi128_ps(acc[0]), v1 = _mm_castsi128_ps(acc[1]), v2 = _mm_castsi128_ps(acc[2]),
+             v3 = _mm_castsi128_ps(acc[3]);
+      _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
+      int32_t* o = g.out_i + m0 + row0 * g.ldo_n;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_castps_si128(v0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + g.ldo_n), _mm_castps_si128(v1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * g.ldo_n), _mm_castps_si128(v2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 3 * g.ldo_n), _mm_castps_si128(v3));
     } else {
-      _mm_store_ps(yv, y);
-      for (int r = 0; r < kTileRows; ++r) g.out_f[o + r * g.ldo_n] = yv[r];
+      _MM_TRANSPOSE4_PS(y[0], y[1], y[2], y[3]);
+      float* o = g.out_f + m0 + row0 * g.ldo_n;
+      for (int r = 0; r < 4; ++r) _mm_storeu_ps(o + r * g.ldo_n, y[r]);
     }
   }
 }
 
 void run_avx2(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  int32_t dots[kMR][kTileRows];
-  for (int64_t m = m0; m < m1; m += kMR) {
-    const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
+  // Micro-kernels of kMR rows, two of them per step so the epilogue sees 4 rows (4 x 4 transposed
+  // stores for NCHW conv outputs).
+  int32_t dots[2 * kMR][kTileRows];
+  for (int64_t m = m0; m < m1; m += 2 * kMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(2 * kMR, m1 - m));
     for (int64_t t = t0; t < t1; ++t) {
-      if (mr == 3)
-        tile<3>(g, m, t, dots);
-      else if (mr == 2)
-        tile<2>(g, m, t, dots);
-      else
-        tile<1>(g, m, t, dots);
+      for (int i = 0; i < mr; i += kMR) {
+        if (mr - i >= 2) tile<2>(g, m + i, t, dots + i);
+        else tile<1>(g, m + i, t, dots + i);
+      }
       finish_tile_avx2(g, m, mr, t, dots);
     }
   }

@@ -1,0 +1,275 @@
+"""CPU latency of the dfqkern CPU backend against what a user would otherwise run, in one process.
+
+Run:  ``pytest bench/test_bench_cpu.py --benchmark-enable -q -p no:randomly``
+(``--benchmark-disable``, the default from pyproject, runs every case once as a smoke test).
+At the end a table of ratios is printed (bench/conftest.py) and written to
+``$DFQKERN_BENCH_DIR/bench_cpu.md`` (default ``runs/``).
+
+Every case is a pytest-benchmark group: the baselines and the dfqkern kernels of one group run in
+the same session on the same inputs; the ratio column is ``baseline time / dfqkern time`` (> 1 means
+dfqkern is faster), from medians and from minima (the machine may be shared: minima are the less
+disturbed estimate). Threads: torch's intra-op setting (``torch.set_num_threads``, both sides).
+
+Cases (targets from issue 4, on a 2-core AVX2 machine):
+* Linear, M=1, K=N=4096: fp32 ``F.linear``, fbgemm dynamic int8 (``torch.ao.nn.quantized.dynamic.Linear``),
+  dfqkern W4A8 / W2A8 (per-token dynamic activations, like fbgemm's dynamic mode) and the memory
+  floor ``weight bytes / copy bandwidth`` (a ``copy_`` of a buffer of the packed weight's size, in
+  the STREAM convention: bandwidth = bytes read + written per second, so the floor is half the copy
+  time). Targets: W4A8 >= 2x fbgemm and <= 1.3x floor; W2A8 >= 3x fbgemm.
+* Linear 197x768 -> 3072 (ViT-B MLP, one image): dfqkern W4A8 no slower than fbgemm int8.
+* Conv2d 3x3, ResNet-18 shapes, batch 1: dfqkern W4A8 (static per-tensor activations) >= 2x fp32 F.conv2d.
+* Fused fake-quant forward + backward, 512x512x3x3 weight, per-channel 4-bit: >= 10x
+  ``torch._fake_quantize_learnable_per_channel_affine`` (forward + autograd backward).
+* Fused AdaRound forward + backward + regularizer, same weight: >= 10x the eager chain (the reference
+  ops under autograd, as a user writes AdaRound in PyTorch).
+* Whole models at batch 1 (CIFAR ResNet-20, ResNet-18 224x224, random weights): W4A8 packed
+  (``quantize_model`` -> ``calibrate_activations`` -> ``pack_model``) vs fp32 eager.
+
+dfqkern rows are measured at every ISA level this CPU supports (``[avx512vnni]``, ``[avx2]``);
+the plain ``dfqkern`` row uses the automatic choice.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfqkern.formats import PackedWeight
+from dfqkern.kernels import dispatch, reference as R
+from dfqkern.kernels.reference import ActQuant
+
+C = pytest.importorskip("dfqkern.kernels.cpu")
+if not C.is_available():
+    pytest.skip("dfqkern._C with CPU ops is not built (pip install --no-build-isolation -e .)",
+                allow_module_level=True)
+
+
+def _isas() -> list[str]:
+    out = []
+    for isa in ("avx512vnni", "avx2"):
+        try:
+            with C.use_isa(isa):
+                out.append(isa)
+        except ValueError:
+            pass
+    return out
+
+
+ISAS = _isas()
+IMPL_ISAS = [None] + ISAS  # None: automatic choice
+
+
+def _label(name: str, isa: str | None) -> str:
+    return name if isa is None else f"{name} [{isa}]"
+
+
+def run(benchmark, group: str, name: str, fn, role: str, **meta):
+    """Benchmark ``fn`` as row ``name`` of ``group``; ``role`` is 'baseline', 'dfqkern' or 'floor'."""
+    benchmark.group = group
+    benchmark.extra_info.update(row=name, role=role, **meta)
+    with torch.no_grad():
+        fn()  # warm-up: prepacked layouts, allocator, thread pool
+        benchmark(fn)
+
+
+def _with_isa(isa, fn):
+    if isa is None:
+        return fn
+
+    def wrapped():
+        with C.use_isa(isa):
+            return fn()
+
+    return wrapped
+
+
+def rand_pw(n: int, k: int, bits: int, shape=None, seed: int = 0) -> PackedWeight:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=g)
+    zp = torch.full((n,), 2 ** (bits - 1), dtype=torch.int32)
+    return PackedWeight.from_codes(codes, torch.rand(n, generator=g) * 0.01 + 0.001, zp, bits, shape=shape)
+
+
+# ----------------------------------------------------------------------------- Linear
+
+LINEAR = {"linear M=1 K=N=4096": (1, 4096, 4096), "linear 197x768->3072": (197, 768, 3072)}
+
+
+def _fbgemm_linear(k: int, n: int, bias):
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = nnqd.Linear(k, n)
+        w = torch.randn(n, k) * 0.02
+        qw = torch.quantize_per_channel(w, w.abs().amax(1) / 127 + 1e-8, torch.zeros(n, dtype=torch.long), 0,
+                                        torch.qint8)
+        q.set_weight_bias(qw, bias)
+    return q
+
+
+@pytest.mark.parametrize("group", list(LINEAR))
+@pytest.mark.parametrize("impl", ["fp32 F.linear", "fbgemm int8 dynamic"])
+def test_linear_baselines(benchmark, group, impl):
+    m, k, n = LINEAR[group]
+    x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.02, torch.randn(n)
+    if impl == "fp32 F.linear":
+        run(benchmark, group, impl, lambda: F.linear(x, w, b), "baseline", weight_bytes=w.numel() * 4)
+    else:
+        q = _fbgemm_linear(k, n, b)
+        run(benchmark, group, impl, lambda: q(x), "baseline", weight_bytes=n * k, primary=True)
+
+
+@pytest.mark.parametrize("group", list(LINEAR))
+@pytest.mark.parametrize("wbits", [4, 2, 8])
+@pytest.mark.parametrize("isa", IMPL_ISAS)
+def test_linear_dfqkern(benchmark, group, wbits, isa):
+    m, k, n = LINEAR[group]
+    pw = rand_pw(n, k, wbits)
+    x, b = torch.randn(m, k), torch.randn(n)
+    act = ActQuant(8, per_token=True)
+    fn = _with_isa(isa, lambda: dispatch.linear(x, pw, b, act))
+    run(benchmark, group, _label(f"dfqkern W{wbits}A8", isa), fn, "dfqkern", weight_bytes=pw.nbytes(), wbits=wbits)
+
+
+@pytest.mark.parametrize("wbits", [4, 2])
+def test_linear_memory_floor(benchmark, wbits):
+    """Copy of a buffer the size of the packed 4096x4096 weight: floor = copy time / 2 (STREAM)."""
+    nbytes = rand_pw(4096, 4096, wbits).nbytes()
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    run(benchmark, "linear M=1 K=N=4096", f"memory floor W{wbits} (copy {nbytes >> 20} MiB / 2)",
+        lambda: dst.copy_(src), "floor", weight_bytes=nbytes, wbits=wbits)
+
+
+# ----------------------------------------------------------------------------- Conv2d
+
+CONV = {f"conv3x3 {c}ch {h}x{h} b1": (c, h) for c, h in ((64, 56), (128, 28), (256, 14), (512, 7))}
+
+
+@pytest.mark.parametrize("group", list(CONV))
+def test_conv_fp32(benchmark, group):
+    c, h = CONV[group]
+    x, w, b = torch.randn(1, c, h, h), torch.randn(c, c, 3, 3) * 0.05, torch.randn(c)
+    run(benchmark, group, "fp32 F.conv2d", lambda: F.conv2d(x, w, b, 1, 1), "baseline", primary=True)
+
+
+@pytest.mark.parametrize("group", list(CONV))
+@pytest.mark.parametrize("isa", IMPL_ISAS)
+def test_conv_dfqkern(benchmark, group, isa):
+    c, h = CONV[group]
+    pw = rand_pw(c, c * 9, 4, shape=(c, c, 3, 3))
+    x, b = torch.randn(1, c, h, h), torch.randn(c)
+    s, z = R.qparams_from_range(x.min(), x.max(), 8, False)
+    act = ActQuant(8, s.reshape(1), z.reshape(1))
+    fn = _with_isa(isa, lambda: dispatch.conv2d(x, pw, b, act, 1, 1))
+    run(benchmark, group, _label("dfqkern W4A8", isa), fn, "dfqkern")
+
+
+# ----------------------------------------------------------------------------- fused fake-quant / AdaRound
+
+FQ_GROUP = "fake-quant fwd+bwd 512x512x3x3 per-channel 4-bit"
+AR_GROUP = "AdaRound fwd+bwd+reg 512x512x3x3 4-bit"
+
+
+def _weight():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(512, 512, 3, 3, generator=g) * 0.05
+    s = (w.abs().amax((1, 2, 3)) / 7).clamp_min(1e-8)
+    return w, s, torch.full((512,), 8, dtype=torch.int32), torch.randn(w.shape, generator=g)
+
+
+def test_fake_quant_torch(benchmark):
+    w, s, z, g = _weight()
+    zf = z.float()
+
+    def step():
+        with torch.enable_grad():
+            wr, sr, zr = w.requires_grad_(), s.clone().requires_grad_(), zf.clone().requires_grad_()
+            y = torch._fake_quantize_learnable_per_channel_affine(wr, sr, zr, 0, 0, 15, 1.0)
+            y.backward(g)
+            w.grad = None
+
+    run(benchmark, FQ_GROUP, "torch learnable per-channel (autograd)", step, "baseline", primary=True)
+
+
+def test_fake_quant_dfqkern(benchmark):
+    w, s, z, g = _weight()
+
+    def step():
+        dispatch.fake_quant_forward(w, s, z, 4, 0)
+        dispatch.fake_quant_backward(g, w, s, z, 4, 0)
+
+    run(benchmark, FQ_GROUP, "dfqkern fused fwd + bwd", step, "dfqkern")
+
+
+def test_adaround_eager(benchmark):
+    w, s, z, g = _weight()
+    base, v = R.adaround_base(w, s), R.adaround_init_v(w, s)
+
+    def step():
+        with torch.enable_grad():
+            vv, ss = v.clone().requires_grad_(), s.clone().requires_grad_()
+            wh, reg = R.adaround_forward(base, vv, ss, z, 4, 0, 2.0)
+            (wh * g).sum().add(0.01 * reg).backward()
+
+    run(benchmark, AR_GROUP, "eager chain (reference ops + autograd)", step, "baseline", primary=True)
+
+
+def test_adaround_dfqkern(benchmark):
+    w, s, z, g = _weight()
+    base, v = R.adaround_base(w, s), R.adaround_init_v(w, s)
+
+    def step():
+        dispatch.adaround_forward(base, v, s, z, 4, 0, 2.0)
+        dispatch.adaround_backward(g, base, v, s, z, 4, 0, 2.0, 0.01)
+
+    run(benchmark, AR_GROUP, "dfqkern fused fwd + bwd", step, "dfqkern")
+
+
+# ----------------------------------------------------------------------------- whole models
+
+MODELS = {"model CIFAR ResNet-20 b1": ("cifar10_resnet20", 32), "model ResNet-18 224 b1": ("resnet18", 224)}
+
+
+def _float_model(name: str):
+    if name == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=1000).eval()
+    from dfqkern.models import create_model
+
+    return create_model(name).eval()
+
+
+@pytest.fixture(scope="module")
+def packed_models():
+    """W4A8 packed models (first / last layer 8-bit, the QuantConfig default), built once."""
+    quantize = pytest.importorskip("dfqkern.quantize")
+    from dfqkern.config import QuantConfig
+
+    out = {}
+    torch.manual_seed(0)
+    for group, (name, size) in MODELS.items():
+        fm = _float_model(name)
+        q = quantize.quantize_model(fm, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax",
+                                                    act_observer="minmax"))
+        quantize.calibrate_activations(q, torch.randn(8, 3, size, size), progress=False)
+        quantize.pack_model(q)
+        out[group] = (fm, q.eval(), torch.randn(1, 3, size, size))
+    return out
+
+
+@pytest.mark.parametrize("group", list(MODELS))
+def test_model_fp32(benchmark, group, packed_models):
+    fm, _, x = packed_models[group]
+    run(benchmark, group, "fp32 eager", lambda: fm(x), "baseline", primary=True)
+
+
+@pytest.mark.parametrize("group", list(MODELS))
+@pytest.mark.parametrize("isa", IMPL_ISAS)
+def test_model_packed(benchmark, group, isa, packed_models):
+    _, q, x = packed_models[group]
+    run(benchmark, group, _label("dfqkern W4A8 packed", isa), _with_isa(isa, lambda: q(x)), "dfqkern")
