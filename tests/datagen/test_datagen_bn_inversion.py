@@ -19,9 +19,8 @@ def test_inversion_lowers_bn_loss(tiny_bn_net, method, label_mode):
     before = B.bn_statistics_loss(tiny_bn_net, _random_images(16))
     # The tiny random net's logit range is ~1, where DGH's 1/range stretch term would dominate the BN
     # term at its default weight (real models have ranges ~10); the stretch has its own test below.
-    # Set-level matching with a smaller step (dgh lr 0.1) also converges more slowly: more iterations.
     extra = {"stretch_weight": 0.1} if method == "dgh" else {}
-    iters = 100 if method == "dgh" else 60
+    iters = 60
     res = B.invert_bn(tiny_bn_net, 12, method, label_mode, iters=iters, batch_size=6, input_shape=SHAPE, seed=1,
                       progress=False, **extra)
     after = B.bn_statistics_loss(tiny_bn_net, res.images)
@@ -93,12 +92,23 @@ def test_set_statistics_are_those_of_the_whole_set(tiny_bn_net):
         assert stats.loss() == pytest.approx(B.bn_statistics_loss(tiny_bn_net, whole), rel=1e-5)
 
 
+def test_jitter_augmentation_is_seeded(tiny_bn_net):
+    kw = dict(iters=20, batch_size=4, input_shape=SHAPE, progress=False, jitter=2)
+    a = B.invert_bn(tiny_bn_net, 4, "zeroq", seed=0, **kw)
+    assert torch.equal(a.images, B.invert_bn(tiny_bn_net, 4, "zeroq", seed=0, **kw).images)
+    plain = B.invert_bn(tiny_bn_net, 4, "zeroq", seed=0, **{**kw, "jitter": 0})
+    assert not torch.equal(a.images, plain.images)
+    assert a.bn_loss_history[-1] < a.bn_loss_history[0]
+    with pytest.raises(ValueError, match="jitter must be"):
+        B.invert_bn(tiny_bn_net, 4, "zeroq", seed=0, **{**kw, "jitter": -1})
+
+
 def test_dgh_history_is_the_set_loss(tiny_bn_net):
-    res = B.invert_bn(tiny_bn_net, 16, "dgh", iters=80, batch_size=4, input_shape=SHAPE, seed=0, jitter=0,
+    res = B.invert_bn(tiny_bn_net, 16, "dgh", iters=80, batch_size=4, input_shape=SHAPE, seed=0,
                       stretch_weight=0.0, ce_weight=0.0, progress=False)
     set_loss = B.bn_statistics_loss(tiny_bn_net, res.images)
     assert res.bn_loss_history[-1] == pytest.approx(set_loss, rel=0.5, abs=5e-3)
-    assert set_loss < 0.01 * B.bn_statistics_loss(tiny_bn_net, _random_images(16))
+    assert set_loss < 0.05 * B.bn_statistics_loss(tiny_bn_net, _random_images(16))
 
 
 def test_dgh_stretches_the_output_distribution(tiny_bn_net):
