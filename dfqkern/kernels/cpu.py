@@ -6,8 +6,10 @@ not cover raise :class:`~dfqkern.kernels.reference.Unsupported`, so automatic di
 to the reference: weight-only packed Linear / Conv2d (``act=None``), non-integer activation zero
 points in convolutions, string padding, integer input codes that are not uint8.
 
-Instruction set: AVX2 (+FMA, F16C) kernels when the CPU has them, portable C++ otherwise; force one
-with ``DFQKERN_CPU_ISA=avx2|portable|auto`` or :func:`use_isa` (both give identical integer results).
+Instruction set, chosen at run time: ``avx512vnni`` (the packed GEMM uses ``vpdpbusd`` on 256-bit
+registers; everything else as ``avx2``) where the CPU has AVX512-VNNI/VL, ``avx2`` (AVX2 + FMA + F16C)
+where it has those, ``portable`` C++ otherwise. Force one with ``DFQKERN_CPU_ISA=avx512vnni|avx2|
+portable|auto`` or :func:`use_isa`; every level gives identical integer and epilogue results.
 
 Weight layouts derived from a :class:`~dfqkern.formats.PackedWeight` (``kpack-lsb-v1``) on first
 use and cached in ``pw.cache["cpu"]`` (never saved; delete the entry if ``pw.data`` is modified
@@ -15,8 +17,9 @@ in place):
 
 * ``("tile", groups)`` -> ``(tiles, corr)``: layout ``cpu-tile-v1`` (csrc/cpu/gemm.h). Rows in tiles
   of 4 (per conv group), K in 32-byte chunks per row (128 2-bit, 64 3/4-bit or 32 8-bit codes, one
-  slot per 32 consecutive k), tile-major so a tile's rows stream together; ``corr`` holds per-row
-  code sums and zero points for the exact zero-point correction.
+  slot per 32 consecutive k), tile-major so a tile's rows stream together; ``corr`` (int32
+  ``[tiles, 3, 4]``) holds per-row code sums and zero points for the exact zero-point correction
+  ``sum (a - za)(w - zw) = dot(a - 128, w) + 128 * sum w - zw * sum a - za * sum (w - zw)``.
 * ``"dw"`` -> int16 ``[O, kh*kw]`` of ``code - zero_point`` for convolutions with one input channel
   per group (depthwise), run by a direct kernel.
 
