@@ -58,6 +58,16 @@ class QuantLayer(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def init_from_float(self, module: nn.Module) -> "QuantLayer":
+        """Copy the float layer's weight and bias, move to its device, and observe the weight range."""
+        self.weight.copy_(module.weight)
+        if module.bias is not None:
+            self.bias.copy_(module.bias)
+        self.to(module.weight.device)
+        self.observe_weight()
+        return self
+
+    @torch.no_grad()
     def observe_weight(self, cfg: QuantConfig | None = None) -> None:
         cfg = cfg or self.cfg
         self.w_quant.observe(self.weight, cfg.weight_observer, cfg.lp, cfg.grid, cfg.min_clip)

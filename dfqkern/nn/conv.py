@@ -56,13 +56,7 @@ class QuantConv2d(QuantLayer):
         check_finite(f"{name}.weight", module.weight)
         q = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, conv_padding(module),
                 module.dilation, module.groups, module.bias is not None, lq, cfg)
-        with torch.no_grad():
-            q.weight.copy_(module.weight)
-            if module.bias is not None:
-                q.bias.copy_(module.bias)
-        q.to(module.weight.device)
-        q.observe_weight()
-        return q
+        return q.init_from_float(module)
 
     @property
     def reduction_size(self) -> int:

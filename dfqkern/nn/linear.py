@@ -23,13 +23,7 @@ class QuantLinear(QuantLayer):
     def from_float(cls, module: nn.Linear, lq: LayerQuant, cfg: QuantConfig, name: str = "linear") -> "QuantLinear":
         check_finite(f"{name}.weight", module.weight)
         q = cls(module.in_features, module.out_features, module.bias is not None, lq, cfg)
-        with torch.no_grad():
-            q.weight.copy_(module.weight)
-            if module.bias is not None:
-                q.bias.copy_(module.bias)
-        q.to(module.weight.device)
-        q.observe_weight()
-        return q
+        return q.init_from_float(module)
 
     @property
     def reduction_size(self) -> int:
