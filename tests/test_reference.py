@@ -185,8 +185,8 @@ def test_fake_quant_backward_matches_autograd(shape, bits, per_channel, grad_sca
     # STE: the gradient passes unchanged (exactly) where autograd says the clamp passes it, else 0.
     assert torch.equal(gx, torch.where(gx_ref != 0, grad, torch.zeros_like(grad)))
     torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(gs, gs_ref * grad_scale, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gz, gz_ref * grad_scale, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gs, gs_ref * grad_scale, rtol=1e-4, atol=1e-3)  # fp32 sums of terms up to 2**bits
+    torch.testing.assert_close(gz, gz_ref * grad_scale, rtol=1e-4, atol=1e-3)
 
 
 def test_ste_mask_and_lsq_cases_by_hand():
