@@ -87,10 +87,23 @@ def _table(groups: dict) -> list[str]:
     return out
 
 
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     collected = _collect(config)
     for module, groups in collected.items():
-        lines = [f"## {module}"] + _table(groups)
+        import platform
+
+        import torch
+
+        cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), platform.machine())
+        lines = [f"## {module}", "", f"CPU: {cpu}; torch {torch.__version__}; threads: {torch.get_num_threads()}; "
+                 f"fbgemm/oneDNN/MKL use their own ISA choice"] + _table(groups)
         terminalreporter.write_sep("=", f"ratios: {module}")
         for line in lines:
             terminalreporter.write_line(line)

@@ -8,7 +8,8 @@ At the end a table of ratios is printed (bench/conftest.py) and written to
 Every case is a pytest-benchmark group: the baselines and the dfqkern kernels of one group run in
 the same session on the same inputs; the ratio column is ``baseline time / dfqkern time`` (> 1 means
 dfqkern is faster), from medians and from minima (the machine may be shared: minima are the less
-disturbed estimate). Threads: torch's intra-op setting (``torch.set_num_threads``, both sides).
+disturbed estimate). Threads: torch's intra-op setting (``torch.set_num_threads``, both sides; ``DFQKERN_BENCH_THREADS=n``
+overrides it for the run).
 
 Cases (targets from issue 4, on a 2-core AVX2 machine):
 * Linear, M=1, K=N=4096: fp32 ``F.linear``, fbgemm dynamic int8 (``torch.ao.nn.quantized.dynamic.Linear``),
@@ -30,6 +31,8 @@ the plain ``dfqkern`` row uses the automatic choice.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 import pytest
@@ -44,6 +47,10 @@ C = pytest.importorskip("dfqkern.kernels.cpu")
 if not C.is_available():
     pytest.skip("dfqkern._C with CPU ops is not built (pip install --no-build-isolation -e .)",
                 allow_module_level=True)
+
+
+if os.environ.get("DFQKERN_BENCH_THREADS"):  # e.g. 1 on a machine whose other core is busy
+    torch.set_num_threads(int(os.environ["DFQKERN_BENCH_THREADS"]))
 
 
 def _isas() -> list[str]:
@@ -65,24 +72,21 @@ def _label(name: str, isa: str | None) -> str:
     return name if isa is None else f"{name} [{isa}]"
 
 
-def run(benchmark, group: str, name: str, fn, role: str, **meta):
-    """Benchmark ``fn`` as row ``name`` of ``group``; ``role`` is 'baseline', 'dfqkern' or 'floor'."""
+def run(benchmark, group: str, name: str, fn, role: str, isa: str | None = None, **meta):
+    """Benchmark ``fn`` as row ``name`` of ``group``; ``role`` is 'baseline', 'dfqkern' or 'floor'.
+
+    ``isa`` forces the CPU kernels' instruction set for the whole measurement (set once, outside
+    the timed calls)."""
     benchmark.group = group
-    benchmark.extra_info.update(row=name, role=role, **meta)
-    with torch.no_grad():
+    benchmark.extra_info.update(row=_label(name, isa), role=role, **meta)
+    with torch.no_grad(), (C.use_isa(isa) if isa else _nothing()):
         fn()  # warm-up: prepacked layouts, allocator, thread pool
         benchmark(fn)
 
 
-def _with_isa(isa, fn):
-    if isa is None:
-        return fn
-
-    def wrapped():
-        with C.use_isa(isa):
-            return fn()
-
-    return wrapped
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def rand_pw(n: int, k: int, bits: int, shape=None, seed: int = 0) -> PackedWeight:
@@ -130,8 +134,8 @@ def test_linear_dfqkern(benchmark, group, wbits, isa):
     pw = rand_pw(n, k, wbits)
     x, b = torch.randn(m, k), torch.randn(n)
     act = ActQuant(8, per_token=True)
-    fn = _with_isa(isa, lambda: dispatch.linear(x, pw, b, act))
-    run(benchmark, group, _label(f"dfqkern W{wbits}A8", isa), fn, "dfqkern", weight_bytes=pw.nbytes(), wbits=wbits)
+    run(benchmark, group, f"dfqkern W{wbits}A8", lambda: dispatch.linear(x, pw, b, act), "dfqkern", isa,
+        weight_bytes=pw.nbytes(), wbits=wbits)
 
 
 @pytest.mark.parametrize("wbits", [4, 2])
@@ -164,8 +168,7 @@ def test_conv_dfqkern(benchmark, group, isa):
     x, b = torch.randn(1, c, h, h), torch.randn(c)
     s, z = R.qparams_from_range(x.min(), x.max(), 8, False)
     act = ActQuant(8, s.reshape(1), z.reshape(1))
-    fn = _with_isa(isa, lambda: dispatch.conv2d(x, pw, b, act, 1, 1))
-    run(benchmark, group, _label("dfqkern W4A8", isa), fn, "dfqkern")
+    run(benchmark, group, "dfqkern W4A8", lambda: dispatch.conv2d(x, pw, b, act, 1, 1), "dfqkern", isa)
 
 
 # ----------------------------------------------------------------------------- fused fake-quant / AdaRound
@@ -272,4 +275,4 @@ def test_model_fp32(benchmark, group, packed_models):
 @pytest.mark.parametrize("isa", IMPL_ISAS)
 def test_model_packed(benchmark, group, isa, packed_models):
     _, q, x = packed_models[group]
-    run(benchmark, group, _label("dfqkern W4A8 packed", isa), _with_isa(isa, lambda: q(x)), "dfqkern")
+    run(benchmark, group, "dfqkern W4A8 packed", lambda: q(x), "dfqkern", isa)

@@ -112,26 +112,43 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       if (direct) {
         for (int64_t m = 0; m < p; ++m) rowsum[m] = pixsum[b * hw + m];
       } else {
+        // A kernel row (fixed i) of a dense conv (groups = 1, dilation_w = 1) whose taps are all inside
+        // the image is kw * C contiguous NHWC bytes, copied at once; other taps go one by one.
+        const bool row_runs = g.groups == 1 && g.dil_w == 1;
+        const int8_t* xb = reinterpret_cast<const int8_t*>(xs.get());
         parallel_for(p, 16, [&](int64_t bgn, int64_t end) {
           for (int64_t m = bgn; m < end; ++m) {
-            const int64_t oy = m / d.ow, ox = m % d.ow;
+            const int64_t oy = m / d.ow, ox = m % d.ow, ix0 = ox * g.stride_w - g.pad_w;
+            const bool cols_inside = ix0 >= 0 && ix0 + (g.kw - 1) * g.dil_w < d.w;
+            int8_t* row = reinterpret_cast<int8_t*>(cols.get()) + m * kp;
             int32_t s = 0;
-            int64_t kk = 0;
             for (int64_t i = 0; i < g.kh; ++i) {
               const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
-              for (int64_t j = 0; j < g.kw; ++j, kk += cg) {
-                const int64_t ix = ox * g.stride_w - g.pad_w + j * g.dil_w;
-                const bool in = iy >= 0 && iy < d.h && ix >= 0 && ix < d.w;
-                const int64_t pix = b * hw + iy * d.w + ix;
-                if (in) s += pixsum[pix * g.groups + grp];
-                else s += za * static_cast<int32_t>(cg);
-                int8_t* dst = reinterpret_cast<int8_t*>(cols.get()) + m * kp + kk;
-                if (in) copy_run(reinterpret_cast<const int8_t*>(xs.get()) + pix * cs + grp * cg, cg, dst);
-                else std::fill_n(dst, cg, pad8);
+              int8_t* dst = row + i * g.kw * cg;
+              if (iy < 0 || iy >= d.h) {  // whole kernel row in the padding
+                std::fill_n(dst, g.kw * cg, pad8);
+                s += za * static_cast<int32_t>(g.kw * cg);
+                continue;
+              }
+              const int64_t pix0 = b * hw + iy * d.w + ix0;
+              if (row_runs && cols_inside) {
+                copy_run(xb + pix0 * cs, g.kw * cg, dst);
+                for (int64_t j = 0; j < g.kw; ++j) s += pixsum[pix0 + j];
+                continue;
+              }
+              for (int64_t j = 0; j < g.kw; ++j, dst += cg) {
+                const int64_t ix = ix0 + j * g.dil_w;
+                if (ix >= 0 && ix < d.w) {
+                  const int64_t pix = pix0 + j * g.dil_w;
+                  s += pixsum[pix * g.groups + grp];
+                  copy_run(xb + pix * cs + grp * cg, cg, dst);
+                } else {
+                  s += za * static_cast<int32_t>(cg);
+                  std::fill_n(dst, cg, pad8);
+                }
               }
             }
-            std::fill(reinterpret_cast<int8_t*>(cols.get()) + m * kp + k,
-                      reinterpret_cast<int8_t*>(cols.get()) + (m + 1) * kp, int8_t(-128));
+            std::fill(row + k, row + kp, int8_t(-128));
             rowsum[m] = s;
           }
         });

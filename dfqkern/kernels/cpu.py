@@ -168,18 +168,23 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
 
 
 def _pair(v, name: str) -> list[int]:
-    if isinstance(v, str):
-        raise Unsupported(f"{name}={v!r} (string padding) is not implemented by the CPU backend")
     if isinstance(v, int):
         return [v, v]
+    if isinstance(v, str):
+        raise Unsupported(f"{name}={v!r} (string padding) is not implemented by the CPU backend")
     v = [int(e) for e in v]
     if len(v) == 1:
         return v * 2
     return v
 
 
+def _scalar(v) -> float:
+    # one-element tensor -> float; .item() is the cheapest way (a conv at batch 1 is latency-bound)
+    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else float(torch.as_tensor(v).reshape(()))
+
+
 def _int_zero_point(zp, what: str) -> int:
-    z = float(torch.as_tensor(zp).reshape(()))
+    z = float(_scalar(zp))
     if z != int(z) or not 0 <= z <= 255:
         raise Unsupported(f"{what} must be an integer in [0, 255] for the CPU backend, got {z}")
     return int(z)
@@ -221,6 +226,6 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
         _load()
     y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, list(pw.shape), _pair(stride, "stride"),
                            _pair(padding, "padding"), _pair(dilation, "dilation"), groups, bias,
-                           float(act.scale.reshape(-1)[0]), za, act.bits)
+                           _scalar(act.scale), za, act.bits)
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)
