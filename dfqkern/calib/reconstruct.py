@@ -128,7 +128,8 @@ def _fingerprint(qmodel: nn.Module, units: list[Unit], data: torch.Tensor, cfg: 
     meta = {"calib": cfg.result_fields(), "quant": qcfg.to_dict() if hasattr(qcfg, "to_dict") else None,
             "units": [u.name for u in units], "data_shape": list(data.shape)}
     h.update(json.dumps(meta, sort_keys=True).encode())
-    h.update(data.detach().cpu().float().contiguous().numpy().tobytes())
+    for i in range(0, len(data), 64):  # in chunks: no second copy of a large calibration set
+        h.update(data[i:i + 64].detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -27,6 +27,16 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: with two OpenMP threads on a busy shared CPU, spinning threads made these tests 10x
+    slower than one thread (measured). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics so folding matters
