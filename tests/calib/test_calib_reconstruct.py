@@ -222,3 +222,24 @@ def test_vit_same_seed_same_model(tiny_vit, vit_images, quantize):
     cfg = CalibConfig(method="genie", iters=15, batch_size=16, progress=False)
     _assert_same_state(calibrate(quantize(tiny_vit), tiny_vit, vit_images, cfg),
                        calibrate(quantize(copy.deepcopy(tiny_vit)), tiny_vit, vit_images, cfg))
+
+
+@pytest.mark.parametrize("arch", ["resnet", "mobilenet_v2"])
+def test_torchvision_blocks_are_units(arch, quantize):
+    tvm = pytest.importorskip("torchvision.models")
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)  # one BasicBlock per stage (strided ones with a conv-BN downsample) keeps it quick
+    model = (ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10) if arch == "resnet" else
+             tvm.mobilenet_v2(num_classes=10, width_mult=0.25)).eval()
+    block_type = BasicBlock if arch == "resnet" else InvertedResidual
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    q = calibrate(quantize(model), model, x, CalibConfig(method="qdrop", iters=3, batch_size=8, progress=False))
+    units = q.dfqkern_calib_report.units
+    blocks = {n for n, m in model.named_modules() if isinstance(m, block_type)}
+    assert {u.name for u in units if u.kind == "block"} == blocks
+    inside = tuple(f"{b}." for b in blocks)
+    lone = {n for n, m in q.named_modules() if isinstance(m, QuantLayer) and not n.startswith(inside)}
+    assert {u.name for u in units if u.kind == "layer"} == lone
+    assert all(layer.w_quant.rounding == "hard" for layer in _layers(q))
