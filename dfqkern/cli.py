@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--checkpoint")
     gb.add_argument("--pretrained", action="store_true")
     gb.add_argument("--num-classes", type=int)
-    gb.add_argument("--method", choices=("zeroq", "genie", "hast", "dgh"), default="genie")
+    gb.add_argument("--method", choices=("zeroq", "genie", "hast", "dgh"), default="dgh")
     gb.add_argument("--label-mode", choices=("single", "mixup"), default="mixup")
     gb.add_argument("--iters", type=int, default=500)
     g.set_defaults(func=cmd_generate)

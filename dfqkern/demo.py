@@ -102,7 +102,7 @@ def run_demo(out: str | os.PathLike | None = None, schemes=DEMO_SCHEMES, seed: i
     fp_acc = _accuracy(model, x_test, y_test)
     out_root = Path(out) if out else Path(tempfile.mkdtemp(prefix="dfqkern-demo-"))
     # Data-free from here on: synthetic images from BN-statistics inversion with mixup soft labels.
-    syn_dir = generate_bn_inversion(model, out_root / "synthetic", num_synthetic, method="genie", label_mode="mixup",
+    syn_dir = generate_bn_inversion(model, out_root / "synthetic", num_synthetic, method="dgh", label_mode="mixup",
                                     iters=gen_iters, batch_size=64, seed=seed)
     syn = load_synthetic(syn_dir, transform=tensor_transform(model.dfqkern_input_spec))
     x_calib = torch.stack([syn[i][0] for i in range(len(syn))])

@@ -66,7 +66,7 @@ def tensor_transform(spec):
     return apply
 
 
-def generate_bn_inversion(model: torch.nn.Module, out: str, num_images: int, method: str = "genie",
+def generate_bn_inversion(model: torch.nn.Module, out: str, num_images: int, method: str = "dgh",
                           label_mode: str = "mixup", iters: int = 500, batch_size: int = 32, seed: int = 0,
                           overwrite: bool = False, device: str = "cpu", **kwargs):
     """A BN-inversion SyntheticSet for ``model`` in ``out`` (resumes a finished or partial set)."""
