@@ -95,25 +95,30 @@ void check_drop(double drop_prob) {
   TORCH_CHECK_VALUE(drop_prob >= 0.0 && drop_prob <= 1.0, "drop_prob must be in [0, 1], got ", drop_prob);
 }
 
-int64_t tiles_of(int64_t rows) { return (rows + 3) / 4; }
 
 int64_t chunk_k(int64_t w_bits) { return w_bits == 2 ? 128 : (w_bits == 8 ? 32 : 64); }
 
-// A prepacked cpu-tile-v1 weight of `groups` x `n/groups` rows and K = k.
+// A prepacked cpu-tile-v1 or cpu-panel-v1 weight (told apart by corr's last dimension, 4 or 16) of
+// `groups` x `n/groups` rows and K = k.
 void check_prepacked(const Tensor& tiles, const Tensor& corr, int64_t w_bits, int64_t n, int64_t k, int64_t groups) {
   check_bits("w_bits", w_bits, {2, 3, 4, 8});
   check_cpu("w_tiles", tiles);
   check_cpu("w_corr", corr);
   TORCH_CHECK_VALUE(groups >= 1 && n % groups == 0, "weight rows (", n, ") must be a multiple of groups (", groups, ")");
-  const int64_t t = groups * tiles_of(n / groups), nchunks = (k + chunk_k(w_bits) - 1) / chunk_k(w_bits);
+  const bool panel = corr.dim() == 3 && corr.size(2) == 16;
+  const int64_t rows = panel ? 16 : 4, t = groups * ((n / groups + rows - 1) / rows);
+  const int64_t block_k = panel ? chunk_k(w_bits) / 8 : chunk_k(w_bits), block_bytes = panel ? 64 : 128;
+  const int64_t nblocks = (k + block_k - 1) / block_k;
+  const char* layout = panel ? "cpu-panel-v1" : "cpu-tile-v1";
   TORCH_CHECK_TYPE(tiles.scalar_type() == at::kByte && tiles.is_contiguous(), "w_tiles must be contiguous uint8, got ",
                    tiles.scalar_type());
-  TORCH_CHECK_VALUE(tiles.numel() == t * nchunks * 128, "w_tiles has ", tiles.numel(), " bytes; a cpu-tile-v1 weight with ",
-                    n, " rows, K=", k, ", ", w_bits, " bits, groups=", groups, " needs ", t * nchunks * 128,
-                    " (re-derive it with cpu_prepack_weight)");
+  TORCH_CHECK_VALUE(tiles.numel() == t * nblocks * block_bytes, "w_tiles has ", tiles.numel(), " bytes; a ", layout,
+                    " weight with ", n, " rows, K=", k, ", ", w_bits, " bits, groups=", groups, " needs ",
+                    t * nblocks * block_bytes, " (re-derive it with cpu_prepack_weight / cpu_prepack_panels)");
   TORCH_CHECK_VALUE(corr.scalar_type() == at::kInt && corr.is_contiguous() && corr.dim() == 3 &&
-                        corr.size(0) == t && corr.size(1) == 3 && corr.size(2) == 4,
-                    "w_corr must be contiguous int32 [", t, ", 3, 4], got ", corr.scalar_type(), " ", corr.sizes());
+                        corr.size(0) == t && corr.size(1) == 3 && corr.size(2) == rows,
+                    "w_corr must be contiguous int32 [", t, ", 3, ", rows, "], got ", corr.scalar_type(), " ",
+                    corr.sizes());
 }
 
 void check_row_vector(const char* name, const Tensor& t, int64_t n) {
@@ -218,6 +223,19 @@ std::tuple<Tensor, Tensor> prepack_weight(const Tensor& data, const Tensor& zero
   TORCH_CHECK_VALUE(zero_point.numel() == data.size(0), "zero_point must have one element per weight row (",
                     data.size(0), "), got ", zero_point.numel());
   return cpu::prepack_weight(data, zero_point, bits, k, groups);
+}
+
+std::tuple<Tensor, Tensor> prepack_panels(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k,
+                                          int64_t groups) {
+  check_bits("bits", bits, {2, 3, 4, 8});
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  check_packed_codes("data", data, bits, k);
+  TORCH_CHECK_VALUE(groups >= 1 && data.size(0) % groups == 0, "groups must be >= 1 and divide the ", data.size(0),
+                    " weight rows, got ", groups);
+  check_cpu("zero_point", zero_point);
+  TORCH_CHECK_VALUE(zero_point.numel() == data.size(0), "zero_point must have one element per weight row (",
+                    data.size(0), "), got ", zero_point.numel());
+  return cpu::prepack_panels(data, zero_point, bits, k, groups);
 }
 
 Tensor prepack_depthwise(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k) {
@@ -352,6 +370,7 @@ TORCH_LIBRARY_FRAGMENT(dfqkern, m) {
   m.def("cpu_adaround_backward(Tensor grad, Tensor base, Tensor v, Tensor scale, Tensor zero_point, int bits, "
         "int? axis, float beta, float reg_grad) -> (Tensor, Tensor)");
   m.def("cpu_prepack_weight(Tensor data, Tensor zero_point, int bits, int k, int groups) -> (Tensor, Tensor)");
+  m.def("cpu_prepack_panels(Tensor data, Tensor zero_point, int bits, int k, int groups) -> (Tensor, Tensor)");
   m.def("cpu_prepack_depthwise(Tensor data, Tensor zero_point, int bits, int k) -> Tensor");
   m.def("cpu_quantize_activation(Tensor x, Tensor? scale, Tensor? zero_point, int bits, bool per_token, "
         "bool symmetric) -> (Tensor, Tensor, Tensor)");
@@ -373,6 +392,7 @@ TORCH_LIBRARY_IMPL(dfqkern, CPU, m) {
   m.impl("cpu_adaround_forward", &dfqkern::adaround_forward);
   m.impl("cpu_adaround_backward", &dfqkern::adaround_backward);
   m.impl("cpu_prepack_weight", &dfqkern::prepack_weight);
+  m.impl("cpu_prepack_panels", &dfqkern::prepack_panels);
   m.impl("cpu_prepack_depthwise", &dfqkern::prepack_depthwise);
   m.impl("cpu_quantize_activation", &dfqkern::quantize_activation);
   m.impl("cpu_linear_int", &dfqkern::linear_int);

@@ -68,8 +68,11 @@ inline void copy_run(const int8_t* src, int64_t n, int8_t* dst) {
 void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w_tiles,
                const at::Tensor& w_corr, int64_t w_bits, const Epilogue& ep) {
   const int wb = static_cast<int>(w_bits == 3 ? 4 : w_bits);
-  const int64_t cg = g.in_per_group, og = g.out_ch / g.groups, tpg = (og + kTileRows - 1) / kTileRows;
-  const int64_t k = g.kh * g.kw * cg, nchunks = gemm::num_chunks(k, wb), kp = nchunks * gemm::chunk_k(wb);
+  const int rows_per = gemm::layout_rows(w_corr);  // 4: cpu-tile-v1, 16: cpu-panel-v1
+  const int64_t cg = g.in_per_group, og = g.out_ch / g.groups, tpg = (og + rows_per - 1) / rows_per;
+  const int64_t k = g.kh * g.kw * cg, kp = gemm::num_chunks(k, wb) * gemm::chunk_k(wb);
+  const int64_t nchunks = gemm::weight_blocks(k, wb, rows_per);
+  const int64_t wbytes = rows_per == kTileRows ? kTileRows * gemm::kChunkBytes : gemm::kBlockBytes;
   const int64_t hw = d.h * d.w, p = d.oh * d.ow;
   const bool direct = g.groups == 1 && g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 &&
                       g.pad_h == 0 && g.pad_w == 0;
@@ -161,10 +164,11 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       a.a_zp_step = 0;
       a.a_scale = as_vec;
       a.a_scale_step = 0;
-      a.w = w_tiles.data_ptr<uint8_t>() + grp * tpg * nchunks * kTileRows * gemm::kChunkBytes;
+      a.w = w_tiles.data_ptr<uint8_t>() + grp * tpg * nchunks * wbytes;
       a.nchunks = nchunks;
       a.wbits = wb;
-      a.corr = w_corr.data_ptr<int32_t>() + grp * tpg * 3 * kTileRows;
+      a.group_rows = rows_per;
+      a.corr = w_corr.data_ptr<int32_t>() + grp * tpg * 3 * rows_per;
       a.w_scale = ep.w_scale ? ep.w_scale + grp * og : nullptr;
       a.bias = ep.bias ? ep.bias + grp * og : nullptr;
       a.n = og;

@@ -32,12 +32,26 @@ void quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p
 
 void run(const Args& g, int64_t m, int64_t tiles) {
   if (m <= 0 || tiles <= 0) return;
+  const Isa isa = active_isa();
+  if (g.group_rows == kPanel) {
+    // Work items: kMB rows x kPB panels. Inside an item the kernels sweep 12-row strips across the
+    // item's panels, so a strip's activations stay in L1 and the panels' weights in L2.
+    constexpr int64_t kMB = 96, kPB = 4;
+    const int64_t mblocks = (m + kMB - 1) / kMB, pblocks = (tiles + kPB - 1) / kPB;
+    const auto fn = isa == Isa::avx512vnni ? panels_avx512vnni : (isa == Isa::avx2 ? panels_avx2 : panels_portable);
+    parallel_for(mblocks * pblocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const int64_t mb = it % mblocks, pb = it / mblocks;
+        fn(g, mb * kMB, std::min(m, (mb + 1) * kMB), pb * kPB, std::min(tiles, (pb + 1) * kPB));
+      }
+    });
+    return;
+  }
   // Work items: blocks of kMB rows x kTB tiles; weights of a tile block stay in L1/L2 while the
   // rows of a row block stream past them.
   constexpr int64_t kMB = 64;
   const int64_t tb = m == 1 ? 8 : 16;
   const int64_t mblocks = (m + kMB - 1) / kMB, tblocks = (tiles + tb - 1) / tb;
-  const Isa isa = active_isa();
   const auto fn = isa == Isa::avx512vnni ? run_avx512vnni : (isa == Isa::avx2 ? run_avx2 : run_portable);
   parallel_for(mblocks * tblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
@@ -147,8 +161,9 @@ gemm::Args make_args(const ActRows& r, const at::Tensor& w_tiles, const at::Tens
   g.a_scale = r.scale.empty() ? nullptr : r.scale.data();
   g.a_scale_step = r.scale.size() > 1 ? 1 : 0;
   g.w = w_tiles.data_ptr<uint8_t>();
-  g.nchunks = gemm::num_chunks(k, static_cast<int>(w_bits == 3 ? 4 : w_bits));
   g.wbits = static_cast<int>(w_bits == 3 ? 4 : w_bits);
+  g.group_rows = gemm::layout_rows(w_corr);
+  g.nchunks = gemm::weight_blocks(k, g.wbits, g.group_rows);
   g.corr = w_corr.data_ptr<int32_t>();
   g.n = n;
   return g;
@@ -209,6 +224,44 @@ std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data_in, con
   return {tiles, corr};
 }
 
+std::tuple<at::Tensor, at::Tensor> prepack_panels(const at::Tensor& data_in, const at::Tensor& zero_point, int64_t bits,
+                                                  int64_t k, int64_t groups) {
+  using gemm::kBlockBytes;
+  using gemm::kPanel;
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor zp = zero_point.to(at::kInt).contiguous();
+  const int wb = kernel_bits(bits);
+  const int slot = slot_bits(bits), kb = gemm::panel_k(wb);
+  const int64_t rows = data.size(0), og = rows / groups, ppg = (og + kPanel - 1) / kPanel;
+  const int64_t nblocks = (k + kb - 1) / kb, row_stride = data.size(1);
+  at::Tensor panels = at::zeros({groups * ppg * nblocks * kBlockBytes}, data.options());
+  at::Tensor corr = at::zeros({groups * ppg, 3, kPanel}, data.options().dtype(at::kInt));
+  const uint8_t* src = data.data_ptr<uint8_t>();
+  const int32_t* zpp = zp.data_ptr<int32_t>();
+  uint8_t* dst = panels.data_ptr<uint8_t>();
+  int32_t* cp = corr.data_ptr<int32_t>();
+  parallel_for(rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const int64_t g = n / og, j = n % og;
+      const int64_t p = g * ppg + j / kPanel, r = j % kPanel;  // panel, row in panel
+      const uint8_t* row = src + n * row_stride;
+      uint8_t* prow = dst + p * nblocks * kBlockBytes + 4 * r;
+      int64_t sum = 0;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const uint8_t c = kpack_code(row, kk, slot);
+        sum += c;
+        const int64_t within = kk % kb;  // slot within / 4, byte within % 4
+        prow[(kk / kb) * kBlockBytes + within % 4] |= static_cast<uint8_t>(c << (wb * (within / 4)));
+      }
+      int32_t* c3 = cp + p * 3 * kPanel + r;
+      c3[0] = static_cast<int32_t>(gemm::kActOffset * sum);
+      c3[kPanel] = zpp[n];
+      c3[2 * kPanel] = static_cast<int32_t>(sum - k * static_cast<int64_t>(zpp[n]));
+    }
+  });
+  return {panels, corr};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation(const at::Tensor& x_in,
                                                                    const std::optional<at::Tensor>& scale,
                                                                    const std::optional<at::Tensor>& zero_point,
@@ -254,7 +307,7 @@ at::Tensor linear_int(const at::Tensor& a_data_in, const at::Tensor& a_zero_poin
   g.out_i = out.data_ptr<int32_t>();
   g.ldo_m = n;
   g.ldo_n = 1;
-  gemm::run(g, m, (n + kTileRows - 1) / kTileRows);
+  gemm::run(g, m, (n + g.group_rows - 1) / g.group_rows);
   return out;
 }
 
@@ -281,7 +334,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_tiles, const at::T
   g.out_f = out.data_ptr<float>();
   g.ldo_m = n;
   g.ldo_n = 1;
-  gemm::run(g, m, (n + kTileRows - 1) / kTileRows);
+  gemm::run(g, m, (n + g.group_rows - 1) / g.group_rows);
   return out;
 }
 

@@ -21,6 +21,20 @@
 //   codes over the real K.
 // Integer result (exact, wrapping int32 arithmetic like the int32 reference):
 //   sum_k (a - za)(w - zw) = dot(a', w) + P - zw * a_sum - za * Q.
+//
+// Weight layout "cpu-panel-v1" (prepack_panels; cached in PackedWeight.cache["cpu"] next to the tile
+// layout; never saved), used for M > 1 (Linear with several rows, every GEMM-path conv):
+//   * rows in panels of kPanel = 16 consecutive rows (per conv group, padded with code-0 rows);
+//   * K in blocks of panel_k(bits) = 4 * slots values; a block is 64 bytes, 4 bytes per panel row:
+//       byte 4 * row + j holds k = 4 * s + j (block-relative) in bits [s * b, s * b + b), s = 0..8/b-1
+//     so one 64-byte load, shift and mask give a zmm of 16 rows x 4 consecutive k (vpdpbusd's operand),
+//     matching 4 consecutive activation bytes broadcast to every lane; K is padded up to whole blocks;
+//   * memory order panels[panel][block][row in panel][4 bytes];
+//   * corr[panel] = {P[16], zw[16], Q[16]} as for the tiles (the width of corr's last dimension, 4 or
+//     16, tells the two layouts apart).
+// The accumulators are then one int32 lane per (activation row, weight row): no horizontal sums and
+// a 16-wide epilogue (the tile layout needs a horizontal sum per tile and activation row, which
+// costs ~25% at K = 768). Activation rows are the same as above (kp is a multiple of panel_k).
 #pragma once
 
 #include <cstdint>
@@ -29,8 +43,11 @@ namespace dfqkern::cpu::gemm {
 
 constexpr int kTileRows = 4;
 constexpr int kChunkBytes = 32;
+constexpr int kPanel = 16;        // cpu-panel-v1 rows per panel
+constexpr int kBlockBytes = 64;   // cpu-panel-v1 bytes per K block of a panel
 
 inline int chunk_k(int wbits) { return wbits == 2 ? 128 : (wbits == 8 ? 32 : 64); }
+inline int panel_k(int wbits) { return wbits == 2 ? 16 : (wbits == 8 ? 4 : 8); }
 constexpr int kActOffset = 128;  // activation rows hold code - 128
 
 struct Args {
@@ -44,9 +61,10 @@ struct Args {
   int64_t a_scale_step;
   // weights: this GEMM's tiles (a conv group's slice), nchunks chunks each
   const uint8_t* w;
-  int64_t nchunks;
+  int64_t nchunks;        // tile layout: 32-byte chunks per row; panel layout: 64-byte K blocks per panel
   int wbits;
-  const int32_t* corr;    // [tiles][3][4]
+  int group_rows;         // layout: kTileRows (cpu-tile-v1) or kPanel (cpu-panel-v1)
+  const int32_t* corr;    // [tiles][3][4] or [panels][3][16]
   const float* w_scale;   // [n]
   const float* bias;      // [n] or null
   int64_t n;              // real rows; rows >= n in the last tile are padding
@@ -60,6 +78,14 @@ struct Args {
 void run_portable(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 void run_avx2(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 void run_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+
+// cpu-panel-v1: rows [m0, m1) x panels [p0, p1).
+void panels_portable(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void panels_avx2(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void panels_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+// Shared epilogue of mr activation rows x np panels (dots[i * ldd + j] for weight row j of panel p0's
+// first row); scalar, the reference order of operations.
+void finish_panels(const Args& g, int64_t m0, int mr, int64_t p0, int np, const int32_t* dots, int ldd);
 
 // Row min / max of fp32 values (per-token activation ranges).
 void minmax_portable(const float* x, int64_t n, float& lo, float& hi);

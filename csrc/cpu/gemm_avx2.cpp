@@ -3,6 +3,7 @@
 //              saturation), accumulated in int16 for several slots, then vpmaddwd(., 1) -> int32.
 //   8-bit:     vpmovzxbw weights, vpmovsxbw activations, vpmaddwd.
 #include <algorithm>
+#include <cstring>
 
 #include "gemm.h"
 
@@ -126,6 +127,132 @@ inline void tile(const Args& g, int64_t m, int64_t t, int32_t (*dots)[kTileRows]
   }
 }
 
+// cpu-panel-v1, MR activation rows x one panel (two ymm halves of 8 weight rows x 4 k). Per K block
+// and slot: one 4-byte activation broadcast per row, vpmaddubsw(weight codes, a') -> int16 pairs per
+// weight row, added into int16 accumulators (the lanes are already the output rows: no horizontal
+// sums) and widened into int32 partial sums on the stack every kFlush blocks. 8-bit weights are split
+// into nibbles (vpmaddubsw of a full code could saturate): dot = lo . a' + 16 * hi . a'.
+template <int MR, int SB>
+void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblocks, int32_t* dots) {
+  constexpr bool kW8 = SB == 8;
+  constexpr int kSlots = kW8 ? 1 : 8 / SB;  // activation dwords per block
+  constexpr int kParts = kW8 ? 2 : 1;       // nibbles of an 8-bit code
+  // int16 bound per lane: adds per flush x 2 x qmax x 128 < 2^15
+  constexpr int kFlush = SB == 4 ? 4 : 8;   // 4-bit: 8 x 3840; 2-bit: 32 x 768; 8-bit: 8 x 3840 per part
+  alignas(32) int32_t acc32[MR][2][8] = {};
+  __m256i acc16[kParts][MR][2];
+  const auto zero16 = [&]() {
+#pragma GCC unroll 2
+    for (int q = 0; q < kParts; ++q)
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc16[q][m][0] = acc16[q][m][1] = _mm256_setzero_si256();
+  };
+  const auto flush = [&]() {
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256i* p = reinterpret_cast<__m256i*>(acc32[m][h]);
+        __m256i v = _mm256_add_epi32(_mm256_load_si256(p), _mm256_madd_epi16(acc16[0][m][h], _mm256_set1_epi16(1)));
+        if constexpr (kW8) v = _mm256_add_epi32(v, _mm256_madd_epi16(acc16[kParts - 1][m][h], _mm256_set1_epi16(16)));
+        _mm256_store_si256(p, v);
+      }
+    zero16();
+  };
+  zero16();
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>(kW8 ? 15 : (1 << SB) - 1));
+  int pending = 0;
+  for (int64_t b = 0; b < nblocks; ++b, w += kBlockBytes, a += 4 * kSlots) {
+    const __m256i w0 = ld(w), w1 = ld(w + 32);
+#pragma GCC unroll 4
+    for (int s = 0; s < kSlots; ++s)
+#pragma GCC unroll 2
+      for (int q = 0; q < kParts; ++q) {
+        const int shift = kW8 ? 4 * q : s * SB;
+        const __m256i s0 = _mm256_and_si256(shift ? _mm256_srli_epi16(w0, shift) : w0, mask);
+        const __m256i s1 = _mm256_and_si256(shift ? _mm256_srli_epi16(w1, shift) : w1, mask);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          int32_t v;
+          std::memcpy(&v, a + m * lda + 4 * s, 4);
+          const __m256i av = _mm256_set1_epi32(v);
+          acc16[q][m][0] = _mm256_add_epi16(acc16[q][m][0], _mm256_maddubs_epi16(s0, av));
+          acc16[q][m][1] = _mm256_add_epi16(acc16[q][m][1], _mm256_maddubs_epi16(s1, av));
+        }
+      }
+    if (++pending == kFlush) {
+      flush();
+      pending = 0;
+    }
+  }
+  flush();
+  for (int m = 0; m < MR; ++m)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + m * kPanel + 8 * h),
+                          _mm256_load_si256(reinterpret_cast<const __m256i*>(acc32[m][h])));
+}
+
+template <int MR>
+void panel_any(const Args& g, int64_t m, int64_t p, int32_t* dots) {
+  const uint8_t* w = g.w + p * g.nchunks * kBlockBytes;
+  const int8_t* a = g.a + m * g.lda;
+  if (g.wbits == 8) panel_kernel<MR, 8>(a, g.lda, w, g.nchunks, dots);
+  else if (g.wbits == 2) panel_kernel<MR, 2>(a, g.lda, w, g.nchunks, dots);
+  else panel_kernel<MR, 4>(a, g.lda, w, g.nchunks, dots);
+}
+
+// Epilogue of mr (<= 4) rows x one panel, 8 weight rows per vector; same operations and order as
+// finish_panels. Channel-major output (NCHW conv) with 4 rows: 4 x 4 transposes, 4 pixels per store.
+void finish_panel_avx2(const Args& g, int64_t m0, int mr, int64_t p, const int32_t* dots) {
+  const int64_t row0 = p * kPanel;
+  const bool cmajor = g.ldo_n != 1;
+  if (row0 + kPanel > g.n || (cmajor && (g.ldo_m != 1 || mr != 4))) return finish_panels(g, m0, mr, p, 1, dots, kPanel);
+  const int32_t* c = g.corr + p * 3 * kPanel;
+  for (int h = 0; h < 2; ++h) {
+    const __m256i P = ld(c + 8 * h), ZW = ld(c + kPanel + 8 * h), Q = ld(c + 2 * kPanel + 8 * h);
+    __m256 ws = _mm256_setzero_ps(), bias = _mm256_setzero_ps();
+    if (g.out_f) {
+      ws = _mm256_loadu_ps(g.w_scale + row0 + 8 * h);
+      if (g.bias) bias = _mm256_loadu_ps(g.bias + row0 + 8 * h);
+    }
+    __m256 y[4];
+    for (int i = 0; i < mr; ++i) {
+      const int64_t m = m0 + i;
+      const __m256i d = ld(dots + i * kPanel + 8 * h);
+      const __m256i acc = _mm256_sub_epi32(
+          _mm256_sub_epi32(_mm256_add_epi32(d, P), _mm256_mullo_epi32(ZW, _mm256_set1_epi32(g.a_sum[m]))),
+          _mm256_mullo_epi32(_mm256_set1_epi32(g.a_zp[m * g.a_zp_step]), Q));
+      if (g.out_f) {
+        y[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(_mm256_set1_ps(g.a_scale[m * g.a_scale_step]), ws));
+        if (g.bias) y[i] = _mm256_add_ps(y[i], bias);
+      } else {
+        y[i] = _mm256_castsi256_ps(acc);
+      }
+      if (!cmajor) {
+        const int64_t o = m * g.ldo_m + row0 + 8 * h;
+        _mm256_storeu_ps(g.out_f ? g.out_f + o : reinterpret_cast<float*>(g.out_i + o), y[i]);
+      }
+    }
+    if (cmajor) {
+      for (int half = 0; half < 2; ++half) {
+        __m128 v0 = half ? _mm256_extractf128_ps(y[0], 1) : _mm256_castps256_ps128(y[0]);
+        __m128 v1 = half ? _mm256_extractf128_ps(y[1], 1) : _mm256_castps256_ps128(y[1]);
+        __m128 v2 = half ? _mm256_extractf128_ps(y[2], 1) : _mm256_castps256_ps128(y[2]);
+        __m128 v3 = half ? _mm256_extractf128_ps(y[3], 1) : _mm256_castps256_ps128(y[3]);
+        _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
+        const int64_t r = row0 + 8 * h + 4 * half;
+        float* o = g.out_f ? g.out_f + m0 + r * g.ldo_n : reinterpret_cast<float*>(g.out_i + m0 + r * g.ldo_n);
+        _mm_storeu_ps(o, v0);
+        _mm_storeu_ps(o + g.ldo_n, v1);
+        _mm_storeu_ps(o + 2 * g.ldo_n, v2);
+        _mm_storeu_ps(o + 3 * g.ldo_n, v3);
+      }
+    }
+  }
+}
+
+constexpr int kPanelMR = 4;  // 4 rows x 2 halves = 8 int16 accumulators of the 16 ymm
+
 constexpr int kMR = 2;  // activation rows per micro-kernel call: 2 x 4 int16 accumulators stay in the 16 ymm registers
 
 }  // namespace
@@ -200,6 +327,26 @@ void run_avx2(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
         else tile<1>(g, m + i, t, dots + i);
       }
       finish_tile_avx2(g, m, mr, t, dots);
+    }
+  }
+}
+
+void panels_avx2(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  alignas(32) int32_t dots[kPanelMR * kPanel];
+  // 8-bit codes keep two int16 accumulator sets (nibbles): 2 rows per call keep them in registers
+  const int mr_max = g.wbits == 8 ? 2 : kPanelMR;
+  for (int64_t m = m0; m < m1; m += kPanelMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kPanelMR, m1 - m));
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int i = 0; i < mr; i += mr_max) {
+        const int r = std::min(mr - i, mr_max);
+        int32_t* d = dots + i * kPanel;
+        if (r == 4) panel_any<4>(g, m + i, p, d);
+        else if (r == 3) panel_any<3>(g, m + i, p, d);
+        else if (r == 2) panel_any<2>(g, m + i, p, d);
+        else panel_any<1>(g, m + i, p, d);
+      }
+      finish_panel_avx2(g, m, mr, p, dots);
     }
   }
 }

@@ -12,6 +12,15 @@ namespace dfqkern::cpu::gemm {
 
 inline int64_t num_chunks(int64_t k, int wbits) { return (k + chunk_k(wbits) - 1) / chunk_k(wbits); }
 
+// Which prepacked layout a correction table belongs to: kTileRows (cpu-tile-v1, [tiles, 3, 4]) or
+// kPanel (cpu-panel-v1, [panels, 3, 16]).
+inline int layout_rows(const at::Tensor& corr) { return corr.size(2) == kPanel ? kPanel : kTileRows; }
+
+// Args::nchunks for the layout: 32-byte row chunks (tiles) or 64-byte K blocks (panels).
+inline int64_t weight_blocks(int64_t k, int wbits, int group_rows) {
+  return group_rows == kPanel ? (k + panel_k(wbits) - 1) / panel_k(wbits) : num_chunks(k, wbits);
+}
+
 // Writes one activation row (kp int8 a' = code - 128, padded with code 0) from `k` unsigned codes;
 // returns the sum of the codes.
 int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* dst);

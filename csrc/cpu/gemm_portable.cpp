@@ -77,6 +77,49 @@ void run_portable(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1)
   }
 }
 
+void finish_panels(const Args& g, int64_t m0, int mr, int64_t p0, int np, const int32_t* dots, int ldd) {
+  for (int i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    const uint32_t sa = static_cast<uint32_t>(g.a_sum[m]);
+    const uint32_t za = static_cast<uint32_t>(g.a_zp[m * g.a_zp_step]);
+    for (int j = 0; j < np * kPanel; ++j) {
+      const int64_t row = p0 * kPanel + j;
+      if (row >= g.n) break;
+      const int32_t* c = g.corr + (p0 + j / kPanel) * 3 * kPanel + j % kPanel;
+      const uint32_t acc = static_cast<uint32_t>(dots[i * ldd + j]) + static_cast<uint32_t>(c[0]) -
+                           static_cast<uint32_t>(c[kPanel]) * sa - za * static_cast<uint32_t>(c[2 * kPanel]);
+      const int64_t o = m * g.ldo_m + row * g.ldo_n;
+      if (g.out_i) {
+        g.out_i[o] = static_cast<int32_t>(acc);
+      } else {
+        float y = static_cast<float>(static_cast<int32_t>(acc)) * (g.a_scale[m * g.a_scale_step] * g.w_scale[row]);
+        if (g.bias) y = y + g.bias[row];
+        g.out_f[o] = y;
+      }
+    }
+  }
+}
+
+void panels_portable(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int kb = panel_k(g.wbits), sb = g.wbits == 3 ? 4 : g.wbits, slots = 8 / sb;
+  const int cmask = (1 << sb) - 1;
+  int32_t dots[kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* wp = g.w + p * g.nchunks * kBlockBytes;
+    for (int64_t m = m0; m < m1; ++m) {
+      std::fill(dots, dots + kPanel, 0);
+      for (int64_t b = 0; b < g.nchunks; ++b) {
+        const int8_t* a = g.a + m * g.lda + b * kb;
+        const uint8_t* wb = wp + b * kBlockBytes;
+        for (int r = 0; r < kPanel; ++r)
+          for (int s = 0; s < slots; ++s)
+            for (int j = 0; j < 4; ++j) dots[r] += int32_t(a[4 * s + j]) * ((wb[4 * r + j] >> (s * sb)) & cmask);
+      }
+      finish_panels(g, m, 1, p, 1, dots, kPanel);
+    }
+  }
+}
+
 void minmax_portable(const float* x, int64_t n, float& lo, float& hi) {
   float l = x[0], h = x[0];
   for (int64_t i = 1; i < n; ++i) {

@@ -4,6 +4,7 @@
 // 32-byte tile rows each (activations broadcast to both halves). Used when the CPU has
 // AVX512F/BW/VL + AVX512_VNNI; everything else stays on the AVX2 kernels.
 #include <algorithm>
+#include <cstring>
 
 #include "gemm.h"
 
@@ -102,7 +103,176 @@ inline void tile_any(const Args& g, int64_t m, int64_t t, int32_t (*dots)[kTileR
 // 6 activation rows x 2 zmm (4 weight rows) = 12 accumulators of the 32 zmm registers.
 constexpr int kMR = 6;
 
+// ---------------------------------------------------------------------------- cpu-panel-v1
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// MR activation rows x NV panels (16 weight rows each): acc[m][v] holds the 16 dot products of row m
+// with panel v, one per lane. Per K block: NV 64-byte weight loads, a shift / mask per slot, and for
+// each slot and row one 4-byte activation broadcast feeding NV vpdpbusd.
+template <int MR, int NV, int SB>
+void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t pstride, int64_t nblocks,
+                  int32_t* dots) {
+  constexpr int kSlots = 8 / SB;
+  __m512i acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_si512();
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << SB) - 1));
+  for (int64_t b = 0; b < nblocks; ++b, w += kBlockBytes, a += 4 * kSlots) {
+    __m512i wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + v * pstride);
+#pragma GCC unroll 4
+    for (int s = 0; s < kSlots; ++s) {
+      __m512i ws[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        ws[v] = wv[v];
+        if constexpr (SB != 8) ws[v] = _mm512_and_si512(s ? _mm512_srli_epi16(wv[v], s * SB) : wv[v], mask);
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const __m512i av = bcast4(a + m * lda + 4 * s);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], ws[v], av);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_si512(dots + (m * NV + v) * kPanel, acc[m][v]);
+}
+
+// 16 x 16 fp32 transpose in registers (r[i] lane j -> r[j] lane i).
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // now r[4q + c] holds, per 128-bit lane L, rows (4L..4L+3) of column group q, column c ... of each
+  // 4 x 4 block; two rounds of 128-bit shuffles finish the transpose
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// Epilogue of mr (<= 16) rows x nv panels, 16 weight rows per vector; same operations and order as
+// finish_panels. Row-major output: masked 16-wide stores; channel-major (NCHW conv, ldo_m == 1):
+// 16 x 16 transposes so each weight row stores mr consecutive pixels.
+void finish_panels_zmm(const Args& g, int64_t m0, int mr, int64_t p0, int nv, const int32_t* dots) {
+  const bool cmajor = g.ldo_n != 1;
+  if (cmajor && g.ldo_m != 1) return finish_panels(g, m0, mr, p0, nv, dots, nv * kPanel);
+  for (int v = 0; v < nv; ++v) {
+    const int64_t row0 = (p0 + v) * kPanel;
+    const int nvalid = static_cast<int>(std::min<int64_t>(kPanel, g.n - row0));
+    if (nvalid <= 0) break;
+    const __mmask16 nmask = static_cast<__mmask16>((1u << nvalid) - 1);
+    const int32_t* c = g.corr + (p0 + v) * 3 * kPanel;
+    const __m512i P = _mm512_loadu_si512(c), ZW = _mm512_loadu_si512(c + kPanel), Q = _mm512_loadu_si512(c + 2 * kPanel);
+    __m512 ws = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+    if (g.out_f) {
+      ws = _mm512_maskz_loadu_ps(nmask, g.w_scale + row0);
+      if (g.bias) bias = _mm512_maskz_loadu_ps(nmask, g.bias + row0);
+    }
+    __m512 y[16];
+    for (int i = 0; i < mr; ++i) {
+      const int64_t m = m0 + i;
+      const __m512i d = _mm512_loadu_si512(dots + (i * nv + v) * kPanel);
+      const __m512i acc = _mm512_sub_epi32(
+          _mm512_sub_epi32(_mm512_add_epi32(d, P), _mm512_mullo_epi32(ZW, _mm512_set1_epi32(g.a_sum[m]))),
+          _mm512_mullo_epi32(_mm512_set1_epi32(g.a_zp[m * g.a_zp_step]), Q));
+      if (g.out_f) {
+        y[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_set1_ps(g.a_scale[m * g.a_scale_step]), ws));
+        if (g.bias) y[i] = _mm512_add_ps(y[i], bias);
+      } else {
+        y[i] = _mm512_castsi512_ps(acc);
+      }
+      if (!cmajor) {
+        float* o = g.out_f ? g.out_f + m * g.ldo_m + row0 : reinterpret_cast<float*>(g.out_i + m * g.ldo_m + row0);
+        _mm512_mask_storeu_ps(o, nmask, y[i]);
+      }
+    }
+    if (cmajor) {
+      for (int i = mr; i < 16; ++i) y[i] = _mm512_setzero_ps();
+      transpose16(y);
+      const __mmask16 mmask = static_cast<__mmask16>((1u << mr) - 1);
+      for (int j = 0; j < nvalid; ++j) {
+        const int64_t o = m0 + (row0 + j) * g.ldo_n;
+        float* dst = g.out_f ? g.out_f + o : reinterpret_cast<float*>(g.out_i + o);
+        _mm512_mask_storeu_ps(dst, mmask, y[j]);
+      }
+    }
+  }
+}
+
+template <int MR, int NV>
+void panel_any(const Args& g, int64_t m, int64_t p, int32_t* dots) {
+  const uint8_t* w = g.w + p * g.nchunks * kBlockBytes;
+  const int8_t* a = g.a + m * g.lda;
+  const int64_t ps = g.nchunks * kBlockBytes;
+  if (g.wbits == 8) panel_kernel<MR, NV, 8>(a, g.lda, w, ps, g.nchunks, dots);
+  else if (g.wbits == 2) panel_kernel<MR, NV, 2>(a, g.lda, w, ps, g.nchunks, dots);
+  else panel_kernel<MR, NV, 4>(a, g.lda, w, ps, g.nchunks, dots);
+}
+
+template <int NV>
+void panel_rows(const Args& g, int64_t m, int mr, int64_t p, int32_t* dots) {
+  switch (mr) {
+    case 12: return panel_any<12, NV>(g, m, p, dots);
+    case 11: return panel_any<11, NV>(g, m, p, dots);
+    case 10: return panel_any<10, NV>(g, m, p, dots);
+    case 9: return panel_any<9, NV>(g, m, p, dots);
+    case 8: return panel_any<8, NV>(g, m, p, dots);
+    case 7: return panel_any<7, NV>(g, m, p, dots);
+    case 6: return panel_any<6, NV>(g, m, p, dots);
+    case 5: return panel_any<5, NV>(g, m, p, dots);
+    case 4: return panel_any<4, NV>(g, m, p, dots);
+    case 3: return panel_any<3, NV>(g, m, p, dots);
+    case 2: return panel_any<2, NV>(g, m, p, dots);
+    default: return panel_any<1, NV>(g, m, p, dots);
+  }
+}
+
+// 12 rows x 2 panels = 24 accumulators + 2 weight vectors + 2 unpacked slots + mask of 32 zmm.
+constexpr int kPanelMR = 12;
+
 }  // namespace
+
+void panels_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  alignas(64) int32_t dots[kPanelMR * 2 * kPanel];
+  for (int64_t m = m0; m < m1; m += kPanelMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kPanelMR, m1 - m));
+    for (int64_t p = p0; p < p1; p += 2) {
+      const int nv = p + 2 <= p1 ? 2 : 1;
+      if (nv == 2) panel_rows<2>(g, m, mr, p, dots);
+      else panel_rows<1>(g, m, mr, p, dots);
+      finish_panels_zmm(g, m, mr, p, nv, dots);
+    }
+  }
+}
 
 void run_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   int32_t dots[kMR][kTileRows];

@@ -35,6 +35,10 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward(const at::Tensor& grad, con
 // Returns (tiles uint8 [groups * tiles_per_group * nchunks * 4 * 32], corr int32 [groups * tiles_per_group, 3, 4]).
 std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data, const at::Tensor& zero_point, int64_t bits,
                                                   int64_t k, int64_t groups);
+// Weight layout "cpu-panel-v1" for M > 1 (see gemm.h): (panels uint8 [groups * panels_per_group * blocks * 64],
+// corr int32 [groups * panels_per_group, 3, 16]). linear / linear_int / conv2d* accept either layout.
+std::tuple<at::Tensor, at::Tensor> prepack_panels(const at::Tensor& data, const at::Tensor& zero_point, int64_t bits,
+                                                  int64_t k, int64_t groups);
 // Quantize float [M, K] activations and pack them (kpack-lsb-v1): (data, scale [1]|[M], zero_point [1]|[M]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation(const at::Tensor& x,
                                                                    const std::optional<at::Tensor>& scale,

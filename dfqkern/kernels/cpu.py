@@ -20,6 +20,11 @@ in place):
   slot per 32 consecutive k), tile-major so a tile's rows stream together; ``corr`` (int32
   ``[tiles, 3, 4]``) holds per-row code sums and zero points for the exact zero-point correction
   ``sum (a - za)(w - zw) = dot(a - 128, w) + 128 * sum w - zw * sum a - za * sum (w - zw)``.
+* ``("panel", groups)`` -> ``(panels, corr)``: layout ``cpu-panel-v1`` (csrc/cpu/gemm.h), used when
+  a GEMM has several activation rows (Linear with M > 1, every GEMM-path convolution). Rows in panels
+  of 16, K in 64-byte blocks of 16 rows x 4 consecutive k per slot, so the kernels broadcast 4
+  activation bytes against 16 weight rows and keep one accumulator lane per output (no horizontal
+  sums); ``corr`` is ``[panels, 3, 16]``. A weight used with both M = 1 and M > 1 holds both layouts.
 * ``"dw"`` -> int16 ``[O, kh*kw]`` of ``code - zero_point`` for convolutions with one input channel
   per group (depthwise), run by a direct kernel.
 
@@ -123,6 +128,16 @@ def tile_weight(pw: PackedWeight, groups: int = 1):
     return w
 
 
+def panel_weight(pw: PackedWeight, groups: int = 1):
+    """``(panels, corr)`` in the ``cpu-panel-v1`` layout, derived once and cached in ``pw.cache["cpu"]``."""
+    cache = pw.cache.setdefault("cpu", {})
+    key = ("panel", groups)
+    w = cache.get(key)
+    if w is None:
+        w = cache[key] = _load().cpu_prepack_panels(pw.data, pw.zero_point, pw.bits, pw.k, groups)
+    return w
+
+
 def depthwise_weight(pw: PackedWeight) -> torch.Tensor:
     """int16 ``[O, kh*kw]`` of ``code - zero_point`` for one-input-channel-per-group convolutions (cached)."""
     cache = pw.cache.setdefault("cpu", {})
@@ -143,7 +158,7 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
 def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
     if pa.k != pw.k:
         raise ValueError(f"activation K={pa.k} does not match weight K={pw.k}")
-    tiles, corr = tile_weight(pw)
+    tiles, corr = tile_weight(pw) if pa.data.shape[0] == 1 else panel_weight(pw)
     return _load().cpu_linear_int(pa.data, pa.zero_point, pa.bits, pa.k, tiles, corr, pw.bits, pw.n)
 
 
@@ -153,10 +168,12 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     # (the C++ wrapper checks shapes, dtypes and sizes).
     if act is None:
         raise Unsupported("weight-only packed linear (act=None) is not implemented by the CPU backend")
+    # M = 1: the tile layout (memory-bound GEMV kernels); M > 1: the panel layout.
+    key = ("tile", 1) if x.numel() == pw.k else ("panel", 1)
     c = pw.cache.get("cpu")
-    w = c.get(("tile", 1)) if c is not None else None
+    w = c.get(key) if c is not None else None
     if w is None:
-        w = tile_weight(pw)
+        w = tile_weight(pw) if key[0] == "tile" else panel_weight(pw)
     if _FAST is None:
         _load()
     y = _FAST.cpu_linear(x, w[0], w[1], pw.scale, pw.bits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
@@ -195,9 +212,13 @@ def _conv_weight(pw: PackedWeight, groups: int):
         raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
     if pw.shape[1] == 1:
         return depthwise_weight(pw), _NO_CORR
+    c = pw.cache.get("cpu")
+    w = c.get(("panel", groups)) if c is not None else None
+    if w is not None:
+        return w
     if pw.shape[0] % groups:
         raise ValueError(f"groups={groups} must divide the {pw.shape[0]} output channels")
-    return tile_weight(pw, groups)
+    return panel_weight(pw, groups)
 
 
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,

@@ -318,15 +318,44 @@ def test_linear_large_k_all_isas_agree(gen):
     assert_equal(results[0][:2], R.linear_int(R.quantize_activation(x[:2], ActQuant(8, per_token=True)), pw))
 
 
-def test_prepacked_layout_is_cached(gen):
+def test_prepacked_layouts_are_cached(gen):
     pw = rand_weight(gen, 9, 40, 2)
     act = ActQuant(8, per_token=True)
-    x = rand_x(gen, 2, 40)
-    C.linear(x, pw, None, act)
+    x1, x2 = rand_x(gen, 1, 40), rand_x(gen, 2, 40)
+    C.linear(x1, pw, None, act)  # M = 1: GEMV tiles
     tiles, corr = pw.cache["cpu"][("tile", 1)]
-    C.linear(x, pw, None, act)
+    assert ("panel", 1) not in pw.cache["cpu"]
+    C.linear(x1, pw, None, act)
     assert pw.cache["cpu"][("tile", 1)][0] is tiles
     assert tiles.dtype == torch.uint8 and corr.shape == (3, 3, 4)  # 3 tiles of 4 rows, {P, zw, Q}
+    C.linear(x2, pw, None, act)  # M > 1: panels
+    panels, pcorr = pw.cache["cpu"][("panel", 1)]
+    C.linear(x2, pw, None, act)
+    assert pw.cache["cpu"][("panel", 1)][0] is panels
+    assert panels.shape == (3 * 64,) and pcorr.shape == (1, 3, 16)  # 1 panel, K=40 -> 3 blocks of 16 (2-bit)
+
+
+@pytest.mark.parametrize("wbits", [2, 3, 4, 8])
+@pytest.mark.parametrize("m,k,n", [(2, 5, 3), (3, 31, 17), (17, 65, 33), (13, 129, 16), (30, 200, 47), (25, 96, 64)])
+def test_both_layouts_every_isa(gen, wbits, m, k, n):
+    """Tile and panel layouts through linear_int / linear give the reference's integers at every ISA
+    (every row-strip tail of the 12-row VNNI and 4-row AVX2 panel kernels, odd N, K not a multiple of a block)."""
+    pw = rand_weight(gen, n, k, wbits)
+    x = rand_x(gen, m, k)
+    act = ActQuant(8, per_token=True)
+    pa = R.quantize_activation(x, act)
+    ref = R.linear_int(pa, pw)
+    ref_y = R.linear(x, pw, None, act)
+    tiles, panels = C.tile_weight(pw), C.panel_weight(pw)
+    ops = C._load()
+    for isa in ISAS:
+        with C.use_isa(isa):
+            for w, corr in (tiles, panels):
+                got = ops.cpu_linear_int(pa.data, pa.zero_point, pa.bits, pa.k, w, corr, pw.bits, pw.n)
+                assert_equal(got, ref)
+                y = ops.cpu_linear(x, w, corr, pw.scale, pw.bits, pw.n, pw.k, None, act.scale, act.zero_point,
+                                   act.bits, act.per_token, act.symmetric)
+                assert_equal(y, ref_y)
 
 
 # ----------------------------------------------------------------------------- conv2d
