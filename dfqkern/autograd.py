@@ -164,14 +164,16 @@ def _act(a_scale, a_zero, abits, per_token, symmetric):
     return ActQuant(abits, a_scale, a_zero, symmetric=symmetric)
 
 
-@torch.library.custom_op("dfqkern::packed_linear", mutates_args=())
-def _packed_linear(x: Tensor, data: Tensor, w_scale: Tensor, w_zero: Tensor, wbits: int, k: int,
-                   bias: Optional[Tensor], a_scale: Tensor, a_zero: Tensor, abits: int, per_token: bool,
-                   act_symmetric: bool, backend: Optional[str]) -> Tensor:
+def _packed_linear_impl(x: Tensor, data: Tensor, w_scale: Tensor, w_zero: Tensor, wbits: int, k: int,
+                        bias: Optional[Tensor], a_scale: Tensor, a_zero: Tensor, abits: int, per_token: bool,
+                        act_symmetric: bool, backend: Optional[str]) -> Tensor:
     pw = packed_weight_view(data, w_scale, w_zero, wbits, k, (data.shape[0], k))
     # outputs must be fresh contiguous tensors: the fake impl promises that layout to torch.compile
     return dispatch.linear(x, pw, bias, _act(a_scale, a_zero, abits, per_token, act_symmetric),
                            backend=backend).contiguous()
+
+
+_packed_linear = torch.library.custom_op("dfqkern::packed_linear", mutates_args=())(_packed_linear_impl)
 
 
 @_packed_linear.register_fake
@@ -179,15 +181,17 @@ def _(x, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits, per_toke
     return x.new_empty((*x.shape[:-1], data.shape[0]))
 
 
-@torch.library.custom_op("dfqkern::packed_conv2d", mutates_args=())
-def _packed_conv2d(x: Tensor, data: Tensor, w_scale: Tensor, w_zero: Tensor, wbits: int, weight_shape: list[int],
-                   bias: Optional[Tensor], a_scale: Tensor, a_zero: Tensor, abits: int, act_symmetric: bool,
-                   stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                   backend: Optional[str]) -> Tensor:
+def _packed_conv2d_impl(x: Tensor, data: Tensor, w_scale: Tensor, w_zero: Tensor, wbits: int,
+                        weight_shape: list[int], bias: Optional[Tensor], a_scale: Tensor, a_zero: Tensor, abits: int,
+                        act_symmetric: bool, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                        backend: Optional[str]) -> Tensor:
     k = weight_shape[1] * weight_shape[2] * weight_shape[3]
     pw = packed_weight_view(data, w_scale, w_zero, wbits, k, weight_shape)
     return dispatch.conv2d(x, pw, bias, _act(a_scale, a_zero, abits, False, act_symmetric), tuple(stride),
                            tuple(padding), tuple(dilation), groups, backend=backend).contiguous()
+
+
+_packed_conv2d = torch.library.custom_op("dfqkern::packed_conv2d", mutates_args=())(_packed_conv2d_impl)
 
 
 @_packed_conv2d.register_fake
@@ -204,7 +208,8 @@ def packed_linear(x, data, w_scale, w_zero, wbits, k, bias=None, a_scale=None, a
                   per_token=False, act_symmetric=False, backend=None):
     """Packed Linear through the dispatch, as one custom op (``abits=None``: weight-only)."""
     a_scale, a_zero = _act_tensors(x, a_scale, a_zero)
-    return _packed_linear(x, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits or 0, per_token,
+    op = _packed_linear_impl if _eager_inference(x, bias) else _packed_linear
+    return op(x, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits or 0, per_token,
                           act_symmetric, backend)
 
 
@@ -212,8 +217,18 @@ def packed_conv2d(x, data, w_scale, w_zero, wbits, weight_shape, bias=None, a_sc
                   act_symmetric=False, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, backend=None):
     """Packed Conv2d through the dispatch, as one custom op (``abits=None``: weight-only)."""
     a_scale, a_zero = _act_tensors(x, a_scale, a_zero)
-    return _packed_conv2d(x, data, w_scale, w_zero, wbits, list(weight_shape), bias, a_scale, a_zero, abits or 0,
+    op = _packed_conv2d_impl if _eager_inference(x, bias) else _packed_conv2d
+    return op(x, data, w_scale, w_zero, wbits, list(weight_shape), bias, a_scale, a_zero, abits or 0,
                           act_symmetric, list(stride), list(padding), list(dilation), groups, backend)
+
+
+def _eager_inference(x, bias) -> bool:
+    # Outside torch.compile and without autograd the custom-op wrapper only adds latency (~10-20 us
+    # a call, as much as a small conv's kernel at batch 1): call the implementation directly. With
+    # grad-requiring inputs the op keeps going through the custom op, as before.
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _act_tensors(x, a_scale, a_zero):
