@@ -25,6 +25,7 @@ in place):
   of 16, K in 64-byte blocks of 16 rows x 4 consecutive k per slot, so the kernels broadcast 4
   activation bytes against 16 weight rows and keep one accumulator lane per output (no horizontal
   sums); ``corr`` is ``[panels, 3, 16]``. A weight used with both M = 1 and M > 1 holds both layouts.
+  8-bit weights keep the tile layout below the avx512vnni level (the AVX2 panel kernel is slower for them).
 * ``"dw"`` -> int16 ``[O, kh*kw]`` of ``code - zero_point`` for convolutions with one input channel
   per group (depthwise), run by a direct kernel.
 
@@ -138,6 +139,14 @@ def panel_weight(pw: PackedWeight, groups: int = 1):
     return w
 
 
+def _gemm_layout(pw: PackedWeight) -> str:
+    # 8-bit codes on the AVX2 level: the panel kernel must split codes into nibbles (vpmaddubsw would
+    # saturate), slower than the tile kernel's int16 widening, so those keep the tiles.
+    if pw.bits == 8 and _load().cpu_isa() != "avx512vnni":
+        return "tile"
+    return "panel"
+
+
 def depthwise_weight(pw: PackedWeight) -> torch.Tensor:
     """int16 ``[O, kh*kw]`` of ``code - zero_point`` for one-input-channel-per-group convolutions (cached)."""
     cache = pw.cache.setdefault("cpu", {})
@@ -158,7 +167,8 @@ def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
 def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
     if pa.k != pw.k:
         raise ValueError(f"activation K={pa.k} does not match weight K={pw.k}")
-    tiles, corr = tile_weight(pw) if pa.data.shape[0] == 1 else panel_weight(pw)
+    one = pa.data.shape[0] == 1 or _gemm_layout(pw) == "tile"
+    tiles, corr = tile_weight(pw) if one else panel_weight(pw)
     return _load().cpu_linear_int(pa.data, pa.zero_point, pa.bits, pa.k, tiles, corr, pw.bits, pw.n)
 
 
@@ -169,7 +179,7 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     if act is None:
         raise Unsupported("weight-only packed linear (act=None) is not implemented by the CPU backend")
     # M = 1: the tile layout (memory-bound GEMV kernels); M > 1: the panel layout.
-    key = ("tile", 1) if x.numel() == pw.k else ("panel", 1)
+    key = ("tile", 1) if x.numel() == pw.k or pw.bits == 8 and _gemm_layout(pw) == "tile" else ("panel", 1)
     c = pw.cache.get("cpu")
     w = c.get(key) if c is not None else None
     if w is None:
@@ -212,13 +222,14 @@ def _conv_weight(pw: PackedWeight, groups: int):
         raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
     if pw.shape[1] == 1:
         return depthwise_weight(pw), _NO_CORR
+    layout = "panel" if pw.bits != 8 else _gemm_layout(pw)
     c = pw.cache.get("cpu")
-    w = c.get(("panel", groups)) if c is not None else None
+    w = c.get((layout, groups)) if c is not None else None
     if w is not None:
         return w
     if pw.shape[0] % groups:
         raise ValueError(f"groups={groups} must divide the {pw.shape[0]} output channels")
-    return panel_weight(pw, groups)
+    return panel_weight(pw, groups) if layout == "panel" else tile_weight(pw, groups)
 
 
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
