@@ -75,6 +75,17 @@ def narrow_activations(qmodel, bits: int) -> int:
     return n
 
 
+def open_cifar10(data_dir: "str | None"):
+    """(pretrained ResNet-20, dev test set with labels, training images) from the shared data folder."""
+    data_dir = Path(data_dir) if data_dir else default_cifar10_dir()
+    fp_model = create_model(MODEL, checkpoint=data_dir / "resnet20-12fca82f.th")
+    transform = build_transform(fp_model.dfqkern_input_spec)
+    dev = open_dataset(data_dir / "cifar10_test_dev_jpeg.tar.gz", transform,
+                       labels_csv=data_dir / "cifar10_test_dev_labels.csv")
+    train = open_dataset(data_dir / "cifar10_train_jpeg.tar.gz", transform)
+    return fp_model, dev, train
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -161,9 +172,11 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def save(results: dict, out: Path) -> None:
+def save(results: dict, out: Path, render=None) -> None:
+    """Write ``out``.json and the markdown table rendered from it, each atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(results, indent=1, sort_keys=True)), (".md", render_markdown(results))):
+    text_md = (render or render_markdown)(results)
+    for suffix, text in ((".json", json.dumps(results, indent=1, sort_keys=True)), (".md", text_md)):
         tmp = out.with_suffix(suffix + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, out.with_suffix(suffix))
@@ -194,12 +207,7 @@ def main(argv=None) -> int:
             p.error(f"--methods: {m!r} is not one of {list(METHODS)}")
     torch.set_num_threads(args.threads)
 
-    data_dir = Path(args.data_dir) if args.data_dir else default_cifar10_dir()
-    fp_model = create_model(MODEL, checkpoint=data_dir / "resnet20-12fca82f.th")
-    transform = build_transform(fp_model.dfqkern_input_spec)
-    dev = open_dataset(data_dir / "cifar10_test_dev_jpeg.tar.gz", transform,
-                       labels_csv=data_dir / "cifar10_test_dev_labels.csv")
-    train = open_dataset(data_dir / "cifar10_train_jpeg.tar.gz", transform)
+    fp_model, dev, train = open_cifar10(args.data_dir)
     calib = calibration_tensor(train, args.calib_images, seed=args.seed)
 
     out = Path(args.out)
