@@ -234,3 +234,14 @@ def test_bn_inversion_set_argument_errors(tmp_path, make_tiny_bn_net):
         B.generate_bn_inversion_set(tmp_path, net, **base, class_names=["a", "b"])
     with pytest.raises(TypeError, match="unknown invert_bn option"):
         B.generate_bn_inversion_set(tmp_path, net, **base, temperature=3)
+
+
+def test_dgh_bn_weight_does_not_depend_on_the_number_of_batches(tiny_bn_net):
+    # Each batch moves only its share of the set-level moments; the BN term is scaled back so that,
+    # against the per-batch target term, it weighs the same whether the set is one batch or eight.
+    kw = dict(iters=60, input_shape=SHAPE, seed=0, progress=False, ce_weight=5.0, stretch_weight=0.0)
+    one = B.invert_bn(tiny_bn_net, 32, "dgh", batch_size=32, **kw)
+    eight = B.invert_bn(tiny_bn_net, 32, "dgh", batch_size=4, **kw)
+    loss_one = B.bn_statistics_loss(tiny_bn_net, one.images)
+    loss_eight = B.bn_statistics_loss(tiny_bn_net, eight.images)
+    assert loss_eight < 2.0 * loss_one, (loss_one, loss_eight)
