@@ -212,8 +212,9 @@ std::tuple<Tensor, Tensor> adaround_backward(const Tensor& grad, const Tensor& b
   return cpu::adaround_backward(grad, base, v, scale, zero_point, bits, axis, beta, reg_grad);
 }
 
-std::tuple<Tensor, Tensor> prepack_weight(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k,
-                                          int64_t groups) {
+// Shared by the GEMM weight layouts (tiles, panels): they take the same packed codes.
+void check_prepack_args(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k,
+                        int64_t groups) {
   check_bits("bits", bits, {2, 3, 4, 8});
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
   check_packed_codes("data", data, bits, k);
@@ -222,19 +223,17 @@ std::tuple<Tensor, Tensor> prepack_weight(const Tensor& data, const Tensor& zero
   check_cpu("zero_point", zero_point);
   TORCH_CHECK_VALUE(zero_point.numel() == data.size(0), "zero_point must have one element per weight row (",
                     data.size(0), "), got ", zero_point.numel());
+}
+
+std::tuple<Tensor, Tensor> prepack_weight(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k,
+                                          int64_t groups) {
+  check_prepack_args(data, zero_point, bits, k, groups);
   return cpu::prepack_weight(data, zero_point, bits, k, groups);
 }
 
 std::tuple<Tensor, Tensor> prepack_panels(const Tensor& data, const Tensor& zero_point, int64_t bits, int64_t k,
                                           int64_t groups) {
-  check_bits("bits", bits, {2, 3, 4, 8});
-  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
-  check_packed_codes("data", data, bits, k);
-  TORCH_CHECK_VALUE(groups >= 1 && data.size(0) % groups == 0, "groups must be >= 1 and divide the ", data.size(0),
-                    " weight rows, got ", groups);
-  check_cpu("zero_point", zero_point);
-  TORCH_CHECK_VALUE(zero_point.numel() == data.size(0), "zero_point must have one element per weight row (",
-                    data.size(0), "), got ", zero_point.numel());
+  check_prepack_args(data, zero_point, bits, k, groups);
   return cpu::prepack_panels(data, zero_point, bits, k, groups);
 }
 

@@ -7,6 +7,28 @@
 
 namespace dfqkern::cpu::gemm {
 
+namespace {
+
+// One output element from its raw dot: zero-point corrections c[0], c[stride], c[2 * stride] of
+// the weight row (both layouts store them stride apart), then the int32 or fp32 store.
+inline void store_one(const Args& g, int64_t m, int64_t row, int32_t dot, const int32_t* c, int stride,
+                      uint32_t sa, uint32_t za) {
+  // wrapping uint32 arithmetic: exact whenever the true result fits in int32
+  const uint32_t acc = static_cast<uint32_t>(dot) + static_cast<uint32_t>(c[0]) -
+                       static_cast<uint32_t>(c[stride]) * sa - za * static_cast<uint32_t>(c[2 * stride]);
+  const int64_t o = m * g.ldo_m + row * g.ldo_n;
+  if (g.out_i) {
+    g.out_i[o] = static_cast<int32_t>(acc);
+  } else {
+    // reference epilogue order: acc * (a_scale * w_scale) + bias, in fp32
+    float y = static_cast<float>(static_cast<int32_t>(acc)) * (g.a_scale[m * g.a_scale_step] * g.w_scale[row]);
+    if (g.bias) y = y + g.bias[row];
+    g.out_f[o] = y;
+  }
+}
+
+}  // namespace
+
 void finish_tile(const Args& g, int64_t m0, int mr, int64_t t, const int32_t (*dots)[kTileRows]) {
   for (int i = 0; i < mr; ++i) {
     const int64_t m = m0 + i;
@@ -15,19 +37,7 @@ void finish_tile(const Args& g, int64_t m0, int mr, int64_t t, const int32_t (*d
     for (int r = 0; r < kTileRows; ++r) {
       const int64_t row = t * kTileRows + r;
       if (row >= g.n) break;
-      const int32_t* c = g.corr + t * 3 * kTileRows + r;
-      // wrapping uint32 arithmetic: exact whenever the true result fits in int32
-      const uint32_t acc = static_cast<uint32_t>(dots[i][r]) + static_cast<uint32_t>(c[0]) -
-                           static_cast<uint32_t>(c[kTileRows]) * sa - za * static_cast<uint32_t>(c[2 * kTileRows]);
-      const int64_t o = m * g.ldo_m + row * g.ldo_n;
-      if (g.out_i) {
-        g.out_i[o] = static_cast<int32_t>(acc);
-      } else {
-        // reference epilogue order: acc * (a_scale * w_scale) + bias, in fp32
-        float y = static_cast<float>(static_cast<int32_t>(acc)) * (g.a_scale[m * g.a_scale_step] * g.w_scale[row]);
-        if (g.bias) y = y + g.bias[row];
-        g.out_f[o] = y;
-      }
+      store_one(g, m, row, dots[i][r], g.corr + t * 3 * kTileRows + r, kTileRows, sa, za);
     }
   }
 }
@@ -85,17 +95,7 @@ void finish_panels(const Args& g, int64_t m0, int mr, int64_t p0, int np, const 
     for (int j = 0; j < np * kPanel; ++j) {
       const int64_t row = p0 * kPanel + j;
       if (row >= g.n) break;
-      const int32_t* c = g.corr + (p0 + j / kPanel) * 3 * kPanel + j % kPanel;
-      const uint32_t acc = static_cast<uint32_t>(dots[i * ldd + j]) + static_cast<uint32_t>(c[0]) -
-                           static_cast<uint32_t>(c[kPanel]) * sa - za * static_cast<uint32_t>(c[2 * kPanel]);
-      const int64_t o = m * g.ldo_m + row * g.ldo_n;
-      if (g.out_i) {
-        g.out_i[o] = static_cast<int32_t>(acc);
-      } else {
-        float y = static_cast<float>(static_cast<int32_t>(acc)) * (g.a_scale[m * g.a_scale_step] * g.w_scale[row]);
-        if (g.bias) y = y + g.bias[row];
-        g.out_f[o] = y;
-      }
+      store_one(g, m, row, dots[i * ldd + j], g.corr + (p0 + j / kPanel) * 3 * kPanel + j % kPanel, kPanel, sa, za);
     }
   }
 }

@@ -119,24 +119,27 @@ def adaround_backward(grad, base, v, scale, zero_point, bits, axis=0, beta=2.0, 
 
 # ----------------------------------------------------------------------------- weight layouts
 
-def tile_weight(pw: PackedWeight, groups: int = 1):
-    """``(tiles, corr)`` in the ``cpu-tile-v1`` layout, derived once and cached in ``pw.cache["cpu"]``."""
+_PREPACK = {"tile": "cpu_prepack_weight", "panel": "cpu_prepack_panels"}
+
+
+def _prepacked(pw: PackedWeight, layout: str, groups: int):
+    """``(blocks, corr)`` of ``pw`` in a GEMM layout, derived once and cached in ``pw.cache["cpu"]``."""
     cache = pw.cache.setdefault("cpu", {})
-    key = ("tile", groups)
-    w = cache.get(key)
+    w = cache.get((layout, groups))
     if w is None:
-        w = cache[key] = _load().cpu_prepack_weight(pw.data, pw.zero_point, pw.bits, pw.k, groups)
+        prepack = getattr(_load(), _PREPACK[layout])
+        w = cache[(layout, groups)] = prepack(pw.data, pw.zero_point, pw.bits, pw.k, groups)
     return w
+
+
+def tile_weight(pw: PackedWeight, groups: int = 1):
+    """``(tiles, corr)`` in the ``cpu-tile-v1`` layout (cached)."""
+    return _prepacked(pw, "tile", groups)
 
 
 def panel_weight(pw: PackedWeight, groups: int = 1):
-    """``(panels, corr)`` in the ``cpu-panel-v1`` layout, derived once and cached in ``pw.cache["cpu"]``."""
-    cache = pw.cache.setdefault("cpu", {})
-    key = ("panel", groups)
-    w = cache.get(key)
-    if w is None:
-        w = cache[key] = _load().cpu_prepack_panels(pw.data, pw.zero_point, pw.bits, pw.k, groups)
-    return w
+    """``(panels, corr)`` in the ``cpu-panel-v1`` layout (cached)."""
+    return _prepacked(pw, "panel", groups)
 
 
 def _gemm_layout(pw: PackedWeight) -> str:

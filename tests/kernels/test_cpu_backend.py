@@ -335,6 +335,22 @@ def test_prepacked_layouts_are_cached(gen):
     assert panels.shape == (3 * 64,) and pcorr.shape == (1, 3, 16)  # 1 panel, K=40 -> 3 blocks of 16 (2-bit)
 
 
+@pytest.mark.parametrize("layout", ["tile", "panel"])
+@pytest.mark.parametrize("change,error", [
+    (dict(groups=2), "groups must be >= 1 and divide the 9 weight rows, got 2"),
+    (dict(groups=0), "groups must be >= 1"),
+    (dict(zero_point=torch.zeros(8, dtype=torch.int32)), "zero_point must have one element per weight row \\(9\\)"),
+    (dict(bits=5), "bits must be one of"),
+    (dict(k=0), "k must be >= 1"),
+])
+def test_prepack_rejects_bad_arguments(gen, layout, change, error):
+    pw = rand_weight(gen, 9, 40, 4)
+    args = dict(data=pw.data, zero_point=pw.zero_point, bits=pw.bits, k=pw.k, groups=1) | change
+    prepack = getattr(C._load(), C._PREPACK[layout])
+    with pytest.raises(ValueError, match=error):
+        prepack(args["data"], args["zero_point"], args["bits"], args["k"], args["groups"])
+
+
 @pytest.mark.parametrize("wbits", [2, 3, 4, 8])
 @pytest.mark.parametrize("m,k,n", [(2, 5, 3), (3, 31, 17), (17, 65, 33), (13, 129, 16), (30, 200, 47), (25, 96, 64)])
 def test_both_layouts_every_isa(gen, wbits, m, k, n):
