@@ -362,6 +362,9 @@ def invert_bn(model: nn.Module, num_images: int, method: str = "dgh", label_mode
     lr = float(DEFAULT_LR[method] if lr is None else lr)
     if not isinstance(jitter, int) or jitter < 0:
         raise ValueError(f"jitter must be an int >= 0 (max shift in pixels), got {jitter!r}")
+    for name, value in (("ce_weight", ce_weight), ("stretch_weight", stretch_weight), ("tv_weight", tv_weight)):
+        if not float(value) >= 0:  # also rejects NaN
+            raise ValueError(f"{name} must be a number >= 0 (a loss weight), got {value!r}")
     was_training = model.training
     grads = [p.requires_grad for p in model.parameters()]
     model.eval()

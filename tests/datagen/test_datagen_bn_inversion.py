@@ -266,3 +266,17 @@ def test_dgh_bn_weight_does_not_depend_on_the_number_of_batches(tiny_bn_net):
     loss_one = B.bn_statistics_loss(tiny_bn_net, one.images)
     loss_eight = B.bn_statistics_loss(tiny_bn_net, eight.images)
     assert loss_eight < 2.0 * loss_one, (loss_one, loss_eight)
+
+@pytest.mark.parametrize("name,value", [("ce_weight", -0.5), ("stretch_weight", float("nan")), ("tv_weight", -1.0)])
+def test_loss_weights_must_be_non_negative(tiny_bn_net, name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a number >= 0"):
+        B.invert_bn(tiny_bn_net, 4, "dgh", iters=1, batch_size=4, input_shape=SHAPE, progress=False, **{name: value})
+
+
+def test_lower_ce_weight_trades_target_fit_for_bn_fit(tiny_bn_net):
+    """ce_weight moves the balance between the BN term and the target term: less weight on the
+    targets ends at a lower BN loss (the knob the data-free benchmark sweeps for mixup labels)."""
+    kw = dict(iters=60, batch_size=8, input_shape=SHAPE, progress=False, seed=0, label_mode="mixup")
+    strong = B.invert_bn(tiny_bn_net, 8, "dgh", ce_weight=4.0, **kw)
+    weak = B.invert_bn(tiny_bn_net, 8, "dgh", ce_weight=0.1, **kw)
+    assert B.bn_statistics_loss(tiny_bn_net, weak.images) < B.bn_statistics_loss(tiny_bn_net, strong.images)
