@@ -70,6 +70,23 @@ struct Geometry {
   int KH, KW, sh, sw, ph, pw, dh, dw;
 };
 
+// Copies the convolution geometry into a launch-args struct (GemmArgs, DepthwiseArgs: same field names).
+template <class Args>
+void set_geometry(Args& p, const Geometry& g, int64_t H, int64_t W, int OH, int OW) {
+  p.H = int(H);
+  p.W = int(W);
+  p.OH = OH;
+  p.OW = OW;
+  p.KH = g.KH;
+  p.KW = g.KW;
+  p.stride_h = g.sh;
+  p.stride_w = g.sw;
+  p.pad_h = g.ph;
+  p.pad_w = g.pw;
+  p.dil_h = g.dh;
+  p.dil_w = g.dw;
+}
+
 Geometry parse_geometry(at::IntArrayRef g, const char* op) {
   TORCH_CHECK(g.size() == 8, op, ": geometry must be [kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w], got ",
               g.size(), " values");
@@ -302,18 +319,7 @@ Tensor packed_conv(const Tensor& x, const Tensor& a_zp, const OptTensor& a_scale
   GemmArgs& p = s.args;
   p.a = x.data_ptr<uint8_t>();
   p.conv = 1;
-  p.H = int(H);
-  p.W = int(W);
-  p.OH = OH;
-  p.OW = OW;
-  p.KH = g.KH;
-  p.KW = g.KW;
-  p.stride_h = g.sh;
-  p.stride_w = g.sw;
-  p.pad_h = g.ph;
-  p.pad_w = g.pw;
-  p.dil_h = g.dh;
-  p.dil_w = g.dw;
+  set_geometry(p, g, H, W, OH, OW);
   p.c_padded = int(c_padded);
   p.pixel_bytes = int(pixel_bytes);
   return launch_gemm_op(op, s, x, path, slot_bits, out_dtype, {N, OH, OW, n});
@@ -364,18 +370,7 @@ Tensor depthwise_conv(const Tensor& x, const Tensor& a_zp, const OptTensor& a_sc
   p.out = out.data_ptr();
   p.N = int(N);
   p.C = int(C);
-  p.H = int(H);
-  p.W = int(W);
-  p.OH = OH;
-  p.OW = OW;
-  p.KH = g.KH;
-  p.KW = g.KW;
-  p.stride_h = g.sh;
-  p.stride_w = g.sw;
-  p.pad_h = g.ph;
-  p.pad_w = g.pw;
-  p.dil_h = g.dh;
-  p.dil_w = g.dw;
+  set_geometry(p, g, H, W, OH, OW);
   check_launch(launch_depthwise(p, current_stream()), op);
   return out;
 }
