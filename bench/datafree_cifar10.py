@@ -35,6 +35,7 @@ from accuracy_cifar10 import MODEL, ROOT, SETTINGS, git_commit, open_cifar10, ru
 
 from dfqkern.data import calibration_tensor  # noqa: E402
 from dfqkern.datagen import generate_bn_inversion_set, load_synthetic  # noqa: E402
+from dfqkern.datagen.bn_inversion import DEFAULT_CE_WEIGHT  # noqa: E402
 from dfqkern.pipeline import tensor_transform  # noqa: E402
 
 SOURCES = ("dgh", "genie")
@@ -46,20 +47,47 @@ TIME_LIMIT_S = 20 * 60  # generation + calibration per setting
 REAL_RESULTS = ROOT / "bench" / "results" / "cifar10_real.json"
 
 
-def dataset_key(method: str, label_mode: str, seed: int, images: int, gen_iters: int) -> str:
-    return f"{method}|{label_mode}|{images}|{gen_iters}|{seed}"
+def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str) -> str:
+    """The inversion options a set was made with, as a short tag: 'ce0.5', 'ce1-a0.5' (mixup Dirichlet alpha)."""
+    tags = [f"ce{ce_weight:g}"]
+    if label_mode == "mixup" and dirichlet_alpha != 1.0:
+        tags.append(f"a{dirichlet_alpha:g}")
+    return "-".join(tags)
+
+
+def dataset_key(method: str, label_mode: str, seed: int, images: int, gen_iters: int, variant: str) -> str:
+    return f"{method}|{label_mode}|{images}|{gen_iters}|{seed}|{variant}"
+
+
+def migrate(results: dict) -> dict:
+    """Rows of the first runs (before the cross-entropy weight was swept) were made with ce_weight 1."""
+    renamed = {}
+    for old in [k for k in results["datasets"] if k.count("|") == 4]:
+        renamed[old] = f"{old}|ce1"
+        results["datasets"][renamed[old]] = results["datasets"].pop(old)
+    for key in list(results["rows"]):
+        r = results["rows"][key]
+        if "variant" not in r:
+            r.update(variant="ce1", ce_weight=1.0, dirichlet_alpha=1.0 if r["label_mode"] == "mixup" else None)
+        if r["dataset"] in renamed:
+            r["dataset"] = renamed[r["dataset"]]
+            results["rows"][f"{r['setting']}|{r['dataset']}|{key.split('|')[-2]}|{key.split('|')[-1]}"] = \
+                results["rows"].pop(key)
+    return results
 
 
 def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, images: int, gen_iters: int,
-             progress: bool) -> tuple[Path, dict]:
+             progress: bool, ce_weight: float = 1.0, dirichlet_alpha: float = 1.0) -> tuple[Path, dict]:
     """The synthetic set (generated now, or resumed / reused from ``work_dir``) and its timing."""
     spec = fp_model.dfqkern_input_spec
-    out = work_dir / f"{method}-{label_mode}-n{images}-it{gen_iters}-s{seed}"
+    variant = variant_name(ce_weight, dirichlet_alpha, label_mode)
+    out = work_dir / f"{method}-{label_mode}-n{images}-it{gen_iters}-s{seed}-{variant}"
     wall, cpu = time.perf_counter(), time.process_time()
     # shard_size = images: dgh matches the statistics of the whole set, not of one shard.
     generate_bn_inversion_set(out, fp_model, num_images=images, input_shape=spec.input_size, mean=spec.mean,
                               std=spec.std, method=method, label_mode=label_mode, iters=gen_iters, seed=seed,
-                              shard_size=images, model_id=MODEL, progress=progress)
+                              shard_size=images, model_id=MODEL, progress=progress, ce_weight=ce_weight,
+                              dirichlet_alpha=dirichlet_alpha)
     return out, {"gen_wall_s": round(time.perf_counter() - wall, 1), "gen_cpu_s": round(time.process_time() - cpu, 1)}
 
 
@@ -99,6 +127,10 @@ def _verdict(r: dict, fp: float, real: dict) -> str:
     return "yes" if acc and in_time else "accuracy yes, time no" if acc else "no"
 
 
+def _data_name(r: dict) -> str:
+    return f"{r['source']} {r['label_mode']} {r['variant']}"
+
+
 def render_markdown(results: dict) -> str:
     fp, meta = results["fp_top1"], results["meta"]
     real = real_reference(meta["calib_method"])
@@ -109,7 +141,8 @@ def render_markdown(results: dict) -> str:
         f"**{fp:.2f} %** on the {results['dev_images']} dev test images. No real image is used for calibration: "
         f"{meta['images']} images per set are inverted from the model's BatchNorm statistics "
         f"({meta['gen_iters']} iterations, `generate_bn_inversion_set`, targets balanced over the 10 classes; "
-        f"`mixup` = 2 classes per image with Dirichlet(1) weights, soft cross-entropy), then "
+        f"`mixup` = 2 classes per image with Dirichlet(1) weights, soft cross-entropy; the weight of the "
+        f"target cross-entropy in the inversion loss is part of the data name: `ce1`, `ce0.5`), then "
         f"`{meta['calib_method']}` reconstruction with {meta['calib_iters']} iterations per unit, first/last layer "
         f"8-bit, exactly as the real-data table (`cifar10_real.md`). The seed drives generation and calibration. "
         f"torch threads: {meta['threads']}; machine: {meta['machine']}.",
@@ -124,22 +157,26 @@ def render_markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = sorted(results["rows"].values(), key=lambda r: (DF_SETTINGS.index(r["setting"]), r["source"],
-                                                           r["label_mode"], r["seed"]))
+                                                           r["variant"], r["label_mode"], r["seed"]))
     for r in rows:
         ref = real.get(r["setting"])
         gap = "" if ref is None else f"{ref - r['top1']:.2f}"
         ds = results["datasets"][r["dataset"]]
         lines.append(
-            f"| {r['setting']} | {r['source']} {r['label_mode']} | {r['seed']} | {r['top1']:.2f} | {fp - r['top1']:.2f} | "
+            f"| {r['setting']} | {_data_name(r)} | {r['seed']} | {r['top1']:.2f} | {fp - r['top1']:.2f} | "
             f"{'' if ref is None else f'{ref:.2f}'} | {gap} | {ds['target_hit_rate']:.2f} / {ds['target_mass']:.2f} | "
             f"{ds['gen_wall_s']:.0f} | {r['calib_wall_s']:.0f} | {r['total_wall_s']:.0f} | "
             f"{r['load_avg_1min'][1]:.1f} | {_verdict(r, fp, real)} |")
     # Mean over seeds: the single-vs-mixup comparison the mission is about.
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["setting"], r["source"], r["label_mode"]), []).append(r["top1"])
-    lines += ["", "## Mean over seeds", "", "| setting | source | single labels | mixup labels | mixup - single |",
-              "|---|---|---|---|---|"]
+        groups.setdefault((r["setting"], r["source"], r["variant"], r["label_mode"]), []).append(r["top1"])
+    lines += ["", "## Mean over seeds", "",
+              "Same inversion options for both label modes in a row (`ce0.5`: cross-entropy weight 0.5), except "
+              "the `dfqkern defaults` rows: each label mode at the library's default weight "
+              "(`DEFAULT_CE_WEIGHT`: single labels 1, mixup 0.5).", "",
+              "| setting | source | options | single labels | mixup labels | mixup - single |",
+              "|---|---|---|---|---|---|"]
 
     def fmt(v):
         if not v:
@@ -148,14 +185,20 @@ def render_markdown(results: dict) -> str:
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         return f"{m:.2f} ± {sd:.2f} (n={len(v)})", m
 
+    defaults = {mode: variant_name(w, 1.0, mode) for mode, w in DEFAULT_CE_WEIGHT.items()}
+    pairings = [(v, v, v) for v in sorted({k[2] for k in groups})]
+    pairings.append((f"dfqkern defaults ({defaults['single']} / {defaults['mixup']})", defaults["single"],
+                     defaults["mixup"]))
     for setting in DF_SETTINGS:
         for source in SOURCES:
-            s_txt, s_mean = fmt(groups.get((setting, source, "single"), []))
-            m_txt, m_mean = fmt(groups.get((setting, source, "mixup"), []))
-            if s_mean is None and m_mean is None:
-                continue
-            diff = "" if s_mean is None or m_mean is None else f"{m_mean - s_mean:+.2f}"
-            lines.append(f"| {setting} | {source} | {s_txt} | {m_txt} | {diff} |")
+            for name, single_variant, mixup_variant in pairings:
+                s_txt, s_mean = fmt(groups.get((setting, source, single_variant, "single"), []))
+                m_txt, m_mean = fmt(groups.get((setting, source, mixup_variant, "mixup"), []))
+                paired = single_variant != mixup_variant  # the defaults row: only with both sides
+                if (s_mean is None and m_mean is None) or (paired and (s_mean is None or m_mean is None)):
+                    continue
+                diff = "" if s_mean is None or m_mean is None else f"{m_mean - s_mean:+.2f}"
+                lines.append(f"| {setting} | {source} | {name} | {s_txt} | {m_txt} | {diff} |")
     lines += ["", f"Package commit at the last run: `{meta['commit']}`.", ""]
     return "\n".join(lines)
 
@@ -169,6 +212,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     p.add_argument("--images", type=int, default=512, help="synthetic images per set (= calibration images)")
     p.add_argument("--gen-iters", type=int, default=200, help="BN-inversion iterations")
+    p.add_argument("--ce-weights", default="0.5,1",
+                   help="comma list of weights of the target cross-entropy in the inversion loss (each runs "
+                        "both label modes; dfqkern's defaults: 1 for single labels, 0.5 for mixup)")
+    p.add_argument("--dirichlet-alpha", type=float, default=1.0, help="Dirichlet concentration of mixup weights")
     p.add_argument("--calib-method", default="qdrop", choices=("brecq", "qdrop", "genie"))
     p.add_argument("--calib-iters", type=int, default=1000, help="reconstruction iterations per unit")
     p.add_argument("--threads", type=int, default=2)
@@ -188,6 +235,12 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         p.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
+    try:
+        ce_weights = [float(w) for w in args.ce_weights.split(",") if w]
+    except ValueError:
+        p.error(f"--ce-weights: expected a comma list of numbers, got {args.ce_weights!r}")
+    if not ce_weights or any(not w >= 0 for w in ce_weights):
+        p.error(f"--ce-weights: expected numbers >= 0, got {args.ce_weights!r}")
     torch.set_num_threads(args.threads)
     cache = Path(os.environ.get("DFQKERN_CACHE_DIR") or Path.home() / ".cache" / "dfqkern")
     work_dir = Path(args.work_dir) if args.work_dir else cache / "bench-datafree"
@@ -196,7 +249,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     results = None
     if out.with_suffix(".json").exists() and not args.fresh:
-        results = json.loads(out.with_suffix(".json").read_text())
+        results = migrate(json.loads(out.with_suffix(".json").read_text()))
     results = results or {"rows": {}, "datasets": {}}
     results.update(model=MODEL, dev_images=len(dev))
     results["meta"] = {"images": args.images, "gen_iters": args.gen_iters, "calib_method": args.calib_method,
@@ -210,38 +263,39 @@ def main(argv=None) -> int:
     render = render_markdown
 
     # Seed-major order: a partial run already holds a complete single-vs-mixup comparison per seed.
-    for seed in seeds:
-        for source in lists["sources"]:
-            for mode in lists["label_modes"]:
-                dkey = dataset_key(source, mode, seed, args.images, args.gen_iters)
-                pending = [s for s in lists["settings"]
-                           if f"{s}|{dkey}|{args.calib_method}|{args.calib_iters}" not in results["rows"]]
-                if not pending:
-                    print(f"skip {dkey} (all settings measured)", flush=True)
-                    continue
-                print(f"data {dkey}", flush=True)
-                set_dir, timing = generate(fp_model, work_dir, source, mode, seed, args.images, args.gen_iters,
-                                           args.progress)
-                if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
-                    synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
-                    results["datasets"][dkey] = {**timing, **target_agreement(fp_model, synthetic),
-                                                 "path": str(set_dir)}
-                    save(results, out, render)
-                ds = results["datasets"][dkey]
-                print(f"  generated in {ds['gen_wall_s']:.0f}s, target hit {ds['target_hit_rate']:.2f} "
-                      f"mass {ds['target_mass']:.2f}", flush=True)
-                synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
-                calib = calibration_tensor(synthetic, len(synthetic), seed=seed)
-                for setting in pending:
-                    row = run_row(fp_model, dev, calib, setting, *SETTINGS[setting], args.calib_method,
-                                  args.calib_iters, seed, args.progress)
-                    row.update(source=source, label_mode=mode, dataset=dkey,
-                               total_wall_s=round(ds["gen_wall_s"] + row["calib_wall_s"], 1),
-                               finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-                    results["rows"][f"{setting}|{dkey}|{args.calib_method}|{args.calib_iters}"] = row
-                    save(results, out, render)
-                    print(f"  {setting}: top-1 {row['top1']:.2f} (drop {results['fp_top1'] - row['top1']:.2f}) "
-                          f"calib {row['calib_wall_s']:.0f}s", flush=True)
+    jobs = [(seed, source, ce, mode) for seed in seeds for source in lists["sources"] for ce in ce_weights
+            for mode in lists["label_modes"]]
+    for seed, source, ce, mode in jobs:
+        variant = variant_name(ce, args.dirichlet_alpha, mode)
+        dkey = dataset_key(source, mode, seed, args.images, args.gen_iters, variant)
+        pending = [s for s in lists["settings"]
+                   if f"{s}|{dkey}|{args.calib_method}|{args.calib_iters}" not in results["rows"]]
+        if not pending:
+            print(f"skip {dkey} (all settings measured)", flush=True)
+            continue
+        print(f"data {dkey}", flush=True)
+        set_dir, timing = generate(fp_model, work_dir, source, mode, seed, args.images, args.gen_iters,
+                                   args.progress, ce, args.dirichlet_alpha)
+        if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
+            synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
+            results["datasets"][dkey] = {**timing, **target_agreement(fp_model, synthetic), "path": str(set_dir)}
+            save(results, out, render)
+        ds = results["datasets"][dkey]
+        print(f"  generated in {ds['gen_wall_s']:.0f}s, target hit {ds['target_hit_rate']:.2f} "
+              f"mass {ds['target_mass']:.2f}", flush=True)
+        synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
+        calib = calibration_tensor(synthetic, len(synthetic), seed=seed)
+        for setting in pending:
+            row = run_row(fp_model, dev, calib, setting, *SETTINGS[setting], args.calib_method,
+                          args.calib_iters, seed, args.progress)
+            row.update(source=source, label_mode=mode, dataset=dkey, variant=variant, ce_weight=ce,
+                       dirichlet_alpha=args.dirichlet_alpha if mode == "mixup" else None,
+                       total_wall_s=round(ds["gen_wall_s"] + row["calib_wall_s"], 1),
+                       finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            results["rows"][f"{setting}|{dkey}|{args.calib_method}|{args.calib_iters}"] = row
+            save(results, out, render)
+            print(f"  {setting}: top-1 {row['top1']:.2f} (drop {results['fp_top1'] - row['top1']:.2f}) "
+                  f"calib {row['calib_wall_s']:.0f}s", flush=True)
     save(results, out, render)
     return 0
 

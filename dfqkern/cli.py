@@ -117,7 +117,8 @@ def cmd_generate(args) -> int:
                              pretrained=args.pretrained)
         out = generate_bn_inversion(model, args.out, args.num_images, args.method, args.label_mode,
                                     iters=args.iters, batch_size=args.batch_size, seed=args.seed,
-                                    overwrite=args.overwrite, device=args.device, mixup_k=args.mixup_k)
+                                    overwrite=args.overwrite, device=args.device, mixup_k=args.mixup_k,
+                                    ce_weight=args.ce_weight)
     print(f"synthetic set in {out} (use it with --calib-data synthetic:{out})")
     return 0
 
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--method", choices=("zeroq", "genie", "hast", "dgh"), default="dgh")
     gb.add_argument("--label-mode", choices=("single", "mixup"), default="mixup")
     gb.add_argument("--iters", type=int, default=500)
+    gb.add_argument("--ce-weight", type=float, default=None,
+                    help="weight of the target cross-entropy (default: 1 for single labels, 0.5 for mixup)")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="train, quantize, pack, save and reload a small digits model (offline)")

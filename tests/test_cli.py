@@ -183,3 +183,22 @@ def test_demo(tmp_path):
     for p in ckpts:
         assert load_quantized(p)(x).shape == (2, 10)
     assert any((tmp_path / "cache").iterdir())  # the trained float model is cached
+
+
+def test_generate_bn_inversion_then_quantize_on_it(tmp_path, tiny_tar_dataset, capsys):
+    """``dfqkern generate --source bn-inversion`` writes a synthetic set with the options it was
+    given (recorded in the manifest) that ``quantize --calib-data synthetic:DIR`` consumes."""
+    syn = tmp_path / "syn"
+    rc, out, err = run_cli(capsys, "generate", "--source", "bn-inversion", "--model", "cifar10_resnet20",
+                           "--method", "dgh", "--label-mode", "mixup", "--ce-weight", 0.25, "--num-images", 4,
+                           "--iters", 2, "--batch-size", 4, "--out", syn)
+    assert rc == 0, err
+    assert f"synthetic:{syn}" in out
+    manifest = json.loads((syn / "manifest.json").read_text())
+    assert len(manifest["images"]) == 4 and manifest["config"]["options"]["ce_weight"] == 0.25
+    assert all(len(e["classes"]) == 2 for e in manifest["images"])
+    rc, out, err = run_cli(capsys, "quantize", "--model", "cifar10_resnet20", "--calib-data", f"synthetic:{syn}",
+                           "--num-calib", 4, "--batch-size", 2, "--out", tmp_path / "q",
+                           "--weight-observer", "minmax", "--act-observer", "minmax")
+    assert rc == 0, err
+    assert (tmp_path / "q" / WEIGHTS_FILE).exists()

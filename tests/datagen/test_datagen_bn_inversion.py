@@ -213,6 +213,7 @@ def test_bn_inversion_set_store_and_resume(tmp_path, monkeypatch, make_tiny_bn_n
     assert m["source"] == "bn-inversion" and m["normalization"] == {"mean": mean, "std": std, "clamped": True}
     assert m["config"]["model_sha256"] == B.model_fingerprint(net) and m["generator"]["id"] == "bn-inversion/zeroq"
     assert all(len(e["classes"]) == 2 and len(e["class_names"]) == 2 for e in m["images"])
+    assert m["config"]["options"]["ce_weight"] == B.DEFAULT_CE_WEIGHT["mixup"]  # the default, recorded resolved
     x, y = ds[0]
     assert x.shape == shape and torch.isclose(y.sum(), torch.tensor(1.0))
     # Stored [0,1] images map back onto the optimized model-input images (8-bit quantization only:
@@ -280,3 +281,12 @@ def test_lower_ce_weight_trades_target_fit_for_bn_fit(tiny_bn_net):
     strong = B.invert_bn(tiny_bn_net, 8, "dgh", ce_weight=4.0, **kw)
     weak = B.invert_bn(tiny_bn_net, 8, "dgh", ce_weight=0.1, **kw)
     assert B.bn_statistics_loss(tiny_bn_net, weak.images) < B.bn_statistics_loss(tiny_bn_net, strong.images)
+
+
+def test_ce_weight_default_follows_the_label_mode(tiny_bn_net):
+    kw = dict(iters=5, batch_size=4, input_shape=SHAPE, progress=False, seed=3)
+    assert B.DEFAULT_CE_WEIGHT == {"single": 1.0, "mixup": 0.5}
+    for mode, weight in B.DEFAULT_CE_WEIGHT.items():
+        default = B.invert_bn(tiny_bn_net, 4, "dgh", mode, **kw).images
+        assert torch.equal(default, B.invert_bn(tiny_bn_net, 4, "dgh", mode, ce_weight=weight, **kw).images)
+        assert not torch.equal(default, B.invert_bn(tiny_bn_net, 4, "dgh", mode, ce_weight=2 * weight, **kw).images)
