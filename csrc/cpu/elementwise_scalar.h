@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../common/lowbias32.h"
 #include "elementwise.h"
 
 namespace dfqkern::cpu::ew {
@@ -14,15 +15,7 @@ constexpr float kGamma = -0.1f;
 // reference.py multiplies by the Python float (ZETA - GAMMA); torch rounds that scalar to fp32.
 constexpr float kStretch = static_cast<float>(1.1 - (-0.1));
 
-inline uint32_t hash32(uint32_t index, uint32_t seed_mix) {
-  uint32_t x = index + seed_mix;
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
+inline uint32_t hash32(uint32_t index, uint32_t seed_mix) { return lowbias32(index, seed_mix); }
 
 inline bool dropped(const Drop& d, uint64_t index) {
   return d.threshold != 0 && hash32(static_cast<uint32_t>(index), d.seed_mix) < d.threshold;

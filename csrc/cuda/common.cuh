@@ -33,6 +33,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/lowbias32.h"
 #include "launch.h"
 
 namespace dfqkern::cuda {
@@ -185,13 +186,7 @@ inline dim3 per_channel_grid(int64_t numel, int channels, int threads) {
 
 // QDrop's counter hash, identical to dfqkern.kernels.reference.hash32 ("lowbias32").
 __device__ __forceinline__ uint32_t hash32(uint64_t index, uint32_t seed_mul) {
-  uint32_t x = static_cast<uint32_t>(index) + seed_mul;  // mod 2**32, as the reference
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
+  return lowbias32(static_cast<uint32_t>(index), seed_mul);
 }
 
 }  // namespace dfqkern::cuda
