@@ -1,0 +1,68 @@
+"""The data-free benchmark's bookkeeping (bench/datafree_cifar10.py): migrating rows of earlier
+runs, keys per inversion option, and the generated single-vs-mixup summary. No model is run."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def datafree():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("datafree_cifar10", BENCH / "datafree_cifar10.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _row(setting, source, mode, seed, top1, variant=None):
+    dkey = f"{source}|{mode}|512|200|{seed}" + (f"|{variant}" if variant else "")
+    r = {"setting": setting, "source": source, "label_mode": mode, "seed": seed, "top1": top1, "dataset": dkey,
+         "calib_wall_s": 100.0, "total_wall_s": 300.0, "load_avg_1min": [1.0, 1.0]}
+    if variant:
+        r["variant"] = variant
+    return f"{setting}|{dkey}|qdrop|1000", r, dkey
+
+
+def _results(rows):
+    out = {"fp_top1": 81.0, "dev_images": 5000, "rows": {}, "datasets": {},
+           "meta": {"images": 512, "gen_iters": 200, "calib_method": "qdrop", "calib_iters": 1000, "threads": 2,
+                    "machine": "test", "commit": "abc"}}
+    for key, r, dkey in rows:
+        out["rows"][key] = r
+        out["datasets"][dkey] = {"gen_wall_s": 200.0, "target_hit_rate": 1.0, "target_mass": 1.0}
+    return out
+
+
+def test_variant_names_and_keys(datafree):
+    assert datafree.variant_name(1.0, 1.0, "single") == "ce1"
+    assert datafree.variant_name(0.5, 1.0, "mixup") == "ce0.5"
+    assert datafree.variant_name(0.5, 0.3, "mixup") == "ce0.5-a0.3"
+    assert datafree.variant_name(0.5, 0.3, "single") == "ce0.5"  # alpha means nothing for one-hot targets
+    assert datafree.dataset_key("dgh", "mixup", 2, 512, 200, "ce0.5") == "dgh|mixup|512|200|2|ce0.5"
+
+
+def test_legacy_rows_migrate_to_ce1_and_the_summary_pairs_the_defaults(datafree):
+    res = _results([_row("w2a4", "dgh", "single", s, 77.0 + s) for s in range(3)]  # legacy: ce 1, no tag
+                   + [_row("w2a4", "dgh", "mixup", s, 79.0 + s, "ce0.5") for s in range(3)]
+                   + [_row("w2a4", "dgh", "single", 0, 76.0, "ce0.5")])
+    res = datafree.migrate(res)
+    assert "w2a4|dgh|single|512|200|1|ce1|qdrop|1000" in res["rows"]
+    assert "dgh|single|512|200|1|ce1" in res["datasets"] and "dgh|single|512|200|1" not in res["datasets"]
+    migrated = res["rows"]["w2a4|dgh|single|512|200|1|ce1|qdrop|1000"]
+    assert migrated["variant"] == "ce1" and migrated["ce_weight"] == 1.0 and migrated["dataset"].endswith("|ce1")
+    assert datafree.migrate(res) == res  # idempotent
+    summary = datafree.render_markdown(res).split("## Mean over seeds")[1]
+    lines = {line.split(" | ")[2]: line for line in summary.splitlines() if line.startswith("| w2a4")}
+    assert "78.00 ± 1.00 (n=3)" in lines["ce1"] and lines["ce1"].endswith("|  |")  # no mixup at ce1
+    assert "76.00 ± 0.00 (n=1)" in lines["ce0.5"] and "+4.00" in lines["ce0.5"]
+    defaults = lines["dfqkern defaults (ce1 / ce0.5)"]
+    assert "78.00 ± 1.00 (n=3)" in defaults and "80.00 ± 1.00 (n=3)" in defaults and defaults.endswith("+2.00 |")
