@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--pretrained", action="store_true")
     gb.add_argument("--num-classes", type=int)
     gb.add_argument("--method", choices=("zeroq", "genie", "hast", "dgh"), default="dgh")
-    gb.add_argument("--label-mode", choices=("single", "mixup"), default="mixup")
+    gb.add_argument("--label-mode", choices=("single", "mixup"), default="mixup",
+                    help="mixup: soft targets over --mixup-k classes (best with dgh; genie does better with single)")
     gb.add_argument("--iters", type=int, default=500)
     gb.add_argument("--ce-weight", type=float, default=None,
                     help="weight of the target cross-entropy (default: 1 for single labels, 0.5 for mixup)")
