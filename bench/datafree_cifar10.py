@@ -71,8 +71,8 @@ def migrate(results: dict) -> dict:
             r.update(variant="ce1", ce_weight=1.0, dirichlet_alpha=1.0 if r["label_mode"] == "mixup" else None)
         if r["dataset"] in renamed:
             r["dataset"] = renamed[r["dataset"]]
-            results["rows"][f"{r['setting']}|{r['dataset']}|{key.split('|')[-2]}|{key.split('|')[-1]}"] = \
-                results["rows"].pop(key)
+            calib = key.rsplit("|", 2)[1:]  # calibration method and iterations
+            results["rows"]["|".join([r["setting"], r["dataset"], *calib])] = results["rows"].pop(key)
     return results
 
 
@@ -276,14 +276,13 @@ def main(argv=None) -> int:
         print(f"data {dkey}", flush=True)
         set_dir, timing = generate(fp_model, work_dir, source, mode, seed, args.images, args.gen_iters,
                                    args.progress, ce, args.dirichlet_alpha)
+        synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
         if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
-            synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
             results["datasets"][dkey] = {**timing, **target_agreement(fp_model, synthetic), "path": str(set_dir)}
             save(results, out, render)
         ds = results["datasets"][dkey]
         print(f"  generated in {ds['gen_wall_s']:.0f}s, target hit {ds['target_hit_rate']:.2f} "
               f"mass {ds['target_mass']:.2f}", flush=True)
-        synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
         calib = calibration_tensor(synthetic, len(synthetic), seed=seed)
         for setting in pending:
             row = run_row(fp_model, dev, calib, setting, *SETTINGS[setting], args.calib_method,

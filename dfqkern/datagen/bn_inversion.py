@@ -85,6 +85,11 @@ LABEL_MODES = ("single", "mixup")
 WEIGHT_MODES = ("dirichlet", "uniform")
 DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.25, "genie": 0.01}
 DEFAULT_CE_WEIGHT = {"single": 1.0, "mixup": 0.5}  # see the module notes
+
+
+def resolve_ce_weight(label_mode: str, ce_weight: "float | None") -> float:
+    """``ce_weight``, or the label mode's default where it is None."""
+    return DEFAULT_CE_WEIGHT[label_mode] if ce_weight is None else ce_weight
 # genie: ``lr`` is the generator's rate; the latent codes move GENIE_LATENT_LR_SCALE times faster
 # (Genie keeps separate rates for the two). At a generator rate of 0.05-0.1 the generator's tanh
 # saturated and the images lost their variation (ResNet-20, width 64, 0.05 vs 0.01: half the
@@ -372,7 +377,7 @@ def invert_bn(model: nn.Module, num_images: int, method: str = "dgh", label_mode
     shape = tuple(int(s) for s in input_shape)
     device = torch.device(device) if device is not None else model_device(model)
     lr = float(DEFAULT_LR[method] if lr is None else lr)
-    ce_weight = DEFAULT_CE_WEIGHT[label_mode] if ce_weight is None else ce_weight
+    ce_weight = resolve_ce_weight(label_mode, ce_weight)
     if not isinstance(jitter, int) or jitter < 0:
         raise ValueError(f"jitter must be an int >= 0 (max shift in pixels), got {jitter!r}")
     for name, value in (("ce_weight", ce_weight), ("stretch_weight", stretch_weight), ("tv_weight", tv_weight)):
@@ -607,8 +612,8 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, *, num_images: int, inp
     if unknown:
         raise TypeError(f"unknown invert_bn option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     rank, world_size = check_rank(rank, world_size)
-    if method_kwargs.get("ce_weight") is None:  # recorded resolved, so the manifest says what was used
-        method_kwargs["ce_weight"] = DEFAULT_CE_WEIGHT[label_mode]
+    # recorded resolved, so the manifest says what was used
+    method_kwargs["ce_weight"] = resolve_ce_weight(label_mode, method_kwargs.get("ce_weight"))
     device = torch.device(device) if device is not None else model_device(model)
     with torch.no_grad():
         was_training = model.training
