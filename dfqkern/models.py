@@ -4,6 +4,8 @@ Names:
 - ``cifar10_resnet{20,32,44,56}`` / ``cifar100_resnet{20,32,44,56}``: He et al. (2016) CIFAR ResNets
   with parameter-free "option A" shortcuts, module-for-module identical to
   akamaster/pytorch_resnet_cifar10 (the checkpoint in ``shared/data/cifar10``).
+- ``cifar10_shufflenetv2_x0_5`` / ``cifar10_mobilenetv2_x0_35``: CIFAR-sized edge networks
+  (:mod:`dfqkern.edge_nets`); trained weights for the benchmarks live in ``bench/weights/``.
 - ``digits_cnn``: a small BatchNorm CNN for scikit-learn's bundled 8x8 digits (the CLI demo model).
 - ``timm:NAME`` and ``torchvision:NAME``: delegated to those libraries, imported lazily.
 
@@ -209,6 +211,20 @@ def _register_cifar(dataset: str, classes: int, depth: int) -> None:
 for _dataset, _classes in (("cifar10", 10), ("cifar100", 100)):
     for _depth in (20, 32, 44, 56):
         _register_cifar(_dataset, _classes, _depth)
+
+
+@register_model("cifar10_shufflenetv2_x0_5", spec=CIFAR_SPEC)
+def _cifar10_shufflenetv2(num_classes: int | None = None):
+    from .edge_nets import CifarShuffleNetV2
+
+    return CifarShuffleNetV2(num_classes or 10), CIFAR_SPEC
+
+
+@register_model("cifar10_mobilenetv2_x0_35", spec=CIFAR_SPEC)
+def _cifar10_mobilenetv2(num_classes: int | None = None):
+    from .edge_nets import CifarMobileNetV2
+
+    return CifarMobileNetV2(num_classes or 10, width_mult=0.35, last_channels=640), CIFAR_SPEC
 
 
 @register_model("digits_cnn", spec=DIGITS_SPEC)

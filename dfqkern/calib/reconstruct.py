@@ -3,13 +3,19 @@
 For each unit (block or lone layer), in execution order:
 
 1. capture its input in the quantized model (earlier units already reconstructed and hardened),
-   and its input and output in the float model (the target);
+   and its float input and output: the quantized model's own, with quantization off. (Not the
+   float model's module of the same name: BatchNorm is folded into the quantized model's convs, so
+   a lone conv's namesake in the float model outputs the pre-BatchNorm tensor, a different target);
 2. learn the rounding of its weights (AdaRound), plus, block-wise methods, the step sizes of its
    activation quantizers (LSQ) and, Genie-M, its weight scales, minimising output MSE plus the
    annealed rounding regularizer. QDrop feeds an element-wise mix of float and quantized inputs
    and drops activation quantization at random inside the unit;
-3. harden the rounding, and (with ``checkpoint_dir``) save the unit's state so a killed run resumes
-   after it with the very model an uninterrupted run gives.
+3. harden the rounding; keep it only if the unit's output error on the held-out calibration images
+   fell (:mod:`dfqkern.calib.guard`), and (with ``checkpoint_dir``) save the unit's state so a
+   killed run resumes after it with the very model an uninterrupted run gives.
+
+Finally the whole model's output error on the held-out images is compared with the observer
+start's, and the observer start is returned if reconstruction made it worse.
 
 Randomness comes from generators seeded by ``(seed, unit index)``, so a fixed seed gives an
 identical model, resumed or not.
@@ -33,14 +39,16 @@ from ..kernels import dispatch
 from ..nn import ActQuantizer, QuantLayer, WeightQuantizer
 from .capture import ActivationStore, capture, quantization_disabled
 from .config import CalibConfig
+from .guard import QuantizerState, heldout_count, heldout_split
 from .losses import beta_at, reconstruction_loss, rounding_active, rounding_loss
 from .units import Unit, execution_order, find_units
 from .vit import FixedRangeActQuantizer, quantize_attention
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
-EVAL_SAMPLES = 256  # inputs the before/after reconstruction losses are measured on
+CHECKPOINT_VERSION = 2
+EVAL_SAMPLES = 256  # without held-out images, the training images the guard measures on
+FP_MODEL_RTOL = 1e-3  # fp_model and qmodel-without-quantization agree to this (folding reorders float math)
 
 
 @dataclass
@@ -48,12 +56,13 @@ class UnitReport:
     name: str
     kind: str
     iters: int
-    loss_nearest: float  # output MSE of the unit with round-to-nearest weights, before learning
+    loss_nearest: float  # held-out output MSE of the unit at its start (nearest rounding, observed ranges)
     loss_hard: float  # the same after learning, with the hardened rounding
     loss_start: float  # training loss averaged over the first 10 % of the steps
     loss_end: float  # ... and over the last 10 %
     seconds: float
     resumed: bool = False
+    kept_start: bool = False  # learning ended above loss_nearest, so the unit kept its starting point
 
 
 @dataclass
@@ -63,6 +72,14 @@ class CalibReport:
     units: list[UnitReport] = field(default_factory=list)
     observe_seconds: float = 0.0
     seconds: float = 0.0
+    heldout_images: int = 0  # calibration images never used as training batches (the guard's yardstick)
+    model_loss_observer: float = math.nan  # model output MSE vs float on them, at the observer start
+    model_loss_final: float = math.nan  # ... and for the returned model
+    reverted_to_observer: bool = False  # reconstruction ended worse than the observer start: undone
+
+    @property
+    def units_kept_start(self) -> list[str]:
+        return [u.name for u in self.units if u.kept_start]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,11 +235,15 @@ def _eval_loss(unit: Unit, store: ActivationStore, idx: torch.Tensor, batch_size
 
 
 def _reconstruct_unit(unit: Unit, index: int, store: ActivationStore, n: int, cfg: CalibConfig, device,
-                      desc: str) -> UnitReport:
+                      desc: str, n_heldout: int = 0) -> UnitReport:
+    """Reconstruct ``unit`` on stored rows ``[n_heldout, n)``; rows ``[0, n_heldout)`` are its held-out
+    yardstick (the first training rows when there are none). A unit that ends worse keeps its start."""
     t0 = time.perf_counter()
     layers = unit.quant_layers()
     gen = torch.Generator(device=device).manual_seed(_derived_seed(cfg.seed, index, 0))
-    eval_idx = torch.arange(min(n, EVAL_SAMPLES))
+    eval_idx = torch.arange(n_heldout) if n_heldout else torch.arange(min(n, EVAL_SAMPLES))
+    n_train = n - n_heldout
+    start_state = QuantizerState(unit.module)
     loss_nearest = _eval_loss(unit, store, eval_idx, cfg.batch_size, device)
 
     wqs: list[WeightQuantizer] = [layer.w_quant for layer in layers]
@@ -264,7 +285,7 @@ def _reconstruct_unit(unit: Unit, index: int, store: ActivationStore, n: int, cf
     bar = tqdm(range(cfg.iters), desc=desc, disable=not cfg.progress, leave=False, mininterval=1.0)
     try:
         for step in bar:
-            idx = torch.randperm(n, generator=gen, device=device)[:cfg.batch_size].cpu()
+            idx = torch.randperm(n_train, generator=gen, device=device)[:cfg.batch_size].cpu() + n_heldout
             inp = store.rows("q_in", idx).to(device)
             if drop > 0:  # QDrop: each element of the unit input is float with probability `drop`
                 fp_in = store.rows("fp_in", idx).to(device)
@@ -305,34 +326,66 @@ def _reconstruct_unit(unit: Unit, index: int, store: ActivationStore, n: int, cf
             wq.harden()
             wq.last_reg = None
     k = max(1, len(losses) // 10)
-    return UnitReport(unit.name, unit.kind, cfg.iters, loss_nearest,
-                      _eval_loss(unit, store, eval_idx, cfg.batch_size, device),
-                      sum(losses[:k]) / k, sum(losses[-k:]) / k, time.perf_counter() - t0)
+    loss_hard = _eval_loss(unit, store, eval_idx, cfg.batch_size, device)
+    kept_start = not loss_hard <= loss_nearest
+    if kept_start:
+        start_state.restore()
+        log.warning("%s: reconstruction raised the held-out loss %.4g -> %.4g; the unit keeps its starting "
+                    "point", unit.name or unit.kind, loss_nearest, loss_hard)
+    return UnitReport(unit.name, unit.kind, cfg.iters, loss_nearest, loss_hard, sum(losses[:k]) / k,
+                      sum(losses[-k:]) / k, time.perf_counter() - t0, kept_start=kept_start)
 
 
 # ----------------------------------------------------------------------------- public entry point
 
-def _fp_counterpart(fp_model: nn.Module | None, qmodel: nn.Module, unit: Unit):
-    """(model, module) giving the unit's float input/output: ``fp_model``'s module of the same name,
-    or the quantized model itself with quantization disabled when no float model is given."""
-    if fp_model is None:
-        return qmodel, unit.module
-    try:
-        return fp_model, fp_model.get_submodule(unit.name) if unit.name else fp_model
-    except AttributeError:
-        raise ValueError(f"fp_model has no module {unit.name!r} matching the quantized model's unit; pass the "
-                         f"float model quantize_model was given (or fp_model=None)") from None
+def _model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else None
+
+
+@torch.no_grad()
+def _check_fp_model(fp_model: nn.Module, qmodel: nn.Module, x: torch.Tensor) -> None:
+    """``fp_model`` must compute what ``qmodel`` computes with quantization off (the targets come from the latter)."""
+    ref = _model_output(fp_model, x)
+    with quantization_disabled(qmodel):
+        got = _model_output(qmodel, x)
+    if ref is None or got is None:
+        return
+    if ref.shape != got.shape or not torch.allclose(got, ref, rtol=FP_MODEL_RTOL,
+                                                    atol=FP_MODEL_RTOL * float(ref.abs().max())):
+        raise ValueError("fp_model does not compute the function of qmodel with quantization off; pass the float "
+                         "model quantize_model was given (or fp_model=None)")
+
+
+@torch.no_grad()
+def _model_loss(qmodel: nn.Module, x: torch.Tensor, target: torch.Tensor | None, batch_size: int, device) -> float:
+    """Output MSE of ``qmodel`` (quantized, eval) against the float outputs ``target`` on ``x``."""
+    if target is None:
+        return math.nan
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        out = _model_output(qmodel, x[i:i + batch_size].to(device))
+        total += reconstruction_loss(out, target[i:i + batch_size]).item() * len(out)
+    return total / len(x)
+
+
+@torch.no_grad()
+def _float_outputs(qmodel: nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor | None:
+    with quantization_disabled(qmodel):
+        outs = [_model_output(qmodel, x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return None if any(o is None for o in outs) else torch.cat(outs)
 
 
 def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: CalibConfig | None = None) -> nn.Module:
     """Calibrate ``qmodel`` (from :func:`dfqkern.quantize.quantize_model`) in place and return it.
 
-    ``fp_model`` is the float model the quantized one was made from (its modules give the
-    reconstruction targets, matched by name); ``None`` uses ``qmodel`` with quantization
-    disabled, which computes the same function. ``data``: calibration images (see
-    :func:`calibration_data`). Activation ranges are always (re)observed first. timm ViT attention
-    modules get matmul quantizers (:mod:`dfqkern.calib.vit`). The report is attached as
-    ``qmodel.dfqkern_calib_report`` (:class:`CalibReport`).
+    ``fp_model`` is the float model the quantized one was made from; it is only checked to agree
+    with ``qmodel`` run with quantization off, which gives every reconstruction target (``None``
+    skips the check). ``data``: calibration images (see :func:`calibration_data`); up to 1/8 of them
+    (at most 256) are held out of the training batches to judge every unit and the final model
+    against the observer start (:mod:`dfqkern.calib.guard`). Activation ranges are always
+    (re)observed first. timm ViT attention modules get matmul quantizers (:mod:`dfqkern.calib.vit`).
+    The report is attached as ``qmodel.dfqkern_calib_report`` (:class:`CalibReport`).
     """
     cfg = config or CalibConfig()
     if not isinstance(cfg, CalibConfig):
@@ -350,6 +403,8 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
     if fp_model is not None:
         fp_model.eval()
     quantize_attention(qmodel)
+    if fp_model is not None:
+        _check_fp_model(fp_model, qmodel, x[:8].to(device))
     report = CalibReport(cfg.method, cfg.to_dict())
 
     t0 = time.perf_counter()
@@ -363,6 +418,14 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
 
     units = execution_order(qmodel, find_units(qmodel, cfg.blockwise), x[:1].to(device))
     ckpt = _Checkpoint(cfg.checkpoint_dir, _fingerprint(qmodel, units, x, cfg)) if cfg.checkpoint_dir else None
+    # held-out images first, then the training images: stored rows [0, n_heldout) are never trained on
+    n_heldout = heldout_count(len(x))
+    x = x[heldout_split(len(x), _derived_seed(cfg.seed, -1))]
+    guard_x = x[:n_heldout] if n_heldout else x[:EVAL_SAMPLES]
+    guard_target = _float_outputs(qmodel, guard_x, cfg.batch_size, device)
+    observer_state = QuantizerState(qmodel)
+    report.heldout_images = n_heldout
+    report.model_loss_observer = _model_loss(qmodel, guard_x, guard_target, cfg.batch_size, device)
     need_fp_in = cfg.effective_drop_prob > 0
     with ActivationStore(cfg.memory_budget_mb * 2 ** 20, cfg.spill_dir, device) as store:
         for i, unit in enumerate(units):
@@ -376,19 +439,24 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
                 continue
             capture(qmodel, unit.module, x, cfg.batch_size, store, input_name="q_in", module_name=unit.name,
                     device=device)
-            fp_model_i, fp_module = _fp_counterpart(fp_model, qmodel, unit)
             with quantization_disabled(qmodel):
-                capture(fp_model_i, fp_module, x, cfg.batch_size, store,
-                        input_name="fp_in" if need_fp_in else None, output_name="fp_out", module_name=unit.name,
-                        device=device)
-            rep = _reconstruct_unit(unit, i, store, len(x), cfg, device, desc)
+                capture(qmodel, unit.module, x, cfg.batch_size, store, input_name="fp_in" if need_fp_in else None,
+                        output_name="fp_out", module_name=unit.name, device=device)
+            rep = _reconstruct_unit(unit, i, store, len(x), cfg, device, desc, n_heldout)
             report.units.append(rep)
-            log.info("%s: loss %.4g (nearest) -> %.4g (learned, hard) in %.1fs", unit.name, rep.loss_nearest,
-                     rep.loss_hard, rep.seconds)
+            log.info("%s: held-out loss %.4g (start) -> %.4g (learned, hard)%s in %.1fs", unit.name, rep.loss_nearest,
+                     rep.loss_hard, " [kept start]" if rep.kept_start else "", rep.seconds)
             for name in ("q_in", "fp_in", "fp_out"):
                 store.drop(name)
             if ckpt is not None:
                 ckpt.save(i, unit)
+    report.model_loss_final = _model_loss(qmodel, guard_x, guard_target, cfg.batch_size, device)
+    if report.model_loss_final > report.model_loss_observer:
+        log.warning("reconstruction raised the model's held-out output loss %.4g -> %.4g; returning the observer "
+                    "start", report.model_loss_observer, report.model_loss_final)
+        observer_state.restore()
+        report.reverted_to_observer = True
+        report.model_loss_final = report.model_loss_observer
     report.seconds = time.perf_counter() - t_start
     qmodel.dfqkern_calib_report = report
     return qmodel

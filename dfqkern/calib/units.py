@@ -1,9 +1,16 @@
-"""Reconstruction units: registered block types (matched with isinstance) and lone quantized layers.
+"""Reconstruction units: blocks and lone quantized layers.
 
 A block is reconstructed as a whole (BRECQ); a quantized layer outside every block is
-reconstructed alone. Library block types are resolved lazily and only from libraries the
-process has already imported (a timm block cannot be in a model unless timm is loaded), so
-finding units never imports timm or torchvision.
+reconstructed alone. Blocks are found two ways:
+
+- by type: registered classes and known library blocks (matched with isinstance). Library block
+  types are resolved lazily and only from libraries the process has already imported (a timm block
+  cannot be in a model unless timm is loaded), so finding units never imports timm or torchvision;
+- by structure (:mod:`dfqkern.calib.structure`): the innermost module holding two or more
+  quantized layers whose own forward merges two paths from its input (a residual add, or a
+  split / concat as in ShuffleNetV2), and every other instance of such a module's class (a
+  MobileNetV2 block without its residual is still that block). So a user's copy of an
+  inverted-residual or shuffle block is reconstructed as a block without being registered.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantLayer
+from .structure import merges_input_paths
 
 # (module path, class name) of library blocks. Resolved with importlib, then matched by isinstance.
 _LIBRARY_BLOCKS = (
@@ -67,10 +75,46 @@ class Unit:
         return [m for m in self.module.modules() if isinstance(m, QuantLayer)]
 
 
+def _count_quant_layers(module: nn.Module) -> int:
+    return sum(isinstance(m, QuantLayer) for m in module.modules())
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def structural_blocks(model: nn.Module, known: tuple[type, ...] = ()) -> tuple[tuple[type, ...], set[int]]:
+    """The innermost modules of ``model`` that merge two paths from their input around two or more
+    quantized layers (see the module docstring): their classes, and the ids of the generic containers
+    (``nn.Sequential`` ...) among them, which stand for themselves rather than for their class.
+    Instances of the ``known`` block types count as blocks already (their parents are not searched)."""
+    found: list[type] = []
+    containers: set[int] = set()
+
+    def visit(module: nn.Module) -> bool:  # True when ``module`` or a descendant is a merging block
+        if module is not model and known and isinstance(module, known):
+            return True
+        inner = [visit(child) for child in module.children()]
+        if any(inner):
+            return True
+        if module is model or isinstance(module, QuantLayer) or _count_quant_layers(module) < 2:
+            return False
+        if merges_input_paths(module):
+            if isinstance(module, _CONTAINERS):
+                containers.add(id(module))
+            elif type(module) not in found:
+                found.append(type(module))
+            return True
+        return False
+
+    visit(model)
+    return tuple(found), containers
+
+
 def find_units(model: nn.Module, blockwise: bool = True) -> list[Unit]:
-    """Units in registration order: registered blocks holding a quantized layer, and the quantized
-    layers outside them. ``blockwise=False`` makes every quantized layer its own unit (AdaRound)."""
+    """Units in registration order: blocks (by type or structure) holding a quantized layer, and the
+    quantized layers outside them. ``blockwise=False`` makes every quantized layer its own unit (AdaRound)."""
     types = block_types() if blockwise else ()
+    shaped, shaped_containers = structural_blocks(model, types) if blockwise else ((), set())
     units: list[Unit] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -78,7 +122,9 @@ def find_units(model: nn.Module, blockwise: bool = True) -> list[Unit]:
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, QuantLayer):
                 units.append(Unit(name, child, "layer"))
-            elif types and isinstance(child, types) and any(isinstance(m, QuantLayer) for m in child.modules()):
+            elif types and isinstance(child, types) and _count_quant_layers(child):
+                units.append(Unit(name, child, "block"))
+            elif (type(child) in shaped or id(child) in shaped_containers) and _count_quant_layers(child) >= 2:
                 units.append(Unit(name, child, "block"))
             else:
                 visit(name, child)

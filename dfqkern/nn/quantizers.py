@@ -55,6 +55,13 @@ class WeightQuantizer(nn.Module):
         if self.rounding == "soft":
             self.rounding = "hard"
 
+    def reset_rounding(self) -> None:
+        """Back to round-to-nearest, dropping any AdaRound state."""
+        self.rounding = "nearest"
+        self.alpha = None
+        self.base = None
+        self.last_reg = None
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w

@@ -47,6 +47,12 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
 
 
 @pytest.fixture
+def randomize_bn():
+    """``randomize_bn(model, generator)``: non-trivial BatchNorm statistics, in place."""
+    return _randomize_bn
+
+
+@pytest.fixture
 def tiny_cnn() -> nn.Module:
     torch.manual_seed(0)
     model = TinyCNN()

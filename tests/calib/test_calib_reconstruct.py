@@ -34,8 +34,20 @@ def _assert_same_state(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
-def _assert_learned(report, min_better=0.75):
-    """Hardened learned rounding beats round-to-nearest on (nearly) every unit, and in total."""
+def _assert_rounding_follows_guard(q, report):
+    """Units the guard kept at their start (all, when the model was reverted to the observer start) are back
+    to nearest rounding; the others hold hard AdaRound."""
+    for u in report.units:
+        for layer in _layers(q.get_submodule(u.name)):
+            if u.kept_start or report.reverted_to_observer:
+                assert layer.w_quant.rounding == "nearest" and layer.w_quant.alpha is None, u.name
+            else:
+                assert layer.w_quant.rounding == "hard" and layer.w_quant.alpha is not None, u.name
+
+
+def _assert_learned(report, min_better=0.6):
+    """Hardened learned rounding beats round-to-nearest on the held-out images on most units (60 steps on
+    noise images are too few for all), and in total."""
     units = [u for u in report.units if not u.resumed]
     assert units
     better = [u.loss_hard < u.loss_nearest for u in units]
@@ -57,9 +69,10 @@ def test_tiny_cnn_every_method_learns_and_hardens(tiny_cnn, images, quantize, me
                                                 "layer.1.conv2", "fc")]
     else:
         assert kinds == [("conv1", "layer"), ("layer.0", "block"), ("layer.1", "block"), ("fc", "layer")]
+    _assert_rounding_follows_guard(q, report)
     for layer in _layers(q):
-        assert layer.w_quant.rounding == "hard" and layer.w_quant.alpha is not None
-        assert not layer.w_quant.alpha.requires_grad and not layer.w_quant.scale.requires_grad
+        assert layer.w_quant.alpha is None or not layer.w_quant.alpha.requires_grad
+        assert not layer.w_quant.scale.requires_grad
         assert layer.a_quant.drop_prob == 0.0 and not layer.a_quant.training
     _assert_learned(report)
     act1, w1 = _act_scales(q), _weight_scales(q)
@@ -153,7 +166,7 @@ def test_spilled_activations_give_the_in_memory_result(tiny_cnn, images, quantiz
 def test_without_fp_model_uses_the_disabled_quantized_model(tiny_cnn, images, quantize):
     q = quantize(tiny_cnn)
     calibrate(q, None, images, CalibConfig(method="qdrop", **FAST))
-    assert all(layer.w_quant.rounding == "hard" for layer in _layers(q))
+    _assert_rounding_follows_guard(q, q.dfqkern_calib_report)
     _assert_learned(q.dfqkern_calib_report)
 
 
@@ -176,7 +189,7 @@ def test_errors(tiny_cnn, images, quantize):
         calibrate(q, None, images[:0], CalibConfig(progress=False))
     with pytest.raises(TypeError, match="data"):
         calibrate(q, None, 3, CalibConfig(progress=False))
-    with pytest.raises(ValueError, match="fp_model has no module"):
+    with pytest.raises(ValueError, match="fp_model does not compute"):
         calibrate(q, torch.nn.Sequential(torch.nn.Identity()), images, CalibConfig(iters=2, progress=False))
     q2 = calibrate(quantize(tiny_cnn), None, images, CalibConfig(method="observer", progress=False))
     pack_model(q2)
@@ -201,8 +214,7 @@ def test_tiny_vit_learns_with_matmul_quantizers(tiny_vit, vit_images, quantize):
         soft = attn.attn_quant  # post-softmax: fixed unsigned 8-bit grid over [0, 1]
         assert isinstance(soft, FixedRangeActQuantizer) and soft.bits == 8
         assert soft.scale.item() == pytest.approx(1 / 255) and soft.zero_point.item() == 0
-    for layer in _layers(q):
-        assert layer.w_quant.rounding == "hard"
+    _assert_rounding_follows_guard(q, report)
     _assert_learned(report)
     with torch.no_grad():
         assert torch.isfinite(q(vit_images[:4])).all()
@@ -242,4 +254,4 @@ def test_torchvision_blocks_are_units(arch, quantize):
     inside = tuple(f"{b}." for b in blocks)
     lone = {n for n, m in q.named_modules() if isinstance(m, QuantLayer) and not n.startswith(inside)}
     assert {u.name for u in units if u.kind == "layer"} == lone
-    assert all(layer.w_quant.rounding == "hard" for layer in _layers(q))
+    _assert_rounding_follows_guard(q, q.dfqkern_calib_report)
