@@ -86,6 +86,15 @@ def open_cifar10(data_dir: "str | None"):
     return fp_model, dev, train
 
 
+def choice_list(parser: argparse.ArgumentParser, value: str, allowed, flag: str) -> list[str]:
+    """A comma list from the command line, each item one of ``allowed`` (else a usage error naming ``flag``)."""
+    items = [v for v in value.split(",") if v]
+    for v in items:
+        if v not in allowed:
+            parser.error(f"{flag}: {v!r} is not one of {list(allowed)}")
+    return items
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -197,14 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard rows already in the JSON")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     args = p.parse_args(argv)
-    settings = [s for s in args.settings.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
-    for s in settings:
-        if s not in SETTINGS:
-            p.error(f"--settings: {s!r} is not one of {list(SETTINGS)}")
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"--methods: {m!r} is not one of {list(METHODS)}")
+    settings = choice_list(p, args.settings, SETTINGS, "--settings")
+    methods = choice_list(p, args.methods, METHODS, "--methods")
     torch.set_num_threads(args.threads)
 
     fp_model, dev, train = open_cifar10(args.data_dir)

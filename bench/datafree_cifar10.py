@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see accuracy_cifar10.py
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_cifar10 import MODEL, ROOT, SETTINGS, git_commit, open_cifar10, run_row, save  # noqa: E402
+from accuracy_cifar10 import MODEL, ROOT, SETTINGS, choice_list, git_commit, open_cifar10, run_row, save  # noqa: E402
 
 from dfqkern.data import calibration_tensor  # noqa: E402
 from dfqkern.datagen import generate_bn_inversion_set, load_synthetic  # noqa: E402
@@ -225,12 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard rows already in the JSON")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     args = p.parse_args(argv)
-    lists = {}
-    for name, allowed in (("settings", DF_SETTINGS), ("sources", SOURCES), ("label_modes", LABEL_MODES)):
-        lists[name] = [v for v in getattr(args, name).split(",") if v]
-        for v in lists[name]:
-            if v not in allowed:
-                p.error(f"--{name.replace('_', '-')}: {v!r} is not one of {list(allowed)}")
+    lists = {name: choice_list(p, getattr(args, name), allowed, f"--{name.replace('_', '-')}")
+             for name, allowed in (("settings", DF_SETTINGS), ("sources", SOURCES), ("label_modes", LABEL_MODES))}
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:

@@ -120,3 +120,26 @@ class CifarMobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.head(self.blocks(self.stem(x)))), 1))
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+def conv_mixer(dim: int = 256, depth: int = 8, kernel: int = 9, patch: int = 4, num_classes: int = 10) -> nn.Sequential:
+    """ConvMixer (Trockman & Kolter 2022) in the module layout of the public CIFAR-10 checkpoints
+    (kentaroy47/vision-transformers-cifar10): BatchNorm after every GELU, so none can be folded."""
+    def block() -> nn.Sequential:
+        return nn.Sequential(
+            Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel, groups=dim, padding="same"), nn.GELU(),
+                                   nn.BatchNorm2d(dim))),
+            nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))
+
+    return nn.Sequential(nn.Conv2d(3, dim, patch, stride=patch), nn.GELU(), nn.BatchNorm2d(dim),
+                         *[block() for _ in range(depth)], nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(dim, num_classes))

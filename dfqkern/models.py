@@ -6,6 +6,8 @@ Names:
   akamaster/pytorch_resnet_cifar10 (the checkpoint in ``shared/data/cifar10``).
 - ``cifar10_shufflenetv2_x0_5`` / ``cifar10_mobilenetv2_x0_35``: CIFAR-sized edge networks
   (:mod:`dfqkern.edge_nets`); trained weights for the benchmarks live in ``bench/weights/``.
+- ``cifar10_convmixer_256_8``: ConvMixer-256/8 (patch 4, kernel 9) in the layout of the pretrained
+  checkpoint in ``shared/data/models/convmixer_256_8``.
 - ``digits_cnn``: a small BatchNorm CNN for scikit-learn's bundled 8x8 digits (the CLI demo model).
 - ``timm:NAME`` and ``torchvision:NAME``: delegated to those libraries, imported lazily.
 
@@ -225,6 +227,16 @@ def _cifar10_mobilenetv2(num_classes: int | None = None):
     from .edge_nets import CifarMobileNetV2
 
     return CifarMobileNetV2(num_classes or 10, width_mult=0.35, last_channels=640), CIFAR_SPEC
+
+
+CONVMIXER_SPEC = InputSpec(mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), input_size=(3, 32, 32))
+
+
+@register_model("cifar10_convmixer_256_8", spec=CONVMIXER_SPEC)
+def _cifar10_convmixer(num_classes: int | None = None):
+    from .edge_nets import conv_mixer
+
+    return conv_mixer(256, 8, kernel=9, patch=4, num_classes=num_classes or 10), CONVMIXER_SPEC
 
 
 @register_model("digits_cnn", spec=DIGITS_SPEC)

@@ -137,6 +137,13 @@ def run_quantize(job: QuantizeJob) -> dict:
     summary = {"model": job.model, "scheme": job.config.scheme_name, "method": job.method, "out": job.out,
                "calib_images": len(calib), "seconds_quantize": round(time.time() - t0, 1),
                "unhandled": q.dfqkern_report.unhandled}
+    report = getattr(q, "dfqkern_calib_report", None)
+    if report is not None:  # what the no-regression guard did (see dfqkern.calib.guard)
+        summary["calibration"] = {
+            "units": len(report.units), "block_units": sum(u.kind == "block" for u in report.units),
+            "heldout_images": report.heldout_images, "units_kept_start": report.units_kept_start,
+            "reverted_to_observer": report.reverted_to_observer,
+            "heldout_loss_observer": report.model_loss_observer, "heldout_loss_final": report.model_loss_final}
     if job.eval_data:
         summary["fp_top1"] = evaluate_on(fp, job.eval_data, job.eval_limit, device=job.device)["top1"]
         summary["quant_top1"] = evaluate_on(q, job.eval_data, job.eval_limit, device=job.device)["top1"]

@@ -66,3 +66,49 @@ def test_legacy_rows_migrate_to_ce1_and_the_summary_pairs_the_defaults(datafree)
     assert "76.00 ± 0.00 (n=1)" in lines["ce0.5"] and "+4.00" in lines["ce0.5"]
     defaults = lines["dfqkern defaults (ce1 / ce0.5)"]
     assert "78.00 ± 1.00 (n=3)" in defaults and "80.00 ± 1.00 (n=3)" in defaults and defaults.endswith("+2.00 |")
+
+
+# ----------------------------------------------------------------------------- edge-network table
+
+@pytest.fixture(scope="module")
+def edge():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("accuracy_edge_cifar10", BENCH / "accuracy_edge_cifar10.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _edge_results(edge, tops: dict, data="real", setting="w4a4", kept=None, reverted=()):
+    meta = {"calib_images": 512, "seed": 0, "iters": 500, "gen_iters": 200, "threads": 2, "machine": "test",
+            "commit": "abc"}
+    rows = {}
+    for method, top1 in tops.items():
+        rows[edge.row_key("shufflenetv2", data, setting, method, 512, 500, 0)] = {
+            "method": method, "top1": top1, "units_kept_start": (kept or {}).get(method, 0),
+            "reverted_to_observer": method in reverted}
+    return {"fp_top1": {"shufflenetv2": 71.0}, "dev_images": 5000, "rows": rows, "meta": meta}
+
+
+def _edge_line(text: str) -> list[str]:
+    line = next(x for x in text.splitlines() if x.startswith("| shufflenetv2 "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_edge_table_checks_every_method_against_the_observer(edge):
+    cells = _edge_line(edge.render_markdown(_edge_results(
+        edge, {"observer": 65.0, "adaround": 69.5, "brecq": 70.0, "qdrop": 68.5}, kept={"brecq": 2})))
+    assert cells[:4] == ["shufflenetv2", "71.00", "real", "w4a4"]
+    assert cells[4:8] == ["65.00", "69.50", "70.00 (2)", "68.50"]
+    assert cells[8:] == ["yes", "2.50", "met"]  # 2.5 points below FP: within the 3-point real-data target
+    cells = _edge_line(edge.render_markdown(_edge_results(
+        edge, {"observer": 65.0, "adaround": 64.9, "qdrop": 67.5}, data="dgh-mixup", reverted=("adaround",))))
+    assert cells[4:8] == ["65.00", "64.90 (R)", "", "67.50"]
+    assert cells[8:] == ["no", "3.50", "met"]  # 3.5 points: within the 4-point data-free target
+    cells = _edge_line(edge.render_markdown(_edge_results(edge, {"observer": 60.0, "qdrop": 66.0})))
+    assert cells[-1] == "missed"
+    cells = _edge_line(edge.render_markdown(_edge_results(edge, {"observer": 60.0, "qdrop": 66.0}, setting="w4a8")))
+    assert cells[-1] == ""  # the QDrop target is a W4A4 target

@@ -202,3 +202,46 @@ def test_generate_bn_inversion_then_quantize_on_it(tmp_path, tiny_tar_dataset, c
                            "--weight-observer", "minmax", "--act-observer", "minmax")
     assert rc == 0, err
     assert (tmp_path / "q" / WEIGHTS_FILE).exists()
+
+
+def test_quantize_with_reconstruction_reports_the_guard(tiny_tar_dataset, tmp_path, capsys):
+    """``--method qdrop`` prints what the held-out guard measured and did, per run."""
+    rc, stdout, err = run_cli(capsys, "quantize", "--model", "cifar10_resnet20", "--calib-data",
+                              tiny_tar_dataset["tar"], "--num-calib", 16, "--batch-size", 4, "--method", "qdrop",
+                              "--iters", 3, "--out", tmp_path / "q")
+    assert rc == 0, err
+    summary = _json_block(stdout)
+    calib = summary["calibration"]
+    assert calib["units"] == 11 and calib["block_units"] == 9  # conv1, nine basic blocks, linear
+    # 9 images: too few to hold any out, so the guard measures on the training images
+    assert summary["calib_images"] == 9 and calib["heldout_images"] == 0
+    assert calib["heldout_loss_final"] <= calib["heldout_loss_observer"]
+    assert isinstance(calib["units_kept_start"], list) and isinstance(calib["reverted_to_observer"], bool)
+
+
+def test_trust_unverified_flag(tiny_image_folder, tmp_path, capsys):
+    """``eval --quantized`` and ``info`` refuse a checkpoint they cannot verify (no config_sha256, as
+    written before it existed) unless given ``--trust-unverified``; an edited one stays refused."""
+    from dfqkern.config import QuantConfig
+    from dfqkern.io import save_quantized
+    from dfqkern.models import create_model
+    from dfqkern.quantize import calibrate_activations, quantize_model
+
+    torch.manual_seed(0)
+    q = quantize_model(create_model("digits_cnn"), QuantConfig(weight_observer="minmax", act_observer="minmax"))
+    calibrate_activations(q, torch.randn(8, 1, 8, 8), progress=False)
+    ck = save_quantized(q, tmp_path / "old")
+    meta = json.loads((ck / CONFIG_FILE).read_text())
+    del meta["config_sha256"]
+    (ck / CONFIG_FILE).write_text(json.dumps(meta))
+    for argv in (["info", ck, "--json"], ["eval", "--quantized", ck, "--data", tiny_image_folder]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2 and "--trust-unverified" in err and str(ck / CONFIG_FILE) in err, err
+        with pytest.warns(UserWarning, match="unverified"):
+            rc, out, err = run_cli(capsys, *argv, "--trust-unverified")
+        assert rc == 0, err
+        assert _json_block(out)["arch" if argv[0] == "info" else "n"] == ("digits_cnn" if argv[0] == "info" else 7)
+    meta["config_sha256"] = "0" * 64  # present and wrong: never waived
+    (ck / CONFIG_FILE).write_text(json.dumps(meta))
+    rc, _, err = run_cli(capsys, "info", ck, "--trust-unverified")
+    assert rc == 2 and "does not match its config_sha256" in err
