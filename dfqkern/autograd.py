@@ -134,7 +134,7 @@ def adaround(base: Tensor, v: Tensor, scale: Tensor, zero_point: Tensor, bits: i
 
 # ----------------------------------------------------------------------------- packed inference ops
 # Registered as custom ops too, so torch.compile treats a packed layer as one opaque kernel call
-# instead of tracing into the Python dispatch. Inference only (no autograd formula).
+# instead of tracing into the Python dispatch. Inference only: their backward raises, saying so.
 
 _PACKED_VIEWS: dict[int, tuple] = {}  # id(data) -> (weakref to data, PackedWeight); tensors hash elementwise
 
@@ -202,6 +202,18 @@ def _(x, data, w_scale, w_zero, wbits, weight_shape, bias, a_scale, a_zero, abit
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return x.new_empty((n, weight_shape[0], ho, wo))
+
+
+def _packed_backward(ctx, grad):
+    raise RuntimeError(
+        "dfqkern packed layers are inference-only: no gradient flows through packed integer weights. Run the "
+        "packed model under torch.no_grad() / torch.inference_mode(); to train or calibrate, use the fake-quant "
+        "model (before pack_model / save_quantized)")
+
+
+# a backward that explains, instead of torch's generic "no autograd formula was registered"
+_packed_linear.register_autograd(_packed_backward)
+_packed_conv2d.register_autograd(_packed_backward)
 
 
 def packed_linear(x, data, w_scale, w_zero, wbits, k, bias=None, a_scale=None, a_zero=None, abits=None,

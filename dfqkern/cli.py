@@ -9,6 +9,10 @@ import sys
 from . import __version__
 
 
+TRUST_HELP = ("accept a packed checkpoint without config_sha256 / weights_sha256 (written by an older dfqkern); "
+              "a hash that is present and wrong is refused regardless")
+
+
 def _bits_or_none(text: str):
     return None if text.lower() in ("none", "float", "fp") else int(text)
 
@@ -65,7 +69,7 @@ def cmd_eval(args) -> int:
     if args.quantized:
         from .io import load_quantized
 
-        model = load_quantized(args.quantized, device=args.device)
+        model = load_quantized(args.quantized, device=args.device, trust_unverified=args.trust_unverified)
     else:
         from .models import create_model
 
@@ -80,7 +84,7 @@ def cmd_eval(args) -> int:
 def cmd_info(args) -> int:
     from .io import checkpoint_summary
 
-    s = checkpoint_summary(args.checkpoint)
+    s = checkpoint_summary(args.checkpoint, trust_unverified=args.trust_unverified)
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
@@ -162,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pretrained", action="store_true")
     e.add_argument("--num-classes", type=int)
     e.add_argument("--quantized", help="packed checkpoint directory")
+    e.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
     e.add_argument("--data", required=True, help="image folder or tar + labels csv")
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=256)
@@ -172,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="layers, bits and size of a packed checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
     i.set_defaults(func=cmd_info)
 
     g = sub.add_parser("generate", help="make a synthetic calibration set (diffusion prompts or BN inversion)")

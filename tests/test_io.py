@@ -15,7 +15,7 @@ from torch import nn
 from dfqkern.config import QuantConfig
 from dfqkern.formats import PACK_LAYOUT, packed_width
 from dfqkern.io import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointError, checkpoint_summary,
-                        load_quantized, read_metadata, save_quantized)
+                        config_sha256, load_quantized, read_metadata, save_quantized)
 from dfqkern.models import DigitsCNN, create_model
 from dfqkern.quantize import calibrate_activations, pack_model, quant_layers, quantize_model
 
@@ -221,8 +221,12 @@ def ckpt(saved, tmp_path):
 
 
 def _edit_meta(path, fn):
+    """Edit config.json and re-hash it like a writer would, so the damage under test is what loading meets
+    (unedited hashes are covered in test_checkpoint_trust.py)."""
     meta = json.loads((path / CONFIG_FILE).read_text())
     fn(meta)
+    if "config_sha256" in meta:
+        meta["config_sha256"] = config_sha256(meta)
     (path / CONFIG_FILE).write_text(json.dumps(meta))
 
 
@@ -232,10 +236,13 @@ def test_truncated_weights(ckpt):
     w.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="does not match the sha256 .* truncated or corrupted"):
         load_quantized(ckpt)
-    # without the recorded hash, the safetensors reader still refuses it with a CheckpointError
+    # without the recorded hash (trusted explicitly), the header check still refuses it with a CheckpointError
     _edit_meta(ckpt, lambda m: m.pop("weights_sha256"))
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="weights_sha256.*trust_unverified"):
         load_quantized(ckpt)
+    with pytest.warns(UserWarning, match="unverified"), \
+            pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        load_quantized(ckpt, trust_unverified=True)
 
 
 def test_corrupted_bytes(ckpt):
@@ -312,12 +319,12 @@ def test_extra_or_missing_tensors(ckpt):
     state["extra.weight"] = torch.zeros(2)
     save_file(state, str(ckpt / WEIGHTS_FILE))
     _edit_meta(ckpt, lambda m: m.pop("weights_sha256"))
-    with pytest.raises(CheckpointError, match=r"unexpected \['extra.weight'\]"):
-        load_quantized(ckpt)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"unexpected \['extra.weight'\]"):
+        load_quantized(ckpt, trust_unverified=True)
     del state["extra.weight"], state["fc.w_scale"]
     save_file(state, str(ckpt / WEIGHTS_FILE))
-    with pytest.raises(CheckpointError, match=r"missing \['fc.w_scale'\]"):
-        load_quantized(ckpt)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"missing \['fc.w_scale'\]"):
+        load_quantized(ckpt, trust_unverified=True)
 
 
 # ----------------------------------------------------------------------------- summary
