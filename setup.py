@@ -14,6 +14,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csr
 import sources  # noqa: E402  (csrc/sources.py: the one source list)
 
 
+def _version() -> str:
+    """dfqkern/_version.py, read as text: importing dfqkern here would need torch and the extension."""
+    ns: dict = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dfqkern", "_version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
 def _extensions():
     if os.environ.get("DFQKERN_SKIP_EXT") == "1":
         return [], {}
@@ -26,7 +34,7 @@ def _extensions():
 
     # -ffp-contract=off: the CPU kernels reproduce the reference's fp32 epilogues bit for bit, which
     # an FMA contraction of `acc * scale + bias` would break.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DDFQKERN_VERSION=\"" + sources.VERSION + "\""]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DDFQKERN_VERSION=\"" + _version() + "\""]
     libs = ["gomp"]
     build_cuda = (os.environ.get("DFQKERN_SKIP_CUDA") != "1" and torch.version.cuda is not None
                   and CUDA_HOME is not None and sources.cuda_sources())

@@ -7,14 +7,13 @@ Public API (``import dfqkern`` never imports triton, diffusers or timm and never
     qmodel = dfqkern.calibrate(qmodel, model, images, dfqkern.CalibConfig(method="qdrop"))
     dfqkern.pack_model(qmodel); dfqkern.save_quantized(qmodel, "out/")
 """
-__version__ = "0.1.0"
-
-from .config import LayerRule, QuantConfig, preset  # noqa: E402
-from .formats import PackedWeight, QuantScheme  # noqa: E402
-from .io import checkpoint_summary, load_quantized, save_quantized  # noqa: E402
-from .kernels import available_backends  # noqa: E402
-from .nn import QuantConv2d, QuantLinear  # noqa: E402
-from .quantize import calibrate_activations, fold_batchnorm, pack_model, quantize_model  # noqa: E402
+from ._version import __version__  # noqa: F401
+from .config import LayerRule, QuantConfig, preset
+from .formats import PackedWeight, QuantScheme
+from .io import checkpoint_summary, load_quantized, save_quantized
+from .kernels import available_backends
+from .nn import QuantConv2d, QuantLinear
+from .quantize import calibrate_activations, fold_batchnorm, pack_model, quantize_model
 
 _LAZY = {"calibrate": ("dfqkern.calib", "calibrate"), "CalibConfig": ("dfqkern.calib", "CalibConfig"),
          "create_model": ("dfqkern.models", "create_model")}

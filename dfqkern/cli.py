@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from . import __version__
+from ._version import __version__
 
 
 TRUST_HELP = ("accept a packed checkpoint without config_sha256 / weights_sha256 (written by an older dfqkern); "
@@ -99,18 +99,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _given(args, names) -> dict:
+    """The generation options set on the command line; the others keep their config defaults."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def cmd_generate(args) -> int:
     if args.source == "diffusion":
         if not args.pipeline:
             raise SystemExit("dfqkern generate: --source diffusion needs --pipeline (hub id or local directory)")
         from .datagen import generate_diffusion_set
 
-        out = generate_diffusion_set(
-            args.out, args.pipeline, classes=args.classes, num_images=args.num_images, prompt_mode=args.prompt_mode,
-            mixup_k=args.mixup_k, mixup_level=args.mixup_level, seed=args.seed, guidance_scale=args.guidance_scale,
-            steps=args.steps, height=args.resolution, width=args.resolution, negative_prompt=args.negative_prompt,
-            batch_size=args.batch_size, output_size=args.output_size, scheduler=args.scheduler, device=args.device,
-            overwrite=args.overwrite)
+        options = _given(args, ("prompt_mode", "mixup_k", "mixup_level", "seed", "guidance_scale", "steps",
+                                "negative_prompt", "output_size", "classes", "batch_size"))
+        if args.resolution is not None:
+            options.update(height=args.resolution, width=args.resolution)
+        out = generate_diffusion_set(args.out, args.pipeline, num_images=args.num_images, scheduler=args.scheduler,
+                                     device=args.device, overwrite=args.overwrite, **options)
     else:
         if not args.model:
             raise SystemExit("dfqkern generate: --source bn-inversion needs --model")
@@ -119,10 +124,9 @@ def cmd_generate(args) -> int:
 
         model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                              pretrained=args.pretrained)
-        out = generate_bn_inversion(model, args.out, args.num_images, args.method, args.label_mode,
-                                    iters=args.iters, batch_size=args.batch_size, seed=args.seed,
-                                    overwrite=args.overwrite, device=args.device, mixup_k=args.mixup_k,
-                                    ce_weight=args.ce_weight)
+        options = _given(args, ("method", "label_mode", "mixup_k", "iters", "batch_size", "seed", "ce_weight"))
+        out = generate_bn_inversion(model, args.out, args.num_images, overwrite=args.overwrite, device=args.device,
+                                    **options)
     print(f"synthetic set in {out} (use it with --calib-data synthetic:{out})")
     return 0
 
@@ -135,6 +139,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import METHODS as QUANT_METHODS
+
     p = argparse.ArgumentParser(prog="dfqkern", description="Data-free quantization with packed low-bit kernels")
     p.add_argument("--version", action="version", version=f"dfqkern {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -148,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-data", required=True, help="image folder, tar(+labels csv), synthetic:DIR, or "
                    "bn-inversion:METHOD[:single|mixup] (data-free: generated now from the model's BatchNorm statistics)")
     q.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
-    q.add_argument("--method", default="observer", choices=("observer", "adaround", "brecq", "qdrop", "genie"))
+    q.add_argument("--method", default="observer", choices=QUANT_METHODS)
     q.add_argument("--iters", type=int, help="reconstruction iterations per block / layer")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--eval-data", help="also report FP vs quantized top-1 on this labelled data")
@@ -180,22 +186,35 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
     i.set_defaults(func=cmd_info)
 
+    import inspect
+
+    from .datagen import generate_diffusion_set
+    from .datagen.config import DEFAULT_CE_WEIGHT, LABEL_MODES
+    from .datagen.config import METHODS as BN_METHODS, BNInversionConfig as BN, DiffusionConfig as DC
+    from .datagen.prompts import MIXUP_LEVELS, PROMPT_MODES
+
+    diffusion_run = inspect.signature(generate_diffusion_set).parameters
+
+    # Generation flags default to None: what is not given keeps the library's default (shown in the help).
     g = sub.add_parser("generate", help="make a synthetic calibration set (diffusion prompts or BN inversion)")
     g.add_argument("--source", choices=("diffusion", "bn-inversion"), required=True)
     g.add_argument("--out", required=True, help="output directory (resumes an unfinished set)")
     g.add_argument("--num-images", type=int, default=256)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, help=f"(default {BN.default('seed')})")
+    g.add_argument("--batch-size", type=int, help=f"(default: bn-inversion {BN.default('batch_size')}, "
+                   f"diffusion {diffusion_run['batch_size'].default})")
     g.add_argument("--device", default=None)
     g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--mixup-k", type=int, default=2, help="classes fused per prompt / soft label (mixup modes)")
+    g.add_argument("--mixup-k", type=int, help="classes fused per prompt / soft label (mixup modes; default "
+                   f"{BN.default('mixup_k')})")
     gd = g.add_argument_group("diffusion")
     gd.add_argument("--pipeline", help="diffusers text-to-image pipeline: hub id or local directory")
-    gd.add_argument("--classes", default="imagenet", help="imagenet, cifar10, cifar100 or a file of class names")
-    gd.add_argument("--prompt-mode", choices=("single", "genq", "mixup"), default="mixup")
-    gd.add_argument("--mixup-level", choices=("text", "embedding"), default="text")
-    gd.add_argument("--steps", type=int, default=30)
-    gd.add_argument("--guidance-scale", type=float, default=7.5)
+    gd.add_argument("--classes", help="imagenet, cifar10, cifar100 or a file of class names "
+                    f"(default {diffusion_run['classes'].default})")
+    gd.add_argument("--prompt-mode", choices=PROMPT_MODES, help=f"(default {DC.default('prompt_mode')})")
+    gd.add_argument("--mixup-level", choices=MIXUP_LEVELS, help=f"(default {DC.default('mixup_level')})")
+    gd.add_argument("--steps", type=int, help=f"(default {DC.default('steps')})")
+    gd.add_argument("--guidance-scale", type=float, help=f"(default {DC.default('guidance_scale')})")
     gd.add_argument("--resolution", type=int, help="generation height = width (default: the pipeline's)")
     gd.add_argument("--output-size", type=int, help="resize / center-crop the images to this size")
     gd.add_argument("--negative-prompt")
@@ -205,12 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--checkpoint")
     gb.add_argument("--pretrained", action="store_true")
     gb.add_argument("--num-classes", type=int)
-    gb.add_argument("--method", choices=("zeroq", "genie", "hast", "dgh"), default="dgh")
-    gb.add_argument("--label-mode", choices=("single", "mixup"), default="mixup",
-                    help="mixup: soft targets over --mixup-k classes (best with dgh; genie does better with single)")
-    gb.add_argument("--iters", type=int, default=500)
-    gb.add_argument("--ce-weight", type=float, default=None,
-                    help="weight of the target cross-entropy (default: 1 for single labels, 0.5 for mixup)")
+    gb.add_argument("--method", choices=BN_METHODS, help=f"(default {BN.default('method')})")
+    gb.add_argument("--label-mode", choices=LABEL_MODES,
+                    help="mixup: soft targets over --mixup-k classes (best with dgh; genie does better with single; "
+                         f"default {BN.default('label_mode')})")
+    gb.add_argument("--iters", type=int, help=f"(default {BN.default('iters')})")
+    gb.add_argument("--ce-weight", type=float,
+                    help=f"weight of the target cross-entropy (default per label mode: {DEFAULT_CE_WEIGHT})")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="train, quantize, pack, save and reload a small digits model (offline)")

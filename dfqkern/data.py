@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .models import InputSpec
+from .assets import CIFAR10_ENV, default_cifar10_dir  # noqa: F401  (re-exported)
+from .input_spec import DIGITS_SPEC, InputSpec
 
 __all__ = [
     "IMAGE_EXTENSIONS", "build_transform", "ResizeCenterCrop", "ImageFolderDataset", "TarImageDataset",
@@ -26,15 +27,6 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 CSV_COLUMNS = ("path", "label_index")  # label_name is optional: it only names the classes
-CIFAR10_ENV = "DFQKERN_CIFAR10_DIR"
-
-
-def default_cifar10_dir() -> Path:
-    """$DFQKERN_CIFAR10_DIR, else ``<repo root>/../shared/data/cifar10``."""
-    env = os.environ.get(CIFAR10_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -362,8 +354,6 @@ def digits_dataset(split: str = "train", seed: int = 0, test_fraction: float = D
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from torch.utils.data import TensorDataset
-
-    from .models import DIGITS_SPEC
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

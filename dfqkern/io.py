@@ -26,11 +26,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import LayerQuant, QuantConfig
 from .formats import ACT_BITS, PACK_LAYOUT, WEIGHT_BITS
 from .nn import QuantConv2d, QuantLayer, QuantLinear
-from .quantize import QuantReport, _set_module, pack_model, quant_layers
+from .quantize import QuantReport, set_module, pack_model, quant_layers
 
 FORMAT = "dfqkern-packed"
 FORMAT_VERSION = 1  # config_sha256 is an additive field: version-1 readers still load new checkpoints
@@ -491,14 +491,14 @@ def load_quantized(path: str | os.PathLike, factory: Callable[[], nn.Module] | N
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise _field(cfg_file, f"folded_bn[{bn_name!r}]", f"names a {type(bn).__name__} in {arch!r}, "
                                                               f"not a BatchNorm")
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
     for name, rec in meta["layers"].items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             module = None
         _check_float_module(name, module, rec, arch, cfg_file)
-        _set_module(model, name, _packed_layer(rec, cfg))
+        set_module(model, name, _packed_layer(rec, cfg))
     _check_tensors(model, state, arch, wfile)
     try:
         model.load_state_dict(state, strict=False)

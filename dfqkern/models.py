@@ -16,67 +16,23 @@ so a saved checkpoint can record its architecture and be rebuilt with ``create_m
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .assets import local_pretrained
+from .input_spec import CIFAR_SPEC, DIGITS_SPEC, IMAGENET_SPEC, InputSpec  # InputSpec: re-exported
+
 __all__ = [
     "InputSpec", "CifarBasicBlock", "CifarResNet", "OptionAShortcut", "DigitsCNN",
     "register_model", "list_models", "create_model", "input_spec", "load_checkpoint",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 PREFIXES = ("timm:", "torchvision:")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How images must be prepared for a model: normalization, size (C, H, W) and resizing."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    input_size: tuple[int, int, int]
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-
-    def __post_init__(self):
-        # Coerce lists (e.g. from JSON) to tuples so specs compare and hash by value.
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
-        object.__setattr__(self, "crop_pct", float(self.crop_pct))
-        if len(self.input_size) != 3 or min(self.input_size) <= 0:
-            raise ValueError(f"input_size must be three positive ints (C, H, W), got {self.input_size}")
-        channels = self.input_size[0]
-        if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(f"mean and std need one value per channel ({channels}), "
-                             f"got mean={self.mean}, std={self.std}")
-        if any(not s > 0 for s in self.std):
-            raise ValueError(f"std values must be > 0, got {self.std}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "InputSpec":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
-
-
-CIFAR_SPEC = InputSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(3, 32, 32))
-DIGITS_SPEC = InputSpec(mean=(0.5,), std=(0.5,), input_size=(1, 8, 8))
-IMAGENET_SPEC = InputSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(3, 224, 224), crop_pct=0.875)
 
 
 # ----------------------------------------------------------------------------- CIFAR ResNets
@@ -340,25 +296,12 @@ def input_spec(name: str) -> InputSpec:
     return _REGISTRY[bare]()[1]
 
 
-_LOCAL_PRETRAINED = {"cifar10_resnet20": "resnet20-12fca82f.th"}
-
-
-def _local_pretrained(name: str) -> Path:
-    """Registry models have no download: pretrained weights come from the local data dir."""
-    from .data import default_cifar10_dir  # lazy: data imports this module
-
-    if name not in _LOCAL_PRETRAINED:
-        raise ValueError(f"pretrained=True: no pretrained weights are known for {name!r} "
-                         f"(available: {sorted(_LOCAL_PRETRAINED)}); pass checkpoint= instead")
-    return default_cifar10_dir() / _LOCAL_PRETRAINED[name]
-
-
 def create_model(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
                  pretrained: bool = False) -> nn.Module:
     """Build model ``name`` in eval mode, optionally loading ``checkpoint`` (a state dict file).
 
     ``pretrained`` downloads weights for timm/torchvision models (never done by default); for
-    ``cifar10_resnet20`` it loads the local checkpoint from :func:`dfqkern.data.default_cifar10_dir`.
+    ``cifar10_resnet20`` it loads the local checkpoint from :func:`dfqkern.assets.default_cifar10_dir`.
     """
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes <= 0):
@@ -371,7 +314,7 @@ def create_model(name: str, checkpoint: str | os.PathLike | None = None, num_cla
     else:
         model, spec = _REGISTRY[bare](num_classes=num_classes)
         if pretrained and checkpoint is None:
-            checkpoint = _local_pretrained(bare)
+            checkpoint = local_pretrained(bare)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     model.dfqkern_arch = name

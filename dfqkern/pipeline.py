@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 
 from .config import QuantConfig
+from .calib.config import METHODS
 from .quantize import calibrate_activations, quantize_model
 
 log = logging.getLogger(__name__)
-
-METHODS = ("observer", "adaround", "brecq", "qdrop", "genie")
 
 
 @dataclass
@@ -66,33 +65,39 @@ def tensor_transform(spec):
     return apply
 
 
-def generate_bn_inversion(model: torch.nn.Module, out: str, num_images: int, method: str = "dgh",
-                          label_mode: str = "mixup", iters: int = 500, batch_size: int = 32, seed: int = 0,
-                          overwrite: bool = False, device: str = "cpu", **kwargs):
-    """A BN-inversion SyntheticSet for ``model`` in ``out`` (resumes a finished or partial set)."""
+def generate_bn_inversion(model: torch.nn.Module, out: str, num_images: int, config=None, *, overwrite: bool = False,
+                          device: str = "cpu", **options):
+    """A BN-inversion SyntheticSet for ``model`` in ``out`` (resumes a finished or partial set).
+
+    ``config`` (a :class:`~dfqkern.datagen.BNInversionConfig`) and keyword ``options`` (its fields)
+    as in :func:`~dfqkern.datagen.generate_bn_inversion_set`; the model's input spec gives the
+    image shape and normalization."""
     from .datagen import generate_bn_inversion_set
 
     spec = model.dfqkern_input_spec
-    return generate_bn_inversion_set(out, model, num_images=num_images, input_shape=spec.input_size, mean=spec.mean,
-                                     std=spec.std, method=method, label_mode=label_mode, iters=iters,
-                                     batch_size=batch_size, seed=seed, model_id=getattr(model, "dfqkern_arch", None),
-                                     device=device, overwrite=overwrite, **kwargs)
+    return generate_bn_inversion_set(out, model, config, num_images=num_images, input_shape=spec.input_size,
+                                     mean=spec.mean, std=spec.std, model_id=getattr(model, "dfqkern_arch", None),
+                                     device=device, overwrite=overwrite, **options)
 
 
 def load_calibration(spec: str, model: torch.nn.Module, n: int, seed: int, work_dir: str | None = None,
-                     iters: int = 500) -> torch.Tensor:
+                     iters: int | None = None) -> torch.Tensor:
     """``n`` calibration inputs from an image folder / tar, ``synthetic:DIR`` (a SyntheticSet), or
     ``bn-inversion:METHOD[:single|mixup]`` (generated now from the model's BatchNorm statistics into
-    ``work_dir``, resumable)."""
+    ``work_dir``, resumable; label mode and ``iters`` default to :class:`~dfqkern.datagen.BNInversionConfig`'s)."""
     from .data import build_transform, calibration_tensor, open_dataset
     from .datagen.store import load_synthetic
 
     if spec.startswith(BN_INVERSION_PREFIX):
         parts = spec[len(BN_INVERSION_PREFIX):].split(":")
-        method, label_mode = parts[0], (parts[1] if len(parts) > 1 else "mixup")
+        options = {"method": parts[0], "seed": seed}
+        if len(parts) > 1:
+            options["label_mode"] = parts[1]
+        if iters is not None:
+            options["iters"] = iters
         if work_dir is None:
             raise ValueError("calib_data 'bn-inversion:...' needs a work directory for the generated set")
-        out = generate_bn_inversion(model, work_dir, n, method, label_mode, iters=iters, seed=seed)
+        out = generate_bn_inversion(model, work_dir, n, **options)
         ds = load_synthetic(out, transform=tensor_transform(model.dfqkern_input_spec))
     elif spec.startswith("synthetic:"):
         ds = load_synthetic(spec[len("synthetic:"):], transform=tensor_transform(model.dfqkern_input_spec))
@@ -123,8 +128,9 @@ def run_quantize(job: QuantizeJob) -> dict:
                       pretrained=job.pretrained).to(job.device)
     calib = load_calibration(job.calib_data, fp, job.num_calib, job.config.seed, work_dir=f"{job.out}.calib-data")
     q = quantize_model(fp, job.config)
-    calibrate_activations(q, calib, job.batch_size, job.device)
-    if job.method != "observer":
+    if job.method == "observer":
+        calibrate_activations(q, calib, job.batch_size, job.device)
+    else:  # calibrate() observes the ranges itself before reconstructing
         from .calib import CalibConfig, calibrate
 
         kw = {"method": job.method, "batch_size": job.batch_size, "seed": job.config.seed}

@@ -8,11 +8,11 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import LayerQuant, QuantConfig
 from .nn import QuantConv2d, QuantLayer, QuantLinear
 from .nn.conv import unsupported_reason
+from .nn.observe import batches_of, observe_activations
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class QuantReport:
                 "folded_bn": dict(self.folded_bn), "unhandled": dict(self.unhandled)}
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace ``root``'s submodule ``name`` (dotted) with ``new``."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
@@ -89,7 +90,7 @@ def fold_batchnorm(model: nn.Module) -> dict[str, str]:
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         new_bias = (bias - bn.running_mean) * factor + beta
         conv.bias = nn.Parameter(new_bias)
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
     return pairs
 
 
@@ -138,7 +139,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace:
     cands = _candidates(qmodel, cfg, report)
     for i, (name, m) in enumerate(cands):
         lq = cfg.resolve(name, m, is_first=i == 0, is_last=i == len(cands) - 1)
-        _set_module(qmodel, name, HANDLERS[type(m)](m, lq, cfg, name))
+        set_module(qmodel, name, HANDLERS[type(m)](m, lq, cfg, name))
         report.layers[name] = lq
     for name, reason in report.unhandled.items():
         log.info("left in float: %s (%s)", name, reason)
@@ -151,39 +152,9 @@ def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer))
 
 
-def set_act_mode(model: nn.Module, mode: str) -> None:
-    for _, layer in quant_layers(model):
-        if layer.a_quant is not None:
-            layer.a_quant.set_mode(mode)
-
-
-def _batches(data, batch_size: int):
-    if isinstance(data, torch.Tensor):
-        if data.numel() == 0 or len(data) == 0:
-            raise ValueError("calibration data is empty")
-        return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
-    if not batches:
-        raise ValueError("calibration data is empty")
-    return batches
-
-
-@torch.no_grad()
 def calibrate_activations(model: nn.Module, data, batch_size: int = 32, device=None, progress: bool = True) -> nn.Module:
     """Observer calibration: run ``data`` (a tensor of inputs or an iterable of batches) and set activation ranges."""
-    device = device or next(model.parameters()).device
-    set_act_mode(model, "observe")
-    model.eval()
-    try:
-        for x in tqdm(_batches(data, batch_size), desc="observe activations", disable=not progress, leave=False):
-            model(x.to(device))
-    except Exception:
-        set_act_mode(model, "quant")
-        raise
-    for _, layer in quant_layers(model):
-        if layer.a_quant is not None:
-            layer.a_quant.finalize()
-    return model
+    return observe_activations(model, batches_of(data, batch_size), device, progress)
 
 
 def pack_model(model: nn.Module) -> nn.Module:

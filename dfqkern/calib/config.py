@@ -11,16 +11,29 @@ from dataclasses import dataclass
 from typing import Any
 
 CALIB_CONFIG_VERSION = 1
-METHODS = ("observer", "adaround", "brecq", "qdrop", "genie")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a calibration method does; the registry below is the one list of methods."""
+
+    name: str
+    blockwise: bool  # units are blocks (else every quantized layer alone)
+    learn_act_scale: bool  # LSQ activation step sizes are learned with the rounding
+    learn_weight_scale: bool  # weight scales are learned with the rounding (Genie-M)
+    drop_prob: float  # QDrop: chance an activation stays float, and of a float unit input element
+    summary: str
+
+
+METHOD_SPECS = {m.name: m for m in (
+    MethodSpec("observer", False, False, False, 0.0, "activation ranges only (MSE / min-max observers)"),
+    MethodSpec("adaround", False, False, False, 0.0, "layer-wise learned rounding"),
+    MethodSpec("brecq", True, True, False, 0.0, "block-wise learned rounding + activation step sizes"),
+    MethodSpec("qdrop", True, True, False, 0.5, "brecq with randomly dropped activation quantization"),
+    MethodSpec("genie", True, True, True, 0.5, "qdrop with weight scales learned jointly (Genie-M)"),
+)}
+METHODS = tuple(METHOD_SPECS)
 QDROP_MASKS = ("auto", "kernel", "torch")
-# Per method: (units are blocks, learn activation step sizes, learn weight scales, default drop prob)
-METHOD_TRAITS = {
-    "observer": (False, False, False, 0.0),
-    "adaround": (False, False, False, 0.0),
-    "brecq": (True, True, False, 0.0),
-    "qdrop": (True, True, False, 0.5),
-    "genie": (True, True, True, 0.5),
-}
 # The literature's iteration count: the automatic rounding lr keeps lr * iters at least its 1e-3 * 20k.
 REFERENCE_ITERS = 20000
 REFERENCE_ROUND_LR = 1e-3
@@ -103,20 +116,24 @@ class CalibConfig:
     # ------------------------------------------------------------------ derived settings
 
     @property
+    def spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.method]
+
+    @property
     def blockwise(self) -> bool:
-        return METHOD_TRAITS[self.method][0]
+        return self.spec.blockwise
 
     @property
     def learn_act_scale(self) -> bool:
-        return METHOD_TRAITS[self.method][1]
+        return self.spec.learn_act_scale
 
     @property
     def learn_weight_scale(self) -> bool:
-        return METHOD_TRAITS[self.method][2]
+        return self.spec.learn_weight_scale
 
     @property
     def effective_drop_prob(self) -> float:
-        return METHOD_TRAITS[self.method][3] if self.drop_prob is None else float(self.drop_prob)
+        return self.spec.drop_prob if self.drop_prob is None else float(self.drop_prob)
 
     @property
     def effective_round_lr(self) -> float:

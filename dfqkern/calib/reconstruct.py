@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..kernels import dispatch
 from ..nn import ActQuantizer, QuantLayer, WeightQuantizer
+from ..nn.observe import batches_of, observe_activations
 from .capture import ActivationStore, capture, quantization_disabled
 from .config import CalibConfig
 from .guard import QuantizerState, heldout_count, heldout_split
@@ -113,28 +114,6 @@ def calibration_data(data) -> torch.Tensor:
 
 def _act_quantizers(module: nn.Module) -> list[ActQuantizer]:
     return [m for m in module.modules() if isinstance(m, ActQuantizer)]
-
-
-@torch.no_grad()
-def observe_activations(model: nn.Module, data: torch.Tensor, batch_size: int, device, progress: bool) -> None:
-    """Set every static activation quantizer's range (QuantLayer inputs and attention matmuls alike)."""
-    quantizers = _act_quantizers(model)
-    was_training = model.training
-    model.eval()
-    for q in quantizers:
-        q.set_mode("observe")
-    try:
-        for i in tqdm(range(0, len(data), batch_size), desc="observe activations", disable=not progress,
-                      leave=False):
-            model(data[i:i + batch_size].to(device))
-        for q in quantizers:
-            q.finalize()
-    except Exception:
-        for q in quantizers:
-            q.mode = "quant"
-        raise
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -409,7 +388,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
 
     t0 = time.perf_counter()
     obs = x if cfg.observe_samples is None else x[:cfg.observe_samples]
-    observe_activations(qmodel, obs, cfg.batch_size, device, cfg.progress)
+    observe_activations(qmodel, batches_of(obs, cfg.batch_size), device, cfg.progress)
     report.observe_seconds = time.perf_counter() - t0
     if cfg.method == "observer":
         report.seconds = time.perf_counter() - t_start

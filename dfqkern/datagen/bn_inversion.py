@@ -7,64 +7,36 @@ The BN loss, as in ZeroQ (Cai et al., CVPR 2020) and Genie (Jeong et al., CVPR 2
     L_BN = sum over BN layers l of  ||mu_l(x) - mu_l^BN||_2 + ||sigma_l(x) - sigma_l^BN||_2
 
 with mu/sigma the per-channel mean / standard deviation of the layer's input over the batch
-(biased variance; sigma = sqrt(var + eps) on both sides). Methods:
+(biased variance; sigma = sqrt(var + eps) on both sides). Methods (``BNInversionConfig.method``):
 
 * ``zeroq`` -- optimize the pixels directly (Adam), ZeroQ's "distilled data".
 * ``genie`` -- Genie's generator path: a small generator (latent -> image; linear, two upsampling
-  conv stages, tanh, a final BN -- with a learned affine, unlike Genie's affine-free one, so model
-  inputs need not be N(0, 1)) is trained *jointly* with its per-batch latent codes. The latent is
-  multiplied by a learned embedding of the (soft) target, as in the GDFQ generator Genie builds on.
-  As in Genie, generator and latents have separate learning rates (``lr`` for the generator, 5x
-  for the latents; default 0.01). With one rate of 0.05 for both (and width 64) the generator's
-  last convolution drove its tanh into saturation (CIFAR ResNet-20, 32 images, 200 iterations:
-  95% of its inputs past |2.5|, mean |tanh| 0.99 -- near-binary images; now 19%, 0.68), so the
-  images lost their variation: on ResNet-20 (one batch of 32, 200 iterations, single / mixup) a
-  pairwise image distance of 44 / 36 (dgh 75) and a BN loss of 58 / 71 (dgh 14 / 35); on the tiny
-  test net hit rate 0.5 and near-identical image pairs (0.83 and none now). Measured now on
-  ResNet-20 (64 images, batch 32, 200 iterations): single labels hit rate 1.0, mixup 0.99 of the
-  softmax mass on the two targets;
-  pairwise distance 92 / 91 (dgh 75 / 75); set BN loss 6.4 / 19 (dgh 14 / 35); 1.4x dgh's time
-  per iteration on one CPU thread. The output is clamped to ``clamp_range`` like the pixel methods.
-  Its convolutions are "swing convolutions": during optimization the input is reflect-padded and
-  randomly shifted by up to ``swing`` pixels before the convolution, which removes the fixed
-  spatial artifacts a generator trained on a single batch otherwise bakes in.
-* ``hast`` -- pixels plus a hard-sample focal-weighted cross-entropy (HAST, Li et al., CVPR 2023,
-  "Hard Sample Matters a Lot in Zero-Shot Quantization"): the target term is weighted by
-  (1 - p_target)^gamma, so the optimization keeps working on the images the model still finds hard
-  instead of making every image trivially confident.
-* ``dgh`` -- DGH (Dikstein et al., WACV 2025, "Data Generation for Hardware-Friendly Post-Training
-  Quantization"): (1) the BN statistics are those of the *whole* generated set, not of one batch:
-  per-layer first/second moments of every batch are cached and a batch's loss uses the set-level
-  mean/variance in which only its own contribution carries gradient (the others are the cached
-  values from their last step); (2) an output distribution-stretching loss on the logits: we use the
-  inverse mean logit range, 1 / (mean_i(max_c z_ic - min_c z_ic) + eps) -- the "min-max difference"
-  form of the ODS loss (as in Sony MCT's data generation) -- which widens the output distribution
-  that no BN layer constrains. DGH's third ingredient, augmenting the images before the model the
-  way training did, is available to every method as ``jitter`` (random flip + circular shift) but
-  is off by default: on CIFAR ResNet-20 a 2-pixel jitter kept 100-iteration runs from reaching
-  their targets (target probability mass 0.02, below chance), and 500-iteration runs were not
-  measured.
+  conv stages, tanh, a final BN with a learned affine, so model inputs need not be N(0, 1)) is
+  trained jointly with its per-batch latent codes; the latent is multiplied by a learned embedding
+  of the (soft) target, as in the GDFQ generator Genie builds on. Generator and latents have
+  separate learning rates (``lr`` and ``GENIE_LATENT_LR_SCALE * lr``). Its "swing convolutions"
+  reflect-pad and randomly shift their input during optimization, which removes the fixed spatial
+  artifacts a generator trained on a single batch otherwise bakes in. The output is clamped like
+  the pixel methods'.
+* ``hast`` -- pixels plus a hard-sample focal-weighted cross-entropy (HAST, Li et al., CVPR 2023):
+  the target term is weighted by (1 - p_target)^gamma, so the optimization keeps working on the
+  images the model still finds hard instead of making every image trivially confident.
+* ``dgh`` -- DGH (Dikstein et al., WACV 2025): (1) the BN statistics are those of the *whole*
+  generated set: a batch's loss uses the set-level moments in which only its own contribution
+  carries gradient (:class:`SetStatistics`); (2) an output distribution-stretching loss, the
+  inverse mean logit range 1 / (mean_i(max_c z_ic - min_c z_ic) + eps) (the "min-max difference"
+  form, as in Sony MCT's data generation). DGH's third ingredient, training-style augmentation,
+  is ``jitter`` (random flip + circular shift; off by default).
 
-The optimized objective uses L_BN divided by the number of BN layers (the layer mean, as ZeroQ's
-reference implementation does), so the weights of the target and stretching terms do not depend on
-the depth of the model: with the plain sum, a 19-BN-layer CIFAR ResNet-20 ignores its targets
-(hit rate at chance after 100 iterations), with the mean it reaches them. Loss histories and
-:func:`bn_statistics_loss` report L_BN itself (the sum).
+The optimized objective divides L_BN by the number of BN layers (as ZeroQ's reference
+implementation does), so the weights of the other terms do not depend on the model's depth; loss
+histories and :func:`bn_statistics_loss` report L_BN itself (the sum).
 
 Targets: ``single`` (one class per image, cross-entropy) or ``mixup`` (k classes per image with
-Dirichlet or uniform weights, soft cross-entropy) -- the mixup-class idea applied to inversion.
-Classes are dealt so every class is targeted equally often. The target term is used by every
-method (weight ``ce_weight``; ZeroQ's original objective is the BN term alone: ``ce_weight=0``).
-Its default depends on the label mode: 1 for single labels, 0.5 for mixup. A soft target keeps
-pulling against the BN term where a one-hot target saturates: with weight 1, 128 mixup images
-(dgh, ResNet-20, 200 iterations) ended at a set BN loss of 33.6 against 15.3 for single labels, at
-0.5 at 18.7 with the same target mass (0.998). In the data-free benchmark
-(bench/results/cifar10_datafree.md, W2A4 qdrop, 3 seeds) that moved mixup from 0.3 points below
-single labels to about 2 points above (W3A3 +1.3, W4A4 +1.0). With ``genie`` mixup labels did not
-pay off at any weight tried (W2A4, seed 0: mixup 76.2 / 77.1 / 78.4 at weight 1 / 0.5 / 0.25,
-single labels 78.6 / 79.8 at 1 / 0.5; 3 seeds at 0.5: single 79.7, mixup 78.0): its one generator
-per batch fits soft targets less well (0.85 top-1 agreement with the dominant target vs 0.99 for
-dgh). Prefer ``dgh`` for mixup labels; genie with single labels at weight 0.5 is on par with it.
+Dirichlet or uniform weights, soft cross-entropy), dealt so every class is targeted equally often
+and weighted by ``ce_weight`` in every method (default per label mode; ZeroQ's original objective
+is ``ce_weight=0``). Prefer ``dgh`` for mixup labels. The measurements behind the defaults are in
+``bench/results/bn_inversion_notes.md``.
 """
 from __future__ import annotations
 
@@ -78,22 +50,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import balanced_class_groups, image_seed
+from .._version import __version__
+from .config import (DEFAULT_CE_WEIGHT, DEFAULT_LR, LABEL_MODES, METHODS, WEIGHT_MODES,  # noqa: F401 (re-exported)
+                     BNInversionConfig, check_target_options)
+from .prompts import (BN_SHARD_STREAM, BN_TARGET_STREAM, DGH_INIT_STREAM, balanced_class_groups, image_seed,
+                      stream_rng)
 
-METHODS = ("zeroq", "genie", "hast", "dgh")
-LABEL_MODES = ("single", "mixup")
-WEIGHT_MODES = ("dirichlet", "uniform")
-DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.25, "genie": 0.01}
-DEFAULT_CE_WEIGHT = {"single": 1.0, "mixup": 0.5}  # see the module notes
-
-
-def resolve_ce_weight(label_mode: str, ce_weight: "float | None") -> float:
-    """``ce_weight``, or the label mode's default where it is None."""
-    return DEFAULT_CE_WEIGHT[label_mode] if ce_weight is None else ce_weight
-# genie: ``lr`` is the generator's rate; the latent codes move GENIE_LATENT_LR_SCALE times faster
-# (Genie keeps separate rates for the two). At a generator rate of 0.05-0.1 the generator's tanh
-# saturated and the images lost their variation (ResNet-20, width 64, 0.05 vs 0.01: half the
-# pairwise distance, ~6x the BN loss).
+# genie: the latent codes move this many times faster than the generator (``lr``), as Genie keeps
+# separate rates for the two; one fast rate for both saturated the generator's tanh.
 GENIE_LATENT_LR_SCALE = 5.0
 
 
@@ -185,22 +149,21 @@ def bn_statistics_loss(model: nn.Module, images: torch.Tensor, batch_size: int =
 
 # ----------------------------------------------------------------------------- targets
 
-def make_targets(num_images: int, num_classes: int, label_mode: str = "single", mixup_k: int = 2,
-                 weights: str = "dirichlet", dirichlet_alpha: float = 1.0, seed: int = 0
+_DEFAULTS = BNInversionConfig()
+
+
+def make_targets(num_images: int, num_classes: int, label_mode: str = _DEFAULTS.label_mode,
+                 mixup_k: int = _DEFAULTS.mixup_k, weights: str = _DEFAULTS.weights,
+                 dirichlet_alpha: float = _DEFAULTS.dirichlet_alpha, seed: int = _DEFAULTS.seed
                  ) -> tuple[list[tuple[int, ...]], list[tuple[float, ...]]]:
     """Balanced target classes per image and their mixing weights (sum 1)."""
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {list(LABEL_MODES)}, got {label_mode!r}")
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"weights must be one of {list(WEIGHT_MODES)}, got {weights!r}")
-    if dirichlet_alpha <= 0:
-        raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
+    check_target_options(label_mode, weights, dirichlet_alpha)
     k = 1
     if label_mode == "mixup":
         if not isinstance(mixup_k, int) or not 2 <= mixup_k <= num_classes:
             raise ValueError(f"mixup_k must be an int in [2, {num_classes}] (number of classes), got {mixup_k!r}")
         k = mixup_k
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x626E]))
+    rng = stream_rng(seed, BN_TARGET_STREAM)
     classes = balanced_class_groups(num_classes, num_images, k, rng)
     if k == 1:
         return classes, [(1.0,)] * num_images
@@ -262,8 +225,7 @@ class GenieGenerator(nn.Module):
 
     def __init__(self, latent_dim: int, shape: Sequence[int], width: int = 16, swing: int = 1,
                  num_classes: "int | None" = None):
-        # width 16 (Genie/GDFQ: 64): on ResNet-20 widths 16, 24, 32 and 64 gave similar hit rates,
-        # diversity and BN loss, at 1.4x, 1.7x, 2.0x and 4.0x dgh's time per iteration (1 CPU thread).
+        # width 16 (Genie/GDFQ: 64): wider was no better and up to 3x slower (bench/results/bn_inversion_notes.md)
         super().__init__()
         c, h, w = shape
         self.label_emb = None
@@ -336,53 +298,35 @@ def _augment(x: torch.Tensor, rng: torch.Generator, max_shift: int) -> torch.Ten
     return x
 
 
-def _check_args(method, label_mode, num_images, iters, batch_size, input_shape):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {list(LABEL_MODES)}, got {label_mode!r}")
+def _check_set_shape(num_images, input_shape) -> tuple[int, ...]:
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    if not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size must be an int >= 2 (batch statistics need 2 images), got {batch_size!r}")
     if len(tuple(input_shape)) != 3 or any(int(s) < 1 for s in input_shape):
         raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+    return tuple(int(s) for s in input_shape)
 
 
-def invert_bn(model: nn.Module, num_images: int, method: str = "dgh", label_mode: str = "single", *,
-              mixup_k: int = 2, iters: int = 500, batch_size: int = 32, lr: "float | None" = None,
-              seed: int = 0, input_shape: Sequence[int] = (3, 224, 224),
+def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, label_mode: "str | None" = None, *,
+              config: "BNInversionConfig | None" = None, input_shape: Sequence[int] = (3, 224, 224),
               device: "str | torch.device | None" = None, progress: bool = True,
               targets: "tuple[Sequence[Sequence[int]], Sequence[Sequence[float]]] | None" = None,
-              weights: str = "dirichlet", dirichlet_alpha: float = 1.0, ce_weight: "float | None" = None,
-              focal_gamma: float = 2.0, stretch_weight: float = 1.0, tv_weight: float = 0.0,
-              jitter: int = 0, latent_dim: int = 256,
-              clamp_range: "tuple[Sequence[float], Sequence[float]] | None" = None) -> InversionResult:
+              clamp_range: "tuple[Sequence[float], Sequence[float]] | None" = None, **options) -> InversionResult:
     """Invert ``model``'s BatchNorm statistics into ``num_images`` images (see the module docs).
 
-    ``lr`` defaults per method (pixels 0.25, genie 0.01 for the generator and 5x that for the
-    latents), cosine-annealed over ``iters``. ``ce_weight`` defaults per label mode
-    (``DEFAULT_CE_WEIGHT``: single 1, mixup 0.5).
+    The options are a :class:`~dfqkern.datagen.config.BNInversionConfig`: ``config``, with
+    ``method``, ``label_mode`` and any other of its fields given as keywords (``iters=...``)
+    replacing its values. ``lr`` is cosine-annealed over ``iters``.
     ``targets`` overrides the sampled targets with explicit (classes, weights) per image.
-    ``tv_weight`` adds a total-variation image prior; ``jitter`` > 0 turns on the flip + shift
-    augmentation (max shift in pixels; off by default, see the module notes). ``clamp_range=(mean, std)`` keeps optimized
-    pixels inside the normalized image of [0, 1] (so storing them as 8-bit PNG loses nothing to
-    clamping). The model is used in eval mode; its parameters are not changed.
+    ``clamp_range=(mean, std)`` keeps optimized pixels inside the normalized image of [0, 1] (so
+    storing them as 8-bit PNG loses nothing to clamping). The model is used in eval mode; its
+    parameters are not changed.
     """
-    _check_args(method, label_mode, num_images, iters, batch_size, input_shape)
+    given = {k: v for k, v in (("method", method), ("label_mode", label_mode)) if v is not None}
+    cfg = BNInversionConfig.build(config, **given, **options)
+    shape = _check_set_shape(num_images, input_shape)
     from tqdm.auto import tqdm
 
-    shape = tuple(int(s) for s in input_shape)
     device = torch.device(device) if device is not None else model_device(model)
-    lr = float(DEFAULT_LR[method] if lr is None else lr)
-    ce_weight = resolve_ce_weight(label_mode, ce_weight)
-    if not isinstance(jitter, int) or jitter < 0:
-        raise ValueError(f"jitter must be an int >= 0 (max shift in pixels), got {jitter!r}")
-    for name, value in (("ce_weight", ce_weight), ("stretch_weight", stretch_weight), ("tv_weight", tv_weight)):
-        if not float(value) >= 0:  # also rejects NaN
-            raise ValueError(f"{name} must be a number >= 0 (a loss weight), got {value!r}")
     was_training = model.training
     grads = [p.requires_grad for p in model.parameters()]
     model.eval()
@@ -396,7 +340,8 @@ def invert_bn(model: nn.Module, num_images: int, method: str = "dgh", label_mode
                              f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
         num_classes = out.shape[1]
         if targets is None:
-            classes, mix = make_targets(num_images, num_classes, label_mode, mixup_k, weights, dirichlet_alpha, seed)
+            classes, mix = make_targets(num_images, num_classes, cfg.label_mode, cfg.mixup_k, cfg.weights,
+                                        cfg.dirichlet_alpha, cfg.seed)
         else:
             classes = [tuple(int(c) for c in cs) for cs in targets[0]]
             mix = [tuple(float(w) for w in ws) for ws in targets[1]]
@@ -408,20 +353,18 @@ def invert_bn(model: nn.Module, num_images: int, method: str = "dgh", label_mode
             m = torch.as_tensor(clamp_range[0], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
             s = torch.as_tensor(clamp_range[1], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
             bounds = ((0 - m) / s, (1 - m) / s)
-        opts = dict(method=method, iters=iters, lr=lr, ce_weight=ce_weight,
-                    focal_gamma=focal_gamma if method == "hast" else None, tv_weight=tv_weight,
-                    jitter=jitter, bounds=bounds, latent_dim=latent_dim, shape=shape, device=device)
-        n_batches = -(-num_images // batch_size)
-        bar = tqdm(total=iters * n_batches, desc=f"bn-inversion ({method})", unit="it", disable=not progress,
-                   leave=False)
+        run = _Run(cfg, bounds, shape, device)
+        n_batches = -(-num_images // cfg.batch_size)
+        bar = tqdm(total=cfg.iters * n_batches, desc=f"bn-inversion ({cfg.method})", unit="it",
+                   disable=not progress, leave=False)
         with BNCapture(model) as cap, bar:
-            if method == "dgh":
-                images, history = _invert_set(model, cap, labels, batch_size, seed, stretch_weight, bar, **opts)
+            if cfg.method == "dgh":
+                images, history = _invert_set(model, cap, labels, bar, run)
             else:
-                images, sums = [], [0.0] * iters
+                images, sums = [], [0.0] * cfg.iters
                 for b in range(n_batches):
-                    sl = slice(b * batch_size, min((b + 1) * batch_size, num_images))
-                    x, hist = _invert_batch(model, cap, labels[sl].to(device), image_seed(seed, b), bar, **opts)
+                    sl = slice(b * cfg.batch_size, min((b + 1) * cfg.batch_size, num_images))
+                    x, hist = _invert_batch(model, cap, labels[sl].to(device), image_seed(cfg.seed, b), bar, run)
                     images.append(x)
                     sums = [a + h for a, h in zip(sums, hist)]
                 images = torch.cat(images)
@@ -431,7 +374,28 @@ def invert_bn(model: nn.Module, num_images: int, method: str = "dgh", label_mode
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
     return InversionResult(images=images, labels=labels, classes=classes, weights=mix, bn_loss_history=history,
-                           method=method, label_mode=label_mode)
+                           method=cfg.method, label_mode=cfg.label_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the optimization loops read: the options plus the pixel bounds, image shape and device."""
+    cfg: BNInversionConfig
+    bounds: "tuple[torch.Tensor, torch.Tensor] | None"
+    shape: tuple[int, ...]
+    device: torch.device
+
+    def target_loss(self, logits: torch.Tensor, target: torch.Tensor) -> "torch.Tensor | float":
+        weight = self.cfg.effective_ce_weight
+        if not weight:
+            return 0.0
+        focal = self.cfg.focal_gamma if self.cfg.method == "hast" else None
+        return weight * _target_loss(logits, target, focal)
+
+    def clamp_(self, x: torch.Tensor) -> None:
+        if self.bounds is not None:
+            with torch.no_grad():
+                x.copy_(torch.max(torch.min(x, self.bounds[1]), self.bounds[0]))
 
 
 def _prior_loss(x: torch.Tensor, tv_weight: float) -> "torch.Tensor | float":
@@ -441,49 +405,45 @@ def _prior_loss(x: torch.Tensor, tv_weight: float) -> "torch.Tensor | float":
     return tv_weight * tv
 
 
-def _invert_batch(model, cap, target, batch_seed, bar, *, method, iters, lr, ce_weight, focal_gamma,
-                  tv_weight, jitter, bounds, latent_dim, shape, device):
+def _invert_batch(model, cap, target, batch_seed, bar, run: _Run):
     """Optimize one batch independently (zeroq, hast: pixels; genie: generator + latents)."""
-    n = target.shape[0]
+    cfg, n = run.cfg, target.shape[0]
+    lr = cfg.effective_lr
     rng = torch.Generator().manual_seed(batch_seed)
-    if method == "genie":
+    if cfg.method == "genie":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_seed)  # generator init is reproducible per batch
-            gen = GenieGenerator(latent_dim, shape, num_classes=target.shape[1]).to(device)
-        z = torch.randn(n, latent_dim, generator=rng).to(device).requires_grad_(True)
+            gen = GenieGenerator(cfg.latent_dim, run.shape, num_classes=target.shape[1]).to(run.device)
+        z = torch.randn(n, cfg.latent_dim, generator=rng).to(run.device).requires_grad_(True)
         gen.set_swing(True, rng)
         params = [{"params": gen.parameters()}, {"params": [z], "lr": lr * GENIE_LATENT_LR_SCALE}]
-        make = lambda: gen(z, target, bounds)  # noqa: E731
+        make = lambda: gen(z, target, run.bounds)  # noqa: E731
     else:
-        x = torch.randn(n, *shape, generator=rng).to(device)
-        if bounds is not None:
-            x = torch.max(torch.min(x, bounds[1]), bounds[0])
+        x = torch.randn(n, *run.shape, generator=rng).to(run.device)
+        run.clamp_(x)
         x.requires_grad_(True)
         params = [x]
         make = lambda: x  # noqa: E731
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9) if method == "genie" else (0.9, 0.999))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9) if cfg.method == "genie" else (0.9, 0.999))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iters)
     history = []
-    for _ in range(iters):
+    for _ in range(cfg.iters):
         opt.zero_grad(set_to_none=True)
         img = make()
-        logits = model(_augment(img, rng, jitter) if jitter else img)
+        logits = model(_augment(img, rng, cfg.jitter) if cfg.jitter else img)
         bn = cap.batch_loss()
-        loss = bn / len(cap.layers) + _prior_loss(img, tv_weight)
-        if ce_weight:
-            loss = loss + ce_weight * _target_loss(logits, target, focal_gamma)
+        loss = bn / len(cap.layers) + _prior_loss(img, cfg.tv_weight) + run.target_loss(logits, target)
         loss.backward()
         opt.step()
         sched.step()
-        if bounds is not None and method != "genie":
-            with torch.no_grad():
-                x.copy_(torch.max(torch.min(x, bounds[1]), bounds[0]))
+        if cfg.method != "genie":
+            run.clamp_(x)
         history.append(bn.item())
         bar.update(1)
     with torch.no_grad():
-        if method == "genie":
+        if cfg.method == "genie":
             gen.set_swing(False)
-            out = gen(z, target, bounds)  # generator BN in train mode: the same normalization the loss saw
+            out = gen(z, target, run.bounds)  # generator BN in train mode: the same normalization the loss saw
         else:
             out = x.detach()
     return out.detach().float().cpu(), history
@@ -517,19 +477,17 @@ class SetStatistics:
         return float(self.cap.loss_from_moments(self.totals))
 
 
-def _invert_set(model, cap, labels, batch_size, seed, stretch_weight, bar, *, method, iters, lr, ce_weight,
-                focal_gamma, tv_weight, jitter, bounds, latent_dim, shape, device):
+def _invert_set(model, cap, labels, bar, run: _Run):
     """DGH: all images optimized against the statistics of the whole set (one sweep per iteration)."""
-    n = labels.shape[0]
-    rng = torch.Generator().manual_seed(image_seed(seed, 0x64676800))
-    xs, opts, scheds, starts = [], [], [], list(range(0, n, batch_size))
+    cfg, n = run.cfg, labels.shape[0]
+    rng = torch.Generator().manual_seed(image_seed(cfg.seed, DGH_INIT_STREAM))
+    xs, opts, scheds, starts = [], [], [], list(range(0, n, cfg.batch_size))
     for start in starts:
-        x = torch.randn(min(batch_size, n - start), *shape, generator=rng).to(device)
-        if bounds is not None:
-            x = torch.max(torch.min(x, bounds[1]), bounds[0])
+        x = torch.randn(min(cfg.batch_size, n - start), *run.shape, generator=rng).to(run.device)
+        run.clamp_(x)
         xs.append(x.requires_grad_(True))
-        opts.append(torch.optim.Adam([xs[-1]], lr=lr))
-        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], iters))
+        opts.append(torch.optim.Adam([xs[-1]], lr=cfg.effective_lr))
+        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], cfg.iters))
     moments = []
     with torch.no_grad():
         for x in xs:
@@ -537,28 +495,24 @@ def _invert_set(model, cap, labels, batch_size, seed, stretch_weight, bar, *, me
             moments.append(cap.moments())
     stats = SetStatistics(cap, moments)
     history = []
-    for _ in range(iters):
+    for _ in range(cfg.iters):
         for b, x in enumerate(xs):
             opts[b].zero_grad(set_to_none=True)
-            logits = model(_augment(x, rng, jitter) if jitter else x)
+            logits = model(_augment(x, rng, cfg.jitter) if cfg.jitter else x)
             live = cap.moments()
             bn = stats.loss_with(b, live)
             # A batch moves only its share (len(x) / n) of the set-level moments, so the BN term's
             # gradient shrinks with the set size while the per-batch target terms do not: scale it
-            # back by n / len(x). Unscaled, a 512-image set ended with a 5x higher BN loss than a
-            # 64-image one (150 vs 28 on ResNet-20 after 200 iterations).
-            loss = bn * (n / len(x)) / len(cap.layers) + _prior_loss(x, tv_weight)
-            if ce_weight:
-                loss = loss + ce_weight * _target_loss(logits, labels[starts[b]:starts[b] + len(x)].to(device), None)
-            if stretch_weight:
-                loss = loss + stretch_weight * _stretch_loss(logits)
+            # back by n / len(x) (unscaled, larger sets ended at a much higher BN loss).
+            loss = (bn * (n / len(x)) / len(cap.layers) + _prior_loss(x, cfg.tv_weight)
+                    + run.target_loss(logits, labels[starts[b]:starts[b] + len(x)].to(run.device)))
+            if cfg.stretch_weight:
+                loss = loss + cfg.stretch_weight * _stretch_loss(logits)
             loss.backward()
             opts[b].step()
             scheds[b].step()
             stats.update(b, live)
-            if bounds is not None:
-                with torch.no_grad():
-                    x.copy_(torch.max(torch.min(x, bounds[1]), bounds[0]))
+            run.clamp_(x)
             bar.update(1)
         history.append(stats.loss())  # set-level loss from the moments of this sweep
     return torch.cat([x.detach().float().cpu() for x in xs]), history
@@ -576,44 +530,36 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def generate_bn_inversion_set(out_dir, model: nn.Module, *, num_images: int, input_shape: Sequence[int],
-                              mean: Sequence[float], std: Sequence[float], method: str = "dgh",
-                              label_mode: str = "single", mixup_k: int = 2, weights: str = "dirichlet",
-                              dirichlet_alpha: float = 1.0, iters: int = 500, batch_size: int = 32,
-                              lr: "float | None" = None, seed: int = 0, shard_size: int = 256,
+def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionConfig | None" = None, *,
+                              num_images: int, input_shape: Sequence[int], mean: Sequence[float],
+                              std: Sequence[float], shard_size: int = 256,
                               class_names: "Sequence[str] | None" = None, model_id: "str | None" = None,
                               device: "str | torch.device | None" = None, overwrite: bool = False,
                               progress: bool = True, rank: "int | None" = None, world_size: "int | None" = None,
-                              **method_kwargs):
+                              **options):
     """Generate (or resume) a BN-inversion synthetic set in ``out_dir``; returns ``out_dir`` (a Path).
 
-    Targets for the whole set are dealt up front (balanced over classes); each shard is then
-    inverted as one unit (``invert_bn`` with the shard's targets and a per-shard seed), so a resumed
-    run reproduces an uninterrupted one shard for shard. For ``dgh`` the set-level statistics are
-    those of a shard: use ``shard_size >= num_images`` to optimize the entire set jointly.
-    Images are stored de-normalized with ``mean``/``std`` (recorded in the manifest) and clamped to
-    [0, 1]; pixels are kept inside that range during optimization (``clamp_range``). Extra
-    ``method_kwargs`` (ce_weight, focal_gamma, stretch_weight, tv_weight, jitter, latent_dim) go
-    to :func:`invert_bn` and into the recorded config.
+    The options are ``config`` with any :class:`~dfqkern.datagen.config.BNInversionConfig` field
+    given as a keyword (``method="dgh", iters=200``) replacing its value; ``config.to_dict()`` is
+    recorded in the manifest. Targets for the whole set are dealt up front (balanced over classes);
+    each shard is then inverted as one unit (``invert_bn`` with the shard's targets and a per-shard
+    seed), so a resumed run reproduces an uninterrupted one shard for shard. For ``dgh`` the
+    set-level statistics are those of a shard: use ``shard_size >= num_images`` to optimize the
+    entire set jointly. Images are stored de-normalized with ``mean``/``std`` (recorded in the
+    manifest) and clamped to [0, 1]; pixels are kept inside that range during optimization.
     """
     from pathlib import Path
 
     from .diffusion import check_rank
-    from .store import SyntheticSetWriter, fill_set, to_uint8, to_unit_range
+    from .store import SyntheticSetWriter, fill_set, recorded_run, to_uint8, to_unit_range
 
-    _check_args(method, label_mode, num_images, iters, batch_size, input_shape)
-    shape = tuple(int(s) for s in input_shape)
+    cfg = BNInversionConfig.build(config, **options)
+    shape = _check_set_shape(num_images, input_shape)
     if shape[0] not in (1, 3):
         raise ValueError(f"input_shape must have 1 or 3 channels to be stored as PNG, got {shape[0]}")
     if len(mean) != shape[0] or len(std) != shape[0] or any(float(s) <= 0 for s in std):
         raise ValueError(f"mean and std need {shape[0]} values each (std > 0), got {list(mean)} and {list(std)}")
-    allowed = {"ce_weight", "focal_gamma", "stretch_weight", "tv_weight", "jitter", "latent_dim"}
-    unknown = set(method_kwargs) - allowed
-    if unknown:
-        raise TypeError(f"unknown invert_bn option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     rank, world_size = check_rank(rank, world_size)
-    # recorded resolved, so the manifest says what was used
-    method_kwargs["ce_weight"] = resolve_ce_weight(label_mode, method_kwargs.get("ce_weight"))
     device = torch.device(device) if device is not None else model_device(model)
     with torch.no_grad():
         was_training = model.training
@@ -622,39 +568,37 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, *, num_images: int, inp
         model.train(was_training)
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} names, the model has {num_classes} outputs")
-    classes, mix = make_targets(num_images, num_classes, label_mode, mixup_k, weights, dirichlet_alpha, seed)
-    shard_seed = lambda s: image_seed(seed, 0x5348000 + s)  # noqa: E731
+    classes, mix = make_targets(num_images, num_classes, cfg.label_mode, cfg.mixup_k, cfg.weights,
+                                cfg.dirichlet_alpha, cfg.seed)
+    shard_seed = lambda s: image_seed(cfg.seed, BN_SHARD_STREAM + s)  # noqa: E731
     entries = []
     for i, (cs, ws) in enumerate(zip(classes, mix)):
         e = {"classes": list(cs), "weights": list(ws), "seed": shard_seed(i // shard_size)}
         if class_names is not None:
             e["class_names"] = [class_names[c] for c in cs]
         entries.append(e)
-    config = {"source": "bn-inversion", "model_id": model_id, "model_sha256": model_fingerprint(model),
-              "method": method, "label_mode": label_mode, "mixup_k": mixup_k if label_mode == "mixup" else None,
-              "weights": weights, "dirichlet_alpha": dirichlet_alpha, "iters": iters, "batch_size": batch_size,
-              "lr": lr, "seed": seed, "num_images": num_images, "input_shape": list(shape),
-              "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-              "options": {k: method_kwargs[k] for k in sorted(method_kwargs)}}
-    from .. import __version__
-
-    meta = {"source": "bn-inversion", "generator": {"id": f"bn-inversion/{method}", "library": "dfqkern",
+    record = {"source": "bn-inversion", "model_id": model_id, "model_sha256": model_fingerprint(model),
+              **cfg.to_dict(), "num_images": num_images, "input_shape": list(shape),
+              "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    old = (recorded_run(out_dir) or {}).get("config")
+    if isinstance(old, dict) and old != record and {**old, **cfg.to_dict()} == record and cfg.same_record(old):
+        record = old  # an older record of the same run: keep it, so the set resumes and its manifest keeps its keys
+    meta = {"source": "bn-inversion", "generator": {"id": f"bn-inversion/{cfg.method}", "library": "dfqkern",
                                                     "version": __version__, "model_id": model_id},
             "class_names": list(class_names) if class_names is not None else None, "num_classes": num_classes,
             "label_type": "soft",
-            "normalization": {"mean": config["mean"], "std": config["std"], "clamped": True}}
-    writer = SyntheticSetWriter(out_dir, entries=entries, config=config, meta=meta, channels=shape[0],
+            "normalization": {"mean": record["mean"], "std": record["std"], "clamped": True}}
+    writer = SyntheticSetWriter(out_dir, entries=entries, config=record, meta=meta, channels=shape[0],
                                 shard_size=shard_size, overwrite=overwrite)
 
     def produce(indices):
         start, stop = indices[0], indices[-1] + 1  # whole shards: a contiguous range
-        res = invert_bn(model, stop - start, method, label_mode, mixup_k=mixup_k, iters=iters,
-                        batch_size=min(batch_size, max(2, stop - start)), lr=lr,
-                        seed=shard_seed(start // shard_size), input_shape=shape, device=device,
-                        progress=progress, targets=(classes[start:stop], mix[start:stop]),
-                        clamp_range=(mean, std), **method_kwargs)
+        shard_cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, max(2, stop - start)),
+                                        seed=shard_seed(start // shard_size))
+        res = invert_bn(model, stop - start, config=shard_cfg, input_shape=shape, device=device, progress=progress,
+                        targets=(classes[start:stop], mix[start:stop]), clamp_range=(mean, std))
         yield list(range(start, stop)), to_uint8(to_unit_range(res.images, mean, std))
 
     fill_set(writer, produce, rank=rank, world_size=world_size, progress=progress,
-             desc=f"bn-inversion set ({method})", whole_shards=True)
+             desc=f"bn-inversion set ({cfg.method})", whole_shards=True)
     return Path(out_dir)

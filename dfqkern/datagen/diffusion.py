@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import DiffusionConfig
 from .prompts import PromptRecord, mixup_prompt_embeds
 from .store import to_uint8
 
@@ -236,38 +237,31 @@ def _as_tensor(images) -> torch.Tensor:
                         for im in images])
 
 
-def _check_generation_args(records, guidance_scale, steps, batch_size, output, height, width):
+def _check_generation_args(records, batch_size, output):
     if not all(isinstance(r, PromptRecord) for r in records):
         raise TypeError("records must be PromptRecord objects (see dfqkern.datagen.build_prompts)")
-    if steps is None or int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps!r}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
-    for name, v in (("height", height), ("width", width)):
-        if v is not None and (int(v) < 8 or int(v) % 8):
-            raise ValueError(f"{name} must be a multiple of 8 (latent diffusion), got {v!r}")
     levels = {bool(r.class_texts) for r in records}
     if len(levels) > 1:
         raise ValueError("records mix text prompts and embedding-level mixup; generate them separately")
 
 
-def iter_images(pipeline, records: Sequence[PromptRecord], *, guidance_scale: float = 7.5, steps: int = 30,
-                height: "int | None" = None, width: "int | None" = None, negative_prompt: "str | None" = None,
-                batch_size: int = 4, output_size: "int | tuple[int, int] | None" = None,
-                output: str = "uint8") -> Iterator[tuple[list[PromptRecord], torch.Tensor]]:
+def iter_images(pipeline, records: Sequence[PromptRecord], config: "DiffusionConfig | None" = None, *,
+                batch_size: int = 4, output: str = "uint8",
+                **options) -> Iterator[tuple[list[PromptRecord], torch.Tensor]]:
     """Yield ``(records_batch, images_batch)`` batch by batch (see :func:`generate_images`)."""
+    cfg = DiffusionConfig.build(config, **options)
     records = list(records)
-    _check_generation_args(records, guidance_scale, steps, batch_size, output, height, width)
+    _check_generation_args(records, batch_size, output)
     for start in range(0, len(records), int(batch_size)):
         batch = records[start:start + int(batch_size)]
         # CPU generators: identical initial noise on every device, one per image.
         gens = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
-        call = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), generator=gens,
-                    output_type="pt", height=height, width=width)
+        call = dict(num_inference_steps=int(cfg.steps), guidance_scale=float(cfg.guidance_scale), generator=gens,
+                    output_type="pt", height=cfg.height, width=cfg.width)
         if batch[0].class_texts:
             encoder, tokenizer = getattr(pipeline, "text_encoder", None), getattr(pipeline, "tokenizer", None)
             if encoder is None or tokenizer is None or getattr(pipeline, "text_encoder_2", None) is not None:
@@ -275,38 +269,33 @@ def iter_images(pipeline, records: Sequence[PromptRecord], *, guidance_scale: fl
                                  f"(Stable Diffusion 1.x/2.x); {type(pipeline).__name__} is not supported: "
                                  f"use mixup_level='text'")
             embeds, neg = mixup_prompt_embeds(encoder, tokenizer, [r.class_texts for r in batch],
-                                              [r.weights for r in batch], negative_prompt)
+                                              [r.weights for r in batch], cfg.negative_prompt)
             dtype = getattr(pipeline, "dtype", embeds.dtype)
             call.update(prompt_embeds=embeds.to(dtype), negative_prompt_embeds=neg.to(dtype))
         else:
             call["prompt"] = [r.text for r in batch]
-            if negative_prompt:
-                call["negative_prompt"] = [negative_prompt] * len(batch)
+            if cfg.negative_prompt:
+                call["negative_prompt"] = [cfg.negative_prompt] * len(batch)
         with torch.inference_mode():
             images = _as_tensor(pipeline(**call).images)
-        images = resize_center_crop(images.clamp(0, 1), output_size)
+        images = resize_center_crop(images.clamp(0, 1), cfg.output_size)
         yield batch, (to_uint8(images) if output == "uint8" else images.clamp(0, 1).contiguous())
 
 
-def generate_images(pipeline, records: Sequence[PromptRecord], *, guidance_scale: float = 7.5,
-                    steps: int = 30, height: "int | None" = None, width: "int | None" = None,
-                    negative_prompt: "str | None" = None, batch_size: int = 4,
-                    output_size: "int | tuple[int, int] | None" = None, output: str = "uint8",
-                    progress: bool = False) -> torch.Tensor:
+def generate_images(pipeline, records: Sequence[PromptRecord], config: "DiffusionConfig | None" = None, *,
+                    batch_size: int = 4, output: str = "uint8", progress: bool = False, **options) -> torch.Tensor:
     """Generate one image per record: ``[N, 3, H, W]`` uint8 (``output="uint8"``) or float in [0, 1].
 
-    ``height``/``width``: the pipeline's resolution (default: the model's native one);
-    ``output_size``: int or (h, w) of the classifier input, reached by resize + center crop.
-    ``guidance_scale <= 1`` disables classifier-free guidance (then the negative prompt is unused).
-    Records with ``class_texts`` use embedding-level mixup (prompt_embeds).
+    Sampling follows ``config`` (a :class:`~dfqkern.datagen.config.DiffusionConfig`; its prompt
+    fields are unused here: the records are the prompts), with any of its fields given as keywords
+    (``steps=2``) replacing its values. Records with ``class_texts`` use embedding-level mixup
+    (prompt_embeds).
     """
     from tqdm.auto import tqdm
 
     out = []
     with tqdm(total=len(records), desc="diffusion", unit="img", disable=not progress) as bar:
-        for _, images in iter_images(pipeline, records, guidance_scale=guidance_scale, steps=steps,
-                                     height=height, width=width, negative_prompt=negative_prompt,
-                                     batch_size=batch_size, output_size=output_size, output=output):
+        for _, images in iter_images(pipeline, records, config, batch_size=batch_size, output=output, **options):
             out.append(images)
             bar.update(len(images))
     if not out:
@@ -316,25 +305,21 @@ def generate_images(pipeline, records: Sequence[PromptRecord], *, guidance_scale
 
 # ----------------------------------------------------------------------------- synthetic set
 
-def generate_diffusion_set(out_dir: "str | Path", pipeline, *, classes="imagenet", num_images: int = 1000,
-                           prompt_mode: str = "mixup", mixup_k: int = 2, mixup_level: str = "text",
-                           weights: str = "uniform", dirichlet_alpha: float = 1.0, seed: int = 0,
-                           guidance_scale: float = 7.5, steps: int = 30, height: "int | None" = None,
-                           width: "int | None" = None, negative_prompt: "str | None" = None,
-                           batch_size: int = 4, output_size: "int | tuple[int, int] | None" = None,
-                           shard_size: int = 256, scheduler: "str | None" = None,
-                           device: "str | torch.device | None" = None, dtype: "torch.dtype | None" = None,
-                           local_files_only: "bool | None" = None, overwrite: bool = False,
-                           progress: bool = True, rank: "int | None" = None,
-                           world_size: "int | None" = None) -> Path:
+def generate_diffusion_set(out_dir: "str | Path", pipeline, config: "DiffusionConfig | None" = None, *,
+                           classes="imagenet", num_images: int = 1000, batch_size: int = 4, shard_size: int = 256,
+                           scheduler: "str | None" = None, device: "str | torch.device | None" = None,
+                           dtype: "torch.dtype | None" = None, local_files_only: "bool | None" = None,
+                           overwrite: bool = False, progress: bool = True, rank: "int | None" = None,
+                           world_size: "int | None" = None, **options) -> Path:
     """Generate (or resume) a text-to-image synthetic set in ``out_dir``; returns ``out_dir``.
 
     ``pipeline``: a hub id or directory (loaded with :func:`load_pipeline` only if images are
-    missing) or an already loaded pipeline. Prompts come from
-    :func:`~dfqkern.datagen.prompts.build_prompts`; images are resized/center-cropped to
-    ``output_size``. Finished shards and images already on disk are skipped; with several ranks
-    (torch.distributed, accelerate or RANK/WORLD_SIZE) each rank fills its own shards and the
-    manifest is written once all are finished. Open the result with
+    missing) or an already loaded pipeline. The prompt and sampling options are ``config`` with any
+    :class:`~dfqkern.datagen.config.DiffusionConfig` field given as a keyword replacing its value;
+    ``config.to_dict()`` is recorded in the manifest. Prompts come from
+    :func:`~dfqkern.datagen.prompts.build_prompts`. Finished shards and images already on disk are
+    skipped; with several ranks (torch.distributed, accelerate or RANK/WORLD_SIZE) each rank fills
+    its own shards and the manifest is written once all are finished. Open the result with
     :func:`~dfqkern.datagen.store.load_synthetic`. ``batch_size`` and ``device`` do not enter the
     resume check (they do not change what is asked for, only how fast it is made).
     """
@@ -343,11 +328,12 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, *, classes="imagenet
 
     import diffusers
 
+    cfg = DiffusionConfig.build(config, **options)
     rank, world_size = check_rank(rank, world_size)
     names = _class_names(classes)
-    records = build_prompts(names, num_images, prompt_mode, mixup_k=mixup_k, mixup_level=mixup_level,
-                            weights=weights, dirichlet_alpha=dirichlet_alpha, seed=seed)
-    _check_generation_args(records, guidance_scale, steps, batch_size, "uint8", height, width)
+    records = build_prompts(names, num_images, cfg.prompt_mode, mixup_k=cfg.mixup_k, mixup_level=cfg.mixup_level,
+                            weights=cfg.weights, dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    _check_generation_args(records, batch_size, "uint8")
     loaded = not isinstance(pipeline, (str, Path))
     dev = torch.device(device) if device is not None else (
         getattr(pipeline, "device", None) if loaded else None) or default_device()
@@ -366,15 +352,10 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, *, classes="imagenet
             pipeline, local_files_only)
         resolved = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         dtype_name = str(resolved).replace("torch.", "")
-    size = None if output_size is None else ([output_size] * 2 if isinstance(output_size, int) else list(output_size))
-    config = {"source": "diffusion", "pipeline": pipe_id, "scheduler": sched_name, "dtype": dtype_name,
+    record = {"source": "diffusion", "pipeline": pipe_id, "scheduler": sched_name, "dtype": dtype_name,
               # a named class set, or "custom" (the names themselves are in the manifest and the plan)
               "classes": str(classes).lower() if str(classes).lower() in CLASS_SETS else "custom",
-              "prompt_mode": prompt_mode,
-              "mixup_k": mixup_k if prompt_mode == "mixup" else None, "mixup_level": mixup_level,
-              "weights": weights, "dirichlet_alpha": dirichlet_alpha, "seed": seed, "num_images": num_images,
-              "guidance_scale": guidance_scale, "steps": steps, "height": height, "width": width,
-              "negative_prompt": negative_prompt, "output_size": size}
+              "num_images": num_images, **cfg.to_dict()}
     entries = []
     for r in records:
         e = {"prompt": r.text, "classes": list(r.classes), "class_names": [names[c] for c in r.classes],
@@ -385,17 +366,14 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, *, classes="imagenet
     meta = {"source": "diffusion", "generator": {"id": pipe_id, "library": "diffusers",
                                                  "version": diffusers.__version__},
             "class_names": names, "num_classes": len(names), "label_type": "soft"}
-    writer = SyntheticSetWriter(out_dir, entries=entries, config=config, meta=meta, channels=3,
+    writer = SyntheticSetWriter(out_dir, entries=entries, config=record, meta=meta, channels=3,
                                 shard_size=shard_size, overwrite=overwrite)
     state = {"pipe": pipeline if loaded else None}
 
     def produce(indices):
         if state["pipe"] is None:  # load only when some image is actually missing
             state["pipe"] = load_pipeline(pipeline, dev, dtype, scheduler, local_files_only)
-        for batch, images in iter_images(state["pipe"], [records[i] for i in indices],
-                                         guidance_scale=guidance_scale, steps=steps, height=height,
-                                         width=width, negative_prompt=negative_prompt, batch_size=batch_size,
-                                         output_size=output_size, output="uint8"):
+        for batch, images in iter_images(state["pipe"], [records[i] for i in indices], cfg, batch_size=batch_size):
             yield [r.index for r in batch], images
 
     fill_set(writer, produce, rank=rank, world_size=world_size, progress=progress, desc="diffusion set")
@@ -422,10 +400,6 @@ def regenerate_images(pipeline, synthetic_set, indices: Sequence[int], *, batch_
     from .store import SyntheticSet
 
     ds = synthetic_set if isinstance(synthetic_set, SyntheticSet) else SyntheticSet(synthetic_set, verify=False)
-    cfg = ds.manifest["config"]
     records = records_from_manifest(ds.manifest)
-    size = cfg.get("output_size")
-    return generate_images(pipeline, [records[int(i)] for i in indices], guidance_scale=cfg["guidance_scale"],
-                           steps=cfg["steps"], height=cfg["height"], width=cfg["width"],
-                           negative_prompt=cfg["negative_prompt"], batch_size=batch_size,
-                           output_size=tuple(size) if size else None, output="uint8")
+    cfg = DiffusionConfig.from_dict(ds.manifest["config"])
+    return generate_images(pipeline, [records[int(i)] for i in indices], cfg, batch_size=batch_size, output="uint8")

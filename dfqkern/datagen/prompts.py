@@ -170,6 +170,20 @@ def imagenet_class_names() -> list[str]:
 
 # ----------------------------------------------------------------------------- sampling
 
+# Random streams drawn from a set's seed, told apart by a fixed tag (ASCII, read as hex) next to the
+# seed in the SeedSequence. Every generated set depends on these values: changing one changes the
+# images and targets of every seed, and unfinished sets would no longer resume.
+PROMPT_STREAM = 0x70726F6D  # "prom": build_prompts' class groups, templates and mixing weights
+BN_TARGET_STREAM = 0x626E  # "bn": BN-inversion targets (make_targets)
+DGH_INIT_STREAM = 0x64676800  # "dgh\0": image_seed tag of the initial pixels of a dgh set
+BN_SHARD_STREAM = 0x5348000  # "SH" << 12: image_seed(seed, BN_SHARD_STREAM + shard) seeds a BN-inversion shard
+
+
+def stream_rng(seed: int, stream: int) -> np.random.Generator:
+    """The generator of one random stream (one of the ``*_STREAM`` tags) of a set seeded ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, stream]))
+
+
 def image_seed(seed: int, index: int) -> int:
     """Per-image generator seed: a hash of (set seed, image index), independent of batching or rank."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(1)[0])
@@ -266,7 +280,7 @@ def build_prompts(classes: "str | Path | Sequence[str]", num_images: int, mode: 
         if not isinstance(mixup_k, int) or not 2 <= mixup_k <= len(names):
             raise ValueError(f"mixup_k must be an int in [2, {len(names)}] (number of classes), got {mixup_k!r}")
         k = mixup_k
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x70726F6D]))
+    rng = stream_rng(seed, PROMPT_STREAM)
     groups = balanced_class_groups(len(names), num_images, k, rng)
     records = []
     for i, group in enumerate(groups):

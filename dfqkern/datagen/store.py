@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .._version import __version__
+
 FORMAT = "dfqkern.synthetic"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -131,6 +133,18 @@ def save_grid(images: torch.Tensor, path: "str | Path", nrow: int = 8) -> None:
 
 # ----------------------------------------------------------------------------- writer
 
+def recorded_run(root: "str | Path") -> "dict | None":
+    """The run description a writer left in ``root`` (config, plan digest, ...): None where there is
+    none, ``{"corrupt": True}`` where it cannot be read."""
+    path = Path(root) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {"corrupt": True}
+
+
 class SyntheticSetWriter:
     """Writes a set shard by shard, resumably.
 
@@ -160,13 +174,8 @@ class SyntheticSetWriter:
     def _prepare(self, overwrite: bool) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         run_path = self.root / RUN_FILE
-        existing = None
-        if run_path.exists():
-            try:
-                existing = json.loads(run_path.read_text("utf-8"))
-            except (OSError, ValueError):
-                existing = {"corrupt": True}
-        elif (self.root / MANIFEST).exists() or any(self.root.glob("shard_*")):
+        existing = recorded_run(self.root)
+        if existing is None and ((self.root / MANIFEST).exists() or any(self.root.glob("shard_*"))):
             existing = {"foreign": True}
         if existing is not None and canonical_digest(existing) != canonical_digest(self.run):
             if not overwrite:
@@ -249,8 +258,6 @@ class SyntheticSetWriter:
             if not self.shard_done(s):
                 raise SyntheticSetError(f"cannot finalize {str(self.root)!r}: shard {s} is not finished")
             images += json.loads((self.root / shard_dir_name(s) / SHARD_FILE).read_text("utf-8"))["images"]
-        from .. import __version__
-
         manifest = {**self.meta, "format": FORMAT, "format_version": FORMAT_VERSION,
                     "dfqkern_version": __version__, "config": self.config, "num_images": self.num_images,
                     "shard_size": self.shard_size, "channels": self.channels, "images": images}

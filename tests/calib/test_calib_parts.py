@@ -154,9 +154,10 @@ def test_store_budget_splits_between_memory_and_disk():
 
 def test_capture_stops_after_the_module_and_disabling_gives_float(tiny_cnn, images, quantize):
     from dfqkern.calib import observe_activations
+    from dfqkern.nn.observe import batches_of
 
     q = quantize(tiny_cnn)
-    observe_activations(q, images, 16, "cpu", progress=False)
+    observe_activations(q, batches_of(images, 16), "cpu", progress=False)
     later = []
     q.fc.register_forward_pre_hook(lambda m, a: later.append(1))
     store = ActivationStore(1e9)

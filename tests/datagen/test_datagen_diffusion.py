@@ -216,3 +216,18 @@ def test_resize_center_crop():
     assert D.resize_center_crop(x, None) is x
     with pytest.raises(ValueError, match="output_size"):
         D.resize_center_crop(x, 0)
+
+
+def test_cli_generate_diffusion_keeps_the_config_defaults(tiny_pipeline_dir, tmp_path, capsys):
+    """``dfqkern generate --source diffusion``: given flags land in the record, the others are
+    DiffusionConfig's defaults."""
+    from dfqkern import cli
+    from dfqkern.datagen import DiffusionConfig
+
+    rc = cli.main(["generate", "--source", "diffusion", "--pipeline", str(tiny_pipeline_dir), "--classes", "cifar10",
+                   "--num-images", "2", "--steps", "1", "--output-size", "8", "--device", "cpu", "--out",
+                   str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    cfg = load_synthetic(tmp_path).manifest["config"]
+    assert cfg["steps"] == 1 and cfg["output_size"] == [8, 8] and cfg["classes"] == "cifar10"
+    assert DiffusionConfig.from_dict(cfg) == DiffusionConfig(steps=1, output_size=8)

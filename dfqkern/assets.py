@@ -1,0 +1,29 @@
+"""Local assets: the CIFAR-10 data directory and the pretrained weights kept in it.
+
+Registry models never download anything; their pretrained weights are files found here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["CIFAR10_ENV", "LOCAL_PRETRAINED", "default_cifar10_dir", "local_pretrained"]
+
+CIFAR10_ENV = "DFQKERN_CIFAR10_DIR"
+LOCAL_PRETRAINED = {"cifar10_resnet20": "resnet20-12fca82f.th"}  # registry name -> file in default_cifar10_dir()
+
+
+def default_cifar10_dir() -> Path:
+    """$DFQKERN_CIFAR10_DIR, else ``<repo root>/../shared/data/cifar10``."""
+    env = os.environ.get(CIFAR10_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+def local_pretrained(name: str) -> Path:
+    """The local pretrained-weights file of registry model ``name``."""
+    if name not in LOCAL_PRETRAINED:
+        raise ValueError(f"pretrained=True: no pretrained weights are known for {name!r} "
+                         f"(available: {sorted(LOCAL_PRETRAINED)}); pass checkpoint= instead")
+    return default_cifar10_dir() / LOCAL_PRETRAINED[name]
