@@ -2,9 +2,10 @@
 
 ``calibrate(qmodel, fp_model, data, CalibConfig(method=..., iters=...))`` is the one entry point.
 """
-from .config import METHODS, CalibConfig
 from ..nn.observe import observe_activations
-from .reconstruct import CalibReport, UnitReport, calibrate, calibration_data
+from .config import METHODS, CalibConfig
+from .reconstruct import calibrate, calibration_data
+from .report import CalibReport, UnitReport
 from .units import Unit, block_types, find_units, register_block
 from .vit import QuantAttention, quantize_attention
 

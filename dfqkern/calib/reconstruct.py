@@ -28,62 +28,27 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..kernels import dispatch
-from ..nn import ActQuantizer, QuantLayer, WeightQuantizer
+from ..nn import QuantLayer
 from ..nn.observe import batches_of, observe_activations
 from .capture import ActivationStore, capture, quantization_disabled
 from .config import CalibConfig
 from .guard import QuantizerState, heldout_count, heldout_split
-from .losses import beta_at, reconstruction_loss, rounding_active, rounding_loss
+from .losses import reconstruction_loss
+from .report import CalibReport, UnitReport
+from .unit_training import UnitTraining, derived_seed, eval_loss
 from .units import Unit, execution_order, find_units
-from .vit import FixedRangeActQuantizer, quantize_attention
+from .vit import quantize_attention
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2
 EVAL_SAMPLES = 256  # without held-out images, the training images the guard measures on
 FP_MODEL_RTOL = 1e-3  # fp_model and qmodel-without-quantization agree to this (folding reorders float math)
-
-
-@dataclass
-class UnitReport:
-    name: str
-    kind: str
-    iters: int
-    loss_nearest: float  # held-out output MSE of the unit at its start (nearest rounding, observed ranges)
-    loss_hard: float  # the same after learning, with the hardened rounding
-    loss_start: float  # training loss averaged over the first 10 % of the steps
-    loss_end: float  # ... and over the last 10 %
-    seconds: float
-    resumed: bool = False
-    kept_start: bool = False  # learning ended above loss_nearest, so the unit kept its starting point
-
-
-@dataclass
-class CalibReport:
-    method: str
-    config: dict
-    units: list[UnitReport] = field(default_factory=list)
-    observe_seconds: float = 0.0
-    seconds: float = 0.0
-    heldout_images: int = 0  # calibration images never used as training batches (the guard's yardstick)
-    model_loss_observer: float = math.nan  # model output MSE vs float on them, at the observer start
-    model_loss_final: float = math.nan  # ... and for the returned model
-    reverted_to_observer: bool = False  # reconstruction ended worse than the observer start: undone
-
-    @property
-    def units_kept_start(self) -> list[str]:
-        return [u.name for u in self.units if u.kept_start]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------- data
@@ -110,10 +75,6 @@ def calibration_data(data) -> torch.Tensor:
     if x.dim() < 2 or len(x) == 0:
         raise ValueError(f"data is empty or not batched: got shape {tuple(x.shape)}")
     return x
-
-
-def _act_quantizers(module: nn.Module) -> list[ActQuantizer]:
-    return [m for m in module.modules() if isinstance(m, ActQuantizer)]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -169,150 +130,29 @@ class _Checkpoint:
 
 # ----------------------------------------------------------------------------- one unit
 
-def _derived_seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
-def _use_kernel_mask(cfg: CalibConfig, device: torch.device) -> bool:
-    if cfg.qdrop_mask != "auto":
-        return cfg.qdrop_mask == "kernel"
-    compiled = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
-    return any(b in compiled for b in dispatch.available_backends())
-
-
-class _TorchQDrop:
-    """QDrop with torch's generator: keep the float value where a uniform draw falls below ``p``.
-
-    The same rule the fused op applies (``drop_prob`` = chance of keeping float), with a mask that
-    costs one ``rand`` instead of the counter hash, which the reference backend computes slowly.
-    """
-
-    def __init__(self, quantizers: list[ActQuantizer], p: float, gen: torch.Generator):
-        self.p, self.gen = p, gen
-        self.handles = [q.register_forward_hook(self._hook) for q in quantizers]
-
-    def _hook(self, mod, args, out):
-        if not mod.training or mod.mode != "quant":
-            return out
-        x = args[0]
-        keep_float = torch.rand(x.shape, generator=self.gen, device=x.device) < self.p
-        return torch.where(keep_float, x, out)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@torch.no_grad()
-def _eval_loss(unit: Unit, store: ActivationStore, idx: torch.Tensor, batch_size: int, device) -> float:
-    total = 0.0
-    for i in range(0, len(idx), batch_size):
-        j = idx[i:i + batch_size]
-        out = unit.module(store.rows("q_in", j).to(device))
-        total += reconstruction_loss(out, store.rows("fp_out", j).to(device)).item() * len(j)
-    return total / len(idx)
-
+# ----------------------------------------------------------------------------- one unit
 
 def _reconstruct_unit(unit: Unit, index: int, store: ActivationStore, n: int, cfg: CalibConfig, device,
                       desc: str, n_heldout: int = 0) -> UnitReport:
     """Reconstruct ``unit`` on stored rows ``[n_heldout, n)``; rows ``[0, n_heldout)`` are its held-out
     yardstick (the first training rows when there are none). A unit that ends worse keeps its start."""
     t0 = time.perf_counter()
-    layers = unit.quant_layers()
-    gen = torch.Generator(device=device).manual_seed(_derived_seed(cfg.seed, index, 0))
     eval_idx = torch.arange(n_heldout) if n_heldout else torch.arange(min(n, EVAL_SAMPLES))
-    n_train = n - n_heldout
     start_state = QuantizerState(unit.module)
-    loss_nearest = _eval_loss(unit, store, eval_idx, cfg.batch_size, device)
-
-    wqs: list[WeightQuantizer] = [layer.w_quant for layer in layers]
-    round_params = [wq.start_adaround(layer.weight) for wq, layer in zip(wqs, layers)]
-    acts = [a for a in _act_quantizers(unit.module)
-            if not a.per_token and not isinstance(a, FixedRangeActQuantizer)]
-    groups = [{"params": round_params, "lr": cfg.effective_round_lr}]
-    scheduled = []
-    if cfg.learn_act_scale and acts:
-        scheduled.append({"params": [a.scale for a in acts], "lr": cfg.act_lr})
-    if cfg.learn_weight_scale:
-        for wq in wqs:  # relative lr: Adam moves a parameter by about lr per step, whatever its magnitude
-            scheduled.append({"params": [wq.scale], "lr": cfg.weight_scale_lr * wq.scale.detach().abs().mean().item()})
-    for g in scheduled:
-        for p in g["params"]:
-            p.requires_grad_(True)
-    opt = torch.optim.Adam(groups + scheduled)
-    # cosine decay on the scales (QDrop's schedule for activation step sizes); rounding lr stays constant
-    n_round = len(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, [lambda s: 1.0] * n_round + [lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.iters) / cfg.iters))]
-        * len(scheduled))
-
-    drop = cfg.effective_drop_prob
-    torch_qdrop = None
-    unit_acts = _act_quantizers(unit.module)
-    for j, a in enumerate(unit_acts):
-        a.train()
-        a._calls = 0
-        a.seed = _derived_seed(cfg.seed, index, j + 1)
-    if drop > 0:
-        if _use_kernel_mask(cfg, torch.device(device)):
-            for a in unit_acts:
-                a.drop_prob = drop
-        else:
-            torch_qdrop = _TorchQDrop(unit_acts, drop, gen)
-
-    losses = []
-    bar = tqdm(range(cfg.iters), desc=desc, disable=not cfg.progress, leave=False, mininterval=1.0)
+    loss_nearest = eval_loss(unit, store, eval_idx, cfg.batch_size, device)
+    training = UnitTraining(unit, index, cfg, device, n_heldout, n)
     try:
-        for step in bar:
-            idx = torch.randperm(n_train, generator=gen, device=device)[:cfg.batch_size].cpu() + n_heldout
-            inp = store.rows("q_in", idx).to(device)
-            if drop > 0:  # QDrop: each element of the unit input is float with probability `drop`
-                fp_in = store.rows("fp_in", idx).to(device)
-                inp = torch.where(torch.rand(inp.shape, generator=gen, device=device) < drop, fp_in, inp)
-            target = store.rows("fp_out", idx).to(device)
-            beta = beta_at(step, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
-            for wq in wqs:
-                wq.beta = beta
-            rec = reconstruction_loss(unit.module(inp), target)
-            loss = rec
-            if rounding_active(step, cfg.iters, cfg.warmup) and cfg.round_weight > 0:
-                reg = rounding_loss(wqs)
-                if reg is not None:
-                    loss = rec + cfg.round_weight * reg
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(rec.item())
-            if step % 50 == 0 or step == cfg.iters - 1:
-                bar.set_postfix(loss=f"{rec.item():.4g}", refresh=False)
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"reconstruction loss of unit {unit.name!r} became {losses[-1]} at step "
-                                         f"{step}; lower the learning rates")
+        training.run(store, desc)
     finally:
-        bar.close()
-        if torch_qdrop is not None:
-            torch_qdrop.remove()
-        for a in unit_acts:
-            a.drop_prob = 0.0
-            a.eval()
-        for g in scheduled:
-            for p in g["params"]:
-                p.requires_grad_(False)
-        for p in round_params:
-            p.requires_grad_(False)
-        for wq in wqs:
-            wq.harden()
-            wq.last_reg = None
-    k = max(1, len(losses) // 10)
-    loss_hard = _eval_loss(unit, store, eval_idx, cfg.batch_size, device)
+        training.teardown()
+    loss_hard = eval_loss(unit, store, eval_idx, cfg.batch_size, device)
     kept_start = not loss_hard <= loss_nearest
     if kept_start:
         start_state.restore()
         log.warning("%s: reconstruction raised the held-out loss %.4g -> %.4g; the unit keeps its starting "
                     "point", unit.name or unit.kind, loss_nearest, loss_hard)
-    return UnitReport(unit.name, unit.kind, cfg.iters, loss_nearest, loss_hard, sum(losses[:k]) / k,
-                      sum(losses[-k:]) / k, time.perf_counter() - t0, kept_start=kept_start)
+    return UnitReport(unit.name, unit.kind, cfg.iters, loss_nearest, loss_hard, *training.loss_summary(),
+                      time.perf_counter() - t0, kept_start=kept_start)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -399,7 +239,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
     ckpt = _Checkpoint(cfg.checkpoint_dir, _fingerprint(qmodel, units, x, cfg)) if cfg.checkpoint_dir else None
     # held-out images first, then the training images: stored rows [0, n_heldout) are never trained on
     n_heldout = heldout_count(len(x))
-    x = x[heldout_split(len(x), _derived_seed(cfg.seed, -1))]
+    x = x[heldout_split(len(x), derived_seed(cfg.seed, -1))]
     guard_x = x[:n_heldout] if n_heldout else x[:EVAL_SAMPLES]
     guard_target = _float_outputs(qmodel, guard_x, cfg.batch_size, device)
     observer_state = QuantizerState(qmodel)
