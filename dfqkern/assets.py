@@ -10,7 +10,11 @@ from pathlib import Path
 __all__ = ["CIFAR10_ENV", "LOCAL_PRETRAINED", "default_cifar10_dir", "local_pretrained"]
 
 CIFAR10_ENV = "DFQKERN_CIFAR10_DIR"
-LOCAL_PRETRAINED = {"cifar10_resnet20": "resnet20-12fca82f.th"}  # registry name -> file in default_cifar10_dir()
+# registry name -> file, relative to the shared data folder (the parent of default_cifar10_dir())
+LOCAL_PRETRAINED = {
+    "cifar10_resnet20": "cifar10/resnet20-12fca82f.th",
+    "cifar10_convmixer_256_8": "models/convmixer_256_8/convmixer-256-8-p4-cifar10.pth",
+}
 
 
 def default_cifar10_dir() -> Path:
@@ -26,4 +30,4 @@ def local_pretrained(name: str) -> Path:
     if name not in LOCAL_PRETRAINED:
         raise ValueError(f"pretrained=True: no pretrained weights are known for {name!r} "
                          f"(available: {sorted(LOCAL_PRETRAINED)}); pass checkpoint= instead")
-    return default_cifar10_dir() / LOCAL_PRETRAINED[name]
+    return default_cifar10_dir().parent / LOCAL_PRETRAINED[name]

@@ -6,7 +6,7 @@ Names:
   akamaster/pytorch_resnet_cifar10 (the checkpoint in ``shared/data/cifar10``).
 - ``cifar10_shufflenetv2_x0_5`` / ``cifar10_mobilenetv2_x0_35``: CIFAR-sized edge networks
   (:mod:`dfqkern.edge_nets`); trained weights for the benchmarks live in ``bench/weights/``.
-- ``cifar10_convmixer_256_8``: ConvMixer-256/8 (patch 4, kernel 9) in the layout of the pretrained
+- ``cifar10_convmixer_256_8``: ConvMixer-256/8 (patch 4, kernel 9) in the layout of the pretrained (``pretrained=True`` reads it)
   checkpoint in ``shared/data/models/convmixer_256_8``.
 - ``digits_cnn``: a small BatchNorm CNN for scikit-learn's bundled 8x8 digits (the CLI demo model).
 - ``timm:NAME`` and ``torchvision:NAME``: delegated to those libraries, imported lazily.

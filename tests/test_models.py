@@ -279,3 +279,23 @@ def test_pretrained_resnet20_loads_real_checkpoint(cifar10_dir):
     assert torch.equal(model.layer3[2].conv2.weight, raw["module.layer3.2.conv2.weight"])
     with pytest.raises(ValueError, match="cifar10_resnet32"):
         create_model("cifar10_resnet32", pretrained=True)
+
+
+def test_pretrained_convmixer_loads_and_classifies_dev_images(cifar10_dir):
+    """``cifar10_convmixer_256_8`` with ``pretrained=True`` reads the shared checkpoint (keys strict) and its
+    normalization is right: it classifies real dev images (86.5 % on all 5,000)."""
+    from dfqkern.data import build_transform, open_dataset
+
+    ckpt = cifar10_dir.parent / "models" / "convmixer_256_8" / "convmixer-256-8-p4-cifar10.pth"
+    if not ckpt.is_file():
+        pytest.skip(f"ConvMixer checkpoint not found at {ckpt}")
+    model = create_model("cifar10_convmixer_256_8", pretrained=True)
+    raw = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert torch.equal(model[3][0].fn[0].weight, raw["module.3.0.fn.0.weight"])  # block 1's depthwise conv
+    dev = open_dataset(cifar10_dir / "cifar10_test_dev_jpeg.tar.gz", build_transform(model.dfqkern_input_spec),
+                       labels_csv=cifar10_dir / "cifar10_test_dev_labels.csv", limit=200)
+    x = torch.stack([dev[i][0] for i in range(len(dev))])
+    y = torch.tensor([dev[i][1] for i in range(len(dev))])
+    with torch.no_grad():
+        top1 = (model(x).argmax(1) == y).float().mean().item()
+    assert top1 > 0.75, top1
