@@ -12,9 +12,8 @@ Top-1 is measured on the 5,000 dev test images. Each finished row is written to
 ``bench/results/cifar10_real.json`` at once and the markdown table is regenerated from the JSON
 (never typed), so a killed run resumes at the next row.
 
-A3 note: ``QuantConfig`` accepts activation bits 4 and 8 only (the packed kernels' formats). The
-W3A3 rows quantize with 4-bit activations and then narrow the 4-bit activation quantizers to
-3 bits before calibration; fake-quant (which is what is evaluated) supports 3-bit grids.
+A3: ``QuantConfig(act_bits=3)`` calibrates and evaluates in fake-quant (no packed kernel runs 3-bit
+activations; the table measures accuracy, not deployment).
 """
 from __future__ import annotations
 
@@ -42,7 +41,6 @@ from dfqkern.config import QuantConfig  # noqa: E402
 from dfqkern.data import build_transform, calibration_tensor, default_cifar10_dir, open_dataset  # noqa: E402
 from dfqkern.evaluation import evaluate_top1  # noqa: E402
 from dfqkern.models import create_model  # noqa: E402
-from dfqkern.nn import ActQuantizer  # noqa: E402
 from dfqkern.quantize import quantize_model  # noqa: E402
 
 MODEL = "cifar10_resnet20"
@@ -62,17 +60,7 @@ TIME_LIMIT_S = 15 * 60
 
 
 def quant_config(wbits: int, abits: int, first_last: int | None) -> QuantConfig:
-    return QuantConfig(weight_bits=wbits, act_bits=8 if abits == 8 else 4, first_last_bits=first_last)
-
-
-def narrow_activations(qmodel, bits: int) -> int:
-    """Set every 4-bit activation quantizer to ``bits`` (the A3 rows; see the module docstring)."""
-    n = 0
-    for m in qmodel.modules():
-        if isinstance(m, ActQuantizer) and m.bits == 4:
-            m.bits = bits
-            n += 1
-    return n
+    return QuantConfig(weight_bits=wbits, act_bits=abits, first_last_bits=first_last)
 
 
 def open_cifar10(data_dir: "str | None"):
@@ -109,8 +97,6 @@ def run_row(fp_model, dev, calib: torch.Tensor, setting: str, wbits: int, abits:
     load_before = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()  # timed: weight observers, activation ranges, reconstruction
     qmodel = quantize_model(fp_model, quant_config(wbits, abits, first_last))
-    if abits == 3:
-        narrow_activations(qmodel, 3)
     calibrate(qmodel, fp_model, calib, cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     load_after = os.getloadavg()[0]
@@ -153,8 +139,7 @@ def render_markdown(results: dict) -> str:
         "(the 1-minute load average before/after each row is listed; 2 cores), so wall times are pessimistic. "
         "`calib cpu s` is this process's CPU time.",
         "",
-        "W3A3: activation quantizers are narrowed from 4 to 3 bits after `quantize_model` (QuantConfig "
-        "accepts A4/A8 only); fake-quant evaluation.",
+        "W3A3: `QuantConfig(act_bits=3)`, fake-quant evaluation (no packed kernel runs A3).",
         "",
         "| setting | first/last | method | iters | top-1 % | drop (pts) | target drop | calib wall s | calib cpu s "
         "| load before/after | within target |",

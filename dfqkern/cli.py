@@ -20,7 +20,9 @@ def _bits_or_none(text: str):
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
-    g.add_argument("--abits", type=_bits_or_none, default=8, help="activation bits: 4, 8 or 'none' (default 8)")
+    g.add_argument("--abits", type=_bits_or_none, default=8,
+                   help="activation bits: 4, 8 or 'none' (default 8; 2 and 3 calibrate in fake-quant through the API "
+                        "but have no packed kernel)")
     g.add_argument("--all-layers", action="store_true", help="quantize first and last layer like the rest "
                    "(default: keep them at 8 bits)")
     g.add_argument("--weight-observer", choices=("minmax", "mse"), default="mse")

@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-from .formats import ACT_BITS, WEIGHT_BITS, check_bits
+from .formats import FAKE_QUANT_ACT_BITS, WEIGHT_BITS, check_bits
 
 CONFIG_VERSION = 1
 OBSERVERS = ("minmax", "mse")
@@ -42,7 +42,7 @@ class LayerRule:
         if self.weight_bits is not None:
             check_bits(self.weight_bits, WEIGHT_BITS, "LayerRule.weight_bits")
         if self.act_bits not in (None, "float"):
-            check_bits(self.act_bits, ACT_BITS, "LayerRule.act_bits")
+            check_bits(self.act_bits, FAKE_QUANT_ACT_BITS, "LayerRule.act_bits")
 
     def matches(self, name: str, module) -> bool:
         if self.pattern is not None:
@@ -59,16 +59,41 @@ class LayerQuant:
 
 
 @dataclass(frozen=True)
+class ObserverSpec:
+    """The mse observer's search: Lp norm ``lp`` of the error (p = 2.4 as in BRECQ / QDrop), ``grid``
+    clipping ratios from the full range down to ``min_clip`` of it. The one place these defaults live."""
+
+    lp: float = 2.4
+    grid: int = 80
+    min_clip: float = 0.2
+
+    def __post_init__(self):
+        if isinstance(self.lp, bool) or not isinstance(self.lp, (int, float)) or not self.lp > 0:
+            raise ValueError(f"lp must be > 0, got {self.lp}")
+        if isinstance(self.grid, bool) or not (isinstance(self.grid, int) and self.grid >= 1):
+            raise ValueError(f"grid must be a positive int, got {self.grid!r}")
+        if isinstance(self.min_clip, bool) or not isinstance(self.min_clip, (int, float)) \
+                or not 0 < self.min_clip <= 1:
+            raise ValueError(f"min_clip must be in (0, 1], got {self.min_clip}")
+
+
+DEFAULT_OBSERVER = ObserverSpec()
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """How to quantize a model.
 
-    weight_bits / act_bits: 2/3/4/8 and 4/8 (``act_bits=None`` is weight-only).
+    weight_bits / act_bits: 2/3/4/8 each (``act_bits=None`` is weight-only). Every width calibrates in
+    fake-quant; packing (deployment) runs activations at 4 or 8 bits and refuses other widths, naming
+    the layer.
     Weights are per-output-channel (symmetric or asymmetric); activations per-tensor
     (asymmetric by default) or per-token dynamic. ``first_last_bits`` keeps the first and the last
     quantizable layer at that many bits (weights and activations); ``None`` quantizes every layer
     alike. ``rules`` override bits by name glob or module type (last match wins); ``skip`` lists
     name globs left in float. Observers: ``minmax`` or ``mse`` (Lp grid search over clipping
-    ratios with norm ``lp``, ``grid`` candidates down to ``min_clip`` of the range).
+    ratios with norm ``lp``, ``grid`` candidates down to ``min_clip`` of the range: see
+    :class:`ObserverSpec`, which owns their defaults).
     """
 
     weight_bits: int = 4
@@ -78,9 +103,9 @@ class QuantConfig:
     act_granularity: str = "per_tensor"
     weight_observer: str = "mse"
     act_observer: str = "mse"
-    lp: float = 2.4
-    grid: int = 80
-    min_clip: float = 0.2
+    lp: float = DEFAULT_OBSERVER.lp
+    grid: int = DEFAULT_OBSERVER.grid
+    min_clip: float = DEFAULT_OBSERVER.min_clip
     first_last_bits: int | None = 8
     fold_bn: bool = True
     rules: tuple[LayerRule, ...] = ()
@@ -91,22 +116,21 @@ class QuantConfig:
     def __post_init__(self):
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
         if self.act_bits is not None:
-            check_bits(self.act_bits, ACT_BITS, "act_bits")
+            check_bits(self.act_bits, FAKE_QUANT_ACT_BITS, "act_bits")
         _check_choice(self.act_granularity, ACT_GRANULARITIES, "act_granularity")
         _check_choice(self.weight_observer, OBSERVERS, "weight_observer")
         _check_choice(self.act_observer, OBSERVERS, "act_observer")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, (4, 8), "first_last_bits")
-        if not self.lp > 0:
-            raise ValueError(f"lp must be > 0, got {self.lp}")
-        if not (isinstance(self.grid, int) and self.grid >= 1):
-            raise ValueError(f"grid must be a positive int, got {self.grid!r}")
-        if not 0 < self.min_clip <= 1:
-            raise ValueError(f"min_clip must be in (0, 1], got {self.min_clip}")
+        self.observer_spec  # validates lp / grid / min_clip
         if self.version != CONFIG_VERSION:
             raise ValueError(f"QuantConfig version {self.version} is not supported (this dfqkern reads {CONFIG_VERSION})")
         object.__setattr__(self, "rules", tuple(r if isinstance(r, LayerRule) else LayerRule(**r) for r in self.rules))
         object.__setattr__(self, "skip", tuple(self.skip))
+
+    @property
+    def observer_spec(self) -> ObserverSpec:
+        return ObserverSpec(self.lp, self.grid, self.min_clip)
 
     @property
     def scheme_name(self) -> str:

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 PACK_LAYOUT = "kpack-lsb-v1"
-WEIGHT_BITS = (2, 3, 4, 8)
-ACT_BITS = (4, 8)
+WEIGHT_BITS = (2, 3, 4, 8)  # packed weight widths (and the grids the elementwise kernels compute)
+ACT_BITS = (4, 8)  # activation widths the packed kernels run natively
+FAKE_QUANT_ACT_BITS = (2, 3, 4, 8)  # activation widths fake-quant calibrates (research tables: A3, A2)
 
 
 def check_bits(bits: int, allowed: tuple[int, ...], name: str) -> int:

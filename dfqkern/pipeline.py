@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import QuantConfig
+from .formats import ACT_BITS
 from .calib.config import METHODS
 from .quantize import calibrate_activations, quantize_model
 
@@ -42,6 +43,11 @@ class QuantizeJob:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.num_calib <= 0:
             raise ValueError(f"num_calib must be positive, got {self.num_calib}")
+        act_widths = {self.config.act_bits} | {r.act_bits for r in self.config.rules if isinstance(r.act_bits, int)}
+        unpackable = sorted(b for b in act_widths if b is not None and b not in ACT_BITS)
+        if unpackable:  # the job ends by packing: refuse before any work
+            raise ValueError(f"act_bits {unpackable[0]} has no packed kernel (packed activation widths: {ACT_BITS}); "
+                             f"the quantize job packs the model")
         if Path(self.out).exists() and not self.overwrite:
             raise FileExistsError(f"out {self.out!r} exists; pass --overwrite to replace it")
 

@@ -158,7 +158,15 @@ def calibrate_activations(model: nn.Module, data, batch_size: int = 32, device=N
 
 
 def pack_model(model: nn.Module) -> nn.Module:
-    """Pack every quantized layer in place (deployment mode; the float weights are dropped)."""
+    """Pack every quantized layer in place (deployment mode; the float weights are dropped).
+
+    Every layer is checked first, so a model with a layer no kernel runs is left untouched.
+    """
+    refused = {name: reason for name, layer in quant_layers(model) if (reason := layer.unpackable_reason())}
+    if refused:
+        name, reason = next(iter(refused.items()))
+        more = f" (and {len(refused) - 1} more layers)" if len(refused) > 1 else ""
+        raise ValueError(f"cannot pack layer {name!r}{more}: {reason}")
     for _, layer in quant_layers(model):
         layer.pack()
     return model

@@ -41,7 +41,7 @@ def randomize_bn(model, seed=0):
 def test_config_validation_names_the_field():
     cases = [
         (dict(weight_bits=5), r"weight_bits must be one of \(2, 3, 4, 8\), got 5"),
-        (dict(act_bits=2), r"act_bits must be one of \(4, 8\), got 2"),
+        (dict(act_bits=5), r"act_bits must be one of \(2, 3, 4, 8\), got 5"),
         (dict(act_granularity="per_channel"), r"act_granularity must be one of \('per_tensor', 'per_token'\)"),
         (dict(weight_observer="kl"), r"weight_observer must be one of \('minmax', 'mse'\), got 'kl'"),
         (dict(act_observer="max"), r"act_observer must be one of"),
@@ -61,7 +61,7 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match=r"LayerRule.weight_bits must be one of"):
         LayerRule(pattern="a", weight_bits=6)
     with pytest.raises(ValueError, match=r"LayerRule.act_bits must be one of"):
-        LayerRule(pattern="a", act_bits=2)
+        LayerRule(pattern="a", act_bits=6)
 
 
 def test_config_json_round_trip():
@@ -369,3 +369,20 @@ def test_cifar10_resnet20_real_accuracy(cifar10_dir):
         print(f"  {scheme}: {top1:.2f}% (drop {fp_top1 - top1:.2f})")
     assert fp_top1 - results["w8a8"] <= 0.3
     assert 10 < results["w4a4"] <= results["w4a8"] + 1 and results["w4a8"] <= fp_top1 + 1  # sanity only
+
+
+def test_a3_calibrates_in_fake_quant_and_pack_names_the_layer():
+    """Activation widths without a packed kernel are first-class for calibration; packing refuses them
+    before touching any layer, naming one."""
+    model = randomize_bn(create_model("digits_cnn"))
+    q = quantize_model(model, QuantConfig(weight_bits=4, act_bits=3, **FAST))
+    assert {layer.lq.act_bits: layer.a_quant.bits for _, layer in quant_layers(q)} == {8: 8, 3: 3}
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calibrate_activations(q, x, progress=False)
+    codes = {name: layer.a_quant.zero_point for name, layer in quant_layers(q) if layer.a_quant.bits == 3}
+    assert codes and all(0 <= int(z) <= 7 for z in codes.values())
+    with pytest.raises(ValueError, match=r"cannot pack layer 'features\.3'.*3-bit activations have no packed kernel"):
+        pack_model(q)
+    assert not any(layer.is_packed for _, layer in quant_layers(q))  # nothing was packed half-way
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()

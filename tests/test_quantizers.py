@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dfqkern.config import ObserverSpec
 from dfqkern.formats import code_max, symmetric_zero_point
 from dfqkern.kernels import reference as R
 from dfqkern.nn import ActQuantizer, WeightQuantizer
@@ -46,7 +47,7 @@ def test_mse_observer_is_the_grid_argmin(bits, symmetric, seed, heavy):
     if heavy:  # outliers: clipping should win
         w = w * torch.exp(torch.randn(4, 24, generator=g))
     grid, min_clip, p = 12, 0.3, 2.4
-    scale, zp = mse_qparams(w, bits, symmetric, 0, lp=p, grid=grid, min_clip=min_clip)
+    scale, zp = mse_qparams(w, bits, symmetric, 0, spec=ObserverSpec(lp=p, grid=grid, min_clip=min_clip))
     lo, hi = w.amin(1), w.amax(1)
     # brute force over the same candidate ratios, per channel
     errs, cands = [], []
@@ -121,8 +122,8 @@ def test_range_tracker():
 def test_weight_quantizer_nearest(bits, symmetric, observer):
     w = torch.randn(6, 3, 3, 3, generator=_gen(bits))
     q = WeightQuantizer(bits, 6, symmetric)
-    q.observe(w, observer, grid=10)
-    s_ref, z_ref = weight_qparams(w, bits, symmetric, observer, grid=10)
+    q.observe(w, observer, ObserverSpec(grid=10))
+    s_ref, z_ref = weight_qparams(w, bits, symmetric, observer, ObserverSpec(grid=10))
     assert torch.equal(q.scale.data, s_ref) and torch.equal(q.zero_point, z_ref)
     if symmetric:
         assert q.zero_point.tolist() == [symmetric_zero_point(bits)] * 6
@@ -138,8 +139,10 @@ def test_weight_quantizer_nearest(bits, symmetric, observer):
 def test_weight_quantizer_errors():
     with pytest.raises(ValueError, match=r"weight bits must be one of \(2, 3, 4, 8\), got 5"):
         WeightQuantizer(5, 4)
-    with pytest.raises(ValueError, match=r"activation bits must be one of \(4, 8\), got 2"):
-        ActQuantizer(2)
+    with pytest.raises(ValueError, match=r"activation bits must be one of \(2, 3, 4, 8\), got 5"):
+        ActQuantizer(5)
+    with pytest.raises(AttributeError):  # the width is fixed at construction (one owner: the layer's LayerQuant)
+        ActQuantizer(4).bits = 3
 
 
 def test_adaround_lifecycle_and_state_dict():
@@ -180,7 +183,7 @@ def test_adaround_lifecycle_and_state_dict():
 @pytest.mark.parametrize("observer", ["minmax", "mse"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_act_quantizer_observe_finalize(observer, symmetric):
-    a = ActQuantizer(8, symmetric=symmetric, observer=observer, grid=20)
+    a = ActQuantizer(8, symmetric=symmetric, observer=observer, spec=ObserverSpec(grid=20))
     x = torch.randn(64, 16, generator=_gen(0))
     with pytest.raises(RuntimeError, match="before calibration"):
         a(x)

@@ -51,7 +51,7 @@ class FixedRangeActQuantizer(ActQuantizer):
 
 
 def _act_quantizer(bits: int, cfg, seed: int) -> ActQuantizer:
-    return ActQuantizer(bits, cfg.act_symmetric, False, cfg.act_observer, cfg.lp, cfg.grid, cfg.min_clip, seed=seed)
+    return ActQuantizer(bits, cfg.act_symmetric, False, cfg.act_observer, cfg.observer_spec, seed=seed)
 
 
 class QuantAttention(nn.Module):

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..config import LayerQuant, QuantConfig
 from ..autograd import packed_weight_view
-from ..formats import PackedWeight, packed_width
+from ..formats import ACT_BITS, PackedWeight, packed_width
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -31,8 +31,8 @@ class QuantLayer(nn.Module):
         self.lq, self.cfg = lq, cfg
         self.w_quant = WeightQuantizer(lq.weight_bits, out_channels, cfg.weight_symmetric)
         self.a_quant = None if lq.act_bits is None else ActQuantizer(
-            lq.act_bits, cfg.act_symmetric, token_acts and cfg.act_granularity == "per_token", cfg.act_observer, cfg.lp, cfg.grid,
-            cfg.min_clip, seed=cfg.seed)
+            lq.act_bits, cfg.act_symmetric, token_acts and cfg.act_granularity == "per_token", cfg.act_observer,
+            cfg.observer_spec, seed=cfg.seed)
         self.is_packed = False
         if packed:
             self._make_packed_buffers(torch.zeros(out_channels, packed_width(k, lq.weight_bits), dtype=torch.uint8),
@@ -70,7 +70,7 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def observe_weight(self, cfg: QuantConfig | None = None) -> None:
         cfg = cfg or self.cfg
-        self.w_quant.observe(self.weight, cfg.weight_observer, cfg.lp, cfg.grid, cfg.min_clip)
+        self.w_quant.observe(self.weight, cfg.weight_observer, cfg.observer_spec)
 
     def quant_weight(self) -> torch.Tensor:
         return self.w_quant(self.weight)
@@ -78,11 +78,23 @@ class QuantLayer(nn.Module):
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.a_quant is None else self.a_quant(x)
 
+    def unpackable_reason(self) -> str | None:
+        """Why :meth:`pack` would refuse this layer (``None`` when it can be packed)."""
+        if self.is_packed:
+            return None
+        if self.a_quant is not None and self.a_quant.bits not in ACT_BITS:
+            return (f"{self.a_quant.bits}-bit activations have no packed kernel (packed activation widths: "
+                    f"{ACT_BITS}); evaluate the fake-quant model, or quantize with act_bits in {ACT_BITS}")
+        return None
+
     @torch.no_grad()
     def pack(self) -> "QuantLayer":
         """Freeze the quantized weight into packed integer codes (irreversible: the float weight is dropped)."""
         if self.is_packed:
             return self
+        reason = self.unpackable_reason()
+        if reason:
+            raise ValueError(f"cannot pack: {reason}")
         if self.a_quant is not None and not bool(self.a_quant.calibrated):
             raise RuntimeError("pack() needs calibrated activation quantizers; run observer calibration first")
         wq = self.w_quant

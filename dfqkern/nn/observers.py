@@ -1,13 +1,14 @@
 """Range observers: turn tensors into quantization parameters (scale, zero point).
 
 ``minmax`` covers the observed range; ``mse`` searches clipping ratios of that range and keeps,
-per channel, the one with the smallest Lp reconstruction error (p = 2.4 by default, as in
-BRECQ / QDrop). All grid math goes through :mod:`dfqkern.kernels.reference`.
+per channel, the one with the smallest Lp reconstruction error (:class:`dfqkern.config.ObserverSpec`
+says how). All grid math goes through :mod:`dfqkern.kernels.reference`.
 """
 from __future__ import annotations
 
 import torch
 
+from ..config import DEFAULT_OBSERVER, ObserverSpec
 from ..kernels import reference as R
 
 
@@ -25,12 +26,13 @@ def _lp_error(x, scale, zp, bits, axis, p):
     return R.reduce_to_param(err, axis)
 
 
-def mse_qparams(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None, lo=None, hi=None, lp: float = 2.4,
-                grid: int = 80, min_clip: float = 0.2):
+def mse_qparams(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None, lo=None, hi=None,
+                spec: ObserverSpec = DEFAULT_OBSERVER):
     """Scale / zero point minimising ``sum |x - fq(x)|^lp`` over clip ratios ``linspace(1, min_clip, grid)``.
 
     ``lo``/``hi`` default to ``x``'s own range (pass the running range when ``x`` is a sample).
     """
+    lp, grid, min_clip = spec.lp, spec.grid, spec.min_clip
     x = x.detach().float()
     if lo is None or hi is None:
         lo, hi = channel_range(x, axis)
@@ -46,14 +48,14 @@ def mse_qparams(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None, l
     return best_scale, best_zp
 
 
-def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool, observer: str, lp: float = 2.4, grid: int = 80,
-                   min_clip: float = 0.2):
+def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool, observer: str,
+                   spec: ObserverSpec = DEFAULT_OBSERVER):
     """Per-output-channel (axis 0) parameters of a weight."""
     if observer == "minmax":
         lo, hi = channel_range(w, 0)
         return R.qparams_from_range(lo, hi, bits, symmetric)
     if observer == "mse":
-        return mse_qparams(w, bits, symmetric, 0, lp=lp, grid=grid, min_clip=min_clip)
+        return mse_qparams(w, bits, symmetric, 0, spec=spec)
     raise ValueError(f"observer must be 'minmax' or 'mse', got {observer!r}")
 
 
@@ -85,13 +87,12 @@ class RangeTracker:
         while self.n_sampled > self.sample_size and len(self.samples) > 1:  # drop the oldest
             self.n_sampled -= self.samples.pop(0).numel()
 
-    def qparams(self, bits: int, symmetric: bool, observer: str, lp: float = 2.4, grid: int = 80,
-                min_clip: float = 0.2):
+    def qparams(self, bits: int, symmetric: bool, observer: str, spec: ObserverSpec = DEFAULT_OBSERVER):
         if self.lo is None:
             raise RuntimeError("no activations were observed; run calibration data through the model first")
         if observer == "minmax":
             return R.qparams_from_range(self.lo.reshape(1), self.hi.reshape(1), bits, symmetric)
         if observer == "mse":
             return mse_qparams(torch.cat(self.samples), bits, symmetric, None, self.lo.reshape(1), self.hi.reshape(1),
-                               lp, grid, min_clip)
+                               spec)
         raise ValueError(f"observer must be 'minmax' or 'mse', got {observer!r}")

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ..autograd import adaround, fake_quant
-from ..formats import code_max, check_bits
+from ..config import DEFAULT_OBSERVER, ObserverSpec
+from ..formats import FAKE_QUANT_ACT_BITS, WEIGHT_BITS, check_bits, code_max
 from ..kernels import reference as R
 from .observers import RangeTracker, weight_qparams
 
@@ -22,7 +23,7 @@ class WeightQuantizer(nn.Module):
 
     def __init__(self, bits: int, channels: int, symmetric: bool = False):
         super().__init__()
-        self.bits = check_bits(bits, (2, 3, 4, 8), "weight bits")
+        self._bits = check_bits(bits, WEIGHT_BITS, "weight bits")
         self.symmetric = symmetric
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
@@ -33,12 +34,16 @@ class WeightQuantizer(nn.Module):
         self.last_reg: torch.Tensor | None = None  # regularizer of the last soft forward
         self.enabled = True
 
+    @property
+    def bits(self) -> int:  # fixed at construction from the layer's LayerQuant: one owner of the width
+        return self._bits
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, rounding={self.rounding}"
 
     @torch.no_grad()
-    def observe(self, w: torch.Tensor, observer: str = "mse", lp: float = 2.4, grid: int = 80, min_clip: float = 0.2):
-        scale, zp = weight_qparams(w, self.bits, self.symmetric, observer, lp, grid, min_clip)
+    def observe(self, w: torch.Tensor, observer: str = "mse", spec: ObserverSpec = DEFAULT_OBSERVER):
+        scale, zp = weight_qparams(w, self.bits, self.symmetric, observer, spec)
         self.scale.copy_(scale.to(self.scale))
         self.zero_point.copy_(zp.to(self.zero_point))
 
@@ -100,11 +105,11 @@ class ActQuantizer(nn.Module):
     MODES = ("observe", "quant", "off")
 
     def __init__(self, bits: int, symmetric: bool = False, per_token: bool = False, observer: str = "mse",
-                 lp: float = 2.4, grid: int = 80, min_clip: float = 0.2, seed: int = 0):
+                 spec: ObserverSpec = DEFAULT_OBSERVER, seed: int = 0):
         super().__init__()
-        self.bits = check_bits(bits, (4, 8), "activation bits")
+        self._bits = check_bits(bits, FAKE_QUANT_ACT_BITS, "activation bits")
         self.symmetric, self.per_token = symmetric, per_token
-        self.observer, self.lp, self.grid, self.min_clip = observer, lp, grid, min_clip
+        self.observer, self.spec = observer, spec
         self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
         self.register_buffer("calibrated", torch.tensor(per_token))
@@ -113,6 +118,10 @@ class ActQuantizer(nn.Module):
         self.seed = seed
         self._calls = 0  # advances the QDrop seed so every forward draws a fresh mask, reproducibly
         self.tracker: RangeTracker | None = None
+
+    @property
+    def bits(self) -> int:  # fixed at construction from the layer's LayerQuant: one owner of the width
+        return self._bits
 
     def extra_repr(self) -> str:
         kind = "per_token" if self.per_token else "per_tensor"
@@ -133,7 +142,7 @@ class ActQuantizer(nn.Module):
             return
         if self.tracker is None:
             raise RuntimeError("finalize() called before any observation; call set_mode('observe') and run data")
-        scale, zp = self.tracker.qparams(self.bits, self.symmetric, self.observer, self.lp, self.grid, self.min_clip)
+        scale, zp = self.tracker.qparams(self.bits, self.symmetric, self.observer, self.spec)
         self.scale.copy_(scale.reshape(1).to(self.scale))
         self.zero_point.copy_(zp.reshape(1).to(self.zero_point))
         self.calibrated.fill_(True)
