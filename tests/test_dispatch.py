@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from dfqkern.kernels import Backend, Unsupported, available_backends, dispatch
+from dfqkern.kernels import Backend, Unsupported, available_backends, contract, dispatch
 from dfqkern.kernels import reference as R
 
 
@@ -85,6 +85,15 @@ def test_backend_parse_and_unknown_names():
         dispatch.quantize(x, s, z, b, backend="tpu")
     with pytest.raises(ValueError, match=r"op must be one of .*got 'gemm'"):
         dispatch.call("gemm", "cpu", x, backend="reference")
+
+
+def test_contract_runs_before_any_backend(fake_backends):
+    """Bad arguments get the contract's error even when the chosen backend would accept anything."""
+    _recording(fake_backends["cpu"], "quantize")
+    x, s, z, b = _args()
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 8\), got 5"):
+        dispatch.quantize(x, s, z, 5, backend="cpu")
+    assert fake_backends["cpu"].calls == []
 
 
 def test_unknown_backend_in_env_is_an_error(monkeypatch):
@@ -168,8 +177,9 @@ def test_broken_or_missing_backend_is_unavailable(fake_backends, monkeypatch):
         dispatch.quantize(x, s, z, b, backend="cuda")
 
 
-def test_device_routing(fake_backends):
+def test_device_routing(fake_backends, monkeypatch):
     """The device comes from the first tensor-like argument (args, then kwargs; PackedWeight counts)."""
+    monkeypatch.setitem(contract.CHECKS, "linear", lambda *a, **k: None)  # stand-in arguments below
     seen = []
     cuda = fake_backends["cuda"]
 
@@ -184,11 +194,37 @@ def test_device_routing(fake_backends):
     assert dispatch.linear(x=fake_x, pw=None) == "cuda-result"
     # no backend runs on meta tensors: a clear error naming the op and device
     with pytest.raises(RuntimeError, match="no backend implements quantize for meta tensors"):
-        dispatch.quantize(torch.randn(2, device="meta"), torch.tensor(1.0), torch.tensor(0), 4)
+        dispatch.quantize(torch.randn(2, device="meta"), torch.tensor(1.0, device="meta"),
+                          torch.tensor(0, device="meta"), 4)
 
 
 def test_all_candidates_unsupported(fake_backends, monkeypatch):
+    monkeypatch.setitem(contract.CHECKS, "linear", lambda *a, **k: None)  # stand-in arguments below
     _unsupported(fake_backends["cpu"], "linear")
     monkeypatch.setattr(R, "linear", lambda *a, **k: (_ for _ in ()).throw(Unsupported("no")))
     with pytest.raises(RuntimeError, match="no backend implements linear for cpu tensors"):
         dispatch.linear(torch.randn(2, 2), None)
+
+
+def test_first_backend_follows_the_environment(monkeypatch):
+    from dfqkern.kernels import dispatch
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    auto = dispatch.first_backend("fake_quant_forward", "cpu")
+    assert auto == ("cpu" if "cpu" in dispatch.available_backends() else "reference")
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert dispatch.first_backend("fake_quant_forward", "cpu") == "reference"
+    assert dispatch.first_backend("fake_quant_forward", "cpu", backend="reference") == "reference"
+    assert dispatch.first_backend("no_such_op", "cpu") is None
+
+
+def test_qdrop_mask_choice_follows_dispatch(monkeypatch):
+    from dfqkern.calib.config import CalibConfig
+    from dfqkern.calib.unit_training import _use_kernel_mask
+    from dfqkern.kernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")  # forced: the torch mask (the reference hash is slow)
+    assert not _use_kernel_mask(CalibConfig(), torch.device("cpu"))
+    assert _use_kernel_mask(CalibConfig(qdrop_mask="kernel"), torch.device("cpu"))
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    assert _use_kernel_mask(CalibConfig(), torch.device("cpu")) == ("cpu" in dispatch.available_backends())

@@ -1,5 +1,7 @@
 """The pure-torch oracle (dfqkern.kernels.reference) against independent formulations.
 
+(Its argument errors are the contract's: tests/kernels/test_contract.py, every backend row.)
+
 Quantizer invariants are hypothesis properties; gradients are compared with torch.autograd on an
 explicit differentiable chain written here; integer GEMM / conv with an independent int64
 computation (exact equality).
@@ -116,24 +118,6 @@ def test_per_channel_broadcast_any_axis(shape, data, bits, symmetric, seed):
     # reduce_to_param is the adjoint of broadcast_param
     ones = torch.ones_like(x)
     assert torch.equal(R.reduce_to_param(ones, axis), torch.full((shape[ax],), float(x.numel() // shape[ax])))
-
-
-def test_param_shape_errors():
-    x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="per-channel parameter has 3 elements but input has 4 along axis 0"):
-        R.quantize(x, torch.ones(3), torch.zeros(3), 4, axis=0)
-    with pytest.raises(ValueError, match="per-tensor parameter must have one element"):
-        R.quantize(x, torch.ones(3), torch.zeros(3), 4)
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        R.quantize(torch.ones(3, dtype=torch.int32), torch.ones(1), torch.zeros(1), 4)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        R.quantize([1.0], torch.ones(1), torch.zeros(1), 4)
-    with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 8\)"):
-        R.quantize(x, torch.ones(1), torch.zeros(1), 6)
-    with pytest.raises(ValueError, match="drop_prob must be in"):
-        R.fake_quant_forward(x, torch.ones(1), torch.zeros(1), 4, drop_prob=1.5)
-    with pytest.raises(ValueError, match="scale=meta"):
-        R.fake_quant_forward(x, torch.ones(1, device="meta"), torch.zeros(1), 4)
 
 
 def test_fake_quant_keeps_dtype():
@@ -278,7 +262,11 @@ def test_qdrop_forward_backward(shape, p, bits, seed, per_channel):
     assert torch.equal(gx[mask], grad[mask])  # dropped: float pass-through, full gradient even if clipped
     assert torch.equal(gx, torch.where(gx_ref != 0, grad, torch.zeros_like(grad)))
     torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=1e-5)
+    # the scale gradient sums terms of size |x / scale| (up to ~150 here): fp32 rounding of each term
+    # is ~|x / scale| * eps, so the tolerance scales with that sum (a fixed 1e-5 failed on a valid case)
+    terms = (x / R.broadcast_param(scale, x, axis)).abs() * grad.abs()
+    atol_s = max(1e-5, 8 * torch.finfo(torch.float32).eps * float(terms.sum()))
+    torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=atol_s)
     torch.testing.assert_close(gz, gz_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -339,10 +327,6 @@ def test_adaround_hard_and_init():
     assert torch.equal(w_hard, expect) and reg_h.item() == 0.0
     # Rounding a value exactly at V=0 goes up; the hard result is always floor or floor + 1 (unclipped).
     assert set(((w_hard / scale[:, None]) - base).round().unique().tolist()) <= {0.0, 1.0}
-    with pytest.raises(ValueError, match="base and v must have one shape"):
-        R.adaround_forward(base[:, :3], v, scale, zp, 4)
-    with pytest.raises(TypeError, match="v must be a floating-point tensor"):
-        R.adaround_forward(base, v.int(), scale, zp, 4)
 
 
 def test_rectified_sigmoid_range():
@@ -413,8 +397,6 @@ def test_quantize_activation_params():
     assert pa_sym.zero_point.tolist() == [8] * 4
     pa_t = R.quantize_activation(x, R.ActQuant(4, torch.tensor([0.1]), torch.tensor([7])))
     assert torch.equal(pa_t.codes(), R.quantize(x, torch.tensor(0.1), torch.tensor(7), 4))
-    with pytest.raises(ValueError, match=r"x must be 2-D \[M, K\]"):
-        R.quantize_activation(x[None], R.ActQuant(8, per_token=True))
     with pytest.raises(ValueError, match=r"act bits must be one of \(4, 8\)"):
         R.ActQuant(2, per_token=True)
     with pytest.raises(ValueError, match="static activation quantization needs scale and zero_point"):
@@ -447,26 +429,14 @@ def test_linear_matches_fake_quant_and_epilogue(m, n, k, wbits, abits, bias, see
     assert rel_err(y, ref) <= 1e-5 or (ref.norm() == 0 and y.norm() == 0)
 
 
-def test_linear_out_dtype_and_errors():
+def test_linear_out_dtype():
     g = _gen(2)
     pw = _packed_weight(3, 8, 4, g)
     x = torch.randn(2, 8, generator=g)
     act = R.ActQuant(8, torch.tensor(0.05), torch.tensor(128))
     assert R.linear(x, pw, act=act, out_dtype=torch.bfloat16).dtype == torch.bfloat16
     assert R.linear(x.half(), pw, act=act).dtype == torch.float16
-    with pytest.raises(ValueError, match="x has 7 input features, weight expects K=8"):
-        R.linear(torch.randn(2, 7), pw)
-    with pytest.raises(ValueError, match="bias must have 3 elements, got 4"):
-        R.linear(x, pw, torch.zeros(4))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        R.linear(x.to(torch.int32), pw)
-    with pytest.raises(ValueError, match="x=meta"):
-        R.linear(torch.randn(2, 8, device="meta"), pw)
-    with pytest.raises(ValueError, match="bias=meta"):
-        R.linear(x, pw, torch.zeros(3, device="meta"))
-    pa = R.quantize_activation(torch.randn(2, 6), act)
-    with pytest.raises(ValueError, match="activation K=6 does not match weight K=8"):
-        R.linear_int(pa, pw)
+
 
 
 def conv_int64(xi, wi, stride, padding, dilation, groups):
@@ -526,27 +496,3 @@ def test_conv2d_int_exact_and_matches_fake_quant(case, wbits, abits):
     y_w = R.conv2d(x, pw, None, None, stride, padding, dilation, groups)
     y_w_ref = F.conv2d(x.double(), pw.dequantize().double(), None, stride, padding, dilation, groups)
     assert rel_err(y_w, y_w_ref) <= 1e-5
-
-
-def test_conv2d_errors():
-    g = _gen(3)
-    pw = PackedWeight.from_codes(torch.randint(0, 16, (4, 27), generator=g), torch.ones(4), torch.zeros(4), 4,
-                                 (4, 3, 3, 3))
-    act = R.ActQuant(8, torch.tensor(0.1), torch.tensor(128))
-    x = torch.randn(1, 3, 5, 5)
-    with pytest.raises(ValueError, match="x has 4 channels, weight expects 3"):
-        R.conv2d(torch.randn(1, 4, 5, 5), pw, act=act)
-    with pytest.raises(ValueError, match=r"x must be NCHW"):
-        R.conv2d(torch.randn(3, 5, 5), pw, act=act)
-    with pytest.raises(ValueError, match="per_token is not supported for conv2d"):
-        R.conv2d(x, pw, act=R.ActQuant(8, per_token=True))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        R.conv2d(x.to(torch.int64), pw, act=act)
-    with pytest.raises(ValueError, match="x=meta"):
-        R.conv2d(torch.randn(1, 3, 5, 5, device="meta"), pw, act=act)
-    with pytest.raises(ValueError, match="x_codes must be NCHW"):
-        R.conv2d_int(torch.zeros(3, 5, 5, dtype=torch.uint8), torch.tensor(0), pw)
-    lin = PackedWeight.from_codes(torch.zeros(4, 27, dtype=torch.uint8), torch.ones(4), torch.zeros(4), 4)
-    with pytest.raises(ValueError, match="weight must be a packed Conv2d weight"):
-        R.conv2d_int(torch.zeros(1, 3, 5, 5, dtype=torch.uint8), torch.tensor(0), lin)
-

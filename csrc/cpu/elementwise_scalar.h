@@ -6,14 +6,13 @@
 #include <cstdint>
 
 #include "../common/lowbias32.h"
+#include "../common/rounding.h"
 #include "elementwise.h"
 
 namespace dfqkern::cpu::ew {
 
-constexpr float kZeta = 1.1f;
-constexpr float kGamma = -0.1f;
-// reference.py multiplies by the Python float (ZETA - GAMMA); torch rounds that scalar to fp32.
-constexpr float kStretch = static_cast<float>(1.1 - (-0.1));
+using rounding::kGamma;
+using rounding::kStretch;
 
 inline uint32_t hash32(uint32_t index, uint32_t seed_mix) { return lowbias32(index, seed_mix); }
 

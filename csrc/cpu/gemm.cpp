@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "../common/rounding.h"
 #include "common.h"
 #include "float_io.h"
 #include "gemm_driver.h"
@@ -98,10 +99,10 @@ void token_qparams(float lo, float hi, int64_t bits, bool symmetric, float& scal
   const float qmax = static_cast<float>((1 << bits) - 1);
   if (symmetric) {
     const float amax = std::max(-lo, hi);
-    scale = std::max(amax / static_cast<float>((1 << (bits - 1)) - 1), 1e-8f);
+    scale = std::max(amax / static_cast<float>((1 << (bits - 1)) - 1), rounding::kScaleEps);
     zp = 1 << (bits - 1);
   } else {
-    scale = std::max((hi - lo) / qmax, 1e-8f);
+    scale = std::max((hi - lo) / qmax, rounding::kScaleEps);
     zp = static_cast<int32_t>(std::min(std::max(std::nearbyint(-lo / scale), 0.f), qmax));
   }
 }

@@ -3,6 +3,7 @@
 // Twin of dfqkern.kernels.reference.adaround_forward / adaround_backward.
 #include <algorithm>
 
+#include "../common/rounding.h"
 #include "common.cuh"
 #include "launch.h"
 
@@ -10,9 +11,8 @@ namespace dfqkern::cuda {
 
 namespace {
 
-// Rectified sigmoid constants as float32, as torch sees reference.ZETA - GAMMA and GAMMA.
-constexpr float kStretch = 1.2f;  // ZETA - GAMMA
-constexpr float kGamma = -0.1f;
+using rounding::kGamma;    // rectified sigmoid constants (csrc/common/rounding.h)
+using rounding::kStretch;
 
 __device__ __forceinline__ float sigmoid(float v) { return __frcp_rn(__fadd_rn(1.0f, expf(-v))); }
 

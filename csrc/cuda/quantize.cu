@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "../common/rounding.h"
 #include "common.cuh"
 #include "launch.h"
 
@@ -12,7 +13,7 @@ namespace dfqkern::cuda {
 
 namespace {
 
-constexpr float kScaleEps = 1e-8f;  // reference.SCALE_EPS
+using rounding::kScaleEps;
 
 __device__ __forceinline__ float warp_min(float v) {
 #pragma unroll

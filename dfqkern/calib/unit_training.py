@@ -32,10 +32,11 @@ def act_quantizers(module: torch.nn.Module) -> list[ActQuantizer]:
 
 
 def _use_kernel_mask(cfg: CalibConfig, device: torch.device) -> bool:
+    """``auto``: the fused op's counter-hash mask when a compiled backend computes fake-quant for this
+    device (the choice dispatch makes, ``$DFQKERN_BACKEND`` included); the reference's is slow."""
     if cfg.qdrop_mask != "auto":
         return cfg.qdrop_mask == "kernel"
-    compiled = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
-    return any(b in compiled for b in dispatch.available_backends())
+    return dispatch.first_backend("fake_quant_forward", device.type) not in (None, "reference")
 
 
 class _TorchQDrop:

@@ -1,10 +1,11 @@
 """CPU backend: the compiled kernels of ``dfqkern._C`` (csrc/cpu) behind the reference op signatures.
 
 Every op has the signature and semantics of the same function in :mod:`dfqkern.kernels.reference`
-(integer results identical, float results within rounding). Argument combinations the kernels do
-not cover raise :class:`~dfqkern.kernels.reference.Unsupported`, so automatic dispatch falls back
-to the reference: weight-only packed Linear / Conv2d (``act=None``), non-integer activation zero
-points in convolutions, string padding, integer input codes that are not uint8.
+(integer results identical, float results within rounding); dispatch has checked the arguments
+against :mod:`dfqkern.kernels.contract`. Argument combinations the kernels do not cover raise
+:class:`~dfqkern.kernels.contract.Unsupported`, so automatic dispatch falls back to the reference:
+weight-only packed Linear / Conv2d (``act=None``), non-integer activation zero points in
+convolutions, string padding, integer input codes that are not uint8, float64 tensors.
 
 Instruction set, chosen at run time: ``avx512vnni`` (the packed GEMM uses ``vpdpbusd`` on 256-bit
 registers; everything else as ``avx2``) where the CPU has AVX512-VNNI/VL, ``avx2`` (AVX2 + FMA + F16C)
@@ -38,7 +39,8 @@ import contextlib
 import torch
 
 from ..formats import PackedActivation, PackedWeight
-from .reference import ActQuant, Unsupported
+from .contract import KERNEL_FLOATS, Unsupported, pair, require_float
+from .reference import ActQuant
 
 DEVICES = ("cpu",)
 
@@ -92,6 +94,7 @@ def _t(v) -> torch.Tensor:
 # ----------------------------------------------------------------------------- elementwise ops
 
 def quantize(x, scale, zero_point, bits, axis=None):
+    require_float("x", x)
     return _load().cpu_quantize(x, _t(scale), _t(zero_point), bits, axis)
 
 
@@ -100,19 +103,25 @@ def dequantize(codes, scale, zero_point, axis=None):
 
 
 def fake_quant_forward(x, scale, zero_point, bits, axis=None, drop_prob=0.0, seed=0):
+    require_float("x", x)
     return _load().cpu_fake_quant_forward(x, _t(scale), _t(zero_point), bits, axis, float(drop_prob), int(seed))
 
 
 def fake_quant_backward(grad, x, scale, zero_point, bits, axis=None, grad_scale=1.0, drop_prob=0.0, seed=0):
+    require_float("x", x)
+    require_float("grad", grad)
     return _load().cpu_fake_quant_backward(grad, x, _t(scale), _t(zero_point), bits, axis, float(grad_scale),
                                            float(drop_prob), int(seed))
 
 
 def adaround_forward(base, v, scale, zero_point, bits, axis=0, beta=2.0, hard=False):
+    require_float("v", v)
     return _load().cpu_adaround_forward(base, v, _t(scale), _t(zero_point), bits, axis, float(beta), bool(hard))
 
 
 def adaround_backward(grad, base, v, scale, zero_point, bits, axis=0, beta=2.0, reg_grad=0.0):
+    require_float("v", v)
+    require_float("grad", grad)
     return _load().cpu_adaround_backward(grad, base, v, _t(scale), _t(zero_point), bits, axis, float(beta),
                                          float(reg_grad))
 
@@ -162,14 +171,13 @@ def depthwise_weight(pw: PackedWeight) -> torch.Tensor:
 # ----------------------------------------------------------------------------- packed activations / GEMM / conv
 
 def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
+    require_float("x", x2d)
     data, scale, zp = _load().cpu_quantize_activation(x2d, act.scale, act.zero_point, act.bits, act.per_token,
                                                       act.symmetric)
     return PackedActivation(data, scale, zp, act.bits, x2d.shape[1])
 
 
 def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
-    if pa.k != pw.k:
-        raise ValueError(f"activation K={pa.k} does not match weight K={pw.k}")
     one = pa.data.shape[0] == 1 or _gemm_layout(pw) == "tile"
     tiles, corr = tile_weight(pw) if one else panel_weight(pw)
     return _load().cpu_linear_int(pa.data, pa.zero_point, pa.bits, pa.k, tiles, corr, pw.bits, pw.n)
@@ -178,9 +186,11 @@ def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     # The M = 1 path is latency-bound: one cache lookup, one op call, no tensor checks in Python
-    # (the C++ wrapper checks shapes, dtypes and sizes).
+    # (dispatch ran the contract; the C++ wrapper guards shapes, dtypes and sizes).
     if act is None:
         raise Unsupported("weight-only packed linear (act=None) is not implemented by the CPU backend")
+    if x.dtype not in KERNEL_FLOATS:
+        raise Unsupported(f"x dtype {x.dtype} is not implemented by the CPU backend")
     # M = 1: the tile layout (memory-bound GEMV kernels); M > 1: the panel layout.
     key = ("tile", 1) if x.numel() == pw.k or pw.bits == 8 and _gemm_layout(pw) == "tile" else ("panel", 1)
     c = pw.cache.get("cpu")
@@ -197,15 +207,8 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-def _pair(v, name: str) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    if isinstance(v, str):
-        raise Unsupported(f"{name}={v!r} (string padding) is not implemented by the CPU backend")
-    v = [int(e) for e in v]
-    if len(v) == 1:
-        return v * 2
-    return v
+def _geometry(stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
+    return list(pair(stride, "stride")), list(pair(padding, "padding")), list(pair(dilation, "dilation"))
 
 
 def _scalar(v) -> float:
@@ -221,8 +224,6 @@ def _int_zero_point(zp, what: str) -> int:
 
 
 def _conv_weight(pw: PackedWeight, groups: int):
-    if len(pw.shape) != 4:
-        raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
     if pw.shape[1] == 1:
         return depthwise_weight(pw), _NO_CORR
     layout = "panel" if pw.bits != 8 else _gemm_layout(pw)
@@ -230,37 +231,29 @@ def _conv_weight(pw: PackedWeight, groups: int):
     w = c.get((layout, groups)) if c is not None else None
     if w is not None:
         return w
-    if pw.shape[0] % groups:
-        raise ValueError(f"groups={groups} must divide the {pw.shape[0]} output channels")
     return panel_weight(pw, groups) if layout == "panel" else tile_weight(pw, groups)
 
 
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
                dilation=1, groups: int = 1) -> torch.Tensor:
-    if x_codes.dim() != 4:
-        raise ValueError(f"x_codes must be NCHW, got shape {tuple(x_codes.shape)}")
     if x_codes.dtype != torch.uint8:
         raise Unsupported(f"x_codes must be uint8 for the CPU backend, got {x_codes.dtype}")
     za = _int_zero_point(x_zero_point, "x_zero_point")
     w, corr = _conv_weight(pw, groups)
-    return _load().cpu_conv2d_int(x_codes, za, w, corr, pw.bits, list(pw.shape), _pair(stride, "stride"),
-                                  _pair(padding, "padding"), _pair(dilation, "dilation"), groups)
+    return _load().cpu_conv2d_int(x_codes, za, w, corr, pw.bits, list(pw.shape),
+                                  *_geometry(stride, padding, dilation), groups)
 
 
 def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if act is None:
         raise Unsupported("weight-only packed conv2d (act=None) is not implemented by the CPU backend")
-    if act.per_token:
-        raise ValueError("act.per_token is not supported for conv2d; use per-tensor activation quantization")
-    if x.dim() != 4:
-        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
+    require_float("x", x)
     za = _int_zero_point(act.zero_point, "act.zero_point")
     w, corr = _conv_weight(pw, groups)
     if _FAST is None:
         _load()
-    y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, list(pw.shape), _pair(stride, "stride"),
-                           _pair(padding, "padding"), _pair(dilation, "dilation"), groups, bias,
-                           _scalar(act.scale), za, act.bits)
+    y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, list(pw.shape), *_geometry(stride, padding, dilation),
+                         groups, bias, _scalar(act.scale), za, act.bits)
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)

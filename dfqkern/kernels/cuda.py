@@ -1,7 +1,8 @@
 """CUDA backend: the tensor-core kernels of the compiled extension (``csrc/cuda``).
 
 Every op has the signature and semantics of the same function in :mod:`dfqkern.kernels.reference`;
-argument combinations the kernels do not cover raise :class:`~dfqkern.kernels.reference.Unsupported`
+dispatch has checked the arguments against :mod:`dfqkern.kernels.contract`. Argument combinations
+the kernels do not cover raise :class:`~dfqkern.kernels.contract.Unsupported`
 (dispatch then falls back): 8-bit weights, weight-only (``act=None``) Linear / Conv2d, grouped
 convolutions other than depthwise, float64 tensors, string padding, GPUs older than sm_80.
 
@@ -27,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import PackedActivation, PackedWeight, check_bits, code_max, pack_codes, packed_width
+from ..formats import PackedActivation, PackedWeight, code_max, pack_codes, packed_width
 from . import reference as ref
-from .reference import ActQuant, Unsupported
+from .contract import KERNEL_FLOATS, Unsupported, pair, require_float, require_integer_dtype
+from .reference import ActQuant
 
 DEVICES = ("cuda",)
 
@@ -38,7 +40,6 @@ PATH_A8, PATH_A4_INT4, PATH_A4_INT8 = 0, 1, 2  # csrc/cuda/launch.h GemmPath
 OP_NAMES = ("cuda_quantize_rows", "cuda_quantize_image", "cuda_packed_gemm", "cuda_packed_conv",
             "cuda_depthwise_conv", "cuda_fake_quant_forward", "cuda_fake_quant_backward",
             "cuda_adaround_forward", "cuda_adaround_backward")
-_KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -73,11 +74,9 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _require_cuda(**tensors) -> torch.device:
-    devs = {k: t.device for k, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devs.values())) > 1:
-        raise ValueError("tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devs.items()))
-    dev = next(iter(devs.values()))
+def _require_cuda(t: torch.Tensor) -> torch.device:
+    """``t``'s device (dispatch has checked that the op's tensors share it) if the kernels can run there."""
+    dev = t.device
     if dev.type != "cuda":
         raise Unsupported(f"the CUDA backend runs on CUDA tensors, got {dev}")
     if _capability(dev.index if dev.index is not None else torch.cuda.current_device()) < (8, 0):
@@ -97,11 +96,6 @@ def _a4_path(device: torch.device) -> int:
 
 def _gemm_path(abits: int, device: torch.device) -> int:
     return PATH_A8 if abits == 8 else _a4_path(device)
-
-
-def _kernel_float(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in _KERNEL_FLOATS:
-        raise Unsupported(f"{name} dtype {t.dtype} (the CUDA kernels take float32, float16 or bfloat16)")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -250,11 +244,8 @@ def _quantize_rows(x2d: torch.Tensor, act: ActQuant, row_bytes: int):
 
 
 def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
-    ref._check_float("x", x2d)
-    if x2d.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    _require_cuda(x=x2d)
-    _kernel_float(x2d, "x")
+    _require_cuda(x2d)
+    require_float("x", x2d)
     kb = packed_width(x2d.shape[1], act.bits)
     data, scale, zp = _quantize_rows(x2d, act, _round_up(max(kb, 1), 16))
     if data.shape[1] != kb:
@@ -274,12 +265,7 @@ def _gemm_rows(data: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- GEMM
 
 def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
-    if pa.k != pw.k:
-        raise ValueError(f"activation K={pa.k} does not match weight K={pw.k}")
-    dev = _require_cuda(activation=pa.data, weight=pw.data)
-    if pa.data.dtype != torch.uint8:
-        raise TypeError(f"activation data must be uint8, got {pa.data.dtype}")
-    check_bits(pa.bits, (4, 8), "activation bits")
+    dev = _require_cuda(pa.data)
     cw = gemm_weight(pw, pa.bits)
     zp = pa.zero_point.reshape(-1).to(device=dev, dtype=torch.int32).contiguous()
     return _ops().cuda_packed_gemm(_gemm_rows(pa.data), zp, None, *_gemm_weight_args(cw), None, None, cw.n,
@@ -288,7 +274,7 @@ def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
 
 def _out_dtype(out_dtype, x):
     out_dtype = out_dtype or x.dtype
-    if out_dtype not in _KERNEL_FLOATS:
+    if out_dtype not in KERNEL_FLOATS:
         raise Unsupported(f"out_dtype {out_dtype} (the CUDA epilogue writes float32, float16 or bfloat16)")
     return out_dtype
 
@@ -299,11 +285,10 @@ def _bias(bias):
 
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    ref._check_linear_args(x, pw, bias)
     if act is None:
         raise Unsupported("weight-only (float activation) Linear")
-    dev = _require_cuda(x=x, weight=pw.data, bias=bias)
-    _kernel_float(x, "x")
+    dev = _require_cuda(x)
+    require_float("x", x)
     out_dtype = _out_dtype(out_dtype, x)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, pw.k)
@@ -316,26 +301,13 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
 
 # ----------------------------------------------------------------------------- conv
 
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, str):
-        raise Unsupported(f"string {name} {v!r} (give integers)")
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) for i in t):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
 def _geometry(pw: PackedWeight, stride, padding, dilation) -> list[int]:
     _, _, kh, kw = pw.shape
-    return [kh, kw, *_pair(stride, "stride"), *_pair(padding, "padding"), *_pair(dilation, "dilation")]
+    return [kh, kw, *pair(stride, "stride"), *pair(padding, "padding"), *pair(dilation, "dilation")]
 
 
 def _conv_kind(c: int, pw: PackedWeight, groups: int) -> str:
-    if len(pw.shape) != 4:
-        raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
     o, cg = pw.shape[0], pw.shape[1]
-    if c != cg * groups:
-        raise ValueError(f"x has {c} channels, weight expects {cg * groups} (groups={groups})")
     if groups == 1:
         return "gemm"
     if groups == c and o == c and cg == 1:
@@ -350,10 +322,8 @@ def _nchw(y_nhwc: torch.Tensor) -> torch.Tensor:
 
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
                dilation=1, groups: int = 1) -> torch.Tensor:
-    if x_codes.dim() != 4:
-        raise ValueError(f"x_codes must be NCHW, got shape {tuple(x_codes.shape)}")
     kind = _conv_kind(x_codes.shape[1], pw, groups)
-    dev = _require_cuda(x_codes=x_codes, weight=pw.data)
+    dev = _require_cuda(x_codes)
     if x_codes.dtype != torch.uint8:
         raise Unsupported(f"x_codes dtype {x_codes.dtype} (the CUDA conv reads uint8 codes)")
     geom = _geometry(pw, stride, padding, dilation)
@@ -373,21 +343,13 @@ def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeig
 
 def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    ref._check_float("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
     kind = _conv_kind(x.shape[1], pw, groups)
-    dev = _require_cuda(x=x, weight=pw.data, bias=bias)
+    dev = _require_cuda(x)
     if act is None:
         raise Unsupported("weight-only (float activation) Conv2d")
-    if act.per_token:
-        raise ValueError("act.per_token is not supported for conv2d; use per-tensor activation quantization")
-    _kernel_float(x, "x")
+    require_float("x", x)
+    require_integer_dtype("act.zero_point", act.zero_point)
     out_dtype = _out_dtype(out_dtype, x)
-    if act.zero_point.device.type == "cpu":  # (a device tensor would cost a sync to check)
-        z = int(act.zero_point.reshape(-1)[0])
-        if not 0 <= z <= code_max(act.bits):
-            raise ValueError(f"act.zero_point must lie in [0, {code_max(act.bits)}] for {act.bits}-bit codes, got {z}")
     geom = _geometry(pw, stride, padding, dilation)
     scale, za = _act_params(act, dev)
     inv = ref.inv_scale(scale)
@@ -407,13 +369,8 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
 
 # ----------------------------------------------------------------------------- fake-quant / AdaRound
 
-def _channels(x: torch.Tensor, params: dict, axis) -> tuple[int, int]:
-    """``(channels, inner)`` of the ``[outer, channels, inner]`` view; validates like the reference."""
-    for name, p in params.items():
-        try:
-            ref.broadcast_param(p, x, axis)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+def _channels(x: torch.Tensor, axis) -> tuple[int, int]:
+    """``(channels, inner)`` of the ``[outer, channels, inner]`` view."""
     if axis is None:
         return 1, max(x.numel(), 1)
     axis = axis % x.dim()
@@ -427,8 +384,8 @@ def _flat_params(scale, zero_point):
 
 def _common_float(a: torch.Tensor, b: torch.Tensor):
     """Both tensors in one kernel dtype (float32 when they differ: exact, as the reference upcasts)."""
-    _kernel_float(a, "input")
-    _kernel_float(b, "grad")
+    require_float("input", a)
+    require_float("grad", b)
     if a.dtype == b.dtype:
         return a.contiguous(), b.contiguous()
     return a.float().contiguous(), b.float().contiguous()
@@ -436,11 +393,9 @@ def _common_float(a: torch.Tensor, b: torch.Tensor):
 
 def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                        axis: int | None = None, drop_prob: float = 0.0, seed: int = 0) -> torch.Tensor:
-    ref._check_float("x", x)
-    check_bits(bits, (2, 3, 4, 8), "bits")
-    _require_cuda(x=x, scale=scale, zero_point=zero_point)
-    _kernel_float(x, "x")
-    channels, inner = _channels(x, {"scale": scale, "zero_point": zero_point}, axis)
+    _require_cuda(x)
+    require_float("x", x)
+    channels, inner = _channels(x, axis)
     thr = ref.drop_threshold(drop_prob) if drop_prob > 0 else 0
     s, inv, zp = _flat_params(scale, zero_point)
     return _ops().cuda_fake_quant_forward(x.contiguous(), s, inv, zp, bits, channels, inner, thr, int(seed) & _MASK32)
@@ -449,13 +404,8 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                         bits: int, axis: int | None = None, grad_scale: float = 1.0, drop_prob: float = 0.0,
                         seed: int = 0):
-    ref._check_float("x", x)
-    ref._check_float("grad", grad)
-    check_bits(bits, (2, 3, 4, 8), "bits")
-    if grad.shape != x.shape:
-        raise ValueError(f"grad and x must have one shape, got {tuple(grad.shape)} and {tuple(x.shape)}")
-    _require_cuda(grad=grad, x=x, scale=scale, zero_point=zero_point)
-    channels, inner = _channels(x, {"scale": scale, "zero_point": zero_point}, axis)
+    _require_cuda(x)
+    channels, inner = _channels(x, axis)
     thr = ref.drop_threshold(drop_prob) if drop_prob > 0 else 0
     s, inv, zp = _flat_params(scale, zero_point)
     xk, gk = _common_float(x, grad)
@@ -464,12 +414,8 @@ def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
 
 
 def _adaround_inputs(base, v, scale, zero_point, bits, axis):
-    ref._check_float("v", v)
-    check_bits(bits, (2, 3, 4, 8), "bits")
-    if base.shape != v.shape:
-        raise ValueError(f"base and v must have one shape, got {tuple(base.shape)} and {tuple(v.shape)}")
-    _require_cuda(base=base, v=v, scale=scale, zero_point=zero_point)
-    channels, inner = _channels(v, {"scale": scale, "zero_point": zero_point}, axis)
+    _require_cuda(v)
+    channels, inner = _channels(v, axis)
     s, _, zp = _flat_params(scale, zero_point)
     return base.float().contiguous(), s, zp, channels, inner
 
@@ -477,16 +423,13 @@ def _adaround_inputs(base, v, scale, zero_point, bits, axis):
 def adaround_forward(base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                      bits: int, axis: int = 0, beta: float = 2.0, hard: bool = False):
     b, s, zp, channels, inner = _adaround_inputs(base, v, scale, zero_point, bits, axis)
-    _kernel_float(v, "v")
+    require_float("v", v)
     return _ops().cuda_adaround_forward(b, v.contiguous(), s, zp, bits, channels, inner, float(beta), bool(hard))
 
 
 def adaround_backward(grad: torch.Tensor, base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                       zero_point: torch.Tensor, bits: int, axis: int = 0, beta: float = 2.0,
                       reg_grad: float = 0.0):
-    ref._check_float("grad", grad)
-    if grad.shape != v.shape:
-        raise ValueError(f"grad and v must have one shape, got {tuple(grad.shape)} and {tuple(v.shape)}")
     b, s, zp, channels, inner = _adaround_inputs(base, v, scale, zero_point, bits, axis)
     vk, gk = _common_float(v, grad)
     gv, gs = _ops().cuda_adaround_backward(gk, b, vk, s, zp, bits, channels, inner, float(beta), float(reg_grad))

@@ -2,8 +2,10 @@
 
 A backend is a module exposing ``is_available()``, ``DEVICES`` (device types it runs on) and any
 subset of the ops in :data:`OPS`, each with the signature of the same function in
-:mod:`dfqkern.kernels.reference`. A backend raises :class:`Unsupported` for an argument
-combination it does not implement; automatic selection then tries the next backend.
+:mod:`dfqkern.kernels.reference`. :func:`call` checks the arguments once against
+:mod:`dfqkern.kernels.contract` (TypeError / ValueError naming the argument) before any backend
+runs; a backend raises only :class:`Unsupported`, for an argument combination it does not
+implement, and automatic selection then tries the next backend.
 
 Selection, per call:
 1. ``backend=`` given to the op: that backend, strictly (error if unavailable or unsupported).
@@ -18,7 +20,8 @@ import functools
 import importlib
 import os
 
-from .reference import Unsupported
+from . import contract
+from .contract import Unsupported
 
 ENV_VAR = "DFQKERN_BACKEND"
 
@@ -88,10 +91,23 @@ def _candidates(device_type: str, backend) -> tuple[list[Backend], bool]:
     return order, False
 
 
+def first_backend(op: str, device_type: str, backend: "str | Backend | None" = None) -> "str | None":
+    """The backend :func:`call` tries first for ``op`` on ``device_type`` (``$DFQKERN_BACKEND`` and
+    availability included), or ``None`` when none serves it. It may still fall back per call when that
+    backend declines particular arguments (``Unsupported``)."""
+    order, _ = _candidates(device_type, backend)
+    for b in order:
+        mod = backend_module(b)
+        if mod is not None and _runs_on(mod, device_type) and hasattr(mod, op):
+            return b.value
+    return None
+
+
 def call(op: str, device_type: str, *args, backend: "str | Backend | None" = None, **kwargs):
     """Run ``op`` on the chosen backend for tensors on ``device_type``."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    contract.check(op, *args, **kwargs)
     order, strict = _candidates(device_type, backend)
     for b in order:
         mod = backend_module(b)

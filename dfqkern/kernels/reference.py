@@ -12,7 +12,9 @@ Conventions (see :mod:`dfqkern.formats` for codes and packing):
 * Integer GEMM / conv results are exact (computed in float64, whose 53-bit mantissa holds every
   partial sum these bit widths can produce) and returned as int32.
 
-Every op here has the same name and signature in every backend module.
+Every op here has the same name and signature in every backend module. Arguments are checked by
+:mod:`dfqkern.kernels.contract` (dispatch runs it once before any backend); the functions here
+assume arguments that satisfy it.
 """
 from __future__ import annotations
 
@@ -25,9 +27,7 @@ import torch.nn.functional as F
 from ..formats import (PackedActivation, PackedWeight, check_bits, code_max, matrix_to_conv_weight,
                        pack_codes, symmetric_zero_point)
 
-ZETA = 1.1
-GAMMA = -0.1
-SCALE_EPS = 1e-8
+from .contract import GAMMA, SCALE_EPS, ZETA, Unsupported, check_drop_prob  # noqa: F401  (one definition, re-exported)
 
 DEVICES = ("cpu", "cuda")
 
@@ -36,24 +36,7 @@ def is_available() -> bool:
     return True
 
 
-class Unsupported(NotImplementedError):
-    """Raised by a backend for an argument combination it does not implement (dispatch falls back)."""
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _check_same_device(**tensors: torch.Tensor) -> None:
-    devs = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-    if len(set(devs.values())) > 1:
-        raise ValueError("tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devs.items()))
-
 
 def broadcast_param(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Shape a per-tensor (``axis=None``) or per-channel (1-D along ``axis``) parameter to broadcast against ``x``."""
@@ -106,8 +89,6 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
              axis: int | None = None) -> torch.Tensor:
     """Float -> unsigned codes (uint8)."""
-    _check_float("x", x)
-    check_bits(bits, (2, 3, 4, 8), "bits")
     inv = broadcast_param(inv_scale(scale), x, axis)
     zp = broadcast_param(zero_point, x, axis).to(torch.float32)
     q = torch.round(x.float() * inv) + zp
@@ -145,8 +126,7 @@ def hash32(index: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def drop_threshold(drop_prob: float) -> int:
-    if not 0.0 <= drop_prob <= 1.0:
-        raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+    check_drop_prob(drop_prob)
     return min(int(round(drop_prob * 2 ** 32)), 2 ** 32)
 
 
@@ -160,7 +140,6 @@ def qdrop_mask(shape, drop_prob: float, seed: int, device=None) -> torch.Tensor:
 def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                        axis: int | None = None, drop_prob: float = 0.0, seed: int = 0) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x.dtype``; with ``drop_prob > 0`` (QDrop) dropped elements pass through."""
-    _check_same_device(x=x, scale=scale, zero_point=zero_point)
     out = dequantize(quantize(x, scale, zero_point, bits, axis), scale, zero_point, axis).to(x.dtype)
     if drop_prob > 0:
         out = torch.where(qdrop_mask(x.shape, drop_prob, seed, x.device), x, out)
@@ -225,9 +204,6 @@ def adaround_forward(base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, z
     ``w_hat = s * (clamp(base + h(V) + z, 0, qmax) - z)`` with ``h`` the rectified sigmoid (soft) or
     ``V >= 0`` (hard); ``reg = sum(1 - |2h - 1|**beta)`` (0 for hard rounding).
     """
-    _check_float("v", v)
-    if base.shape != v.shape:
-        raise ValueError(f"base and v must have one shape, got {tuple(base.shape)} and {tuple(v.shape)}")
     s = broadcast_param(scale, v, axis).float()
     zp = broadcast_param(zero_point, v, axis).to(torch.float32)
     h = (v >= 0).float() if hard else rectified_sigmoid(v.float())
@@ -290,9 +266,6 @@ def token_qparams(x2d: torch.Tensor, bits: int, symmetric: bool):
 
 def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
     """Quantize ``[M, K]`` activations and pack them along K."""
-    _check_float("x", x2d)
-    if x2d.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x2d.shape)}")
     if act.per_token:
         scale, zp = token_qparams(x2d, act.bits, act.symmetric)
         codes = quantize(x2d, scale.to(x2d.device), zp.to(x2d.device), act.bits, axis=0)
@@ -311,8 +284,6 @@ def _exact_int(t: torch.Tensor) -> torch.Tensor:
 
 def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
     """Exact int32 ``(a_codes - a_zp) @ (w_codes - w_zp).T`` -> ``[M, N]``."""
-    if pa.k != pw.k:
-        raise ValueError(f"activation K={pa.k} does not match weight K={pw.k}")
     return _exact_int(pa.int_matrix().double() @ pw.int_matrix().double().T)
 
 
@@ -329,19 +300,9 @@ def _epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, b
     return y.to(out_dtype)
 
 
-def _check_linear_args(x, pw, bias):
-    _check_float("x", x)
-    if x.shape[-1] != pw.k:
-        raise ValueError(f"x has {x.shape[-1]} input features, weight expects K={pw.k}")
-    if bias is not None and bias.numel() != pw.n:
-        raise ValueError(f"bias must have {pw.n} elements, got {bias.numel()}")
-    _check_same_device(x=x, weight=pw.data, bias=bias)
-
-
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Packed Linear: ``[..., K] -> [..., N]``. ``act=None`` is weight-only (float activations)."""
-    _check_linear_args(x, pw, bias)
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     x2d = x.reshape(-1, pw.k)
@@ -357,10 +318,6 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
                dilation=1, groups: int = 1) -> torch.Tensor:
     """Exact int32 convolution of ``(x_codes - x_zp)`` with ``(w_codes - w_zp)``; padding is the value 0."""
-    if x_codes.dim() != 4:
-        raise ValueError(f"x_codes must be NCHW, got shape {tuple(x_codes.shape)}")
-    if len(pw.shape) != 4:
-        raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
     xi = x_codes.double() - x_zero_point.reshape(()).double()
     wi = matrix_to_conv_weight(pw.int_matrix().double(), pw.shape)
     return _exact_int(F.conv2d(xi, wi, None, stride, padding, dilation, groups))
@@ -369,18 +326,10 @@ def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeig
 def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Packed Conv2d on NCHW input. Activations are per-tensor (``act.per_token`` is rejected)."""
-    _check_float("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
-    if x.shape[1] != pw.shape[1] * groups:
-        raise ValueError(f"x has {x.shape[1]} channels, weight expects {pw.shape[1] * groups} (groups={groups})")
-    _check_same_device(x=x, weight=pw.data, bias=bias)
     out_dtype = out_dtype or x.dtype
     if act is None:
         return F.conv2d(x.float(), pw.dequantize().float(), None if bias is None else bias.float(),
                         stride, padding, dilation, groups).to(out_dtype)
-    if act.per_token:
-        raise ValueError("act.per_token is not supported for conv2d; use per-tensor activation quantization")
     codes = quantize(x, act.scale.reshape(1), act.zero_point.reshape(1), act.bits)
     acc = conv2d_int(codes, act.zero_point, pw, stride, padding, dilation, groups)
     return _epilogue(acc, act.scale, pw.scale, bias, out_dtype, 1)

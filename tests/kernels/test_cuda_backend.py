@@ -9,8 +9,9 @@ Two parts:
   compares with :func:`reference.linear_int`. It also replays the implicit-GEMM conv's im2col
   index math against :func:`reference.conv2d_int`. This checks layouts, decoders and the
   zero-point algebra; it cannot check shared-memory addressing or the cp.async pipeline.
-* GPU (skipped without CUDA or without the compiled ops): every op against the reference on fresh
-  random data. Exact: codes, int32 GEMM / conv results, fake-quant forward, grad_x, hard AdaRound.
+* GPU (skipped without CUDA or without the compiled ops): what is particular to the CUDA kernels
+  (both A4 instruction paths, split-K, the layout cache, every float dtype) against the reference on
+  fresh random data; the op suites (test_<op>.py) run their cuda rows too. Exact: codes, int32 GEMM / conv results, fake-quant forward, grad_x, hard AdaRound.
   Float Linear / Conv2d outputs use the reference's fp32 epilogue order (``__fmul_rn``/``__fadd_rn``):
   allowed 1 ulp of the output dtype. LSQ / AdaRound reductions: fp32 sums in another order
   (``1e-6 * sum|terms|``). Soft AdaRound: the build's fast-math ``expf`` vs torch's: rtol 1e-5.
@@ -401,6 +402,11 @@ def a4_path(request, monkeypatch):
     return request.param
 
 
+def _checked(op, *args, **kwargs):
+    """``op`` on the CUDA backend through dispatch, which checks the argument contract first."""
+    return dispatch.call(op, DEV, *args, backend="cuda", **kwargs)
+
+
 def _assert_ulps(got, want, dtype, **ctx):
     torch.testing.assert_close(got.float(), want.float(), rtol=ULP[dtype], atol=1e-30, msg=lambda m: _msg(**ctx) + m)
 
@@ -575,25 +581,25 @@ def test_gemm_and_conv_errors():
     g = _gen("err")
     pw = rand_weight(8, 32, 4, True, g)
     with pytest.raises(ValueError, match="K=16 does not match weight K=32"):
-        C.linear_int(rand_act(2, 16, 8, False, g), pw)
+        _checked("linear_int", rand_act(2, 16, 8, False, g), pw)
     with pytest.raises(ValueError, match="bias must have 8 elements"):
-        C.linear(torch.randn(2, 32, device=DEV), pw, torch.zeros(3, device=DEV), static_act(8, g))
+        _checked("linear", torch.randn(2, 32, device=DEV), pw, torch.zeros(3, device=DEV), static_act(8, g))
     with pytest.raises(Unsupported, match="weight-only"):
-        C.linear(torch.randn(2, 32, device=DEV), pw)
+        _checked("linear", torch.randn(2, 32, device=DEV), pw)
     with pytest.raises(Unsupported, match="8-bit weights"):
-        C.linear_int(rand_act(2, 32, 8, False, g), rand_weight(8, 32, 8, True, g))
+        _checked("linear_int", rand_act(2, 32, 8, False, g), rand_weight(8, 32, 8, True, g))
     with pytest.raises(ValueError, match="one device"):
-        C.linear(torch.randn(2, 32), pw, act=static_act(8, g))
+        _checked("linear", torch.randn(2, 32), pw, act=static_act(8, g))
     cw = _conv_weight(8, 2, 3, 4, True, g)
     x = torch.randn(1, 8, 5, 5, device=DEV)
     with pytest.raises(Unsupported, match="grouped conv"):
-        C.conv2d(x, cw, act=static_act(8, g), groups=4)
+        _checked("conv2d", x, cw, act=static_act(8, g), groups=4)
     with pytest.raises(ValueError, match="per_token is not supported"):
-        C.conv2d(x[:, :2], _conv_weight(8, 2, 3, 4, True, g), act=ActQuant(8, per_token=True))
+        _checked("conv2d", x[:, :2], _conv_weight(8, 2, 3, 4, True, g), act=ActQuant(8, per_token=True))
     with pytest.raises(ValueError, match="x has 8 channels, weight expects 2"):
-        C.conv2d(x, _conv_weight(8, 2, 3, 4, True, g), act=static_act(8, g))
+        _checked("conv2d", x, _conv_weight(8, 2, 3, 4, True, g), act=static_act(8, g))
     with pytest.raises(Unsupported, match="string padding"):
-        C.conv2d(x, _conv_weight(4, 8, 3, 4, True, g), act=static_act(8, g), padding="same")
+        _checked("conv2d", x, _conv_weight(4, 8, 3, 4, True, g), act=static_act(8, g), padding="same")
     with pytest.raises(RuntimeError, match="a_zp must have 1 or M"):  # the C++ checks name the argument
         torch.ops.dfqkern.cuda_packed_gemm(torch.zeros(4, 16, dtype=torch.uint8, device=DEV),
                                            torch.zeros(3, dtype=torch.int32, device=DEV), None,
@@ -650,13 +656,13 @@ def test_fake_quant_backward_mixed_dtypes_and_errors():
     want = R.fake_quant_backward(grad, x, s, z, 4)
     assert torch.equal(got[0], want[0]) and got[0].dtype == torch.float16
     with pytest.raises(ValueError, match="scale"):
-        C.fake_quant_forward(x, torch.ones(3, device=DEV), torch.zeros(3, device=DEV), 4, axis=0)
+        _checked("fake_quant_forward", x, torch.ones(3, device=DEV), torch.zeros(3, device=DEV), 4, axis=0)
     with pytest.raises(ValueError, match="bits must be one of"):
-        C.fake_quant_forward(x, s, z, 5)
+        _checked("fake_quant_forward", x, s, z, 5)
     with pytest.raises(ValueError, match="drop_prob"):
-        C.fake_quant_forward(x, s, z, 4, drop_prob=1.5)
+        _checked("fake_quant_forward", x, s, z, 4, drop_prob=1.5)
     with pytest.raises(Unsupported, match="float64"):
-        C.fake_quant_forward(x.double(), s, z, 4)
+        _checked("fake_quant_forward", x.double(), s, z, 4)
 
 
 def _adaround_inputs(g, shape=(24, 3, 3, 3), axis=0, bits=4, dtype=torch.float32):
@@ -706,11 +712,11 @@ def test_adaround_errors():
     g = _gen("are")
     base, v, scale, zp = _adaround_inputs(g)
     with pytest.raises(ValueError, match="base and v must have one shape"):
-        C.adaround_forward(base[:2], v, scale, zp, 4)
+        _checked("adaround_forward", base[:2], v, scale, zp, 4)
     with pytest.raises(ValueError, match="per-channel parameter"):
-        C.adaround_forward(base, v, scale[:3], zp[:3], 4)
+        _checked("adaround_forward", base, v, scale[:3], zp[:3], 4)
     with pytest.raises(TypeError, match="floating-point"):
-        C.adaround_forward(base, v.int(), scale, zp, 4)
+        _checked("adaround_forward", base, v.int(), scale, zp, 4)
 
 
 @gpu

@@ -11,15 +11,13 @@ import triton
 import triton.language as tl
 
 from ...formats import PackedActivation, code_max, packed_width, storage_bits, symmetric_zero_point
-from .. import reference
-from .common import check_device, rint
-
-SCALE_EPS = tl.constexpr(reference.SCALE_EPS)  # a global a kernel reads must be constexpr
+from .. import contract, reference
+from .common import check_device, check_float_dtype, rint
 
 
 @triton.jit
 def _act_quant_kernel(x_ptr, out_ptr, scale_in_ptr, zp_in_ptr, scale_out_ptr, zp_out_ptr,
-                      M, K, NB, ROWS_PER_BATCH, stride_b, stride_r, stride_k, stride_out,
+                      M, K, NB, ROWS_PER_BATCH, stride_b, stride_r, stride_k, stride_out, scale_eps,
                       QMAX: tl.constexpr, SYM_DIV: tl.constexpr, SLOT: tl.constexpr,
                       DYNAMIC: tl.constexpr, SYMMETRIC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -44,10 +42,10 @@ def _act_quant_kernel(x_ptr, out_ptr, scale_in_ptr, zp_in_ptr, scale_out_ptr, zp
         lo = tl.minimum(mn, 0.0)
         hi = tl.maximum(mx, 0.0)
         if SYMMETRIC:
-            scale = tl.maximum(tl.div_rn(tl.maximum(-lo, hi), SYM_DIV), SCALE_EPS)
+            scale = tl.maximum(tl.div_rn(tl.maximum(-lo, hi), SYM_DIV), scale_eps)
             zpf = tl.full([BLOCK_M], QMAX // 2 + 1, tl.float32)
         else:
-            scale = tl.maximum(tl.div_rn(hi - lo, QMAX * 1.0), SCALE_EPS)
+            scale = tl.maximum(tl.div_rn(hi - lo, QMAX * 1.0), scale_eps)
             zpf = tl.minimum(tl.maximum(rint(tl.div_rn(-lo, scale)), 0.0), QMAX * 1.0)
         tl.store(scale_out_ptr + rows, scale, mask=rmask)
         tl.store(zp_out_ptr + rows, zpf.to(tl.int32), mask=rmask)
@@ -89,14 +87,13 @@ def launch_act_quant(x: torch.Tensor, m: int, k: int, rows_per_batch: int, strid
         zp = torch.empty(m, dtype=torch.int32, device=x.device)
         s_in, z_in = scale, zp  # unused by the kernel
     else:
-        s_in, z_in = act.scale.reshape(-1), act.zero_point.reshape(-1)
-        reference._check_same_device(x=x, scale=s_in, zero_point=z_in)
+        s_in, z_in = act.scale.reshape(-1).to(x.device), act.zero_point.reshape(-1).to(x.device)
         scale, zp = s_in.float(), z_in.to(torch.int32)
     qmax = code_max(act.bits)
     block_m, block_b = _blocks(nb)
     if m > 0:
         _act_quant_kernel[(triton.cdiv(m, block_m),)](
-            x, out, s_in, z_in, scale, zp, m, k, nb, rows_per_batch, *strides, nb,
+            x, out, s_in, z_in, scale, zp, m, k, nb, rows_per_batch, *strides, nb, contract.SCALE_EPS,
             QMAX=qmax, SYM_DIV=float(symmetric_zero_point(act.bits) - 1), SLOT=slot,
             DYNAMIC=act.per_token, SYMMETRIC=act.symmetric, BLOCK_M=block_m, BLOCK_B=block_b,
             enable_fp_fusion=False)  # no FMA: x * inv must round before rint, as in torch
@@ -105,9 +102,7 @@ def launch_act_quant(x: torch.Tensor, m: int, k: int, rows_per_batch: int, strid
 
 def quantize_activation(x2d: torch.Tensor, act: reference.ActQuant) -> PackedActivation:
     """Triton twin of :func:`reference.quantize_activation` (one launch)."""
-    reference._check_float("x", x2d)
-    if x2d.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x2d.shape)}")
+    check_float_dtype("x", x2d)
     check_device(x=x2d)
     m, k = x2d.shape
     data, scale, zp = launch_act_quant(x2d, m, k, max(m, 1), (0, x2d.stride(0), x2d.stride(1)), act,

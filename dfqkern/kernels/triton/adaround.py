@@ -13,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats import check_bits, code_max
-from .. import reference
-from .common import check_device
-from .fake_quant import _tile, check_float_dtype, layout
+from ...formats import code_max
+from .. import contract
+from .common import check_device, check_float_dtype
+from .fake_quant import _tile, layout
 
-ZETA = tl.constexpr(reference.ZETA)  # globals read by kernels must be constexpr
-GAMMA = tl.constexpr(reference.GAMMA)
+
+def _rounding_args() -> tuple[float, float]:
+    """``(ZETA - GAMMA, GAMMA)`` of the rectified sigmoid, from the one definition (fp32 in the kernel,
+    as torch rounds the reference's Python-float product)."""
+    return contract.ZETA - contract.GAMMA, contract.GAMMA
 
 
 @triton.jit
@@ -41,7 +44,7 @@ def _load(base_ptr, v_ptr, scale_ptr, zp_ptr, c, off, mask, C, P_STRIDE):
 
 @triton.jit
 def _adaround_forward_kernel(base_ptr, v_ptr, out_ptr, reg_ptr, scale_ptr, zp_ptr, C, T, INNER, P_STRIDE,
-                             beta, pow0, QMAX: tl.constexpr, HARD: tl.constexpr,
+                             beta, pow0, stretch, gamma, QMAX: tl.constexpr, HARD: tl.constexpr,
                              BC: tl.constexpr, BT: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -50,7 +53,7 @@ def _adaround_forward_kernel(base_ptr, v_ptr, out_ptr, reg_ptr, scale_ptr, zp_pt
     if HARD:
         h = (v >= 0.0).to(tl.float32)
     else:
-        h = tl.minimum(tl.maximum(tl.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0), 1.0)
+        h = tl.minimum(tl.maximum(tl.sigmoid(v) * stretch + gamma, 0.0), 1.0)
     q = tl.minimum(tl.maximum(base + h + zp, 0.0), QMAX * 1.0)
     tl.store(out_ptr + off, ((q - zp) * s).to(out_ptr.dtype.element_ty), mask=mask)
     if not HARD:
@@ -60,15 +63,15 @@ def _adaround_forward_kernel(base_ptr, v_ptr, out_ptr, reg_ptr, scale_ptr, zp_pt
 
 @triton.jit
 def _adaround_backward_kernel(g_ptr, base_ptr, v_ptr, gv_ptr, gs_ptr, scale_ptr, zp_ptr, C, T, INNER, P_STRIDE,
-                              beta, pow0, reg_grad, QMAX: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+                              beta, pow0, reg_grad, stretch, gamma, QMAX: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     pid_t = tl.program_id(1)
     c, off, mask = _tile(tl.program_id(0), pid_t, C, T, INNER, BC, BT)
     s, zp, base, v = _load(base_ptr, v_ptr, scale_ptr, zp_ptr, c, off, mask, C, P_STRIDE)
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(v)
-    hs = sig * (ZETA - GAMMA) + GAMMA
+    hs = sig * stretch + gamma
     h = tl.minimum(tl.maximum(hs, 0.0), 1.0)
-    dh_dv = tl.where((hs > 0.0) & (hs < 1.0), sig * (1.0 - sig) * (ZETA - GAMMA), 0.0)
+    dh_dv = tl.where((hs > 0.0) & (hs < 1.0), sig * (1.0 - sig) * stretch, 0.0)
     t = base + h + zp
     inside = ((t >= 0.0) & (t <= QMAX * 1.0)).to(tl.float32)
     q = tl.minimum(tl.maximum(t, 0.0), QMAX * 1.0)
@@ -88,19 +91,15 @@ def _zero_pow(e: float) -> float:
     return 1.0 if e == 0 else (0.0 if e > 0 else math.inf)
 
 
-def _check(base: torch.Tensor, v: torch.Tensor, scale, zero_point, bits: int) -> None:
+def _check(v: torch.Tensor) -> None:
     check_float_dtype("v", v)
-    if base.shape != v.shape:
-        raise ValueError(f"base and v must have one shape, got {tuple(base.shape)} and {tuple(v.shape)}")
-    check_bits(bits, (2, 3, 4, 8), "bits")
-    reference._check_same_device(base=base, v=v, scale=scale, zero_point=zero_point)
     check_device(v=v)
 
 
 def adaround_forward(base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                      bits: int, axis: int = 0, beta: float = 2.0, hard: bool = False):
     """Triton twin of :func:`reference.adaround_forward`: ``(w_hat, reg)`` in one pass."""
-    _check(base, v, scale, zero_point, bits)
+    _check(v)
     lay = layout(v, scale, zero_point, axis)
     base, v = base.contiguous(), v.contiguous()
     out = torch.empty_like(v)
@@ -109,7 +108,7 @@ def adaround_forward(base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, z
     if v.numel():
         _adaround_forward_kernel[lay["grid"]](base, v, out, reg, lay["scale"], lay["zp"], lay["C"], lay["T"],
                                               lay["INNER"], lay["P_STRIDE"], float(beta), _zero_pow(beta),
-                                              QMAX=code_max(bits), HARD=bool(hard), BC=lay["BC"], BT=lay["BT"])
+                                              *_rounding_args(), QMAX=code_max(bits), HARD=bool(hard), BC=lay["BC"], BT=lay["BT"])
     if hard:
         return out, torch.zeros((), device=v.device)
     return out, reg.sum()
@@ -118,10 +117,8 @@ def adaround_forward(base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, z
 def adaround_backward(grad: torch.Tensor, base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                       zero_point: torch.Tensor, bits: int, axis: int = 0, beta: float = 2.0, reg_grad: float = 0.0):
     """Triton twin of :func:`reference.adaround_backward`: ``(grad_v, grad_scale)``."""
-    _check(base, v, scale, zero_point, bits)
+    _check(v)
     check_float_dtype("grad", grad)
-    if grad.shape != v.shape:
-        raise ValueError(f"grad must have v's shape {tuple(v.shape)}, got {tuple(grad.shape)}")
     lay = layout(v, scale, zero_point, axis)
     grad, base, v = grad.contiguous(), base.contiguous(), v.contiguous()
     gv = torch.empty_like(v)
@@ -129,5 +126,5 @@ def adaround_backward(grad: torch.Tensor, base: torch.Tensor, v: torch.Tensor, s
     if v.numel():
         _adaround_backward_kernel[lay["grid"]](grad, base, v, gv, gs, lay["scale"], lay["zp"], lay["C"], lay["T"],
                                                lay["INNER"], lay["P_STRIDE"], float(beta), _zero_pow(beta - 1),
-                                               float(reg_grad), QMAX=code_max(bits), BC=lay["BC"], BT=lay["BT"])
+                                               float(reg_grad), *_rounding_args(), QMAX=code_max(bits), BC=lay["BC"], BT=lay["BT"])
     return gv, gs.sum(dim=0)

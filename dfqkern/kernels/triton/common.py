@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import Unsupported
+from ..contract import KERNEL_FLOATS, Unsupported, require_float
 
 
 def _interpret_mode() -> bool:
@@ -75,6 +75,12 @@ def load_codes(ptr, row_off, k, mask, SLOT: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- host helpers
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    """Decline float dtypes the kernels do not take (bfloat16 also under the interpreter)."""
+    require_float(name, t, KERNEL_FLOATS if not INTERPRET else (torch.float32, torch.float16),
+                  " (bfloat16 is not available under the Triton interpreter)" if INTERPRET else "")
+
 
 def check_device(**tensors) -> None:
     """Compiled kernels need CUDA tensors; the interpreter runs on any device."""

@@ -19,8 +19,9 @@ import triton.language as tl
 
 from ...formats import PackedWeight
 from .. import reference
+from ..contract import conv_output_size, pair, require_integer_dtype
 from .act_quant import launch_act_quant
-from .common import check_device, load_codes
+from .common import check_device, check_float_dtype, load_codes
 from .gemm import (WIDE_CENTER, autotune, check_out_dtype, m_bucket, store_output, tile_ids, weight_operand,
                    weight_tile, zero_point_correction)
 
@@ -111,34 +112,15 @@ def _depthwise_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr,
 
 # ----------------------------------------------------------------------------- host side
 
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, str):
-        raise reference.Unsupported(f"{name}={v!r}: the triton conv2d takes integer {name} only")
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
 def _geometry(x_shape, pw: PackedWeight, stride, padding, dilation, groups: int) -> dict:
-    if len(pw.shape) != 4:
-        raise ValueError(f"weight must be a packed Conv2d weight, got shape {pw.shape}")
-    (sh, sw), (ph, pwd), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(sh, sw, dh, dw) < 1 or min(ph, pwd) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
-                         f"padding={padding}, dilation={dilation}")
+    (sh, sw), (ph, pwd), (dh, dw) = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     n, c, h, w = x_shape
     o, cg, kh, kw = pw.shape
-    if c != cg * groups:
-        raise ValueError(f"x has {c} channels, weight expects {cg * groups} (groups={groups})")
     depthwise = groups > 1 and cg == 1 and groups == c and o % c == 0
     if groups != 1 and not depthwise:
         raise reference.Unsupported(f"triton conv2d supports groups=1 and depthwise (groups == channels), "
                                     f"got groups={groups} with {c} channels")
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pwd - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"output would be empty ({oh}x{ow}) for input {h}x{w} and kernel {kh}x{kw}")
+    oh, ow = conv_output_size(h, w, kh, kw, (sh, sw), (ph, pwd), (dh, dw))
     return dict(n=n, c=c, h=h, w=w, o=o, kh=kh, kw=kw, oh=oh, ow=ow, sh=sh, sw=sw, ph=ph, pw=pwd, dh=dh, dw=dw,
                 depthwise=depthwise)
 
@@ -178,15 +160,10 @@ def _out_like(x: torch.Tensor, g: dict, dtype: torch.dtype) -> torch.Tensor:
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
                dilation=1, groups: int = 1) -> torch.Tensor:
     """Triton twin of :func:`reference.conv2d_int` (uint8 codes, NCHW or channels-last; exact int32)."""
-    if x_codes.dim() != 4:
-        raise ValueError(f"x_codes must be NCHW, got shape {tuple(x_codes.shape)}")
     if x_codes.dtype != torch.uint8:
         raise reference.Unsupported(f"triton conv2d_int takes uint8 codes, got {x_codes.dtype}")
     g = _geometry(tuple(x_codes.shape), pw, stride, padding, dilation, groups)
     zp = torch.as_tensor(x_zero_point, device=x_codes.device).reshape(-1)
-    if zp.numel() != 1:
-        raise ValueError(f"x_zero_point must have one element, got shape {tuple(zp.shape)}")
-    reference._check_same_device(x_codes=x_codes, x_zero_point=zp, weight=pw.data)
     check_device(x_codes=x_codes, weight=pw.data)
     out = _out_like(x_codes, g, torch.int32)
     return _launch(x_codes, tuple(x_codes.stride()), zp, zp, pw, g, None, out, float_out=False)
@@ -196,17 +173,11 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
            act: reference.ActQuant | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton twin of :func:`reference.conv2d`: quantize into NHWC codes (1 launch) + conv with epilogue (1 launch)."""
-    reference._check_float("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
     g = _geometry(tuple(x.shape), pw, stride, padding, dilation, groups)
-    reference._check_same_device(x=x, weight=pw.data, bias=bias)
-    if bias is not None and bias.numel() != g["o"]:
-        raise ValueError(f"bias must have {g['o']} elements, got {bias.numel()}")
     if act is None:
         raise reference.Unsupported("triton conv2d needs quantized activations (act=None is weight-only)")
-    if act.per_token:
-        raise ValueError("act.per_token is not supported for conv2d; use per-tensor activation quantization")
+    check_float_dtype("x", x)
+    require_integer_dtype("act.zero_point", act.zero_point)
     out_dtype = out_dtype or x.dtype
     check_out_dtype(out_dtype)
     check_device(x=x)

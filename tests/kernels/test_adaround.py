@@ -1,0 +1,80 @@
+"""adaround_forward / adaround_backward on every backend row against the reference.
+
+Exact: hard rounding and its zero regularizer. Soft ``w_hat`` / ``grad_V``: the kernels' own
+exp / log / sigmoid differ from torch's by a few fp32 ulps (rtol 1e-5 fp32, one ulp fp16; the CUDA
+backward 1e-4). Regularizer and scale gradient: fp32 sums in another order (``SUM_REL``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfqkern.formats import symmetric_zero_point
+from dfqkern.kernels import reference as R
+from kernel_cases import SUM_REL, assert_close, assert_equal, assert_sum_close, rand_x
+
+AR_CASES = [  # (shape, axis)
+    ((37, 50), 0), ((16, 3, 3, 3), 0), ((7, 300), None), ((5, 9), 1), ((17, 33), 0), ((6, 5, 3, 3), 0),
+    ((33,), None), ((24, 3, 3, 3), 1),
+]
+
+
+def _inputs(row, gen, shape, axis, bits, symmetric, dtype):
+    w = rand_x(row, gen, *shape, scale=1.0)
+    n = 1 if axis is None else shape[axis]
+    amax = w.abs().amax() if axis is None else w.abs().amax(dim=[d for d in range(w.dim()) if d != axis])
+    s = (amax / (symmetric_zero_point(bits) - 1)).reshape(n)
+    if symmetric:
+        z = row.dev(torch.full((n,), symmetric_zero_point(bits), dtype=torch.int32))
+    else:
+        s = s / 2  # narrower grid: some weights clip
+        z = row.dev(torch.randint(0, 2 ** bits, (n,), generator=gen, dtype=torch.int32))
+    if axis is None:
+        s, z = s.reshape(()), z.reshape(())
+    base = R.adaround_base(w, s, axis)
+    v = (R.adaround_init_v(w, s, axis) + rand_x(row, gen, *shape, scale=2.0)).to(dtype)
+    return w, base, v, s, z
+
+
+@pytest.mark.parametrize("shape,axis", AR_CASES)
+@pytest.mark.parametrize("beta", [2.0, 7.3, 20.0])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_adaround_forward_backward(row, gen, shape, axis, beta, bits, symmetric, dtype):
+    w, base, v, s, z = _inputs(row, gen, shape, axis, bits, symmetric, dtype)
+    why = dict(row=row.id, shape=shape, axis=axis, beta=beta, bits=bits, dtype=dtype)
+    rtol = 1e-5 if dtype == torch.float32 else 2.0 ** -10
+    rel = SUM_REL[row.backend]
+
+    wh, reg = row.call("adaround_forward", base, v, s, z, bits, axis, beta)
+    rwh, rreg = R.adaround_forward(base, v, s, z, bits, axis, beta)
+    assert wh.dtype == rwh.dtype
+    assert_close(wh, rwh, rtol=rtol, atol=1e-6 * float(rwh.abs().max().float()), op="w_hat", **why)
+    terms = (1 - (2 * R.rectified_sigmoid(v.float()) - 1).abs().pow(beta)).abs().sum()
+    assert reg.shape == rreg.shape == ()
+    assert abs(float(reg) - float(rreg)) <= rel * float(terms) + 1e-6, (float(reg), float(rreg), why)
+
+    hw, hreg = row.call("adaround_forward", base, v, s, z, bits, axis, beta, True)
+    rhw, rhreg = R.adaround_forward(base, v, s, z, bits, axis, beta, True)
+    assert_equal(hw, rhw, op="hard adaround", **why)
+    assert float(hreg) == float(rhreg) == 0.0
+
+    g = rand_x(row, gen, *shape, scale=1.0)
+    gv, gs = row.call("adaround_backward", g, base, v, s, z, bits, axis, beta, 0.01)
+    rgv, rgs = R.adaround_backward(g, base, v, s, z, bits, axis, beta, 0.01)
+    gv_rtol = 1e-4 if row.backend == "cuda" else rtol
+    assert_close(gv, rgv, rtol=gv_rtol, atol=1e-5 * float(rgv.abs().max().float()), op="grad_v", **why)
+    terms = R.reduce_to_param((g.float() * rwh.float() / R.broadcast_param(s, w, axis)).abs(), axis)
+    assert_sum_close(gs, rgs, terms, rel, op="grad_scale", **why)
+
+
+def test_adaround_regularizer_gradient_is_included(row, gen):
+    w = rand_x(row, gen, 4, 9, scale=0.3)
+    scale, zp = row.dev(torch.full((4,), 0.05)), row.dev(torch.full((4,), 2))
+    base, v = R.adaround_base(w, scale), R.adaround_init_v(w, scale)
+    g = torch.zeros_like(v)
+    gv0, _ = row.call("adaround_backward", g, base, v, scale, zp, 2, 0, 2.0, 0.0)
+    gv1, _ = row.call("adaround_backward", g, base, v, scale, zp, 2, 0, 2.0, 0.5)
+    assert float(gv0.abs().max()) == 0.0 and float(gv1.abs().max()) > 0.0
+    assert_close(gv1, R.adaround_backward(g, base, v, scale, zp, 2, 0, 2.0, 0.5)[0], rtol=1e-5, atol=1e-7)
