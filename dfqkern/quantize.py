@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import LayerQuant, QuantConfig
-from .nn import QuantConv2d, QuantLayer, QuantLinear
+from .nn import ActQuantizer, QuantConv2d, QuantLayer, QuantLinear, WeightQuantizer
 from .nn.conv import unsupported_reason
 from .nn.observe import batches_of, observe_activations
 
@@ -121,16 +121,22 @@ def _candidates(model: nn.Module, cfg: QuantConfig, report: QuantReport) -> list
     return out
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace: bool = False,
+                   backend: str | None = None) -> nn.Module:
     """A copy of ``model`` with Linear / Conv2d layers swapped for QuantLinear / QuantConv2d (fake-quant mode).
 
     BatchNorm is folded first (``config.fold_bn``). Weight quantizers are initialised from the
     weights right away; activation quantizers need data: :func:`calibrate_activations`. The
     report (``model.dfqkern_report``) lists per-layer bits and every module left in float.
+    ``backend`` forces one kernel backend for the quantized layers (:func:`set_backend`).
     """
     cfg = config or QuantConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        from .kernels import Backend
+
+        Backend.parse(backend)  # a bad name fails before the model is copied
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     report = QuantReport()
@@ -145,6 +151,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace:
         log.info("left in float: %s (%s)", name, reason)
     qmodel.dfqkern_report = report
     qmodel.dfqkern_config = cfg
+    if backend is not None:
+        set_backend(qmodel, backend)
     return qmodel
 
 
@@ -155,6 +163,19 @@ def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayer]]:
 def calibrate_activations(model: nn.Module, data, batch_size: int = 32, device=None, progress: bool = True) -> nn.Module:
     """Observer calibration: run ``data`` (a tensor of inputs or an iterable of batches) and set activation ranges."""
     return observe_activations(model, batches_of(data, batch_size), device, progress)
+
+
+def set_backend(model: nn.Module, backend: str | None) -> nn.Module:
+    """Force kernel ``backend`` ('reference', 'cpu', 'triton', 'cuda'; ``None``: dispatch picks by device
+    and ``$DFQKERN_BACKEND``) for every quantized layer and quantizer of ``model``; strict: a backend that
+    cannot serve a call raises instead of falling back."""
+    from .kernels import Backend
+
+    name = None if backend is None else Backend.parse(backend).value
+    for m in model.modules():
+        if isinstance(m, (QuantLayer, ActQuantizer, WeightQuantizer)):
+            m.backend = name
+    return model
 
 
 def pack_model(model: nn.Module) -> nn.Module:

@@ -386,3 +386,36 @@ def test_a3_calibrates_in_fake_quant_and_pack_names_the_layer():
     assert not any(layer.is_packed for _, layer in quant_layers(q))  # nothing was packed half-way
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()
+
+
+def test_backend_choice_reaches_every_quantized_module():
+    """``quantize_model(backend=)`` / ``set_backend`` / ``CalibConfig(backend=)`` force the kernel backend of
+    fake-quant and packed calls (strict: a backend that cannot serve the call raises)."""
+    from dfqkern.calib import CalibConfig, calibrate
+    from dfqkern.quantize import set_backend
+
+    model = randomize_bn(create_model("digits_cnn"))
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quantize_model(model, QuantConfig(**FAST), backend="tpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        CalibConfig(backend="tpu")
+    q = quantize_model(model, QuantConfig(**FAST), backend="reference")
+    quantizers = [m for m in q.modules() if hasattr(m, "backend") and m is not q]
+    assert quantizers and {m.backend for m in quantizers} == {"reference"}
+    calibrate_activations(q, x, progress=False)
+    set_backend(q, "triton")  # triton runs on CUDA tensors only: the forced choice must surface
+    with pytest.raises(RuntimeError, match="backend 'triton'"), torch.no_grad():
+        q(x)
+    set_backend(q, None)
+    calibrate(q, model, x, CalibConfig(method="observer", backend="reference", progress=False))
+    assert {m.backend for m in quantizers} == {None}  # calibration's backend does not stick
+    pack_model(q)
+    set_backend(q, "reference")
+    with torch.no_grad():
+        ref = q(x)
+        set_backend(q, "triton")
+        with pytest.raises(RuntimeError, match="backend 'triton'"):
+            q(x)
+        set_backend(q, None)
+        torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)

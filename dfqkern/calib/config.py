@@ -65,6 +65,8 @@ class CalibConfig:
     memory_budget_mb: block inputs/outputs beyond this are spilled to safetensors files in
     ``spill_dir`` (a temporary directory when ``None``). checkpoint_dir: a per-unit checkpoint is
     written there and a rerun with the same config and data resumes after the last finished unit.
+    backend: the kernel backend calibration runs on ('reference', 'cpu', 'triton', 'cuda'; ``None``:
+    dispatch picks by device and ``$DFQKERN_BACKEND``); the model's own choice is restored afterwards.
     """
 
     method: str = "qdrop"
@@ -84,6 +86,7 @@ class CalibConfig:
     memory_budget_mb: float = 2048.0
     spill_dir: str | None = None
     checkpoint_dir: str | None = None
+    backend: str | None = None
     progress: bool = True
     version: int = CALIB_CONFIG_VERSION
 
@@ -107,6 +110,10 @@ class CalibConfig:
             raise ValueError(f"drop_prob must be in [0, 1] or None, got {self.drop_prob!r}")
         if self.observe_samples is not None:
             _positive("observe_samples", self.observe_samples, int)
+        if self.backend is not None:
+            from ..kernels import Backend
+
+            object.__setattr__(self, "backend", Backend.parse(self.backend).value)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if self.version != CALIB_CONFIG_VERSION:

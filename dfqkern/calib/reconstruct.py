@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import QuantLayer
+from ..nn import ActQuantizer, QuantLayer, WeightQuantizer
 from ..nn.observe import batches_of, observe_activations
 from .capture import ActivationStore, capture, quantization_disabled
 from .config import CalibConfig
@@ -209,6 +209,21 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
     cfg = config or CalibConfig()
     if not isinstance(cfg, CalibConfig):
         raise TypeError(f"config must be a CalibConfig, got {type(cfg).__name__}")
+    if cfg.backend is None:
+        return _calibrate(qmodel, fp_model, data, cfg)
+    from ..quantize import set_backend
+
+    before = {m: m.backend for m in qmodel.modules() if isinstance(m, (QuantLayer, ActQuantizer, WeightQuantizer))}
+    set_backend(qmodel, cfg.backend)
+    try:
+        return _calibrate(qmodel, fp_model, data, cfg)
+    finally:
+        for m, backend in before.items():
+            m.backend = backend
+
+
+def _calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, cfg: CalibConfig) -> nn.Module:
+    """The body of :func:`calibrate` (quantizers on the chosen backend)."""
     if not isinstance(qmodel, nn.Module) or not any(isinstance(m, QuantLayer) for m in qmodel.modules()):
         raise ValueError("qmodel must be a model with quantized layers (dfqkern.quantize.quantize_model)")
     if any(m.is_packed for m in qmodel.modules() if isinstance(m, QuantLayer)):
@@ -279,3 +294,4 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
     report.seconds = time.perf_counter() - t_start
     qmodel.dfqkern_calib_report = report
     return qmodel
+

@@ -34,6 +34,7 @@ class QuantLayer(nn.Module):
             lq.act_bits, cfg.act_symmetric, token_acts and cfg.act_granularity == "per_token", cfg.act_observer,
             cfg.observer_spec, seed=cfg.seed)
         self.is_packed = False
+        self.backend: str | None = None  # kernel backend of the packed ops (None: dispatch picks); see set_backend
         if packed:
             self._make_packed_buffers(torch.zeros(out_channels, packed_width(k, lq.weight_bits), dtype=torch.uint8),
                                       torch.ones(out_channels), torch.zeros(out_channels, dtype=torch.int32))
@@ -109,13 +110,14 @@ class QuantLayer(nn.Module):
                                   self.reduction_size, self.weight_shape)
 
     def packed_act_kwargs(self) -> dict:
-        """Activation arguments of the packed custom ops (see :mod:`dfqkern.autograd`)."""
+        """Activation (and backend) arguments of the packed custom ops (see :mod:`dfqkern.autograd`)."""
         a = self.a_quant
         if a is None:
-            return {}
+            return {"backend": self.backend}
         if a.per_token:
-            return {"abits": a.bits, "act_symmetric": a.symmetric, "per_token": True}
-        return {"abits": a.bits, "act_symmetric": a.symmetric, "a_scale": a.scale.detach(), "a_zero": a.zero_point}
+            return {"abits": a.bits, "act_symmetric": a.symmetric, "per_token": True, "backend": self.backend}
+        return {"abits": a.bits, "act_symmetric": a.symmetric, "a_scale": a.scale.detach(), "a_zero": a.zero_point,
+                "backend": self.backend}
 
     def extra_repr(self) -> str:
         return (f"w{self.lq.weight_bits}"

@@ -33,6 +33,7 @@ class WeightQuantizer(nn.Module):
         self.beta = 2.0  # AdaRound regularizer exponent, annealed by calibration
         self.last_reg: torch.Tensor | None = None  # regularizer of the last soft forward
         self.enabled = True
+        self.backend: str | None = None  # kernel backend forced for this quantizer (None: dispatch picks)
 
     @property
     def bits(self) -> int:  # fixed at construction from the layer's LayerQuant: one owner of the width
@@ -71,9 +72,9 @@ class WeightQuantizer(nn.Module):
         if not self.enabled:
             return w
         if self.rounding == "nearest":
-            return fake_quant(w, self.scale, self.zero_point, self.bits, axis=0)
+            return fake_quant(w, self.scale, self.zero_point, self.bits, axis=0, backend=self.backend)
         w_hat, reg = adaround(self.base, self.alpha, self.scale, self.zero_point, self.bits, 0, self.beta,
-                              hard=self.rounding == "hard")
+                              hard=self.rounding == "hard", backend=self.backend)
         self.last_reg = None if self.rounding == "hard" else reg
         return w_hat
 
@@ -117,6 +118,7 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.seed = seed
         self._calls = 0  # advances the QDrop seed so every forward draws a fresh mask, reproducibly
+        self.backend: str | None = None  # kernel backend forced for this quantizer (None: dispatch picks)
         self.tracker: RangeTracker | None = None
 
     @property
@@ -155,7 +157,8 @@ class ActQuantizer(nn.Module):
         if self.per_token:
             x2d = x.reshape(-1, x.shape[-1])
             scale, zp = R.token_qparams(x2d.detach(), self.bits, self.symmetric)
-            return fake_quant(x2d, scale.to(x.device), zp.to(x.device), self.bits, axis=0).reshape(x.shape)
+            return fake_quant(x2d, scale.to(x.device), zp.to(x.device), self.bits, axis=0,
+                              backend=self.backend).reshape(x.shape)
         if self.mode == "observe":
             self.tracker.update(x)
             return x
@@ -166,4 +169,5 @@ class ActQuantizer(nn.Module):
         if drop > 0:
             seed = (self.seed * 1000003 + self._calls) & 0x7FFFFFFF
             self._calls += 1
-        return fake_quant(x, self.scale, self.zero_point, self.bits, None, drop_prob=drop, seed=seed)
+        return fake_quant(x, self.scale, self.zero_point, self.bits, None, drop_prob=drop, seed=seed,
+                          backend=self.backend)
