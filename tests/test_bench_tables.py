@@ -11,16 +11,21 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def datafree():
+def _bench_module(name: str):
+    """Import ``bench/<name>.py`` (the bench scripts import each other by plain name)."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("datafree_cifar10", BENCH / "datafree_cifar10.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def datafree():
+    return _bench_module("datafree_cifar10")
 
 
 def _row(setting, source, mode, seed, top1, variant=None):
@@ -72,14 +77,7 @@ def test_legacy_rows_migrate_to_ce1_and_the_summary_pairs_the_defaults(datafree)
 
 @pytest.fixture(scope="module")
 def edge():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("accuracy_edge_cifar10", BENCH / "accuracy_edge_cifar10.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return _bench_module("accuracy_edge_cifar10")
 
 
 def _edge_results(edge, tops: dict, data="real", setting="w4a4", kept=None, reverted=()):
