@@ -34,11 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_cifar10 import MODEL, ROOT, SETTINGS, choice_list, git_commit, open_cifar10, run_row, save  # noqa: E402
 
 from dfqkern.data import calibration_tensor  # noqa: E402
-from dfqkern.datagen import generate_bn_inversion_set, load_synthetic  # noqa: E402
+from dfqkern.datagen import filter_synthetic_set, generate_bn_inversion_set, load_synthetic  # noqa: E402
 from dfqkern.datagen.bn_inversion import DEFAULT_CE_WEIGHT  # noqa: E402
+from dfqkern.datagen.config import BNInversionConfig, parse_filters, pool_size  # noqa: E402
 from dfqkern.pipeline import tensor_transform  # noqa: E402
 
 SOURCES = ("dgh", "genie")
+# The table's source names -> dfqkern's inversion methods. "genie" rows were made by the labelled genie
+# that dfqkern now calls genie-labels (the name genie is Genie as published: no labels, swing on the
+# model's strided convs); the row keys and cached set directories keep "genie", so they still match.
+INVERSION_METHOD = {"dgh": "dgh", "genie": "genie-labels"}
 LABEL_MODES = ("single", "mixup")
 DF_SETTINGS = ("w4a4", "w3a3", "w2a4")
 TARGET_DROP = {"w4a4": 2.0}  # data-free, first/last 8-bit
@@ -47,12 +52,19 @@ TIME_LIMIT_S = 20 * 60  # generation + calibration per setting
 REAL_RESULTS = ROOT / "bench" / "results" / "cifar10_real.json"
 
 
-def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str) -> str:
-    """The inversion options a set was made with, as a short tag: 'ce0.5', 'ce1-a0.5' (mixup Dirichlet alpha)."""
+def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str, filters: str = "") -> str:
+    """The inversion options a set was made with, as a short tag: 'ce0.5', 'ce1-a0.5' (mixup Dirichlet alpha),
+    'ce0.5-energy0.5' (GenQ filter chain ``filters``, e.g. 'energy:0.5+bn:0.5'; '' or 'none': unfiltered)."""
     tags = [f"ce{ce_weight:g}"]
     if label_mode == "mixup" and dirichlet_alpha != 1.0:
         tags.append(f"a{dirichlet_alpha:g}")
+    tags += [f"{s.kind}{s.keep_fraction:g}" for s in filter_steps(filters)]
     return "-".join(tags)
+
+
+def filter_steps(chain: str):
+    """A chain from ``--filter-chains``: steps joined by '+' ('energy:0.5+bn:0.5'); 'none' or '': no filter."""
+    return [] if chain in ("", "none") else parse_filters(chain.split("+"))
 
 
 def dataset_key(method: str, label_mode: str, seed: int, images: int, gen_iters: int, variant: str) -> str:
@@ -77,18 +89,66 @@ def migrate(results: dict) -> dict:
 
 
 def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, images: int, gen_iters: int,
-             progress: bool, ce_weight: float = 1.0, dirichlet_alpha: float = 1.0) -> tuple[Path, dict]:
-    """The synthetic set (generated now, or resumed / reused from ``work_dir``) and its timing."""
+             progress: bool, ce_weight: float = 1.0, dirichlet_alpha: float = 1.0,
+             filters: str = "") -> tuple[Path, dict]:
+    """The synthetic set (generated now, or resumed / reused from ``work_dir``), its timing and the options
+    it was made with. ``method`` is the table's source name (``INVERSION_METHOD``). With ``filters`` a pool
+    of images / (product of keep fractions) is generated and filtered down to ``images``."""
     spec = fp_model.dfqkern_input_spec
-    variant = variant_name(ce_weight, dirichlet_alpha, label_mode)
-    out = work_dir / f"{method}-{label_mode}-n{images}-it{gen_iters}-s{seed}-{variant}"
+    steps = filter_steps(filters)
+    pool = pool_size(images, steps)
+    base = f"{method}-{label_mode}-n{{}}-it{gen_iters}-s{seed}-{variant_name(ce_weight, dirichlet_alpha, label_mode)}"
+    pool_dir = work_dir / base.format(pool)
     wall, cpu = time.perf_counter(), time.process_time()
-    # shard_size = images: dgh matches the statistics of the whole set, not of one shard.
-    generate_bn_inversion_set(out, fp_model, num_images=images, input_shape=spec.input_size, mean=spec.mean,
-                              std=spec.std, method=method, label_mode=label_mode, iters=gen_iters, seed=seed,
-                              shard_size=images, model_id=MODEL, progress=progress, ce_weight=ce_weight,
-                              dirichlet_alpha=dirichlet_alpha)
-    return out, {"gen_wall_s": round(time.perf_counter() - wall, 1), "gen_cpu_s": round(time.process_time() - cpu, 1)}
+    options = dict(method=INVERSION_METHOD[method], label_mode=label_mode, iters=gen_iters, seed=seed,
+                   ce_weight=ce_weight, dirichlet_alpha=dirichlet_alpha)
+    # shard_size = the set: dgh matches the statistics of the whole set, not of one shard.
+    generate_bn_inversion_set(pool_dir, fp_model, num_images=pool, input_shape=spec.input_size, mean=spec.mean,
+                              std=spec.std, shard_size=pool, model_id=MODEL, progress=progress, **options)
+    out, chain = pool_dir, None
+    if steps:
+        out = work_dir / f"{base.format(images)}-{variant_name(ce_weight, dirichlet_alpha, label_mode, filters)}"
+        filter_synthetic_set(pool_dir, out, fp_model, steps, num_images=images, progress=progress,
+                             transform=tensor_transform(spec))
+        chain = load_synthetic(out, verify=False).manifest["filter"]["chain"]
+    cfg = BNInversionConfig.build(**options).to_dict()
+    used = {"method": cfg["method"], "label_mode": cfg["label_mode"], "ce_weight": cfg["options"]["ce_weight"],
+            "dirichlet_alpha": dirichlet_alpha if label_mode == "mixup" else None, "iters": gen_iters,
+            "shard_size": pool, "augment": cfg["options"]["augment"],
+            "input_prior_weight": cfg["options"]["input_prior_weight"], "pool_images": pool,
+            "filter": [{k: c[k] for k in ("kind", "keep_fraction", "candidates", "kept")} for c in chain or []]}
+    if chain and chain[-1]["kind"] == "bn":
+        used["filter_bn_loss"] = chain[-1]["set_bn_loss"]
+    return out, {"gen_wall_s": round(time.perf_counter() - wall, 1), "gen_cpu_s": round(time.process_time() - cpu, 1),
+                 "options": used}
+
+
+def dataset_options(ds: dict, r: dict, images: int) -> dict:
+    """The options a row's set was made with: recorded since the method split, else what the earlier runs used
+    (genie = the labelled genie, the whole set as dgh's statistics, no augmentation / input prior / filter)."""
+    if "options" in ds:
+        return ds["options"]
+    ce = r.get("ce_weight", float(r["variant"].split("-")[0][2:]))  # the variant starts with 'ce<weight>'
+    return {"method": INVERSION_METHOD[r["source"]], "label_mode": r["label_mode"], "ce_weight": ce,
+            "dirichlet_alpha": r.get("dirichlet_alpha"), "shard_size": images, "augment": "none",
+            "input_prior_weight": 0.0, "pool_images": images, "filter": []}
+
+
+def options_text(o: dict) -> str:
+    parts = [f"`{o['method']}`", f"labels {o['label_mode']}"]
+    if o["label_mode"] != "none":
+        parts.append(f"ce {o['ce_weight']:g}")
+    if o.get("dirichlet_alpha") is not None:
+        parts.append(f"Dirichlet({o['dirichlet_alpha']:g})")
+    if o["method"] == "dgh":
+        parts.append(f"BN statistics of all {o['shard_size']} images" if o["shard_size"] >= o["pool_images"]
+                     else f"BN statistics per {o['shard_size']}-image shard")
+    parts.append(f"augment {o['augment']}")
+    if o["input_prior_weight"]:
+        parts.append(f"input prior {o['input_prior_weight']:g}")
+    chain = " then ".join(f"{f['kind']} keeps {f['kept']} of {f['candidates']}" for f in o["filter"])
+    parts.append(f"filter: {chain}" if chain else "no filter")
+    return ", ".join(parts)
 
 
 def target_agreement(fp_model, synthetic) -> dict:
@@ -145,7 +205,8 @@ def render_markdown(results: dict) -> str:
         f"target cross-entropy in the inversion loss is part of the data name: `ce1`, `ce0.5`), then "
         f"`{meta['calib_method']}` reconstruction with {meta['calib_iters']} iterations per unit, first/last layer "
         f"8-bit, exactly as the real-data table (`cifar10_real.md`). The seed drives generation and calibration. "
-        f"torch threads: {meta['threads']}; machine: {meta['machine']}.",
+        f"Data `genie` is dfqkern's labelled genie (method `genie-labels`); every data name's options are listed "
+        f"under *Options per data name*. torch threads: {meta['threads']}; machine: {meta['machine']}.",
         "",
         "`target hit / mass`: the FP model's top-1 agreement with each image's dominant target class and its "
         "mean softmax mass on the target classes. `total s` = generation + calibration wall time (the set is "
@@ -199,6 +260,14 @@ def render_markdown(results: dict) -> str:
                     continue
                 diff = "" if s_mean is None or m_mean is None else f"{m_mean - s_mean:+.2f}"
                 lines.append(f"| {setting} | {source} | {name} | {s_txt} | {m_txt} | {diff} |")
+    opts = {}
+    for r in rows:
+        o = dataset_options(results["datasets"][r["dataset"]], r, meta["images"])
+        opts.setdefault(_data_name(r), set()).add(options_text(o))
+    lines += ["", "## Options per data name", "",
+              f"{meta['gen_iters']} inversion iterations and {meta['images']} kept images everywhere.", "",
+              "| data | options |", "|---|---|"]
+    lines += [f"| {name} | {'; '.join(sorted(texts))} |" for name, texts in sorted(opts.items())]
     lines += ["", f"Package commit at the last run: `{meta['commit']}`.", ""]
     return "\n".join(lines)
 
@@ -216,6 +285,9 @@ def main(argv=None) -> int:
                    help="comma list of weights of the target cross-entropy in the inversion loss (each runs "
                         "both label modes; dfqkern's defaults: 1 for single labels, 0.5 for mixup)")
     p.add_argument("--dirichlet-alpha", type=float, default=1.0, help="Dirichlet concentration of mixup weights")
+    p.add_argument("--filter-chains", default="none",
+                   help="comma list of GenQ filter chains, steps joined by '+' ('none,energy:0.5,energy:0.5+bn:0.5'): "
+                        "each generates IMAGES / (product of keep fractions) images and keeps IMAGES")
     p.add_argument("--calib-method", default="qdrop", choices=("brecq", "qdrop", "genie"))
     p.add_argument("--calib-iters", type=int, default=1000, help="reconstruction iterations per unit")
     p.add_argument("--threads", type=int, default=2)
@@ -237,6 +309,11 @@ def main(argv=None) -> int:
         p.error(f"--ce-weights: expected a comma list of numbers, got {args.ce_weights!r}")
     if not ce_weights or any(not w >= 0 for w in ce_weights):
         p.error(f"--ce-weights: expected numbers >= 0, got {args.ce_weights!r}")
+    chains = [c for c in args.filter_chains.split(",") if c]
+    try:
+        [filter_steps(c) for c in chains]
+    except ValueError as err:
+        p.error(f"--filter-chains: {err}")
     torch.set_num_threads(args.threads)
     cache = Path(os.environ.get("DFQKERN_CACHE_DIR") or Path.home() / ".cache" / "dfqkern")
     work_dir = Path(args.work_dir) if args.work_dir else cache / "bench-datafree"
@@ -259,10 +336,10 @@ def main(argv=None) -> int:
     render = render_markdown
 
     # Seed-major order: a partial run already holds a complete single-vs-mixup comparison per seed.
-    jobs = [(seed, source, ce, mode) for seed in seeds for source in lists["sources"] for ce in ce_weights
-            for mode in lists["label_modes"]]
-    for seed, source, ce, mode in jobs:
-        variant = variant_name(ce, args.dirichlet_alpha, mode)
+    jobs = [(seed, source, ce, mode, chain) for seed in seeds for source in lists["sources"] for ce in ce_weights
+            for mode in lists["label_modes"] for chain in chains]
+    for seed, source, ce, mode, chain in jobs:
+        variant = variant_name(ce, args.dirichlet_alpha, mode, chain)
         dkey = dataset_key(source, mode, seed, args.images, args.gen_iters, variant)
         pending = [s for s in lists["settings"]
                    if f"{s}|{dkey}|{args.calib_method}|{args.calib_iters}" not in results["rows"]]
@@ -271,7 +348,7 @@ def main(argv=None) -> int:
             continue
         print(f"data {dkey}", flush=True)
         set_dir, timing = generate(fp_model, work_dir, source, mode, seed, args.images, args.gen_iters,
-                                   args.progress, ce, args.dirichlet_alpha)
+                                   args.progress, ce, args.dirichlet_alpha, chain)
         synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
         if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
             results["datasets"][dkey] = {**timing, **target_agreement(fp_model, synthetic), "path": str(set_dir)}

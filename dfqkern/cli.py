@@ -51,14 +51,22 @@ def _emit(result, json_out):
     print(text)
 
 
+def _check_json_out(args) -> None:
+    if args.json_out:  # before the work, not after it
+        from .outputs import check_output_file
+
+        check_output_file(args.json_out, "--json-out")
+
+
 def cmd_quantize(args) -> int:
     from .pipeline import QuantizeJob, run_quantize
 
+    _check_json_out(args)
     job = QuantizeJob(model=args.model, calib_data=args.calib_data, out=args.out, config=_config(args),
                       checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
                       num_calib=args.num_calib, method=args.method, iters=args.iters, batch_size=args.batch_size,
                       eval_data=args.eval_data, eval_limit=args.eval_limit, overwrite=args.overwrite,
-                      device=args.device)
+                      device=args.device, resume=not args.no_resume)
     _emit(run_quantize(job), args.json_out)
     return 0
 
@@ -68,6 +76,7 @@ def cmd_eval(args) -> int:
 
     if bool(args.model) == bool(args.quantized):
         raise SystemExit("dfqkern eval: give exactly one of --model (float) or --quantized (packed checkpoint dir)")
+    _check_json_out(args)
     if args.quantized:
         from .io import load_quantized
 
@@ -106,7 +115,67 @@ def _given(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+BN_OPTIONS = ("method", "label_mode", "mixup_k", "iters", "batch_size", "seed", "ce_weight", "augment", "jitter",
+              "input_prior_weight")
+
+
+def _check_generate(args) -> None:
+    """What generate can check before a model is built or a pipeline loaded: a bad option must not
+    fail after them, nor leave a run file in --out."""
+    import dataclasses
+
+    from .datagen.config import BNInversionConfig, DiffusionConfig
+    from .outputs import check_output_dir
+
+    if args.num_images < 1:
+        raise ValueError(f"num_images (--num-images) must be >= 1, got {args.num_images}")
+    if args.source == "bn-inversion":
+        BNInversionConfig.build(**_given(args, BN_OPTIONS))
+    else:
+        fields = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(DiffusionConfig)}
+        if args.resolution is not None:
+            fields.update(height=args.resolution, width=args.resolution)
+        DiffusionConfig.build(**{k: v for k, v in fields.items() if v is not None})
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"batch_size (--batch-size) must be >= 1, got {args.batch_size}")
+    check_output_dir(args.out, "--out", overwrite=True)  # an existing set is resumed
+
+
+def _locked_out(command):
+    """Check the arguments, then run ``command`` holding the lock on its --out (one writer at a time)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        from .outputs import OutputLock
+
+        _check_generate(args)
+        with OutputLock(args.out, "--out"):
+            return command(args)
+
+    return run
+
+
+@_locked_out
 def cmd_generate(args) -> int:
+    from .datagen.config import parse_filters, pool_size
+
+    steps = parse_filters(args.filter)
+    model = None
+    if args.model:
+        from .models import create_model
+
+        model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                             pretrained=args.pretrained)
+    elif args.source == "bn-inversion" or steps:
+        raise SystemExit(f"dfqkern generate: {'--filter' if steps else '--source bn-inversion'} needs --model")
+    target, num = args.out, args.num_images
+    if steps:  # over-generate a pool, then keep --num-images of it
+        from .pipeline import pool_dir
+
+        target, num = pool_dir(args.out), pool_size(args.num_images, steps)
+        print(f"filters {', '.join(f'{s.kind}:{s.keep_fraction:g}' for s in steps)}: a pool of {num} images in "
+              f"{target}, {args.num_images} kept in {args.out}")
     if args.source == "diffusion":
         if not args.pipeline:
             raise SystemExit("dfqkern generate: --source diffusion needs --pipeline (hub id or local directory)")
@@ -116,19 +185,21 @@ def cmd_generate(args) -> int:
                                 "negative_prompt", "output_size", "classes", "batch_size"))
         if args.resolution is not None:
             options.update(height=args.resolution, width=args.resolution)
-        out = generate_diffusion_set(args.out, args.pipeline, num_images=args.num_images, scheduler=args.scheduler,
+        out = generate_diffusion_set(target, args.pipeline, num_images=num, scheduler=args.scheduler,
                                      device=args.device, overwrite=args.overwrite, **options)
     else:
-        if not args.model:
-            raise SystemExit("dfqkern generate: --source bn-inversion needs --model")
-        from .models import create_model
-        from .pipeline import generate_bn_inversion
+        from .pipeline import generate_bn_inversion, plan_bn_inversion
 
-        model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                             pretrained=args.pretrained)
-        options = _given(args, ("method", "label_mode", "mixup_k", "iters", "batch_size", "seed", "ce_weight"))
-        out = generate_bn_inversion(model, args.out, args.num_images, overwrite=args.overwrite, device=args.device,
-                                    **options)
+        options = _given(args, BN_OPTIONS)
+        plan = plan_bn_inversion(model, None if args.overwrite else target, num, device=args.device,
+                                 shard_size=args.shard_size, **options)
+        print(plan.describe())
+        out = generate_bn_inversion(model, target, num, overwrite=args.overwrite, device=args.device,
+                                    shard_size=plan.shard_size, **options)
+    if steps:
+        from .pipeline import filter_generated
+
+        out = filter_generated(model, out, args.out, steps, args.num_images, overwrite=args.overwrite)
     print(f"synthetic set in {out} (use it with --calib-data synthetic:{out})")
     return 0
 
@@ -163,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-limit", type=int)
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--no-resume", action="store_true", help="reconstruction methods: start over instead of "
+                   "resuming a killed run from OUT.partial/ (kept while a run is unfinished, removed on success)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--json-out")
     _add_quant_flags(q)
@@ -191,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     import inspect
 
     from .datagen import generate_diffusion_set
-    from .datagen.config import DEFAULT_CE_WEIGHT, LABEL_MODES
+    from .datagen.config import (AUGMENTS, DEFAULT_CE_WEIGHT, DEFAULT_INPUT_PRIOR_WEIGHT, DEFAULT_LABEL_MODE,
+                                 DEFAULT_SHARD_SIZE, DGH_MEMORY_FRACTION, FILTER_KINDS, LABEL_MODES)
     from .datagen.config import METHODS as BN_METHODS, BNInversionConfig as BN, DiffusionConfig as DC
     from .datagen.prompts import MIXUP_LEVELS, PROMPT_MODES
 
@@ -222,17 +296,34 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--negative-prompt")
     gd.add_argument("--scheduler")
     gb = g.add_argument_group("bn-inversion")
-    gb.add_argument("--model", help="registry name, timm:NAME or torchvision:NAME (needs BatchNorm)")
+    gb.add_argument("--model", help="registry name, timm:NAME or torchvision:NAME (needs BatchNorm); with --filter "
+                    "also the classifier that scores the images")
     gb.add_argument("--checkpoint")
     gb.add_argument("--pretrained", action="store_true")
     gb.add_argument("--num-classes", type=int)
-    gb.add_argument("--method", choices=BN_METHODS, help=f"(default {BN.default('method')})")
+    gb.add_argument("--method", choices=BN_METHODS,
+                    help="zeroq, genie (the papers' methods: no labels, zeroq's input prior, genie's swing on the "
+                         "model's strided convs), genie-labels (dfqkern's conditional genie), hast, dgh "
+                         f"(default {BN.default('method')})")
     gb.add_argument("--label-mode", choices=LABEL_MODES,
-                    help="mixup: soft targets over --mixup-k classes (best with dgh; genie does better with single; "
-                         f"default {BN.default('label_mode')})")
+                    help="mixup: soft targets over --mixup-k classes (best with dgh; genie-labels does better with "
+                         f"single); none: no targets (default per method: {DEFAULT_LABEL_MODE})")
     gb.add_argument("--iters", type=int, help=f"(default {BN.default('iters')})")
     gb.add_argument("--ce-weight", type=float,
                     help=f"weight of the target cross-entropy (default per label mode: {DEFAULT_CE_WEIGHT})")
+    gb.add_argument("--input-prior-weight", type=float,
+                    help=f"weight of ZeroQ's input prior (default per method: {DEFAULT_INPUT_PRIOR_WEIGHT}, else 0)")
+    gb.add_argument("--augment", choices=AUGMENTS, help="images as the model sees them while inverting: dgh = "
+                    "smoothing + random crop + flip, flip-shift = flip + circular shift (default none)")
+    gb.add_argument("--jitter", type=int, help=f"max shift in pixels of --augment (default {BN.default('jitter')})")
+    gb.add_argument("--shard-size", type=int,
+                    help="images per shard, each inverted as one unit (dgh: its BN statistics are the shard's); "
+                         f"default: dgh the whole set when it fits in {DGH_MEMORY_FRACTION:g} of the free memory "
+                         f"(the estimate is printed), other methods {DEFAULT_SHARD_SIZE}")
+    g.add_argument("--filter", action="append", metavar="KIND:KEEP_FRACTION",
+                   help=f"GenQ filter ({', '.join(FILTER_KINDS)}; repeat or comma-join to chain): generate "
+                        "NUM_IMAGES / (product of the fractions) images into OUT.pool, keep NUM_IMAGES in OUT "
+                        "(needs --model)")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="train, quantize, pack, save and reload a small digits model (offline)")
@@ -248,7 +339,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except OSError as e:  # one line naming the path, not a traceback
+        where = " -> ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        print(f"dfqkern {args.command}: error: {f'{e.strerror}: {where}' if e.strerror and where else e}",
+              file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as e:
         print(f"dfqkern {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import tarfile
@@ -21,8 +22,10 @@ from .input_spec import DIGITS_SPEC, InputSpec
 
 __all__ = [
     "IMAGE_EXTENSIONS", "build_transform", "ResizeCenterCrop", "ImageFolderDataset", "TarImageDataset",
-    "open_dataset", "random_subset", "calibration_tensor", "default_cifar10_dir", "digits_dataset",
+    "open_dataset", "index_classes", "random_subset", "calibration_tensor", "default_cifar10_dir", "digits_dataset",
 ]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -112,11 +115,47 @@ def _is_image(name: str) -> bool:
     return base.lower().endswith(IMAGE_EXTENSIONS) and not base.startswith(".")
 
 
+def _class_key(name: str) -> str:
+    return name.strip().lower().replace("_", " ").replace("-", " ")
+
+
+def index_classes(found: Sequence[str], source: str, classes: Sequence[str] | None = None,
+                  num_classes: int | None = None) -> list[str]:
+    """The class list that folder-named labels index into.
+
+    With ``classes`` (the model's class names, in output order) every folder must name one of them
+    (case, ``_`` and ``-`` aside), so a folder holding only some classes keeps the model's indices.
+    Otherwise the sorted folder names are taken as the whole list: more of them than the model's
+    ``num_classes`` outputs is an error, fewer a warning (they are scored as classes 0, 1, ...)."""
+    found = sorted(found)
+    if classes is not None:
+        index = {_class_key(c): i for i, c in enumerate(classes)}
+        unknown = [c for c in found if _class_key(c) not in index]
+        if unknown:
+            shown = ", ".join(list(classes)[:10]) + (", ..." if len(classes) > 10 else "")
+            raise ValueError(f"{source}: class folder(s) {unknown[:5]} are not classes of the model "
+                             f"({len(classes)} classes: {shown})")
+        names = list(classes)
+        for c in found:  # keep the folder's spelling for the classes present
+            names[index[_class_key(c)]] = c
+        return names
+    if num_classes is not None and len(found) != num_classes:
+        msg = (f"{source} has {len(found)} class folders ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}) "
+               f"but the model has {num_classes} classes and no class names to match them to")
+        if len(found) > num_classes:
+            raise ValueError(msg)
+        log.warning("%s: they are scored as its classes 0-%d in sorted order; use a labels csv if they are "
+                    "not the first classes", msg, len(found) - 1)
+    return found
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/**/<image>`` with classes = sorted subfolder names, or a flat folder of
-    images (label -1). Subfolders without images are ignored."""
+    images (label -1). Subfolders without images are ignored. ``classes`` / ``num_classes``: the
+    model's class names / output count the folder names are matched to (see :func:`index_classes`)."""
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None, num_classes: int | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root {str(self.root)!r} is not an existing directory")
@@ -127,8 +166,8 @@ class ImageFolderDataset(Dataset):
             if files:
                 per_class[sub.name] = files
         if per_class:
-            self.classes = sorted(per_class)
-            self.samples = [(f, i) for i, c in enumerate(self.classes) for f in per_class[c]]
+            self.classes = index_classes(per_class, f"image folder {str(self.root)!r}", classes, num_classes)
+            self.samples = [(f, i) for i, c in enumerate(self.classes) if c in per_class for f in per_class[c]]
         else:
             self.classes = []
             self.samples = [(p, -1) for p in sorted(self.root.iterdir()) if p.is_file() and _is_image(p.name)]
@@ -151,28 +190,36 @@ def _norm_member(name: str) -> str:
     return name[2:] if name.startswith("./") else name
 
 
-def _read_labels_csv(labels_csv: Path) -> tuple[list[tuple[str, int]], dict[int, str]]:
+def _read_labels_csv(labels_csv: Path) -> tuple[list[tuple[str, int, int]], dict[int, str]]:
+    """Rows ``(path, label, csv line)``; a negative label or a path listed twice is an error naming the line."""
     if not labels_csv.is_file():
         raise ValueError(f"labels_csv {str(labels_csv)!r} does not exist")
+    where = f"labels_csv {str(labels_csv)!r}"
     with open(labels_csv, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         missing = [c for c in CSV_COLUMNS if c not in columns]
         if missing:
-            raise ValueError(f"labels_csv {str(labels_csv)!r} lacks column(s) {missing}; it needs "
+            raise ValueError(f"{where} lacks column(s) {missing}; it needs "
                              f"{list(CSV_COLUMNS)} (label_name optional), found {columns}")
-        rows, names = [], {}
+        rows, names, first_line = [], {}, {}
         for line, row in enumerate(reader, start=2):
             try:
                 label = int(row["label_index"])
             except (TypeError, ValueError):
-                raise ValueError(f"labels_csv {str(labels_csv)!r} line {line}: label_index "
+                raise ValueError(f"{where} line {line}: label_index "
                                  f"{row['label_index']!r} is not an integer") from None
-            rows.append((_norm_member(row["path"]), label))
+            if label < 0:
+                raise ValueError(f"{where} line {line}: label_index {label} is negative")
+            path = _norm_member(row["path"])
+            if path in first_line:  # it would be scored twice
+                raise ValueError(f"{where} line {line}: {path!r} is listed again (first on line {first_line[path]})")
+            first_line[path] = line
+            rows.append((path, label, line))
             if row.get("label_name"):
                 names.setdefault(label, row["label_name"])
     if not rows:
-        raise ValueError(f"labels_csv {str(labels_csv)!r} has no rows")
+        raise ValueError(f"{where} has no rows")
     return rows, names
 
 
@@ -194,13 +241,16 @@ class TarImageDataset(Dataset):
     With ``labels_csv`` (columns ``path,label_index[,label_name]``) the samples are the csv rows
     in csv order. Without it, they are the tar's images sorted by path, labelled by their parent
     folder (``train/<class>/NNNN.jpg``; classes = sorted folder names; top-level files get -1).
+    ``classes`` / ``num_classes``: the model's class names / output count, which folder names are
+    matched to (:func:`index_classes`) and csv labels must lie below.
     ``indices`` (into that full order) and then ``limit`` pick a subset: only the picked images'
     bytes are kept, so choosing 1024 of 50,000 costs one decompression pass and 1024 decodes.
     """
 
     def __init__(self, tar_path: str | os.PathLike, labels_csv: str | os.PathLike | None = None,
                  transform: Callable | None = None, limit: int | None = None,
-                 indices: Sequence[int] | None = None):
+                 indices: Sequence[int] | None = None, classes: Sequence[str] | None = None,
+                 num_classes: int | None = None):
         self.tar_path = Path(tar_path)
         if not self.tar_path.is_file():
             raise ValueError(f"tar_path {str(self.tar_path)!r} does not exist")
@@ -208,6 +258,12 @@ class TarImageDataset(Dataset):
         self.labels_csv = Path(labels_csv) if labels_csv is not None else None
         if self.labels_csv is not None:
             rows, names = _read_labels_csv(self.labels_csv)
+            n_model = len(classes) if classes is not None else num_classes
+            bad = next((r for r in rows if n_model is not None and r[1] >= n_model), None)
+            if bad is not None:
+                raise ValueError(f"labels_csv {str(self.labels_csv)!r} line {bad[2]}: label_index {bad[1]} is out of "
+                                 f"range for a model with {n_model} classes")
+            rows = [(p, label) for p, label, _ in rows]
             wanted = {rows[i][0] for i in _select(len(rows), indices, limit)}
             blobs = self._read(lambda name: name in wanted)
             absent = [p for p in wanted if p not in blobs]
@@ -224,7 +280,8 @@ class TarImageDataset(Dataset):
                                  f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
             paths = sorted(blobs)
             parents = [PurePosixPath(p).parent.name for p in paths]
-            self.classes = sorted({p for p in parents if p})
+            self.classes = index_classes({p for p in parents if p}, f"tar_path {str(self.tar_path)!r}", classes,
+                                         num_classes) if any(parents) else []
             idx = {c: i for i, c in enumerate(self.classes)}
             full = [(p, idx[c] if c else -1) for p, c in zip(paths, parents)]
         self.samples = [full[i] for i in _select(len(full), indices, limit)]
@@ -283,10 +340,12 @@ def find_labels_csv(tar_path: str | os.PathLike) -> Path | None:
 
 
 def open_dataset(spec: str | os.PathLike, transform: Callable | None = None,
-                 labels_csv: str | os.PathLike | None = None, limit: int | None = None) -> Dataset:
+                 labels_csv: str | os.PathLike | None = None, limit: int | None = None,
+                 classes: Sequence[str] | None = None, num_classes: int | None = None) -> Dataset:
     """A directory -> :class:`ImageFolderDataset`; a ``.tar``/``.tar.gz``/``.tgz`` ->
     :class:`TarImageDataset` with ``labels_csv`` or its auto-found sibling csv (see
-    :func:`find_labels_csv`); without one, labels come from the tar's folder names."""
+    :func:`find_labels_csv`); without one, labels come from the tar's folder names. ``classes`` /
+    ``num_classes`` (the model's) check the labels (see :func:`index_classes`)."""
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"spec {str(path)!r} does not exist (expected an image folder or a "
@@ -294,11 +353,11 @@ def open_dataset(spec: str | os.PathLike, transform: Callable | None = None,
     if path.is_dir():
         if labels_csv is not None:
             raise ValueError(f"labels_csv is only used with a tar archive; spec {str(path)!r} is a folder")
-        ds = ImageFolderDataset(path, transform)
+        ds = ImageFolderDataset(path, transform, classes, num_classes)
         return ds if limit is None else Subset(ds, _select(len(ds), None, limit))
     if _is_tar(path):
         csv_path = labels_csv if labels_csv is not None else find_labels_csv(path)
-        return TarImageDataset(path, csv_path, transform, limit=limit)
+        return TarImageDataset(path, csv_path, transform, limit=limit, classes=classes, num_classes=num_classes)
     raise ValueError(f"spec {str(path)!r} is neither a folder nor a tar archive "
                      f"({', '.join(TAR_SUFFIXES)})")
 

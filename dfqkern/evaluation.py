@@ -13,7 +13,8 @@ def evaluate_top1(model: nn.Module, dataset: Dataset, batch_size: int = 256, dev
     """Return ``{"top1": percent, "n": images, "correct": count}`` over the first ``limit`` items.
 
     The model is moved to ``device`` and run in eval mode under ``torch.inference_mode``; its
-    train/eval mode is restored afterwards. Items with label -1 (unlabeled) are an error.
+    train/eval mode is restored afterwards. Items with label -1 (unlabeled) or a label the model has
+    no output for are an error.
     """
     from tqdm.auto import tqdm
 
@@ -41,6 +42,9 @@ def evaluate_top1(model: nn.Module, dataset: Dataset, batch_size: int = 256, dev
                 if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
                     raise ValueError(f"model output must be [batch, classes] logits, got shape "
                                      f"{tuple(logits.shape)} for a batch of {labels.shape[0]}")
+                if (labels >= logits.shape[1]).any():  # it could never be right: the data is labelled for another head
+                    raise ValueError(f"dataset has label {int(labels.max())} but the model has {logits.shape[1]} "
+                                     f"outputs (classes 0-{logits.shape[1] - 1})")
                 correct += (logits.argmax(dim=1) == labels).sum().item()
                 seen += labels.shape[0]
     finally:

@@ -110,3 +110,24 @@ def test_edge_table_checks_every_method_against_the_observer(edge):
     assert cells[-1] == "missed"
     cells = _edge_line(edge.render_markdown(_edge_results(edge, {"observer": 60.0, "qdrop": 66.0}, setting="w4a8")))
     assert cells[-1] == ""  # the QDrop target is a W4A4 target
+
+
+# ----------------------------------------------------------------------------- data-free options and filters
+
+def test_datafree_filter_variants_and_options_section(datafree):
+    assert datafree.variant_name(0.5, 1.0, "mixup", "energy:0.5") == "ce0.5-energy0.5"
+    assert datafree.variant_name(0.5, 1.0, "mixup", "energy:0.5+bn:0.75") == "ce0.5-energy0.5-bn0.75"
+    assert datafree.variant_name(0.5, 1.0, "mixup", "none") == datafree.variant_name(0.5, 1.0, "mixup") == "ce0.5"
+    assert datafree.INVERSION_METHOD["genie"] == "genie-labels"  # the rows' labelled genie, renamed
+    res = _results([_row("w2a4", "genie", "single", 0, 79.0, "ce0.5"), _row("w2a4", "dgh", "mixup", 0, 80.0,
+                                                                             "ce0.5-energy0.5")])
+    res["datasets"]["dgh|mixup|512|200|0|ce0.5-energy0.5"]["options"] = {
+        "method": "dgh", "label_mode": "mixup", "ce_weight": 0.5, "dirichlet_alpha": 1.0, "shard_size": 1024,
+        "augment": "none", "input_prior_weight": 0.0, "pool_images": 1024,
+        "filter": [{"kind": "energy", "keep_fraction": 0.5, "candidates": 1024, "kept": 512}]}
+    section = datafree.render_markdown(res).split("## Options per data name")[1]
+    lines = {line.split(" | ")[0][2:]: line for line in section.splitlines() if line.startswith("| ")}
+    assert "`genie-labels`, labels single, ce 0.5" in lines["genie single ce0.5"]  # older row: derived
+    assert "no filter" in lines["genie single ce0.5"]
+    dgh = lines["dgh mixup ce0.5-energy0.5"]
+    assert "BN statistics of all 1024 images" in dgh and "filter: energy keeps 512 of 1024" in dgh

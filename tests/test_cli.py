@@ -245,3 +245,237 @@ def test_trust_unverified_flag(tiny_image_folder, tmp_path, capsys):
     (ck / CONFIG_FILE).write_text(json.dumps(meta))
     rc, _, err = run_cli(capsys, "info", ck, "--trust-unverified")
     assert rc == 2 and "does not match its config_sha256" in err
+
+
+# ----------------------------------------------------------------------------- hardening (issue 15)
+
+def _no_model_build(monkeypatch):
+    """Make building a model fail the test: the errors below must come before any work."""
+    import dfqkern.models
+
+    def built(*a, **k):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(dfqkern.models, "create_model", built)
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert str(n) in err, (n, err)
+
+
+def test_quantize_checks_arguments_and_output_before_work(monkeypatch, tmp_path, tiny_tar_dataset, capsys):
+    _no_model_build(monkeypatch)
+    base = ["quantize", "--model", "cifar10_resnet20", "--calib-data", tiny_tar_dataset["tar"]]
+    out = tmp_path / "q"
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--method", "qdrop", "--iters", 0)
+    _one_line_error(rc, err, "iters must be a positive int, got 0")
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--batch-size", 0)
+    _one_line_error(rc, err, "batch_size must be a positive int, got 0")
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--eval-data", tiny_tar_dataset["tar"], "--eval-limit", 0)
+    _one_line_error(rc, err, "eval_limit")
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--eval-data", tmp_path / "no_eval_data")
+    _one_line_error(rc, err, "does not exist", tmp_path / "no_eval_data")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    rc, _, err = run_cli(capsys, *base, "--out", a_file, "--overwrite")
+    _one_line_error(rc, err, "is a file", a_file)
+    rc, _, err = run_cli(capsys, *base, "--out", a_file / "sub")  # the parent is a file: not writable
+    _one_line_error(rc, err, a_file)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    rc, _, err = run_cli(capsys, *base, "--out", mine, "--overwrite")  # never replaces a foreign directory
+    _one_line_error(rc, err, "not a dfqkern checkpoint", mine)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    with monkeypatch.context() as m:  # as a user without write permission there (the tests may run as root)
+        m.setattr(os, "access", lambda *a, **k: False)
+        rc, _, err = run_cli(capsys, *base, "--out", mine / "q")
+    _one_line_error(rc, err, "is not writable", mine)
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--json-out", mine)
+    _one_line_error(rc, err, "--json-out", "is a directory", mine)
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--json-out", a_file / "r.json")
+    _one_line_error(rc, err, "--json-out", a_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mine", "src", "tiny_test_jpeg.tar.gz",
+                                                          "tiny_test_labels.csv"]
+
+
+def test_os_errors_are_one_line_errors_naming_the_path(monkeypatch, tmp_path, capsys):
+    import dfqkern.pipeline
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+
+    monkeypatch.setattr(dfqkern.pipeline, "run_quantize", denied)
+    rc, _, err = run_cli(capsys, "quantize", "--model", "digits_cnn", "--calib-data", tmp_path, "--out", tmp_path / "q")
+    _one_line_error(rc, err, "Permission denied", tmp_path / "x")
+
+
+def test_eval_checks_json_out_before_work(monkeypatch, tmp_path, tiny_image_folder, capsys):
+    _no_model_build(monkeypatch)
+    rc, _, err = run_cli(capsys, "eval", "--model", "digits_cnn", "--data", tiny_image_folder, "--json-out", tmp_path)
+    _one_line_error(rc, err, "--json-out", "is a directory")
+
+
+def test_second_writer_on_the_same_out_is_refused(monkeypatch, tmp_path, tiny_tar_dataset, capsys):
+    from dfqkern.outputs import OutputLock
+
+    out = tmp_path / "q"
+    args = ["quantize", "--model", "cifar10_resnet20", "--calib-data", tiny_tar_dataset["tar"], "--num-calib", 2,
+            "--weight-observer", "minmax", "--act-observer", "minmax", "--out", out]
+    with OutputLock(out):  # another process writing the same checkpoint
+        with monkeypatch.context() as m:
+            _no_model_build(m)
+            rc, _, err = run_cli(capsys, *args)
+            _one_line_error(rc, err, "another dfqkern process", out)
+            rc, _, err = run_cli(capsys, "generate", "--source", "bn-inversion", "--model", "cifar10_resnet20",
+                                 "--num-images", 2, "--iters", 1, "--batch-size", 2, "--out", out)
+            _one_line_error(rc, err, "another dfqkern process", out)
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the lock file is gone
+
+
+def test_generate_checks_options_before_the_model(monkeypatch, tmp_path, capsys):
+    """``--ce-weight -1`` fails before the model is built and leaves nothing that blocks the corrected rerun."""
+    syn = tmp_path / "syn"
+    argv = ["generate", "--source", "bn-inversion", "--model", "cifar10_resnet20", "--num-images", 2, "--iters", 1,
+            "--batch-size", 2, "--out", syn]
+    with monkeypatch.context() as m:
+        _no_model_build(m)
+        rc, _, err = run_cli(capsys, *argv, "--ce-weight", -1)
+        _one_line_error(rc, err, "ce_weight must be a number >= 0")
+        rc, _, err = run_cli(capsys, *argv, "--num-images", 0)
+        _one_line_error(rc, err, "num_images")
+        (tmp_path / "a_file").write_text("x")
+        rc, _, err = run_cli(capsys, *argv[:-1], tmp_path / "a_file")
+        _one_line_error(rc, err, "is a file", tmp_path / "a_file")
+        rc, _, err = run_cli(capsys, "generate", "--source", "diffusion", "--pipeline", "x", "--steps", 0,
+                             "--out", syn)
+        _one_line_error(rc, err, "steps must be >= 1")
+    assert not syn.exists()
+    rc, _, err = run_cli(capsys, *argv, "--ce-weight", 0.5)
+    assert rc == 0, err
+    assert json.loads((syn / "manifest.json").read_text())["config"]["options"]["ce_weight"] == 0.5
+
+
+def _constant_model(arch, num_classes, answer, spec=None):
+    """A stand-in classifier that always predicts class ``answer``."""
+    from dfqkern.input_spec import CIFAR_SPEC
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((x.shape[0],), answer), num_classes).float() + self.w
+
+    m = Constant()
+    m.dfqkern_arch, m.dfqkern_input_spec = arch, spec or CIFAR_SPEC
+    return m
+
+
+def test_eval_folder_with_some_classes_uses_the_model_class_names(tmp_path):
+    """A folder holding only ``truck``: labelled 9 (CIFAR-10's truck), not re-indexed to 0."""
+    from PIL import Image
+
+    from dfqkern.pipeline import evaluate_on
+
+    for i in range(2):
+        (tmp_path / "d" / "truck").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / "d" / "truck" / f"{i}.png")
+    res = evaluate_on(_constant_model("cifar10_resnet20", 10, 9), str(tmp_path / "d"))
+    assert res["top1"] == 100.0 and res["n"] == 2
+    (tmp_path / "d" / "emu").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "d" / "emu" / "0.png")
+    with pytest.raises(ValueError, match=r"emu.*not .*class"):
+        evaluate_on(_constant_model("cifar10_resnet20", 10, 9), str(tmp_path / "d"))
+    # a model without class names: the sorted folders must be its whole class list
+    for c in range(3):
+        (tmp_path / "d" / f"c{c}").mkdir()
+        Image.new("RGB", (32, 32)).save(tmp_path / "d" / f"c{c}" / "0.png")
+    with pytest.raises(ValueError, match=r"5 class folders.*4 classes"):
+        evaluate_on(_constant_model("my_net", 4, 0), str(tmp_path / "d"))
+
+
+def test_eval_csv_labels_checked_against_the_model(tmp_path, tiny_tar_dataset, capsys):
+    from dfqkern.pipeline import evaluate_on
+
+    tar = tmp_path / "x_jpeg.tar.gz"
+    tar.write_bytes(tiny_tar_dataset["tar"].read_bytes())
+    csv_path = tmp_path / "x_labels.csv"
+    csv_path.write_text("path,label_index\ntest/cat/0000.png,0\ntest/dog/0000.png,999\n")
+    with pytest.raises(ValueError, match=r"x_labels\.csv.*line 3.*999.*10 classes"):
+        evaluate_on(_constant_model("cifar10_resnet20", 10, 0), str(tar))
+    rc, _, err = run_cli(capsys, "eval", "--model", "cifar10_resnet20", "--data", tar)
+    _one_line_error(rc, err, "line 3", "999")
+
+
+def test_synthetic_set_channels_must_match_the_model(tmp_path, capsys):
+    from dfqkern.datagen import store as S
+
+    writer = S.SyntheticSetWriter(tmp_path / "gray", entries=[{"classes": [0], "weights": [1.0]}] * 2, config={},
+                                  meta={"num_classes": 10}, channels=1)
+    S.fill_set(writer, lambda idx: [(idx, torch.zeros(len(idx), 1, 32, 32, dtype=torch.uint8))], progress=False)
+    rc, _, err = run_cli(capsys, "quantize", "--model", "cifar10_resnet20", "--calib-data",
+                         f"synthetic:{tmp_path / 'gray'}", "--out", tmp_path / "q")
+    _one_line_error(rc, err, "1-channel", "3")
+
+
+def test_quantize_resumes_after_a_kill(tiny_tar_dataset, tmp_path, capsys, caplog):
+    """Killed mid-calibration, ``dfqkern quantize --method qdrop`` resumes after the finished units
+    (from ``<out>.partial/``, removed on success) and writes the checkpoint an uninterrupted run writes."""
+    import signal
+
+    args = ["quantize", "--model", "cifar10_resnet20", "--calib-data", str(tiny_tar_dataset["tar"]), "--num-calib",
+            "12", "--batch-size", "4", "--method", "qdrop", "--iters", "2", "--weight-observer", "minmax",
+            "--act-observer", "minmax"]
+    # SIGKILL right after the 4th of 11 units is saved: deterministic, and nothing gets to clean up
+    killer = ("import os, signal, sys\n"
+              "from dfqkern import cli\n"
+              "from dfqkern.calib import reconstruct\n"
+              "save = reconstruct._Checkpoint.save\n"
+              "def save_then_die(self, index, unit):\n"
+              "    save(self, index, unit)\n"
+              "    if len(self.done) == 4:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "reconstruct._Checkpoint.save = save_then_die\n"
+              "sys.exit(cli.main(sys.argv[1:]))\n")
+    out = tmp_path / "q"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", killer, *args, "--out", str(out)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    partial = tmp_path / "q.partial"
+    assert len(json.loads((partial / "progress.json").read_text())["done"]) == 4 and not out.exists()
+    rc, stdout, err = run_cli(capsys, *args, "--out", out)
+    assert rc == 0, err
+    assert "resuming" in caplog.text and _json_block(stdout)["calibration"]["units_resumed"] == 4
+    assert not partial.exists()
+    rc, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "ref")
+    assert rc == 0, err
+    assert _json_block(stdout)["calibration"]["units_resumed"] == 0
+    assert (out / WEIGHTS_FILE).read_bytes() == (tmp_path / "ref" / WEIGHTS_FILE).read_bytes()
+    assert (out / CONFIG_FILE).read_bytes() == (tmp_path / "ref" / CONFIG_FILE).read_bytes()
+
+
+def test_stale_partial_calibration_starts_fresh(tiny_tar_dataset, tmp_path, capsys, caplog):
+    """A ``<out>.partial/`` from another configuration is removed with a message, not an error."""
+    args = ["quantize", "--model", "cifar10_resnet20", "--calib-data", tiny_tar_dataset["tar"], "--num-calib", 4,
+            "--batch-size", 2, "--method", "adaround", "--iters", 1, "--weight-observer", "minmax",
+            "--act-observer", "minmax", "--out", tmp_path / "q"]
+    partial = tmp_path / "q.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text(json.dumps({"version": 2, "fingerprint": "other", "done": ["conv1"]}))
+    (partial / "unit_0000.safetensors").write_bytes(b"stale")
+    rc, stdout, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    assert "starting fresh" in caplog.text and str(partial) in caplog.text
+    assert _json_block(stdout)["calibration"]["units_resumed"] == 0 and not partial.exists()
+    partial.mkdir()
+    (partial / "notes.txt").write_text("not ours")
+    rc, _, err = run_cli(capsys, *args, "--overwrite")
+    _one_line_error(rc, err, partial)
+    assert (partial / "notes.txt").exists()

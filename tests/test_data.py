@@ -320,3 +320,62 @@ def test_cifar10_dev_and_train_tars(cifar10_dir):
     if train.is_file():
         sub = TarImageDataset(train, transform=build_transform(spec), indices=range(0, 50000, 5000))
         assert len(sub) == 10 and sub.targets == list(range(10)) and len(sub._blobs) == 10
+
+
+# ----------------------------------------------------------------------------- label checks (issue 15)
+
+def test_folder_classes_follow_the_model_class_list(tmp_path, caplog):
+    for name in ("truck", "cat"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / name / "0.png")
+    full = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    ds = ImageFolderDataset(tmp_path, classes=full)
+    assert ds.classes == full and sorted(ds.targets) == [3, 9]
+    # no class names: the sorted folders are the class list; more than the model's is an error,
+    # fewer a warning (scored as its first classes)
+    with pytest.raises(ValueError, match=r"2 class folders.*1 classes"):
+        ImageFolderDataset(tmp_path, num_classes=1)
+    assert ImageFolderDataset(tmp_path, num_classes=2).targets == [0, 1] and not caplog.records  # cat, truck
+    assert ImageFolderDataset(tmp_path, num_classes=10).targets == [0, 1]
+    assert "2 class folders" in caplog.text and "10 classes" in caplog.text
+    with pytest.raises(ValueError, match=r"'truck'.*not .*class"):
+        ImageFolderDataset(tmp_path, classes=["cat", "dog"])
+
+
+def test_tar_folder_labels_follow_the_model_class_list(tiny_tar_dataset):
+    ds = TarImageDataset(tiny_tar_dataset["tar"], classes=["ant", "cat", "dog", "emu"])
+    assert ds.targets == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+CSV_PROBLEMS = {  # csv text after the header, the model's class count, what the error says
+    "dup": ("test/cat/0000.png,0\ntest/dog/0000.png,1\ntest/cat/0000.png,0\n", None,
+            r"line 4.*test/cat/0000\.png.*line 2"),
+    "neg": ("test/cat/0000.png,-3\n", None, r"line 2.*-3"),
+    "big": ("test/cat/0000.png,0\ntest/dog/0000.png,999\n", 10, r"line 3.*999.*10 classes"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CSV_PROBLEMS))
+def test_csv_labels_checked(tmp_path, tiny_tar_dataset, name):
+    rows, num_classes, match = CSV_PROBLEMS[name]
+    path = tmp_path / f"{name}.csv"
+    path.write_text("path,label_index\n" + rows)
+    for open_it in (lambda: TarImageDataset(tiny_tar_dataset["tar"], path, num_classes=num_classes),
+                    lambda: open_dataset(tiny_tar_dataset["tar"], labels_csv=path, num_classes=num_classes)):
+        with pytest.raises(ValueError, match=rf"{name}\.csv.*{match}"):
+            open_it()
+    if num_classes is not None:  # no model to check against: any label >= 0 goes
+        assert TarImageDataset(tiny_tar_dataset["tar"], path).targets == [0, 999]
+
+
+def test_label_beyond_the_model_outputs_is_an_error():
+    from torch.utils.data import TensorDataset
+
+    from dfqkern.evaluation import evaluate_top1
+
+    class Three(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 3)
+
+    with pytest.raises(ValueError, match=r"label 7.*3 outputs"):
+        evaluate_top1(Three(), TensorDataset(torch.zeros(2, 1), torch.tensor([0, 7])), progress=False)

@@ -9,33 +9,41 @@ The BN loss, as in ZeroQ (Cai et al., CVPR 2020) and Genie (Jeong et al., CVPR 2
 with mu/sigma the per-channel mean / standard deviation of the layer's input over the batch
 (biased variance; sigma = sqrt(var + eps) on both sides). Methods (``BNInversionConfig.method``):
 
-* ``zeroq`` -- optimize the pixels directly (Adam), ZeroQ's "distilled data".
-* ``genie`` -- Genie's generator path: a small generator (latent -> image; linear, two upsampling
-  conv stages, tanh, a final BN with a learned affine, so model inputs need not be N(0, 1)) is
-  trained jointly with its per-batch latent codes; the latent is multiplied by a learned embedding
-  of the (soft) target, as in the GDFQ generator Genie builds on. Generator and latents have
-  separate learning rates (``lr`` and ``GENIE_LATENT_LR_SCALE * lr``). Its "swing convolutions"
-  reflect-pad and randomly shift their input during optimization, which removes the fixed spatial
-  artifacts a generator trained on a single batch otherwise bakes in. The output is clamped like
-  the pixel methods'.
+* ``zeroq`` -- optimize the pixels directly (Adam), ZeroQ's "distilled data": no labels by default
+  and ZeroQ's input prior (``input_prior_weight``, 1 for zeroq): the input counts as one more BN
+  layer whose statistics are those of normalized data, per-image per-channel mean 0 and std 1.
+* ``genie`` -- Genie's generator path as the paper has it: per batch, a fresh small generator
+  (latent -> image; linear, two upsampling conv stages, tanh, a final BN with a learned affine, so
+  model inputs need not be N(0, 1)) is trained jointly with its learned latent codes, on the BN loss
+  alone by default (no labels). Genie's "swing convolution" is applied to the *pretrained model*:
+  every strided Conv2d sees its input reflect-padded by one pixel and randomly shifted during the
+  optimization (:class:`ModelSwing`), which removes the aliasing artifacts a stride otherwise lets the
+  images exploit. Generator and latents have separate learning rates (``lr`` and
+  ``GENIE_LATENT_LR_SCALE * lr``). With labels (``label_mode`` single / mixup) the generator is
+  conditional as in genie-labels. The output is clamped like the pixel methods'.
+* ``genie-labels`` -- dfqkern's earlier labelled variant (recorded as ``genie`` by older sets): the
+  latent is multiplied by a learned embedding of the (soft) target, as in the GDFQ generator Genie
+  builds on, and the swing convolutions are the generator's own convolutions, not the model's.
 * ``hast`` -- pixels plus a hard-sample focal-weighted cross-entropy (HAST, Li et al., CVPR 2023):
   the target term is weighted by (1 - p_target)^gamma, so the optimization keeps working on the
   images the model still finds hard instead of making every image trivially confident.
 * ``dgh`` -- DGH (Dikstein et al., WACV 2025): (1) the BN statistics are those of the *whole*
   generated set: a batch's loss uses the set-level moments in which only its own contribution
-  carries gradient (:class:`SetStatistics`); (2) an output distribution-stretching loss, the
-  inverse mean logit range 1 / (mean_i(max_c z_ic - min_c z_ic) + eps) (the "min-max difference"
-  form, as in Sony MCT's data generation). DGH's third ingredient, training-style augmentation,
-  is ``jitter`` (random flip + circular shift; off by default).
+  carries gradient (:class:`SetStatistics`; a set-level unit is a shard of the stored set, by
+  default the whole set when it fits in memory, see :func:`plan_shards`); (2) an output
+  distribution-stretching loss, the inverse mean logit range 1 / (mean_i(max_c z_ic - min_c z_ic) +
+  eps) (the "min-max difference" form, as in Sony MCT's data generation). DGH's third ingredient,
+  training-style augmentation, is ``augment`` (``dgh``: smoothing + random crop + flip; ``flip-shift``;
+  off by default) with ``jitter`` the max shift in pixels.
 
 The optimized objective divides L_BN by the number of BN layers (as ZeroQ's reference
 implementation does), so the weights of the other terms do not depend on the model's depth; loss
 histories and :func:`bn_statistics_loss` report L_BN itself (the sum).
 
-Targets: ``single`` (one class per image, cross-entropy) or ``mixup`` (k classes per image with
-Dirichlet or uniform weights, soft cross-entropy), dealt so every class is targeted equally often
-and weighted by ``ce_weight`` in every method (default per label mode; ZeroQ's original objective
-is ``ce_weight=0``). Prefer ``dgh`` for mixup labels. The measurements behind the defaults are in
+Targets: ``none`` (no labels; zeroq and genie by default), ``single`` (one class per image,
+cross-entropy) or ``mixup`` (k classes per image with Dirichlet or uniform weights, soft
+cross-entropy), dealt so every class is targeted equally often and weighted by ``ce_weight`` in
+every method (default per label mode). Prefer ``dgh`` for mixup labels. The measurements behind the defaults are in
 ``bench/results/bn_inversion_notes.md``.
 """
 from __future__ import annotations
@@ -43,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from typing import Sequence
 
 import numpy as np
@@ -51,14 +60,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._version import __version__
-from .config import (DEFAULT_CE_WEIGHT, DEFAULT_LR, LABEL_MODES, METHODS, WEIGHT_MODES,  # noqa: F401 (re-exported)
-                     BNInversionConfig, check_target_options)
+from .config import (DEFAULT_CE_WEIGHT, DEFAULT_LR, DEFAULT_SHARD_SIZE, DGH_MEMORY_FRACTION,  # noqa: F401
+                     LABEL_MODES, METHODS, WEIGHT_MODES, BNInversionConfig, check_target_options)
 from .prompts import (BN_SHARD_STREAM, BN_TARGET_STREAM, DGH_INIT_STREAM, balanced_class_groups, image_seed,
                       stream_rng)
 
 # genie: the latent codes move this many times faster than the generator (``lr``), as Genie keeps
 # separate rates for the two; one fast rate for both saturated the generator's tanh.
 GENIE_LATENT_LR_SCALE = 5.0
+GENIE_METHODS = ("genie", "genie-labels")
 
 
 # ----------------------------------------------------------------------------- BN statistics
@@ -71,6 +81,19 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
         raise ValueError(f"model ({type(model).__name__}) has no BatchNorm2d layer with running statistics: "
                          f"BN-statistics inversion and the BN-sensitivity filter need one")
     return layers
+
+
+def bn_moment_loss(layers: Sequence[nn.Module], moments) -> torch.Tensor:
+    """ZeroQ/Genie BN loss from per-layer (sum, sum of squares, count) per channel. Sums of shape
+    ``[..., C]`` give one loss per leading index (e.g. one per left-out image)."""
+    total = 0.0
+    for layer, (s1, s2, n) in zip(layers, moments):
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        rm, rv = layer.running_mean.float(), layer.running_var.float()
+        total = total + torch.linalg.vector_norm(mean - rm, dim=-1) + torch.linalg.vector_norm(
+            torch.sqrt(var + layer.eps) - torch.sqrt(rv + layer.eps), dim=-1)
+    return total
 
 
 class BNCapture:
@@ -106,15 +129,7 @@ class BNCapture:
         return out
 
     def loss_from_moments(self, moments) -> torch.Tensor:
-        """ZeroQ/Genie BN loss from per-layer (sum, sum of squares, count)."""
-        total = 0.0
-        for layer, (s1, s2, n) in zip(self.layers, moments):
-            mean = s1 / n
-            var = (s2 / n - mean * mean).clamp_min(0)
-            rm, rv = layer.running_mean.float(), layer.running_var.float()
-            total = total + torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(
-                torch.sqrt(var + layer.eps) - torch.sqrt(rv + layer.eps))
-        return total
+        return bn_moment_loss(self.layers, moments)
 
     def batch_loss(self) -> torch.Tensor:
         """BN loss of the last forward's batch: per-batch statistics (mean/var over batch and space)."""
@@ -152,12 +167,14 @@ def bn_statistics_loss(model: nn.Module, images: torch.Tensor, batch_size: int =
 _DEFAULTS = BNInversionConfig()
 
 
-def make_targets(num_images: int, num_classes: int, label_mode: str = _DEFAULTS.label_mode,
+def make_targets(num_images: int, num_classes: int, label_mode: str = _DEFAULTS.effective_label_mode,
                  mixup_k: int = _DEFAULTS.mixup_k, weights: str = _DEFAULTS.weights,
                  dirichlet_alpha: float = _DEFAULTS.dirichlet_alpha, seed: int = _DEFAULTS.seed
                  ) -> tuple[list[tuple[int, ...]], list[tuple[float, ...]]]:
-    """Balanced target classes per image and their mixing weights (sum 1)."""
+    """Balanced target classes per image and their mixing weights (sum 1); empty for ``none``."""
     check_target_options(label_mode, weights, dirichlet_alpha)
+    if label_mode == "none":
+        return [()] * num_images, [()] * num_images
     k = 1
     if label_mode == "mixup":
         if not isinstance(mixup_k, int) or not 2 <= mixup_k <= num_classes:
@@ -199,6 +216,18 @@ def _stretch_loss(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- Genie generator
 
+def _swing(x: torch.Tensor, width: int, rng: "torch.Generator | None") -> torch.Tensor:
+    """Reflect-pad by ``width`` and crop back at a random offset: a random shift of up to ``width``
+    pixels that fills the border with the image's reflection (Genie's swing, DGH's random crop)."""
+    width = min(width, x.shape[-2] - 1, x.shape[-1] - 1)  # reflect padding needs a wider input
+    if width <= 0:
+        return x
+    h, w = x.shape[-2:]
+    x = F.pad(x, (width,) * 4, mode="reflect")
+    i, j = torch.randint(0, 2 * width + 1, (2,), generator=rng).tolist()
+    return x[..., i:i + h, j:j + w]
+
+
 class SwingConv2d(nn.Module):
     """3x3 convolution whose input is reflect-padded and randomly shifted while ``swing`` is on."""
 
@@ -208,12 +237,29 @@ class SwingConv2d(nn.Module):
         self.width, self.swing, self.rng = width, True, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swing and self.width > 0:
-            h, w = x.shape[-2:]
-            x = F.pad(x, (self.width,) * 4, mode="reflect")
-            i, j = torch.randint(0, 2 * self.width + 1, (2,), generator=self.rng).tolist()
-            x = x[..., i:i + h, j:j + w]
-        return self.conv(x)
+        return self.conv(_swing(x, self.width, self.rng) if self.swing else x)
+
+
+class ModelSwing:
+    """Genie's swing convolution on a pretrained model: while active, every ``Conv2d`` with a stride
+    above 1 sees its input reflect-padded by ``width`` and randomly shifted (one draw per conv and
+    forward, from ``rng``). Forward pre-hooks: the model's modules and weights are not replaced."""
+
+    def __init__(self, model: nn.Module, rng: torch.Generator, width: int = 1):
+        self.rng, self.width = rng, width
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in model.modules()
+                         if isinstance(m, nn.Conv2d) and any(s > 1 for s in m.stride)]
+
+    def _hook(self, module, args):
+        return (_swing(args[0], self.width, self.rng), *args[1:])
+
+    def __enter__(self) -> "ModelSwing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 class GenieGenerator(nn.Module):
@@ -288,8 +334,17 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _augment(x: torch.Tensor, rng: torch.Generator, max_shift: int) -> torch.Tensor:
-    """Random horizontal flip + circular shift (differentiable in x): the usual training augmentation."""
+def _augment(x: torch.Tensor, rng: torch.Generator, mode: str, max_shift: int) -> torch.Tensor:
+    """The images as the model sees them during inversion (differentiable in x), ``AUGMENTS``:
+    ``flip-shift``: random horizontal flip + circular shift; ``dgh``: 3x3 Gaussian (binomial)
+    smoothing, reflect-padded random crop (shift), random flip; ``none``: x itself."""
+    if mode == "none":
+        return x
+    if mode == "dgh":
+        k = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
+        k = (k[:, None] * k[None, :] / 16).expand(x.shape[1], 1, 3, 3)
+        x = _swing(F.conv2d(F.pad(x, (1,) * 4, mode="replicate"), k, groups=x.shape[1]), max_shift, rng)
+        return x.flip(-1) if bool(torch.rand((), generator=rng) < 0.5) else x
     if bool(torch.rand((), generator=rng) < 0.5):
         x = x.flip(-1)
     if max_shift > 0:
@@ -340,8 +395,8 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
                              f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
         num_classes = out.shape[1]
         if targets is None:
-            classes, mix = make_targets(num_images, num_classes, cfg.label_mode, cfg.mixup_k, cfg.weights,
-                                        cfg.dirichlet_alpha, cfg.seed)
+            classes, mix = make_targets(num_images, num_classes, cfg.effective_label_mode, cfg.mixup_k,
+                                        cfg.weights, cfg.dirichlet_alpha, cfg.seed)
         else:
             classes = [tuple(int(c) for c in cs) for cs in targets[0]]
             mix = [tuple(float(w) for w in ws) for ws in targets[1]]
@@ -374,7 +429,7 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
     return InversionResult(images=images, labels=labels, classes=classes, weights=mix, bn_loss_history=history,
-                           method=cfg.method, label_mode=cfg.label_mode)
+                           method=cfg.method, label_mode=cfg.effective_label_mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,58 +447,85 @@ class _Run:
         focal = self.cfg.focal_gamma if self.cfg.method == "hast" else None
         return weight * _target_loss(logits, target, focal)
 
+    def model_input(self, img: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return _augment(img, rng, self.cfg.effective_augment, self.cfg.jitter)
+
     def clamp_(self, x: torch.Tensor) -> None:
         if self.bounds is not None:
             with torch.no_grad():
                 x.copy_(torch.max(torch.min(x, self.bounds[1]), self.bounds[0]))
 
 
-def _prior_loss(x: torch.Tensor, tv_weight: float) -> "torch.Tensor | float":
-    if tv_weight <= 0:
-        return 0.0
-    tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    return tv_weight * tv
+def input_prior(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ZeroQ's input prior: the (normalized) input treated as one more BN layer with running mean 0
+    and std 1, per image and channel over space (as ZeroQ's reference code), mean over images."""
+    xf = x.float().flatten(2)
+    std = torch.sqrt(xf.var(dim=2, unbiased=False) + eps)
+    return (torch.linalg.vector_norm(xf.mean(dim=2), dim=1) + torch.linalg.vector_norm(std - 1, dim=1)).mean()
+
+
+def _prior_loss(x: torch.Tensor, cfg: BNInversionConfig, num_bn_layers: int) -> "torch.Tensor | float":
+    """Image priors: total variation (``tv_weight``) and ZeroQ's input prior, which is scaled like
+    one more BN layer of the layer-mean BN term."""
+    loss = 0.0
+    if cfg.tv_weight > 0:
+        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        loss = loss + cfg.tv_weight * tv
+    if cfg.effective_input_prior_weight > 0:
+        loss = loss + cfg.effective_input_prior_weight * input_prior(x) / num_bn_layers
+    return loss
 
 
 def _invert_batch(model, cap, target, batch_seed, bar, run: _Run):
-    """Optimize one batch independently (zeroq, hast: pixels; genie: generator + latents)."""
+    """Optimize one batch independently (zeroq, hast: pixels; genie, genie-labels: generator + latents)."""
+    import contextlib
+
     cfg, n = run.cfg, target.shape[0]
     lr = cfg.effective_lr
     rng = torch.Generator().manual_seed(batch_seed)
-    if cfg.method == "genie":
+    genie = cfg.method in GENIE_METHODS
+    swing = contextlib.nullcontext()
+    if genie:
+        legacy = cfg.method == "genie-labels"  # swing inside the generator, always conditional
+        conditional = legacy or cfg.effective_label_mode != "none"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_seed)  # generator init is reproducible per batch
-            gen = GenieGenerator(cfg.latent_dim, run.shape, num_classes=target.shape[1]).to(run.device)
+            gen = GenieGenerator(cfg.latent_dim, run.shape, swing=1 if legacy else 0,
+                                 num_classes=target.shape[1] if conditional else None).to(run.device)
         z = torch.randn(n, cfg.latent_dim, generator=rng).to(run.device).requires_grad_(True)
-        gen.set_swing(True, rng)
+        if legacy:
+            gen.set_swing(True, rng)
+        else:
+            swing = ModelSwing(model, rng)
         params = [{"params": gen.parameters()}, {"params": [z], "lr": lr * GENIE_LATENT_LR_SCALE}]
-        make = lambda: gen(z, target, run.bounds)  # noqa: E731
+        make = lambda: gen(z, target if conditional else None, run.bounds)  # noqa: E731
     else:
         x = torch.randn(n, *run.shape, generator=rng).to(run.device)
         run.clamp_(x)
         x.requires_grad_(True)
         params = [x]
         make = lambda: x  # noqa: E731
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9) if cfg.method == "genie" else (0.9, 0.999))
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9) if genie else (0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iters)
     history = []
-    for _ in range(cfg.iters):
-        opt.zero_grad(set_to_none=True)
-        img = make()
-        logits = model(_augment(img, rng, cfg.jitter) if cfg.jitter else img)
-        bn = cap.batch_loss()
-        loss = bn / len(cap.layers) + _prior_loss(img, cfg.tv_weight) + run.target_loss(logits, target)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if cfg.method != "genie":
-            run.clamp_(x)
-        history.append(bn.item())
-        bar.update(1)
+    with swing:
+        for _ in range(cfg.iters):
+            opt.zero_grad(set_to_none=True)
+            img = make()
+            logits = model(run.model_input(img, rng))
+            bn = cap.batch_loss()
+            loss = bn / len(cap.layers) + _prior_loss(img, cfg, len(cap.layers)) + run.target_loss(logits, target)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if not genie:
+                run.clamp_(x)
+            history.append(bn.item())
+            bar.update(1)
     with torch.no_grad():
-        if cfg.method == "genie":
+        if genie:
             gen.set_swing(False)
-            out = gen(z, target, run.bounds)  # generator BN in train mode: the same normalization the loss saw
+            out = make()  # generator BN in train mode: the same normalization the loss saw
         else:
             out = x.detach()
     return out.detach().float().cpu(), history
@@ -498,13 +580,13 @@ def _invert_set(model, cap, labels, bar, run: _Run):
     for _ in range(cfg.iters):
         for b, x in enumerate(xs):
             opts[b].zero_grad(set_to_none=True)
-            logits = model(_augment(x, rng, cfg.jitter) if cfg.jitter else x)
+            logits = model(run.model_input(x, rng))
             live = cap.moments()
             bn = stats.loss_with(b, live)
             # A batch moves only its share (len(x) / n) of the set-level moments, so the BN term's
             # gradient shrinks with the set size while the per-batch target terms do not: scale it
             # back by n / len(x) (unscaled, larger sets ended at a much higher BN loss).
-            loss = (bn * (n / len(x)) / len(cap.layers) + _prior_loss(x, cfg.tv_weight)
+            loss = (bn * (n / len(x)) / len(cap.layers) + _prior_loss(x, cfg, len(cap.layers))
                     + run.target_loss(logits, labels[starts[b]:starts[b] + len(x)].to(run.device)))
             if cfg.stretch_weight:
                 loss = loss + cfg.stretch_weight * _stretch_loss(logits)
@@ -530,9 +612,82 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def free_memory_bytes(device: "str | torch.device") -> "int | None":
+    """Free memory of ``device``: CUDA's free memory, or the host's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """How a BN-inversion set is split into shards (each inverted as one unit) and what dgh's
+    set-level unit costs: ``unit_bytes`` = the images of one shard with their gradient and Adam's two
+    moments (4 float32 copies; one batch of model activations comes on top), ``free_bytes`` the free
+    memory seen (None: unknown), ``budget_bytes`` the part of it dgh may use."""
+    shard_size: int
+    num_images: int
+    method: str
+    unit_bytes: int
+    free_bytes: "int | None"
+    budget_bytes: "int | None"
+    reason: str
+
+    def describe(self) -> str:
+        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+        shards = -(-self.num_images // self.shard_size)
+        text = f"{self.method}: {shards} shard(s) of up to {self.shard_size} images ({self.reason})"
+        if self.method == "dgh":
+            scope = "the whole set" if self.shard_size >= self.num_images else f"each {self.shard_size}-image shard"
+            free = "unknown" if self.free_bytes is None else mib(self.free_bytes)
+            text += (f"; BN statistics of {scope}: estimated {mib(self.unit_bytes)} for its images and optimizer "
+                     f"state, plus one batch of activations (free memory {free})")
+        return text
+
+
+def plan_shards(config: "BNInversionConfig | None" = None, *, num_images: int, input_shape: Sequence[int],
+                device: "str | torch.device | None" = None, shard_size: "int | None" = None, out_dir=None,
+                free_bytes: "int | None" = None, **options) -> ShardPlan:
+    """The shard size of a BN-inversion set: ``shard_size`` when given; else the one an unfinished or
+    finished set in ``out_dir`` was started with (so a resumed run matches it); else for ``dgh`` the
+    whole set when its pixels and Adam state fit in ``DGH_MEMORY_FRACTION`` of the free memory (or
+    the largest multiple of the batch size that does), for the other methods ``DEFAULT_SHARD_SIZE``."""
+    from .store import recorded_run
+
+    cfg = BNInversionConfig.build(config, **options)
+    shape = _check_set_shape(num_images, input_shape)
+    per_image = 4 * 4 * math.prod(shape)
+    free = free_memory_bytes(device or "cpu") if free_bytes is None else free_bytes
+    budget = None if free is None else int(free * DGH_MEMORY_FRACTION)
+    prev = recorded_run(out_dir) if out_dir is not None else None
+    if shard_size is not None:
+        size, reason = shard_size, "as given"
+    elif prev and prev.get("num_images") == num_images and isinstance(prev.get("shard_size"), int):
+        size, reason = prev["shard_size"], "as the set in the output directory was started"
+    elif cfg.method != "dgh":
+        size, reason = DEFAULT_SHARD_SIZE, "default; batches are independent"
+    elif budget is None or num_images * per_image <= budget:
+        size, reason = num_images, "default for dgh: the whole set"
+    else:
+        fit = max(cfg.batch_size, budget // per_image // cfg.batch_size * cfg.batch_size)
+        size = min(num_images, fit)
+        reason = f"the whole set does not fit in {DGH_MEMORY_FRACTION:g} of the free memory"
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {size!r}")
+    return ShardPlan(size, num_images, cfg.method, min(size, num_images) * per_image, free, budget, reason)
+
+
 def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionConfig | None" = None, *,
                               num_images: int, input_shape: Sequence[int], mean: Sequence[float],
-                              std: Sequence[float], shard_size: int = 256,
+                              std: Sequence[float], shard_size: "int | None" = None,
                               class_names: "Sequence[str] | None" = None, model_id: "str | None" = None,
                               device: "str | torch.device | None" = None, overwrite: bool = False,
                               progress: bool = True, rank: "int | None" = None, world_size: "int | None" = None,
@@ -544,8 +699,8 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionCon
     recorded in the manifest. Targets for the whole set are dealt up front (balanced over classes);
     each shard is then inverted as one unit (``invert_bn`` with the shard's targets and a per-shard
     seed), so a resumed run reproduces an uninterrupted one shard for shard. For ``dgh`` the
-    set-level statistics are those of a shard: use ``shard_size >= num_images`` to optimize the
-    entire set jointly. Images are stored de-normalized with ``mean``/``std`` (recorded in the
+    set-level statistics are those of a shard; ``shard_size`` None picks it with :func:`plan_shards`
+    (the whole set when it fits in memory). Images are stored de-normalized with ``mean``/``std`` (recorded in the
     manifest) and clamped to [0, 1]; pixels are kept inside that range during optimization.
     """
     from pathlib import Path
@@ -561,6 +716,8 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionCon
         raise ValueError(f"mean and std need {shape[0]} values each (std > 0), got {list(mean)} and {list(std)}")
     rank, world_size = check_rank(rank, world_size)
     device = torch.device(device) if device is not None else model_device(model)
+    shard_size = plan_shards(cfg, num_images=num_images, input_shape=shape, device=device, shard_size=shard_size,
+                             out_dir=None if overwrite else out_dir).shard_size
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -568,7 +725,7 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionCon
         model.train(was_training)
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} names, the model has {num_classes} outputs")
-    classes, mix = make_targets(num_images, num_classes, cfg.label_mode, cfg.mixup_k, cfg.weights,
+    classes, mix = make_targets(num_images, num_classes, cfg.effective_label_mode, cfg.mixup_k, cfg.weights,
                                 cfg.dirichlet_alpha, cfg.seed)
     shard_seed = lambda s: image_seed(cfg.seed, BN_SHARD_STREAM + s)  # noqa: E731
     entries = []
@@ -586,7 +743,7 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionCon
     meta = {"source": "bn-inversion", "generator": {"id": f"bn-inversion/{cfg.method}", "library": "dfqkern",
                                                     "version": __version__, "model_id": model_id},
             "class_names": list(class_names) if class_names is not None else None, "num_classes": num_classes,
-            "label_type": "soft",
+            "label_type": "none" if cfg.effective_label_mode == "none" else "soft",
             "normalization": {"mean": record["mean"], "std": record["std"], "clamped": True}}
     writer = SyntheticSetWriter(out_dir, entries=entries, config=record, meta=meta, channels=shape[0],
                                 shard_size=shard_size, overwrite=overwrite)

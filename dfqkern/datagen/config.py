@@ -10,19 +10,43 @@ defaults from here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
-METHODS = ("zeroq", "genie", "hast", "dgh")
-LABEL_MODES = ("single", "mixup")
+# genie: Genie's generator path as the paper has it (unconditional generator per batch + learned
+# latents, swing convolution on the pretrained model's strided convs); genie-labels: dfqkern's
+# earlier conditional variant (label embedding, swing inside the generator), recorded as "genie"
+# by sets made before the split.
+METHODS = ("zeroq", "genie", "genie-labels", "hast", "dgh")
+LABEL_MODES = ("single", "mixup", "none")
 WEIGHT_MODES = ("dirichlet", "uniform")
-DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.25, "genie": 0.01}
+# Augmentation of the images before the model during inversion: flip-shift = random flip + circular
+# shift by up to ``jitter`` pixels; dgh = DGH's pipeline (3x3 Gaussian smoothing, reflect-padded random
+# crop by up to ``jitter`` pixels, random flip), after Sony MCT's smoothing-and-augmentation.
+AUGMENTS = ("none", "flip-shift", "dgh")
+DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.25, "genie": 0.01, "genie-labels": 0.01}
+# ZeroQ and Genie optimize the BN loss alone (no labels); dgh defaults to mixup labels (measured:
+# bench/results/bn_inversion_notes.md); genie-labels does better with single labels than mixup.
+DEFAULT_LABEL_MODE = {"zeroq": "none", "genie": "none", "genie-labels": "single", "hast": "mixup", "dgh": "mixup"}
 # Soft (mixup) targets keep pulling against the BN term where one-hot targets saturate, so they get
 # half the weight; measurements in bench/results/bn_inversion_notes.md.
-DEFAULT_CE_WEIGHT = {"single": 1.0, "mixup": 0.5}
-# Sets whose record has no options.ce_weight were made before the per-mode default, with weight 1.
+DEFAULT_CE_WEIGHT = {"single": 1.0, "mixup": 0.5, "none": 0.0}
+# ZeroQ's input prior (the input treated as one more BN layer with mean 0 / std 1) is part of zeroq.
+DEFAULT_INPUT_PRIOR_WEIGHT = {"zeroq": 1.0}
+# Records without "config_version" were written before the method split: their "genie" is genie-labels,
+# a missing options.ce_weight was weight 1, a missing input prior weight 0 and jitter > 0 meant flip-shift.
+CONFIG_VERSION = 2
 LEGACY_CE_WEIGHT = 1.0
 # Recorded under "options" in the manifest; every other field is recorded at the top level.
-LOSS_OPTIONS = ("ce_weight", "focal_gamma", "stretch_weight", "tv_weight", "jitter", "latent_dim")
+LOSS_OPTIONS = ("ce_weight", "focal_gamma", "stretch_weight", "tv_weight", "jitter", "latent_dim",
+                "input_prior_weight", "augment")
+# Images per shard of a BN-inversion set (a shard is inverted as one unit); dgh defaults to the whole
+# set (set-level statistics) when its pixels and Adam state fit in this fraction of the free memory.
+DEFAULT_SHARD_SIZE = 256
+DGH_MEMORY_FRACTION = 0.5
+# Post-generation filters (GenQ): energy = -logsumexp(logits), keep the lowest; bn = leave-one-out
+# change of the set's BN loss, keep the images whose removal raises it most.
+FILTER_KINDS = ("energy", "bn")
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -62,15 +86,18 @@ class _Options:
 class BNInversionConfig(_Options):
     """How to invert a model's BatchNorm statistics (see :mod:`dfqkern.datagen.bn_inversion`).
 
-    ``lr`` None: the method's default (``DEFAULT_LR``); ``ce_weight`` None: the label mode's
-    (``DEFAULT_CE_WEIGHT``). ``focal_gamma`` is used by ``hast``, ``stretch_weight`` by ``dgh``,
-    ``latent_dim`` by ``genie``; ``jitter`` > 0 turns on a flip + shift augmentation (max shift in
-    pixels), ``tv_weight`` a total-variation prior.
+    ``lr`` None: the method's default (``DEFAULT_LR``); ``label_mode`` None: the method's
+    (``DEFAULT_LABEL_MODE``); ``ce_weight`` None: the label mode's (``DEFAULT_CE_WEIGHT``);
+    ``input_prior_weight`` None: the method's (``DEFAULT_INPUT_PRIOR_WEIGHT``, 0 if absent);
+    ``augment`` None: ``flip-shift`` when ``jitter`` > 0, else ``none`` (``AUGMENTS``). ``focal_gamma``
+    is used by ``hast``, ``stretch_weight`` by ``dgh``, ``latent_dim`` by the genie methods;
+    ``jitter`` is the augmentation's max shift in pixels, ``tv_weight`` a total-variation prior.
+    The ``effective_*`` properties resolve the None defaults; ``to_dict`` records resolved values.
     """
     _KIND = "invert_bn"
 
     method: str = "dgh"
-    label_mode: str = "mixup"
+    label_mode: "str | None" = None
     mixup_k: int = 2
     weights: str = "dirichlet"
     dirichlet_alpha: float = 1.0
@@ -84,10 +111,15 @@ class BNInversionConfig(_Options):
     tv_weight: float = 0.0
     jitter: int = 0
     latent_dim: int = 256
+    input_prior_weight: "float | None" = None
+    augment: "str | None" = None
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
-        check_target_options(self.label_mode, self.weights, self.dirichlet_alpha)
+        check_target_options(self.effective_label_mode, self.weights, self.dirichlet_alpha)
+        check_choice("augment", self.effective_augment, AUGMENTS)
+        if self.effective_label_mode == "none" and self.effective_ce_weight:
+            raise ValueError(f"ce_weight {self.ce_weight} needs targets: label_mode 'none' has none")
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ValueError(f"iters must be an int >= 1, got {self.iters!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 2:
@@ -95,8 +127,8 @@ class BNInversionConfig(_Options):
                              f"got {self.batch_size!r}")
         if not isinstance(self.jitter, int) or self.jitter < 0:
             raise ValueError(f"jitter must be an int >= 0 (max shift in pixels), got {self.jitter!r}")
-        for name in ("ce_weight", "stretch_weight", "tv_weight"):
-            value = self.effective_ce_weight if name == "ce_weight" else getattr(self, name)
+        for name in ("ce_weight", "stretch_weight", "tv_weight", "input_prior_weight"):
+            value = getattr(self, f"effective_{name}", getattr(self, name))  # None defaults resolved
             if not float(value) >= 0:  # also rejects NaN
                 raise ValueError(f"{name} must be a number >= 0 (a loss weight), got {value!r}")
 
@@ -105,26 +137,49 @@ class BNInversionConfig(_Options):
         return float(DEFAULT_LR[self.method] if self.lr is None else self.lr)
 
     @property
+    def effective_label_mode(self) -> str:
+        return DEFAULT_LABEL_MODE.get(self.method, "mixup") if self.label_mode is None else self.label_mode
+
+    @property
     def effective_ce_weight(self) -> float:
-        return DEFAULT_CE_WEIGHT[self.label_mode] if self.ce_weight is None else self.ce_weight
+        return DEFAULT_CE_WEIGHT.get(self.effective_label_mode, 0.0) if self.ce_weight is None else self.ce_weight
+
+    @property
+    def effective_input_prior_weight(self) -> float:
+        w = self.input_prior_weight
+        return float(DEFAULT_INPUT_PRIOR_WEIGHT.get(self.method, 0.0) if w is None else w)
+
+    @property
+    def effective_augment(self) -> str:
+        if self.augment is not None:
+            return self.augment
+        return "flip-shift" if isinstance(self.jitter, int) and self.jitter > 0 else "none"
 
     def to_dict(self) -> dict:
-        """The manifest record: loss options under ``options`` (``ce_weight`` resolved, so the record
-        says what was used), the rest at the top level (``mixup_k`` None for single labels)."""
+        """The manifest record: loss options under ``options``, the rest at the top level, every
+        default resolved (so the record says what was used; ``mixup_k`` None unless mixup)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in LOSS_OPTIONS}
-        d["mixup_k"] = self.mixup_k if self.label_mode == "mixup" else None
+        d["label_mode"] = self.effective_label_mode
+        d["mixup_k"] = self.mixup_k if d["label_mode"] == "mixup" else None
         d["options"] = {k: getattr(self, k) for k in LOSS_OPTIONS}
-        d["options"]["ce_weight"] = self.effective_ce_weight
+        d["options"].update(ce_weight=self.effective_ce_weight, input_prior_weight=self.effective_input_prior_weight,
+                            augment=self.effective_augment)
+        d["config_version"] = CONFIG_VERSION
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BNInversionConfig":
-        """Read a record of :meth:`to_dict`, or an older one: those recorded only the loss options their
-        caller passed (the others were at today's defaults) and, before the per-mode default, no
-        ``ce_weight`` at all (it was ``LEGACY_CE_WEIGHT``). Other keys of the record are ignored."""
+        """Read a record of :meth:`to_dict`, or an older one (no ``config_version``): those recorded
+        only the loss options their caller passed (the others were at today's defaults), before the
+        per-mode default no ``ce_weight`` (it was ``LEGACY_CE_WEIGHT``), no input prior (weight 0),
+        and named genie-labels ``genie``. Other keys of the record are ignored."""
         options = dict(d.get("options") or {})
-        options.setdefault("ce_weight", LEGACY_CE_WEIGHT)
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name not in LOSS_OPTIONS and f.name in d}
+        if "config_version" not in d:
+            options.setdefault("ce_weight", LEGACY_CE_WEIGHT)
+            options.setdefault("input_prior_weight", 0.0)
+            if kw.get("method") == "genie":
+                kw["method"] = "genie-labels"
         if kw.get("mixup_k") is None:
             kw.pop("mixup_k", None)
         return cls(**kw, **options)
@@ -135,6 +190,44 @@ class BNInversionConfig(_Options):
             return type(self).from_dict(old).to_dict() == self.to_dict()  # compares resolved values
         except (TypeError, ValueError):
             return False
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterStep:
+    """One post-generation filter: ``kind`` (``FILTER_KINDS``) keeping ``keep_fraction`` of its input."""
+    kind: str
+    keep_fraction: float
+
+    def __post_init__(self):
+        check_choice("filter", self.kind, FILTER_KINDS)
+        if not 0 < float(self.keep_fraction) <= 1:
+            raise ValueError(f"filter {self.kind}: keep fraction must be in (0, 1], got {self.keep_fraction!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "FilterStep":
+        """``KIND:KEEP_FRACTION`` (``energy:0.5``, ``bn:0.75``)."""
+        kind, _, frac = str(text).partition(":")
+        try:
+            return cls(kind.strip(), float(frac))
+        except ValueError as err:
+            raise ValueError(f"filter {text!r}: expected KIND:KEEP_FRACTION with KIND in {list(FILTER_KINDS)} and "
+                             f"0 < KEEP_FRACTION <= 1 ({err})") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "keep_fraction": float(self.keep_fraction)}
+
+
+def parse_filters(specs) -> list[FilterStep]:
+    """Filter steps from CLI-style specs: each ``KIND:FRACTION``, or several joined by commas."""
+    return [FilterStep.parse(s) for spec in specs or () for s in str(spec).split(",") if s.strip()]
+
+
+def pool_size(num_images: int, steps) -> int:
+    """Images to generate so that the filter chain ``steps`` keeps ``num_images``: N / prod(keep)."""
+    keep = 1.0
+    for step in steps:
+        keep *= float(step.keep_fraction)
+    return math.ceil(num_images / keep - 1e-9)
 
 
 @dataclasses.dataclass(frozen=True)

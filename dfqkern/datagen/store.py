@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +41,8 @@ RUN_FILE = "generation.json"
 SHARD_FILE = "shard.json"
 GRID_FILE = "samples.png"
 LABELS = ("soft", "index")
+
+log = logging.getLogger(__name__)
 
 
 class SyntheticSetError(ValueError):
@@ -91,12 +94,21 @@ def encode_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes, channels: int) -> torch.Tensor:
-    """PNG bytes -> uint8 ``[channels, H, W]``."""
+def decode_png(data: bytes, channels: int, name: str = "image") -> torch.Tensor:
+    """8-bit PNG bytes -> uint8 ``[channels, H, W]``; errors name ``name``. Only the 8-bit modes a
+    set is written in are read: a 16-bit image would otherwise be clipped to white."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("L", "RGB"):
+                raise SyntheticSetError(f"{name} is a {im.mode!r} image; synthetic sets store 8-bit grayscale "
+                                        f"('L') or RGB PNGs")
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except SyntheticSetError:
+        raise
+    except Exception as e:  # PIL raises many types for a damaged file
+        raise SyntheticSetError(f"{name} is unreadable or corrupt: {type(e).__name__}: {e}") from e
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -178,6 +190,10 @@ class SyntheticSetWriter:
         if existing is None and ((self.root / MANIFEST).exists() or any(self.root.glob("shard_*"))):
             existing = {"foreign": True}
         if existing is not None and canonical_digest(existing) != canonical_digest(self.run):
+            if not overwrite and not self._has_images():  # a run that failed before any image: nothing to keep
+                log.warning("%s: replacing the run description of an earlier run that wrote no image "
+                            "(%s)", self.root, _diff_summary(existing, self.run))
+                overwrite = True
             if not overwrite:
                 raise SyntheticSetError(
                     f"{str(self.root)!r} already holds a synthetic set made with a different configuration "
@@ -185,6 +201,9 @@ class SyntheticSetWriter:
                     f"another directory")
             self._clear()
         atomic_write_json(run_path, self.run)
+
+    def _has_images(self) -> bool:
+        return (self.root / MANIFEST).exists() or any(self.root.glob("shard_*/*.png"))
 
     def _clear(self) -> None:
         # Only what a writer creates: never the user's other files.
@@ -262,7 +281,7 @@ class SyntheticSetWriter:
                     "dfqkern_version": __version__, "config": self.config, "num_images": self.num_images,
                     "shard_size": self.shard_size, "channels": self.channels, "images": images}
         if images:
-            first = [decode_png((self.root / e["file"]).read_bytes(), self.channels)
+            first = [decode_png((self.root / e["file"]).read_bytes(), self.channels, str(self.root / e["file"]))
                      for e in images[:grid_size]]
             if len({tuple(t.shape) for t in first}) == 1:
                 save_grid(torch.stack(first), self.root / GRID_FILE)
@@ -363,10 +382,14 @@ class SyntheticSet(torch.utils.data.Dataset):
         self._check_files(verify)
 
     def _check_files(self, verify: bool) -> None:
+        root = self.root.resolve()
         for e in self.entries:
             path = self.root / e["file"]
             if not path.is_file():
                 raise SyntheticSetError(f"synthetic set {str(self.root)!r}: image file {e['file']!r} is missing")
+            if not path.resolve().is_relative_to(root):  # a link swapped in: never read files elsewhere
+                raise SyntheticSetError(f"synthetic set {str(self.root)!r}: image file {e['file']!r} links to "
+                                        f"{str(path.resolve())!r}, outside the set")
             if verify and sha256_bytes(path.read_bytes()) != e["sha256"]:
                 raise SyntheticSetError(f"synthetic set {str(self.root)!r}: image file {e['file']!r} does not "
                                         f"match its sha256 in {MANIFEST} (modified or corrupt)")
@@ -375,7 +398,9 @@ class SyntheticSet(torch.utils.data.Dataset):
         return len(self.entries)
 
     def image_uint8(self, i: int) -> torch.Tensor:
-        return decode_png((self.root / self.entries[i]["file"]).read_bytes(), self.channels)
+        path = self.root / self.entries[i]["file"]
+        return decode_png(path.read_bytes(), self.channels, f"synthetic set {str(self.root)!r}: image file "
+                                                            f"{self.entries[i]['file']!r}")
 
     def soft_label(self, i: int) -> torch.Tensor:
         label = torch.zeros(self.num_classes, dtype=torch.float32)

@@ -48,10 +48,11 @@ def test_diffusion_record_roundtrip():
 
 
 def test_one_label_mode_default(tiny_bn_net):
-    """Library, pipeline and CLI share BNInversionConfig's default: dgh with mixup labels."""
+    """Library, pipeline and CLI share BNInversionConfig's default: dgh with mixup labels (the label
+    mode's default is the method's: DEFAULT_LABEL_MODE)."""
     from dfqkern import cli
 
-    assert (BNInversionConfig().method, BNInversionConfig().label_mode) == ("dgh", "mixup")
+    assert (BNInversionConfig().method, BNInversionConfig().effective_label_mode) == ("dgh", "mixup")
     res = B.invert_bn(tiny_bn_net, 4, iters=1, batch_size=4, input_shape=(3, 8, 8), progress=False)
     assert (res.method, res.label_mode) == ("dgh", "mixup") and all(len(c) == 2 for c in res.classes)
     args = cli.build_parser().parse_args(["generate", "--source", "bn-inversion", "--out", "x", "--model", "m"])
@@ -62,8 +63,9 @@ def test_set_recorded_in_the_older_form_resumes(tmp_path, monkeypatch, make_tiny
     """An unfinished set whose run description has the older record (only the options its caller
     passed) resumes, and its manifest keeps that record."""
     net = make_tiny_bn_net(channels=1, num_classes=4)
-    kw = dict(num_images=4, input_shape=(1, 8, 8), mean=[0.5], std=[0.25], method="zeroq", iters=3, batch_size=2,
-              shard_size=2, progress=False)
+    # zeroq as it was before it got ZeroQ's defaults (no labels, input prior): mixup labels, no prior.
+    kw = dict(num_images=4, input_shape=(1, 8, 8), mean=[0.5], std=[0.25], method="zeroq", label_mode="mixup",
+              input_prior_weight=0.0, iters=3, batch_size=2, shard_size=2, progress=False)
     B.generate_bn_inversion_set(tmp_path / "ref", net, **kw)
     original = SyntheticSetWriter.write_image
 
@@ -79,6 +81,7 @@ def test_set_recorded_in_the_older_form_resumes(tmp_path, monkeypatch, make_tiny
     run_file = tmp_path / "run" / RUN_FILE
     run = json.loads(run_file.read_text())
     run["config"]["options"] = {"ce_weight": 0.5, "tv_weight": 0.0}  # the older form
+    del run["config"]["config_version"]
     run_file.write_text(json.dumps(run))
     B.generate_bn_inversion_set(tmp_path / "run", net, **kw)
     got, ref = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in ("run", "ref"))

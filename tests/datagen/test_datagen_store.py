@@ -152,3 +152,62 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         S.atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+# ----------------------------------------------------------------------------- hardening (issue 15)
+
+def _rehash(root, index, data):
+    """Replace image ``index`` by ``data`` and record its sha256, as a regenerated manifest would."""
+    m = json.loads((root / S.MANIFEST).read_text())
+    (root / m["images"][index]["file"]).write_bytes(data)
+    m["images"][index]["sha256"] = S.sha256_bytes(data)
+    (root / S.MANIFEST).write_text(json.dumps(m))
+    return m["images"][index]["file"]
+
+
+def test_corrupt_png_names_the_file(tmp_path):
+    _write_set(tmp_path)
+    name = _rehash(tmp_path, 2, b"\x89PNG\r\n\x1a\n not a png")
+    ds = S.load_synthetic(tmp_path)
+    with pytest.raises(S.SyntheticSetError, match=rf"{name}.*(corrupt|unreadable)"):
+        ds[2]
+
+
+def test_16bit_png_is_refused_not_clipped(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    _write_set(tmp_path, channels=1)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((6, 7), 40000, dtype=np.uint16)).save(buf, format="PNG")  # 16-bit grayscale
+    name = _rehash(tmp_path, 1, buf.getvalue())
+    ds = S.load_synthetic(tmp_path)
+    with pytest.raises(S.SyntheticSetError, match=rf"{name}.*8-bit"):
+        ds[1]
+
+
+def test_symlink_out_of_the_set_is_refused(tmp_path):
+    root = tmp_path / "set"
+    _write_set(root)
+    victim = root / "shard_00001" / "00000002.png"
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(victim.read_bytes())  # same bytes: the sha256 alone cannot tell
+    victim.unlink()
+    victim.symlink_to(outside)
+    with pytest.raises(S.SyntheticSetError, match=r"00000002\.png.*outside the set"):
+        S.load_synthetic(root)
+    with pytest.raises(S.SyntheticSetError, match=r"00000002\.png.*outside the set"):
+        S.load_synthetic(root, verify=False)
+
+
+def test_run_file_without_images_does_not_block_another_config(tmp_path):
+    """A run that failed before writing any image (only ``generation.json``) gives way to a corrected one."""
+    S.SyntheticSetWriter(tmp_path, entries=[{"seed": 0}] * 2, config={"ce_weight": -1}, meta={})
+    assert (tmp_path / S.RUN_FILE).exists()
+    w = S.SyntheticSetWriter(tmp_path, entries=[{"seed": 0}] * 2, config={"ce_weight": 0.5}, meta={})
+    assert json.loads((tmp_path / S.RUN_FILE).read_text())["config"] == {"ce_weight": 0.5} and w.num_images == 2
+    w.write_image(0, torch.zeros(3, 4, 4, dtype=torch.uint8))  # with an image on disk the refusal stands
+    with pytest.raises(S.SyntheticSetError, match="different configuration"):
+        S.SyntheticSetWriter(tmp_path, entries=[{"seed": 0}] * 2, config={"ce_weight": 1.0}, meta={})
