@@ -17,6 +17,19 @@ def _bits_or_none(text: str):
     return None if text.lower() in ("none", "float", "fp") else int(text)
 
 
+BACKEND_HELP = ("kernel backend of the quantized layers: reference, cpu, triton or cuda (default: picked by device "
+                "and $DFQKERN_BACKEND); a forced backend raises rather than falls back")
+
+
+def _backend(text: str) -> str:
+    from .kernels import Backend
+
+    try:
+        return Backend.parse(text).value
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
@@ -66,7 +79,7 @@ def cmd_quantize(args) -> int:
                       checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
                       num_calib=args.num_calib, method=args.method, iters=args.iters, batch_size=args.batch_size,
                       eval_data=args.eval_data, eval_limit=args.eval_limit, overwrite=args.overwrite,
-                      device=args.device, resume=not args.no_resume)
+                      device=args.device, resume=not args.no_resume, backend=args.backend)
     _emit(run_quantize(job), args.json_out)
     return 0
 
@@ -86,6 +99,10 @@ def cmd_eval(args) -> int:
 
         model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                              pretrained=args.pretrained)
+    if args.backend is not None:
+        from .quantize import set_backend
+
+        set_backend(model, args.backend)
     res = evaluate_on(model, args.data, args.limit, args.batch_size, args.device)
     res.update(model=args.model or args.quantized, data=args.data)
     _emit(res, args.json_out)
@@ -237,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-resume", action="store_true", help="reconstruction methods: start over instead of "
                    "resuming a killed run from OUT.partial/ (kept while a run is unfinished, removed on success)")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--backend", type=_backend, help=BACKEND_HELP)
     q.add_argument("--json-out")
     _add_quant_flags(q)
     q.set_defaults(func=cmd_quantize)
@@ -252,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--backend", type=_backend, help=BACKEND_HELP)
     e.add_argument("--json-out")
     e.set_defaults(func=cmd_eval)
 

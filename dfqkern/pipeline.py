@@ -38,6 +38,7 @@ class QuantizeJob:
     overwrite: bool = False
     device: str = "cpu"
     resume: bool = True  # reconstruction: continue a killed run from <out>.partial/
+    backend: str | None = None  # kernel backend for calibration and evaluation (None: dispatch picks)
 
     def __post_init__(self):
         """Every argument and the output location, before any work (a long calibration must not
@@ -50,10 +51,10 @@ class QuantizeJob:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.num_calib <= 0:
             raise ValueError(f"num_calib must be positive, got {self.num_calib}")
-        kw = {"method": self.method, "batch_size": self.batch_size, "seed": self.config.seed}
+        kw = {"method": self.method, "batch_size": self.batch_size, "seed": self.config.seed, "backend": self.backend}
         if self.iters is not None:
             kw["iters"] = self.iters
-        self.calib_config = CalibConfig(**kw)  # checks iters, batch_size, seed
+        self.calib_config = CalibConfig(**kw)  # checks iters, batch_size, seed, backend
         if self.eval_limit is not None and (isinstance(self.eval_limit, bool) or not isinstance(self.eval_limit, int)
                                             or self.eval_limit <= 0):
             raise ValueError(f"eval_limit must be a positive int or None, got {self.eval_limit!r}")
@@ -223,7 +224,7 @@ def _run_quantize(job: QuantizeJob) -> dict:
     fp = create_model(job.model, checkpoint=job.checkpoint, num_classes=job.num_classes,
                       pretrained=job.pretrained).to(job.device)
     calib = load_calibration(job.calib_data, fp, job.num_calib, job.config.seed, work_dir=f"{job.out}.calib-data")
-    q = quantize_model(fp, job.config)
+    q = quantize_model(fp, job.config, backend=job.backend)
     partial = None
     if job.method == "observer":
         calibrate_activations(q, calib, job.batch_size, job.device)

@@ -479,3 +479,22 @@ def test_stale_partial_calibration_starts_fresh(tiny_tar_dataset, tmp_path, caps
     rc, _, err = run_cli(capsys, *args, "--overwrite")
     _one_line_error(rc, err, partial)
     assert (partial / "notes.txt").exists()
+
+
+def test_backend_flag_reaches_quantize_and_eval(tiny_tar_dataset, tmp_path, capsys):
+    """``--backend`` forces the kernel backend; a bad name is a usage error before any work."""
+    base = ("quantize", "--model", "cifar10_resnet20", "--calib-data", tiny_tar_dataset["tar"], "--num-calib", 4,
+            "--batch-size", 2)
+    with pytest.raises(SystemExit) as exc:  # argparse usage error
+        run_cli(capsys, *base, "--out", tmp_path / "bad", "--backend", "tpu")
+    assert exc.value.code == 2 and "backend must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    rc, stdout, err = run_cli(capsys, *base, "--out", tmp_path / "ref", "--backend", "reference")
+    assert rc == 0, err
+    rc, stdout, err = run_cli(capsys, "eval", "--quantized", tmp_path / "ref", "--data", tiny_tar_dataset["tar"],
+                              "--backend", "reference")
+    assert rc == 0, err
+    # triton serves CUDA tensors only: forcing it on CPU must surface instead of silently falling back
+    rc, _, err = run_cli(capsys, "eval", "--quantized", tmp_path / "ref", "--data", tiny_tar_dataset["tar"],
+                         "--backend", "triton")
+    assert rc == 2 and "backend 'triton'" in err
