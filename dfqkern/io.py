@@ -462,6 +462,18 @@ def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor], arch, wfile
                                   wfile)
 
 
+def _check_finite(state: dict[str, torch.Tensor], layers, wfile: Path) -> None:
+    """Refuse NaN / Inf in a quantized layer's float tensors (scales, zero points, bias): a packed kernel
+    would turn them into NaN or, worse, finite garbage, for every input. Only the quantized layers: other
+    modules may hold legitimate infinities (attention masks)."""
+    prefixes = tuple(f"{name}." for name in layers)
+    for key, t in state.items():
+        if key.startswith(prefixes) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{wfile}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} non-finite "
+                                  f"value(s) (NaN / Inf); quantization scales, zero points and biases must be "
+                                  f"finite", wfile)
+
+
 def load_quantized(path: str | os.PathLike, factory: Callable[[], nn.Module] | None = None,
                    device: str | torch.device = "cpu", *, trust_unverified: bool = False) -> nn.Module:
     """Rebuild a packed model from :func:`save_quantized` output.
@@ -500,6 +512,7 @@ def load_quantized(path: str | os.PathLike, factory: Callable[[], nn.Module] | N
         _check_float_module(name, module, rec, arch, cfg_file)
         set_module(model, name, _packed_layer(rec, cfg))
     _check_tensors(model, state, arch, wfile)
+    _check_finite(state, meta["layers"], wfile)
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # not expected after _check_tensors; still named, not a bare traceback

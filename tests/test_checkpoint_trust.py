@@ -269,3 +269,22 @@ def test_packed_layers_say_they_are_inference_only(saved):
         model(x).sum().backward()
     with torch.no_grad():  # inference is unaffected
         assert torch.equal(model(X), saved[1])
+
+
+@pytest.mark.parametrize("suffix", ["w_scale", "bias", "a_quant.scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_quantization_tensors_are_refused(ckpt, suffix, value):
+    """A tampered NaN / Inf scale or bias (hashes recomputed) is refused at load, naming file and tensor."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpt / WEIGHTS_FILE))
+    key = next((k for k in sorted(state) if k.endswith("." + suffix) and state[k].dtype.is_floating_point), None)
+    if key is None:
+        pytest.skip(f"no float tensor *.{suffix} in this checkpoint: {sorted(state)[:8]}")
+    state[key] = state[key].clone()
+    state[key].reshape(-1)[0] = value
+    save_file(state, str(ckpt / WEIGHTS_FILE))
+    rehash_weights(ckpt)
+    with pytest.raises(CheckpointError, match=r"non-finite") as e:
+        load_quantized(ckpt)
+    assert str(ckpt / WEIGHTS_FILE) in str(e.value) and key in str(e.value)

@@ -362,3 +362,35 @@ def test_packed_modules_compile_fullgraph(kind):
     torch._dynamo.reset()
     with torch.no_grad():
         assert torch.equal(torch.compile(q, backend="eager", fullgraph=True)(x), q(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nan_or_inf_input_gives_nan_not_a_confident_prediction(backend, monkeypatch):
+    """Issue 15 item 4: a NaN / Inf input must not turn into a finite prediction, in fake-quant and packed
+    mode, on every CPU backend (the kernel suites cover each backend op by op, the GPU ones included)."""
+    import dfqkern
+    from dfqkern.kernels import available_backends
+    from dfqkern.models import create_model
+
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    monkeypatch.setenv("DFQKERN_BACKEND", backend)
+    torch.manual_seed(0)
+    model = create_model("digits_cnn").eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    x[1, 0, 2, 3] = float("nan")
+    x[2, 0, 5, 5] = float("inf")
+    with torch.no_grad():
+        y_float = model(x)
+    q = dfqkern.quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax",
+                                                  act_observer="minmax"))
+    dfqkern.calibrate_activations(q, torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+                                  progress=False)
+    with torch.no_grad():
+        y_fake = q(x)
+        dfqkern.pack_model(q)
+        y_packed = q(x)
+    assert not bool(torch.isfinite(y_float[1:]).all(dim=1).any())  # the float model: no finite logits
+    for name, y in (("fake-quant", y_fake), ("packed", y_packed)):
+        assert bool(torch.isfinite(y[0]).all()), name  # a clean sample is untouched
+        assert bool(torch.isnan(y[1:]).all()), (name, y[1:])  # NaN / Inf samples: NaN logits, no argmax winner

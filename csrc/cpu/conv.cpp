@@ -7,9 +7,18 @@
 // runs and fills padded taps with the zero point's code, so they contribute exactly zero, and the
 // row sum for the zero-point correction is a sum of kh*kw pixel sums. 1x1 / stride 1 / no padding
 // convolutions with groups = 1 use the NHWC buffer directly as the GEMM rows.
+//
+// Non-finite inputs (float conv2d; see dfqkern/kernels/reference.py): the quantize pass already
+// reports whether a run of values held NaN / Inf (ew::quantize_*), so the normal path pays nothing
+// more. Only when some run did are its pixels flagged; an output pixel whose window covers a flagged
+// input pixel then gets activation scale NaN (GEMM path: a per-row scale for that image / group;
+// depthwise: the epilogue), so every output channel of that pixel is NaN.
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -41,11 +50,34 @@ struct CodeSource {
   const uint8_t* codes = nullptr;  // conv2d_int
   const In* x = nullptr;           // conv2d
   ew::FqParams p{};
-  void get(int64_t off, int64_t n, uint8_t* dst, float* fbuf) const {
-    if (codes) std::copy(codes + off, codes + off + n, dst);
-    else gemm::quantize_codes(x->get(off, n, fbuf), dst, n, p);
+  // Returns true when the float values held a NaN or an Inf; then flags[i * fstride] = 1 for each of them.
+  bool get(int64_t off, int64_t n, uint8_t* dst, float* fbuf, uint8_t* flags = nullptr, int64_t fstride = 1) const {
+    if (codes) {
+      std::copy(codes + off, codes + off + n, dst);
+      return false;
+    }
+    const float* xf = x->get(off, n, fbuf);
+    if (!gemm::quantize_codes(xf, dst, n, p)) return false;
+    if (flags)
+      for (int64_t i = 0; i < n; ++i)
+        if (!std::isfinite(xf[i])) flags[i * fstride] = 1;
+    return true;
   }
 };
+
+// True when output pixel (oy, ox)'s window covers a flagged input pixel (flags[(iy * w + ix) * fstride]).
+bool window_flagged(const uint8_t* flags, int64_t fstride, int64_t h, int64_t w, const ConvGeom& g, int64_t oy,
+                    int64_t ox) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
+    if (iy < 0 || iy >= h) continue;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t ix = ox * g.stride_w - g.pad_w + j * g.dil_w;
+      if (ix >= 0 && ix < w && flags[(iy * w + ix) * fstride]) return true;
+    }
+  }
+  return false;
+}
 
 struct Epilogue {
   int32_t* out_i = nullptr;
@@ -82,6 +114,9 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
   // 1. quantize NCHW -> NHWC kernel elements + per-pixel per-group code sums
   std::unique_ptr<uint8_t[]> xs(new uint8_t[static_cast<size_t>(d.b * hw * cs)]);
   std::vector<int32_t> pixsum(static_cast<size_t>(d.b * hw * g.groups), 0);
+  // Input pixels holding NaN / Inf in any channel (float input only; written only when some are).
+  std::vector<uint8_t> badpix(src.x ? static_cast<size_t>(d.b * hw) : 0, 0);
+  std::atomic<bool> any_bad{false};
   constexpr int64_t kPix = 64;
   const int64_t pblocks = (hw + kPix - 1) / kPix;
   parallel_for(d.b * pblocks, 1, [&](int64_t bgn, int64_t end) {
@@ -90,7 +125,8 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
     for (int64_t it = bgn; it < end; ++it) {
       const int64_t b = it / pblocks, p0 = (it % pblocks) * kPix, n = std::min(kPix, hw - p0);
       for (int64_t c = 0; c < d.c; ++c) {
-        src.get((b * d.c + c) * hw + p0, n, codes, fbuf);
+        if (src.get((b * d.c + c) * hw + p0, n, codes, fbuf, src.x ? badpix.data() + b * hw + p0 : nullptr))
+          any_bad.store(true, std::memory_order_relaxed);
         int32_t* ps = pixsum.data() + (b * hw + p0) * g.groups + c / cg;
         int8_t* dst = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0) * cs + c;
         for (int64_t i = 0; i < n; ++i) dst[i * cs] = static_cast<int8_t>(codes[i] ^ 0x80);
@@ -110,7 +146,19 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
   std::vector<int32_t> rowsum(p);
   const int32_t zp_vec[1] = {za};
   const float as_vec[1] = {ep.a_scale};
+  std::vector<float> row_scale;  // per output pixel, only for an image with non-finite input pixels
   for (int64_t b = 0; b < d.b; ++b) {
+    bool image_bad = false;
+    if (any_bad.load() && ep.out_f) {
+      const uint8_t* fl = badpix.data() + b * hw;
+      image_bad = std::any_of(fl, fl + hw, [](uint8_t v) { return v != 0; });
+      if (image_bad) {
+        row_scale.assign(p, ep.a_scale);
+        for (int64_t m = 0; m < p; ++m)
+          if (window_flagged(fl, 1, d.h, d.w, g, m / d.ow, m % d.ow))
+            row_scale[m] = std::numeric_limits<float>::quiet_NaN();
+      }
+    }
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       if (direct) {
         for (int64_t m = 0; m < p; ++m) rowsum[m] = pixsum[b * hw + m];
@@ -162,8 +210,8 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       a.a_sum = rowsum.data();
       a.a_zp = zp_vec;
       a.a_zp_step = 0;
-      a.a_scale = as_vec;
-      a.a_scale_step = 0;
+      a.a_scale = image_bad ? row_scale.data() : as_vec;
+      a.a_scale_step = image_bad ? 1 : 0;
       a.w = w_tiles.data_ptr<uint8_t>() + grp * tpg * nchunks * wbytes;
       a.nchunks = nchunks;
       a.wbits = wb;
@@ -184,11 +232,37 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
 
 // ---------------------------------------------------------------------------------- depthwise path
 
+// Rare path (some input was NaN / Inf): flags each image's input pixels holding a non-finite value in
+// any channel and sets every output channel of the output pixels whose window covers one to NaN.
+void poison_pixels(const CodeSource& src, const Dims& d, const ConvGeom& g, float* out) {
+  const int64_t hw = d.h * d.w, p = d.oh * d.ow;
+  std::vector<float> fbuf(static_cast<size_t>(hw));
+  std::vector<uint8_t> flags(static_cast<size_t>(hw));
+  std::vector<uint8_t> hit(static_cast<size_t>(p));
+  for (int64_t b = 0; b < d.b; ++b) {
+    std::fill(flags.begin(), flags.end(), uint8_t(0));
+    bool any = false;
+    for (int64_t c = 0; c < d.c; ++c) {
+      const float* xf = src.x->get((b * d.c + c) * hw, hw, fbuf.data());
+      for (int64_t i = 0; i < hw; ++i)
+        if (!std::isfinite(xf[i])) flags[i] = 1, any = true;
+    }
+    if (!any) continue;
+    for (int64_t m = 0; m < p; ++m) hit[m] = window_flagged(flags.data(), 1, d.h, d.w, g, m / d.ow, m % d.ow);
+    for (int64_t o = 0; o < g.out_ch; ++o) {
+      float* dst = out + (b * g.out_ch + o) * p;
+      for (int64_t m = 0; m < p; ++m)
+        if (hit[m]) dst[m] = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+}
+
 void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w16,
                     const Epilogue& ep) {
   const int64_t mult = g.out_ch / g.groups, hp = d.h + 2 * g.pad_h, wp = d.w + 2 * g.pad_w, p = d.oh * d.ow;
   const int16_t* wv = w16.data_ptr<int16_t>();
   const auto fn = active_isa() >= Isa::avx2 ? dw::conv_avx2 : dw::conv_portable;
+  std::atomic<bool> any_bad{false};  // some input value was NaN / Inf (reported by the quantize pass)
   // One work item per (image, input channel): the plane is built once for its `mult` outputs.
   parallel_for(d.b * d.c, 1, [&](int64_t bgn, int64_t end) {
     std::vector<int16_t> plane(static_cast<size_t>(hp * wp));
@@ -199,7 +273,8 @@ void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const Conv
       const int64_t b = it / d.c, c = it % d.c;
       std::fill(plane.begin(), plane.end(), int16_t(0));
       for (int64_t y = 0; y < d.h; ++y) {
-        src.get(((b * d.c + c) * d.h + y) * d.w, d.w, codes.data(), fbuf.data());
+        if (src.get(((b * d.c + c) * d.h + y) * d.w, d.w, codes.data(), fbuf.data()))
+          any_bad.store(true, std::memory_order_relaxed);
         int16_t* row = plane.data() + (y + g.pad_h) * wp + g.pad_w;
         for (int64_t x = 0; x < d.w; ++x) row[x] = static_cast<int16_t>(codes[x] - za);
       }
@@ -223,6 +298,7 @@ void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const Conv
       }
     }
   });
+  if (any_bad.load() && ep.out_f) poison_pixels(src, d, g, ep.out_f);
 }
 
 void dispatch_conv(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w,

@@ -38,8 +38,11 @@ struct Sums2 {
   double a = 0, b = 0;
 };
 
+// quantize_* returns true when x held a NaN or an Inf (NaN gets code 0, +-Inf saturate); callers
+// use it to propagate non-finite inputs (see dfqkern/kernels/reference.py). fq_forward_* writes NaN
+// for non-finite inputs (dropped elements keep x).
 #define DFQ_EW_DECLARE(isa)                                                                                   \
-  void quantize_##isa(const float* x, uint8_t* q, int64_t n, const FqParams& p);                            \
+  bool quantize_##isa(const float* x, uint8_t* q, int64_t n, const FqParams& p);                            \
   void fq_forward_##isa(const float* x, float* y, int64_t n, const FqParams& p, uint64_t idx0);             \
   /* sums.a += sum of d(out)/d(scale) terms, sums.b += sum of d(out)/d(zero_point) terms */                 \
   void fq_backward_##isa(const float* g, const float* x, float* gx, int64_t n, const FqParams& p,            \

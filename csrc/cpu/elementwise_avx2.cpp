@@ -49,15 +49,26 @@ inline __m256 code_ps(__m256 x, const VecParams& v) {
 
 }  // namespace
 
-void quantize_avx2(const float* x, uint8_t* q, int64_t n, const FqParams& p) {
+bool quantize_avx2(const float* x, uint8_t* q, int64_t n, const FqParams& p) {
   const VecParams v(p);
+  // Non-finite detection: x - x is +0.0 (all bits clear) for finite x and NaN otherwise, so OR-ing
+  // it into one register costs two cheap ops per 8 elements and no branch in the loop.
+  __m256 nonfinite = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256i c = _mm256_cvttps_epi32(code_ps(_mm256_loadu_ps(x + i), v));
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    nonfinite = _mm256_or_ps(nonfinite, _mm256_sub_ps(xv, xv));
+    const __m256i c = _mm256_cvttps_epi32(code_ps(xv, v));  // NaN: max_ps returns 0, so code 0
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w, w));
   }
-  for (; i < n; ++i) q[i] = static_cast<uint8_t>(code_of(x[i], p));
+  const __m256i nf = _mm256_castps_si256(nonfinite);
+  bool bad = !_mm256_testz_si256(nf, nf);
+  for (; i < n; ++i) {
+    q[i] = static_cast<uint8_t>(code_of(x[i], p));
+    bad |= !std::isfinite(x[i]);
+  }
+  return bad;
 }
 
 void fq_forward_avx2(const float* x, float* y, int64_t n, const FqParams& p, uint64_t idx0) {
@@ -67,6 +78,7 @@ void fq_forward_avx2(const float* x, float* y, int64_t n, const FqParams& p, uin
   for (; i + 8 <= n; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
     __m256 out = _mm256_mul_ps(_mm256_sub_ps(code_ps(xv, v), v.zp), v.scale);
+    out = _mm256_add_ps(out, _mm256_sub_ps(xv, xv));  // + 0 for finite x, NaN for NaN / +-Inf
     if (d.on) out = _mm256_blendv_ps(out, xv, d.mask(idx0 + i));
     _mm256_storeu_ps(y + i, out);
   }

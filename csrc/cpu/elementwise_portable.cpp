@@ -3,8 +3,13 @@
 
 namespace dfqkern::cpu::ew {
 
-void quantize_portable(const float* x, uint8_t* q, int64_t n, const FqParams& p) {
-  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<uint8_t>(code_of(x[i], p));
+bool quantize_portable(const float* x, uint8_t* q, int64_t n, const FqParams& p) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    q[i] = static_cast<uint8_t>(code_of(x[i], p));
+    bad |= !std::isfinite(x[i]);
+  }
+  return bad;
 }
 
 void fq_forward_portable(const float* x, float* y, int64_t n, const FqParams& p, uint64_t idx0) {

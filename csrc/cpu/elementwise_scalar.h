@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "../common/lowbias32.h"
 #include "../common/rounding.h"
@@ -22,13 +23,17 @@ inline bool dropped(const Drop& d, uint64_t index) {
 
 inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// trunc(clamp(round(x * inv) + zp, 0, qmax)) as a float holding the code.
+// trunc(clamp(round(x * inv) + zp, 0, qmax)) as a float holding the code; NaN -> 0 (as the AVX2
+// max_ps and the reference do), +-Inf saturate.
 inline float code_of(float x, const FqParams& p) {
-  return std::trunc(clampf(std::nearbyint(x * p.inv) + p.zp, 0.f, p.qmax));
+  const float t = std::nearbyint(x * p.inv) + p.zp;
+  if (std::isnan(t)) return 0.f;
+  return std::trunc(clampf(t, 0.f, p.qmax));
 }
 
 inline float fq_forward_one(float x, const FqParams& p, uint64_t index) {
   if (dropped(p.drop, index)) return x;
+  if (!std::isfinite(x)) return std::numeric_limits<float>::quiet_NaN();
   return (code_of(x, p) - p.zp) * p.scale;
 }
 

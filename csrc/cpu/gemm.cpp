@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -27,8 +29,8 @@ int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* ds
   return sum;
 }
 
-void quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p) {
-  (active_isa() >= Isa::avx2 ? ew::quantize_avx2 : ew::quantize_portable)(x, q, k, p);
+bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p) {
+  return (active_isa() >= Isa::avx2 ? ew::quantize_avx2 : ew::quantize_portable)(x, q, k, p);
 }
 
 void run(const Args& g, int64_t m, int64_t tiles) {
@@ -109,6 +111,10 @@ void token_qparams(float lo, float hi, int64_t bits, bool symmetric, float& scal
 
 // Quantizes float x [M, K] into kernel rows (wbits layout); per-token or static per-tensor.
 // `packed` (optional): also writes kpack-lsb-v1 rows of `abits`-bit codes [M, packed_width].
+// Non-finite inputs (reference.py): the quantize pass reports a row holding NaN / Inf at no extra
+// pass over x; a per-token row then gets scale NaN, zero point 0 (2^(b-1) symmetric) and codes 0;
+// with a static scale, r.scale becomes per row (NaN at those rows) only when such a row exists,
+// so the epilogue's acc * (a_scale * w_scale) turns exactly those output rows into NaN.
 ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool symmetric, float s_static,
                       int32_t zp_static, int wbits, uint8_t* packed) {
   const int64_t m = x.size(0), k = x.size(1);
@@ -121,6 +127,8 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
   const int64_t pw = (k + per - 1) / per;
   const bool use_avx2 = active_isa() >= Isa::avx2;
   const int64_t row_bytes = r.kp;
+  std::vector<uint8_t> bad_rows(per_token ? 0 : m, 0);
+  std::atomic<bool> any_bad{false};
   parallel_for(m, 8, [&](int64_t b, int64_t e) {
     std::vector<float> fbuf(x.scalar_type() == at::kFloat ? 0 : k);
     std::vector<uint8_t> codes(k);
@@ -136,7 +144,17 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
         r.zp[i] = zp;
       }
       const ew::FqParams p{1.0f / scale, scale, static_cast<float>(zp), qmax, {}};
-      gemm::quantize_codes(xr, codes.data(), k, p);
+      if (gemm::quantize_codes(xr, codes.data(), k, p)) {  // rare: the row holds NaN / Inf
+        if (per_token) {
+          zp = symmetric ? (1 << (abits - 1)) : 0;
+          r.scale[i] = std::numeric_limits<float>::quiet_NaN();
+          r.zp[i] = zp;
+          std::fill(codes.begin(), codes.end(), uint8_t(0));
+        } else {
+          bad_rows[i] = 1;
+          any_bad.store(true, std::memory_order_relaxed);
+        }
+      }
       r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, r.data.get() + i * row_bytes);
       if (packed) {
         uint8_t* pr = packed + i * pw;
@@ -148,6 +166,11 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
       }
     }
   });
+  if (any_bad.load()) {  // static scale: one scale per row, NaN where the row held NaN / Inf
+    r.scale.assign(m, s_static);
+    for (int64_t i = 0; i < m; ++i)
+      if (bad_rows[i]) r.scale[i] = std::numeric_limits<float>::quiet_NaN();
+  }
   return r;
 }
 
@@ -281,8 +304,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation(const at::Ten
   const int64_t np = per_token ? m : 1;
   at::Tensor scale_out = at::empty({np}, x.options().dtype(at::kFloat));
   at::Tensor zp_out = at::empty({np}, x.options().dtype(at::kInt));
-  std::copy(r.scale.begin(), r.scale.end(), scale_out.data_ptr<float>());
-  std::copy(r.zp.begin(), r.zp.end(), zp_out.data_ptr<int32_t>());
+  if (per_token) {
+    std::copy(r.scale.begin(), r.scale.end(), scale_out.data_ptr<float>());
+    std::copy(r.zp.begin(), r.zp.end(), zp_out.data_ptr<int32_t>());
+  } else {  // static: the given parameters (codes cannot carry NaN; linear propagates it)
+    scale_out.data_ptr<float>()[0] = s;
+    zp_out.data_ptr<int32_t>()[0] = z;
+  }
   return {packed, scale_out, zp_out};
 }
 

@@ -25,8 +25,9 @@ inline int64_t weight_blocks(int64_t k, int wbits, int group_rows) {
 // returns the sum of the codes.
 int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* dst);
 
-// Quantizes `k` fp32 values with (inv, zp, qmax) into unsigned codes (ISA-dispatched ew::quantize).
-void quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p);
+// Quantizes `k` fp32 values with (inv, zp, qmax) into unsigned codes (ISA-dispatched ew::quantize);
+// returns true when the values held a NaN or an Inf (detected in the same pass).
+bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p);
 
 // Runs g over rows [0, m) and tiles [0, tiles) on torch's threads.
 void run(const Args& g, int64_t m, int64_t tiles);

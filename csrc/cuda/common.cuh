@@ -116,6 +116,29 @@ __device__ __forceinline__ float quant_code(float x, float inv_scale, float zp, 
   return fminf(fmaxf(q, 0.0f), qmax);
 }
 
+// NaN or +-Inf (exponent bits all set); a bit test, immune to --use_fast_math.
+__device__ __forceinline__ bool nonfinite(float v) { return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u; }
+
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// Sum of (mark - mark) over the input pixels of output pixel (n, oh, ow)'s window: 0, or NaN when the
+// window covers a pixel marked NaN (marks: fp32 [N*H*W], 0 or NaN). Padding taps are skipped.
+__device__ __forceinline__ float window_mark(const float* mark, int n, int oh, int ow, int H, int W, int KH, int KW,
+                                             int sh, int sw, int ph, int pw, int dh, int dw) {
+  float s = 0.0f;
+  for (int kh = 0; kh < KH; ++kh) {
+    const int iy = oh * sh - ph + kh * dh;
+    if (iy < 0 || iy >= H) continue;
+    for (int kw = 0; kw < KW; ++kw) {
+      const int ix = ow * sw - pw + kw * dw;
+      if (ix < 0 || ix >= W) continue;
+      const float m = mark[(int64_t(n) * H + iy) * W + ix];
+      s = __fadd_rn(s, __fsub_rn(m, m));
+    }
+  }
+  return s;
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
 template <>

@@ -34,7 +34,13 @@ __global__ void depthwise_kernel(const DepthwiseArgs p) {
     if (p.a_scale == nullptr)
       static_cast<int32_t*>(p.out)[i] = acc;
     else
-      store_out(p.out, i, dequant_epilogue(acc, p.a_scale[0], p.w_scale[c], p.bias, c), p.out_type);
+    {
+      float sa = p.a_scale[0];
+      if (p.a_mark != nullptr)  // NaN when the window covers a pixel holding NaN / Inf
+        sa = __fadd_rn(sa, window_mark(p.a_mark, n, oh, ow, p.H, p.W, p.KH, p.KW, p.stride_h, p.stride_w, p.pad_h,
+                                       p.pad_w, p.dil_h, p.dil_w));
+      store_out(p.out, i, dequant_epilogue(acc, sa, p.w_scale[c], p.bias, c), p.out_type);
+    }
   }
 }
 

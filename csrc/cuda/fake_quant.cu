@@ -28,9 +28,14 @@ __global__ void fake_quant_forward_kernel(const FakeQuantArgs p) {
       out[i] = xi;
       continue;
     }
+    const float xf = to_float(xi);
+    if (nonfinite(xf)) {  // NaN / +-Inf propagate as NaN (reference.fake_quant_forward)
+      out[i] = from_float<T>(quiet_nan());
+      continue;
+    }
     const int c = channel_of(p, i);
     const float zpf = float(p.zp[c]);
-    const float q = quant_code(to_float(xi), p.inv_scale[c], zpf, qmax);
+    const float q = quant_code(xf, p.inv_scale[c], zpf, qmax);
     out[i] = from_float<T>(__fmul_rn(__fsub_rn(q, zpf), p.scale[c]));
   }
 }

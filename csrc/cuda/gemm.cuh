@@ -135,6 +135,15 @@ __device__ __forceinline__ void mma_step(int (&acc)[MT][NT][4], const uint32_t (
   }
 }
 
+// The activation mark of GEMM row `row` (see GemmArgs::a_mark): 0, or NaN when the row (dense) or the
+// output pixel's window (conv) held a NaN / Inf.
+__device__ __forceinline__ float row_mark(const GemmArgs& p, int row) {
+  if (!p.conv) return p.a_mark[row];
+  const int ow = row % p.OW, t = row / p.OW, oh = t % p.OH, n = t / p.OH;
+  return window_mark(p.a_mark, n, oh, ow, p.H, p.W, p.KH, p.KW, p.stride_h, p.stride_w, p.pad_h, p.pad_w, p.dil_h,
+                     p.dil_w);
+}
+
 template <class Cfg, int PATH, int SB, bool CONV>
 __global__ void __launch_bounds__(Cfg::THREADS) packed_gemm_kernel(const GemmArgs p) {
   using T = PathTraits<PATH, SB>;
@@ -288,7 +297,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) packed_gemm_kernel(const GemmArg
       const int row = m0 + warp_m * Cfg::WTM + mt * 16 + (lane >> 2) + 8 * h;
       if (row >= p.M) continue;
       const int za = p.a_zp[p.a_zp_per_row ? row : 0];
-      const float sa = p.a_scale != nullptr ? p.a_scale[p.a_scale_per_row ? row : 0] : 0.0f;
+      float sa = p.a_scale != nullptr ? p.a_scale[p.a_scale_per_row ? row : 0] : 0.0f;
+      if (p.a_scale != nullptr && p.a_mark != nullptr) sa = __fadd_rn(sa, row_mark(p, row));
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll

@@ -12,7 +12,8 @@ __global__ void dequant_epilogue_kernel(const GemmArgs p) {
   const int64_t total = int64_t(p.M) * p.N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int row = static_cast<int>(i / p.N), col = static_cast<int>(i - int64_t(row) * p.N);
-    const float sa = p.a_scale[p.a_scale_per_row ? row : 0];
+    float sa = p.a_scale[p.a_scale_per_row ? row : 0];
+    if (p.a_mark != nullptr) sa = __fadd_rn(sa, row_mark(p, row));
     store_out(p.out, i, dequant_epilogue(p.workspace[i], sa, p.w_scale[col], p.bias, col), p.out_type);
   }
 }

@@ -47,6 +47,10 @@ struct GemmArgs {
   int stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
   int c_padded = 0;     // channels per pixel in the activation image (multiple of 16 bytes' worth)
   int pixel_bytes = 0;  // bytes per pixel; the activation zero point a_zp[0] must be a valid code
+  // Non-finite inputs (optional): fp32 0 / NaN per activation row (dense) or per input pixel [N*H*W]
+  // (conv); NaN marks a row / pixel that held NaN or Inf. The epilogue adds the row's mark (dense) or
+  // its window's marks minus themselves (conv) to the activation scale, so those outputs become NaN.
+  const float* a_mark = nullptr;
 };
 
 // Packed GEMM / implicit-GEMM conv. path: GemmPath; slot_bits: 2 or 4 (weight storage slot).
@@ -72,6 +76,7 @@ struct QuantRowsArgs {
   int64_t out_bytes = 0;
   float* out_scale = nullptr;
   int32_t* out_zp = nullptr;
+  float* out_mark = nullptr;  // optional [M]: 0, or NaN for a row holding NaN / Inf
 };
 cudaError_t launch_quantize_rows(const QuantRowsArgs& args, cudaStream_t stream);
 
@@ -85,6 +90,7 @@ struct QuantImageArgs {
   const float* inv_scale = nullptr;
   const int32_t* zp = nullptr;
   uint8_t* out = nullptr;
+  float* out_mark = nullptr;  // optional [N*H*W], zero-filled by the caller: NaN stored at pixels holding NaN / Inf
 };
 cudaError_t launch_quantize_image(const QuantImageArgs& args, cudaStream_t stream);
 
@@ -100,6 +106,7 @@ struct DepthwiseArgs {
   int out_type = 0;
   int N = 0, C = 0, H = 0, W = 0, OH = 0, OW = 0, KH = 1, KW = 1;
   int stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
+  const float* a_mark = nullptr;  // optional per input pixel [N*H*W] (see GemmArgs::a_mark)
 };
 cudaError_t launch_depthwise(const DepthwiseArgs& args, cudaStream_t stream);
 

@@ -100,6 +100,15 @@ Geometry parse_geometry(at::IntArrayRef g, const char* op) {
 
 int out_size(int in, int pad, int dil, int k, int stride) { return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1; }
 
+// An optional fp32 mark tensor (0 / NaN per activation row or input pixel; see launch.h) of `n` elements.
+const float* mark_ptr(const OptTensor& mark, int64_t n, const char* op, const char* name) {
+  if (!mark) return nullptr;
+  check_tensor(*mark, op, name, at::kFloat);
+  check_numel(*mark, n, op, name);
+  TORCH_CHECK(mark->is_contiguous(), op, ": ", name, " must be contiguous");
+  return mark->data_ptr<float>();
+}
+
 // Shared checks / setup of the GEMM arguments for the dense and conv entry points.
 struct GemmSetup {
   GemmArgs args;
@@ -194,7 +203,8 @@ Tensor launch_gemm_op(const char* op, GemmSetup& s, const Tensor& like, int64_t 
 // ------------------------------------------------------------------------------------------- ops
 
 std::tuple<Tensor, Tensor, Tensor> quantize_rows(const Tensor& x, const OptTensor& inv_scale, const OptTensor& zero_point,
-                                                 int64_t bits, bool per_token, bool symmetric, int64_t row_bytes) {
+                                                 int64_t bits, bool per_token, bool symmetric, int64_t row_bytes,
+                                                 const OptTensor& mark_out) {
   const char* op = "dfqkern::cuda_quantize_rows";
   check_cuda(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.dim(), " dims");
@@ -236,12 +246,13 @@ std::tuple<Tensor, Tensor, Tensor> quantize_rows(const Tensor& x, const OptTenso
   }
   p.out = out.data_ptr<uint8_t>();
   p.out_bytes = row_bytes;
+  p.out_mark = const_cast<float*>(mark_ptr(mark_out, M, op, "mark_out"));
   check_launch(launch_quantize_rows(p, current_stream()), op);
   return {out, scale, zp};
 }
 
 Tensor quantize_image(const Tensor& x, const Tensor& inv_scale, const Tensor& zero_point, int64_t bits, bool pack,
-                      int64_t c_padded) {
+                      int64_t c_padded, const OptTensor& mark_out) {
   const char* op = "dfqkern::cuda_quantize_image";
   check_cuda(x, op, "x");
   TORCH_CHECK(x.dim() == 4, op, ": x must be NCHW, got ", x.dim(), " dims");
@@ -271,6 +282,7 @@ Tensor quantize_image(const Tensor& x, const Tensor& inv_scale, const Tensor& ze
   p.zp = zero_point.data_ptr<int32_t>();
   Tensor out = at::empty({x.size(0), x.size(2), x.size(3), pack ? c_padded / 2 : c_padded}, x.options().dtype(at::kByte));
   p.out = out.data_ptr<uint8_t>();
+  p.out_mark = const_cast<float*>(mark_ptr(mark_out, x.size(0) * x.size(2) * x.size(3), op, "mark_out"));
   check_launch(launch_quantize_image(p, current_stream()), op);
   return out;
 }
@@ -278,7 +290,7 @@ Tensor quantize_image(const Tensor& x, const Tensor& inv_scale, const Tensor& ze
 Tensor packed_gemm(const Tensor& a, const Tensor& a_zp, const OptTensor& a_scale, const Tensor& w, const Tensor& w_zero4,
                    const Tensor& w_sum, const Tensor& w_cdelta, bool need_row_sums, const OptTensor& w_scale,
                    const OptTensor& bias, int64_t n, int64_t k_chunks, int64_t slot_bits, int64_t path,
-                   std::optional<at::ScalarType> out_dtype) {
+                   std::optional<at::ScalarType> out_dtype, const OptTensor& a_mark) {
   const char* op = "dfqkern::cuda_packed_gemm";
   check_tensor(a, op, "a", at::kByte);
   TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, row_bytes], got ", a.dim(), " dims");
@@ -292,13 +304,15 @@ Tensor packed_gemm(const Tensor& a, const Tensor& a_zp, const OptTensor& a_scale
               " K slots per row but the weight only ", k_chunks * kc);
   s.args.a = a.data_ptr<uint8_t>();
   s.args.lda = a.size(1);
+  s.args.a_mark = mark_ptr(a_mark, a.size(0), op, "a_mark");
   return launch_gemm_op(op, s, a, path, slot_bits, out_dtype, {a.size(0), n});
 }
 
 Tensor packed_conv(const Tensor& x, const Tensor& a_zp, const OptTensor& a_scale, const Tensor& w, const Tensor& w_zero4,
                    const Tensor& w_sum, const Tensor& w_cdelta, bool need_row_sums, const OptTensor& w_scale,
                    const OptTensor& bias, int64_t n, int64_t k_chunks, int64_t slot_bits, int64_t path,
-                   at::IntArrayRef geometry, int64_t c_padded, std::optional<at::ScalarType> out_dtype) {
+                   at::IntArrayRef geometry, int64_t c_padded, std::optional<at::ScalarType> out_dtype,
+                   const OptTensor& a_mark) {
   const char* op = "dfqkern::cuda_packed_conv";
   check_tensor(x, op, "x", at::kByte);
   TORCH_CHECK(x.dim() == 4, op, ": x must be NHWC codes [N, H, W, pixel_bytes], got ", x.dim(), " dims");
@@ -322,12 +336,13 @@ Tensor packed_conv(const Tensor& x, const Tensor& a_zp, const OptTensor& a_scale
   set_geometry(p, g, H, W, OH, OW);
   p.c_padded = int(c_padded);
   p.pixel_bytes = int(pixel_bytes);
+  p.a_mark = mark_ptr(a_mark, N * H * W, op, "a_mark");
   return launch_gemm_op(op, s, x, path, slot_bits, out_dtype, {N, OH, OW, n});
 }
 
 Tensor depthwise_conv(const Tensor& x, const Tensor& a_zp, const OptTensor& a_scale, const Tensor& w,
                       const OptTensor& w_scale, const OptTensor& bias, at::IntArrayRef geometry,
-                      std::optional<at::ScalarType> out_dtype) {
+                      std::optional<at::ScalarType> out_dtype, const OptTensor& a_mark) {
   const char* op = "dfqkern::cuda_depthwise_conv";
   check_tensor(x, op, "x", at::kByte);
   TORCH_CHECK(x.dim() == 4, op, ": x must be NHWC codes [N, H, W, C], got ", x.dim(), " dims");
@@ -368,6 +383,7 @@ Tensor depthwise_conv(const Tensor& x, const Tensor& a_zp, const OptTensor& a_sc
     out = at::empty({N, OH, OW, C}, x.options().dtype(at::kInt));
   }
   p.out = out.data_ptr();
+  p.a_mark = mark_ptr(a_mark, N * H * W, op, "a_mark");
   p.N = int(N);
   p.C = int(C);
   set_geometry(p, g, H, W, OH, OW);
@@ -508,16 +524,17 @@ std::tuple<Tensor, Tensor> adaround_backward(const Tensor& grad, const Tensor& b
 // Op names carry a cuda_ prefix: the CPU backend owns the TORCH_LIBRARY(dfqkern) block in ops.cpp.
 TORCH_LIBRARY_FRAGMENT(dfqkern, m) {
   m.def("cuda_quantize_rows(Tensor x, Tensor? inv_scale, Tensor? zero_point, int bits, bool per_token, "
-        "bool symmetric, int row_bytes) -> (Tensor, Tensor, Tensor)");
-  m.def("cuda_quantize_image(Tensor x, Tensor inv_scale, Tensor zero_point, int bits, bool pack, int c_padded) -> Tensor");
+        "bool symmetric, int row_bytes, Tensor(a!)? mark_out=None) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_quantize_image(Tensor x, Tensor inv_scale, Tensor zero_point, int bits, bool pack, int c_padded, "
+        "Tensor(a!)? mark_out=None) -> Tensor");
   m.def("cuda_packed_gemm(Tensor a, Tensor a_zp, Tensor? a_scale, Tensor w, Tensor w_zero4, Tensor w_sum, "
         "Tensor w_cdelta, bool need_row_sums, Tensor? w_scale, Tensor? bias, int n, int k_chunks, int slot_bits, "
-        "int path, ScalarType? out_dtype) -> Tensor");
+        "int path, ScalarType? out_dtype, Tensor? a_mark=None) -> Tensor");
   m.def("cuda_packed_conv(Tensor x, Tensor a_zp, Tensor? a_scale, Tensor w, Tensor w_zero4, Tensor w_sum, "
         "Tensor w_cdelta, bool need_row_sums, Tensor? w_scale, Tensor? bias, int n, int k_chunks, int slot_bits, "
-        "int path, int[] geometry, int c_padded, ScalarType? out_dtype) -> Tensor");
+        "int path, int[] geometry, int c_padded, ScalarType? out_dtype, Tensor? a_mark=None) -> Tensor");
   m.def("cuda_depthwise_conv(Tensor x, Tensor a_zp, Tensor? a_scale, Tensor w, Tensor? w_scale, Tensor? bias, "
-        "int[] geometry, ScalarType? out_dtype) -> Tensor");
+        "int[] geometry, ScalarType? out_dtype, Tensor? a_mark=None) -> Tensor");
   m.def("cuda_fake_quant_forward(Tensor x, Tensor scale, Tensor inv_scale, Tensor zero_point, int bits, int channels, "
         "int inner, int drop_threshold, int seed) -> Tensor");
   m.def("cuda_fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor inv_scale, Tensor zero_point, int bits, "

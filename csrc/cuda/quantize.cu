@@ -37,13 +37,19 @@ __global__ void quantize_rows_kernel(const QuantRowsArgs p) {
 
   float inv;
   int zp;
+  bool bad = false;  // this lane saw a NaN / Inf
   if (p.per_token) {  // reference.token_qparams -> qparams_from_range
     float lo = INFINITY, hi = -INFINITY;
     for (int k = lane; k < p.K; k += 32) {
       const float v = to_float(x[k]);
+      if (nonfinite(v)) {
+        bad = true;
+        continue;
+      }
       lo = fminf(lo, v);
       hi = fmaxf(hi, v);
     }
+    bad = __any_sync(0xffffffffu, bad);
     lo = fminf(warp_min(lo), 0.0f);
     hi = fmaxf(warp_max(hi), 0.0f);
     float scale;
@@ -55,6 +61,11 @@ __global__ void quantize_rows_kernel(const QuantRowsArgs p) {
       zp = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(-lo, scale)), 0.0f), float(kQmax)));
     }
     inv = __frcp_rn(scale);  // == torch's 1.0 / scale (reciprocal, correctly rounded)
+    if (bad) {  // a row holding NaN / Inf: scale NaN, zero point 0 (2^(b-1) symmetric), codes 0
+      scale = quiet_nan();
+      inv = quiet_nan();  // quant_code: fmaxf(NaN, 0) = 0
+      zp = p.symmetric ? (1 << (BITS - 1)) : 0;
+    }
     if (lane == 0) {
       p.out_scale[row] = scale;
       p.out_zp[row] = zp;
@@ -79,8 +90,16 @@ __global__ void quantize_rows_kernel(const QuantRowsArgs p) {
                                 : static_cast<uint32_t>(zp);  // padded slot holds the zero point
         byte = lo | (hi << 4);
       }
+      if (p.out_mark != nullptr && !p.per_token) {
+        bad |= nonfinite(to_float(x[BITS == 8 ? j : 2 * j]));
+        if (BITS != 8 && 2 * j + 1 < p.K) bad |= nonfinite(to_float(x[2 * j + 1]));
+      }
     }
     out[j] = static_cast<uint8_t>(byte);
+  }
+  if (p.out_mark != nullptr) {
+    bad = __any_sync(0xffffffffu, bad);
+    if (lane == 0) p.out_mark[row] = bad ? quiet_nan() : 0.0f;
   }
 }
 
@@ -108,6 +127,12 @@ __global__ void quantize_image_kernel(const QuantImageArgs p) {
     const int64_t base = n * p.stride_n + h * p.stride_h + w * p.stride_w;
     const uint32_t byte = p.pack ? (code(base, 2 * j) | (code(base, 2 * j + 1) << 4)) : code(base, j);
     p.out[i] = static_cast<uint8_t>(byte);
+    if (p.out_mark != nullptr) {  // the pixel's mark (zero-filled by the caller) becomes NaN on a NaN / Inf
+      const int c0 = p.pack ? 2 * j : j, c1 = p.pack ? 2 * j + 1 : j;
+      const bool bad = (c0 < p.C && nonfinite(to_float(x[base + c0 * p.stride_c]))) ||
+                       (c1 < p.C && nonfinite(to_float(x[base + c1 * p.stride_c])));
+      if (bad) p.out_mark[pix] = quiet_nan();
+    }
   }
 }
 

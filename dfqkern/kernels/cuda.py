@@ -233,13 +233,14 @@ def _act_params(act: ActQuant, device):
     return scale, zp
 
 
-def _quantize_rows(x2d: torch.Tensor, act: ActQuant, row_bytes: int):
-    """Codes ``[M, row_bytes]`` (packed, zero tail) plus the scale / zero point used."""
+def _quantize_rows(x2d: torch.Tensor, act: ActQuant, row_bytes: int, marks: torch.Tensor | None = None):
+    """Codes ``[M, row_bytes]`` (packed, zero tail) plus the scale / zero point used. ``marks`` (fp32 ``[M]``),
+    when given, receives 0 or NaN per row (NaN: the row holds a NaN / Inf), from the same launch."""
     x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     if act.per_token:
-        return _ops().cuda_quantize_rows(x, None, None, act.bits, True, act.symmetric, row_bytes)
+        return _ops().cuda_quantize_rows(x, None, None, act.bits, True, act.symmetric, row_bytes, marks)
     scale, zp = _act_params(act, x.device)
-    data, _, _ = _ops().cuda_quantize_rows(x, ref.inv_scale(scale), zp, act.bits, False, False, row_bytes)
+    data, _, _ = _ops().cuda_quantize_rows(x, ref.inv_scale(scale), zp, act.bits, False, False, row_bytes, marks)
     return data, scale, zp
 
 
@@ -293,9 +294,12 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     lead = x.shape[:-1]
     x2d = x.reshape(-1, pw.k)
     cw = gemm_weight(pw, act.bits)
-    data, scale, zp = _quantize_rows(x2d, act, _round_up(max(packed_width(pw.k, act.bits), 1), 16))
+    # Non-finite inputs: the quantize launch marks rows holding NaN / Inf (0 / NaN per row) and the GEMM
+    # epilogue adds the mark to the activation scale, so those output rows are NaN (reference.linear).
+    marks = torch.empty(x2d.shape[0], dtype=torch.float32, device=dev)
+    data, scale, zp = _quantize_rows(x2d, act, _round_up(max(packed_width(pw.k, act.bits), 1), 16), marks)
     y = _ops().cuda_packed_gemm(data, zp, scale, *_gemm_weight_args(cw), pw.scale.float().contiguous(), _bias(bias),
-                                cw.n, cw.k_chunks, cw.slot_bits, _gemm_path(act.bits, dev), out_dtype)
+                                cw.n, cw.k_chunks, cw.slot_bits, _gemm_path(act.bits, dev), out_dtype, marks)
     return y.reshape(*lead, pw.n)
 
 
@@ -354,16 +358,20 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     scale, za = _act_params(act, dev)
     inv = ref.inv_scale(scale)
     c = x.shape[1]
+    # Non-finite inputs: the quantize launch stores NaN into a zero-filled per-pixel mark for pixels holding a
+    # NaN / Inf; the conv epilogue adds its window's marks (0 or NaN) to the activation scale (reference.conv2d).
+    marks = torch.zeros(x.shape[0] * x.shape[2] * x.shape[3], dtype=torch.float32, device=dev)
     if kind == "depthwise":
-        xq = _ops().cuda_quantize_image(x, inv, za, act.bits, False, c)
+        xq = _ops().cuda_quantize_image(x, inv, za, act.bits, False, c, marks)
         y = _ops().cuda_depthwise_conv(xq, za, scale, depthwise_weight(pw).data, pw.scale.float().contiguous(),
-                                       _bias(bias), geom, out_dtype)
+                                       _bias(bias), geom, out_dtype, marks)
         return _nchw(y)
     cp = _round_up(c, 16 if act.bits == 8 else 32)
-    xq = _ops().cuda_quantize_image(x, inv, za, act.bits, act.bits == 4, cp)
+    xq = _ops().cuda_quantize_image(x, inv, za, act.bits, act.bits == 4, cp, marks)
     cw = gemm_weight(pw, act.bits, cp)
     y = _ops().cuda_packed_conv(xq, za, scale, *_gemm_weight_args(cw), pw.scale.float().contiguous(), _bias(bias),
-                                cw.n, cw.k_chunks, cw.slot_bits, _gemm_path(act.bits, dev), geom, cp, out_dtype)
+                                cw.n, cw.k_chunks, cw.slot_bits, _gemm_path(act.bits, dev), geom, cp, out_dtype,
+                                marks)
     return _nchw(y)
 
 

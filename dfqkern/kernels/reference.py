@@ -12,6 +12,21 @@ Conventions (see :mod:`dfqkern.formats` for codes and packing):
 * Integer GEMM / conv results are exact (computed in float64, whose 53-bit mantissa holds every
   partial sum these bit widths can produce) and returned as int32.
 
+Non-finite inputs (NaN, +Inf, -Inf) propagate; no op raises on them and every backend agrees:
+
+* ``fake_quant_forward``: a non-finite element gives NaN at that element (a QDrop-dropped element
+  keeps its float value, so an Inf stays Inf there).
+* ``linear`` / ``conv2d`` with activation quantization: an output row of ``linear`` whose input row
+  holds a non-finite value is NaN in every output feature; an output pixel of ``conv2d`` is NaN in
+  every output channel when its receptive field (the kernel window, padding excluded) covers an input
+  pixel with a non-finite value in any channel (pixel granularity, also for grouped / depthwise convs).
+* Ops that return integer codes cannot hold NaN: ``quantize`` maps NaN to code 0 and ``+Inf`` /
+  ``-Inf`` to the top / bottom code (saturation); ``quantize_activation`` does the same for static
+  per-tensor parameters (use ``linear``, which propagates), while a per-token row holding a non-finite
+  value gets scale NaN, zero point 0 (``2**(bits-1)`` if symmetric) and all codes 0, so any later
+  epilogue or dequantization of that row is NaN. ``fake_quant_backward`` is not defined for
+  non-finite inputs (calibration observers raise on them first).
+
 Every op here has the same name and signature in every backend module. Arguments are checked by
 :mod:`dfqkern.kernels.contract` (dispatch runs it once before any backend); the functions here
 assume arguments that satisfy it.
@@ -92,6 +107,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bit
     inv = broadcast_param(inv_scale(scale), x, axis)
     zp = broadcast_param(zero_point, x, axis).to(torch.float32)
     q = torch.round(x.float() * inv) + zp
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)  # NaN -> code 0 (+-Inf saturate below)
     return torch.clamp(q, 0, code_max(bits)).to(torch.uint8)
 
 
@@ -141,6 +157,7 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
                        axis: int | None = None, drop_prob: float = 0.0, seed: int = 0) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x.dtype``; with ``drop_prob > 0`` (QDrop) dropped elements pass through."""
     out = dequantize(quantize(x, scale, zero_point, bits, axis), scale, zero_point, axis).to(x.dtype)
+    out = torch.where(torch.isfinite(x), out, torch.full_like(out, math.nan))  # NaN / Inf propagate as NaN
     if drop_prob > 0:
         out = torch.where(qdrop_mask(x.shape, drop_prob, seed, x.device), x, out)
     return out
@@ -259,9 +276,31 @@ class ActQuant:
 
 
 def token_qparams(x2d: torch.Tensor, bits: int, symmetric: bool):
-    """Per-row (token) dynamic scale and zero point from each row's min/max."""
+    """Per-row (token) dynamic scale and zero point from each row's min/max.
+
+    A row holding a non-finite value gets scale NaN and zero point 0 (``2**(bits-1)`` if symmetric).
+    """
     x = x2d.float()
-    return qparams_from_range(x.amin(dim=1), x.amax(dim=1), bits, symmetric)
+    finite = torch.isfinite(x)
+    safe = torch.where(finite, x, torch.zeros_like(x))
+    scale, zp = qparams_from_range(safe.amin(dim=1), safe.amax(dim=1), bits, symmetric)
+    bad = ~finite.all(dim=1)
+    scale = torch.where(bad, torch.full_like(scale, math.nan), scale)
+    zp = torch.where(bad, torch.full_like(zp, symmetric_zero_point(bits) if symmetric else 0), zp)
+    return scale, zp
+
+
+def nonfinite_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[M]``: rows of ``x2d`` holding a NaN or an Inf."""
+    return ~torch.isfinite(x2d).all(dim=1)
+
+
+def nonfinite_pixels(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Boolean ``[N, 1, OH, OW]``: output pixels whose receptive field covers an input pixel (NCHW ``x``)
+    with a non-finite value in any channel."""
+    bad = (~torch.isfinite(x)).any(dim=1, keepdim=True).double()
+    ones = torch.ones(1, 1, *kernel_size, dtype=torch.float64, device=x.device)
+    return F.conv2d(bad, ones, None, stride, padding, dilation) > 0
 
 
 def quantize_activation(x2d: torch.Tensor, act: ActQuant) -> PackedActivation:
@@ -312,6 +351,7 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     else:
         pa = quantize_activation(x2d, act)
         y = _epilogue(linear_int(pa, pw), pa.scale, pw.scale, bias, out_dtype, 1)
+        y = torch.where(nonfinite_rows(x2d)[:, None], torch.full_like(y, math.nan), y)
     return y.reshape(*lead, pw.n)
 
 
@@ -332,4 +372,6 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
                         stride, padding, dilation, groups).to(out_dtype)
     codes = quantize(x, act.scale.reshape(1), act.zero_point.reshape(1), act.bits)
     acc = conv2d_int(codes, act.zero_point, pw, stride, padding, dilation, groups)
-    return _epilogue(acc, act.scale, pw.scale, bias, out_dtype, 1)
+    y = _epilogue(acc, act.scale, pw.scale, bias, out_dtype, 1)
+    bad = nonfinite_pixels(x, pw.shape[2:], stride, padding, dilation)
+    return torch.where(bad, torch.full_like(y, math.nan), y)

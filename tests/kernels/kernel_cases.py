@@ -249,3 +249,30 @@ class ConvCase:
     def weight(self, row: Row, gen, bits: int, symmetric=False) -> PackedWeight:
         cg = self.c // self.groups
         return rand_weight(row, gen, self.o, self.kh * self.kw * cg, bits, (self.o, cg, self.kh, self.kw), symmetric)
+
+
+# ----------------------------------------------------------------------------- non-finite inputs
+
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def with_nonfinite(x: torch.Tensor, gen, count: int = 3) -> torch.Tensor:
+    """A copy of ``x`` holding NaN, +Inf and -Inf (cycled) at ``count`` seeded random flat positions."""
+    y = x.detach().clone().cpu()
+    flat = y.reshape(-1)
+    pos = torch.randperm(flat.numel(), generator=gen)[:count]
+    for i, p in enumerate(pos.tolist()):
+        flat[p] = NONFINITE[i % 3]
+    return y.to(x.device)
+
+
+def assert_nan_equal(on: Row, actual, expected, exact: bool = False, **why):
+    """NaN at exactly the reference's positions, the rest as :func:`assert_float_output` (or
+    :func:`assert_equal` when ``exact``)."""
+    expected = expected.to(actual.device)
+    assert actual.shape == expected.shape, ctx(shape=(tuple(actual.shape), tuple(expected.shape)), **why)
+    an, en = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(an, en), ctx(nan_missing=int((en & ~an).sum()), nan_extra=int((an & ~en).sum()), **why)
+    a = torch.where(an, torch.zeros_like(actual), actual)
+    e = torch.where(en, torch.zeros_like(expected), expected)
+    (assert_equal if exact else lambda x, y, **w: assert_float_output(on, x, y, **w))(a, e, **why)

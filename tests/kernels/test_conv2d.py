@@ -13,7 +13,7 @@ import torch
 from dfqkern.kernels import reference as R
 from dfqkern.kernels.reference import ActQuant
 from kernel_cases import ConvCase as CC
-from kernel_cases import assert_equal, assert_float_output, rand_x, static_act
+from kernel_cases import assert_equal, assert_float_output, assert_nan_equal, ctx, rand_x, static_act, with_nonfinite
 
 CONV_CASES = [
     CC(1, 5, 9, 11, 7, 3, 3, 1, 1, 1, 1, "3x3 same"),
@@ -110,3 +110,26 @@ def test_conv2d_int_non_integer_zero_point_declined_or_exact(row, gen):
     act = ActQuant(8, row.dev(torch.tensor([0.05])), row.dev(torch.tensor([7.5])))
     assert_float_output(row, row.call("conv2d", x, pw, None, act, *case.geometry),
                         R.conv2d(x, pw, None, act, *case.geometry), row=row.id)
+
+
+# dense, strided / dilated, depthwise (with multiplier), grouped, 1x1, 1x1 strided, dilation 2
+NONFINITE_CASES = [CONV_CASES[i] for i in (0, 1, 3, 4, 7, 9, 10, 14)]
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=str)
+@pytest.mark.parametrize("abits", [4, 8])
+def test_conv2d_nonfinite_pixels_are_nan(row, gen, case, abits):
+    """An output pixel whose window covers an input pixel holding NaN / +Inf / -Inf (any channel) is NaN in
+    every output channel; the other outputs are unchanged."""
+    pw = case.weight(row, gen, 4)
+    clean = rand_x(row, gen, case.n, case.c, case.h, case.w)
+    act = static_act(clean, abits)
+    x = with_nonfinite(clean, gen, count=3)
+    bias = rand_x(row, gen, case.o)
+    why = dict(row=row.id, case=str(case), abits=abits)
+    want = R.conv2d(x, pw, bias, act, *case.geometry)
+    assert bool(torch.isnan(want).any()) or not bool(
+        R.nonfinite_pixels(x, (case.kh, case.kw), *case.geometry[:3]).any()), ctx(**why)
+    assert_nan_equal(row, row.call("conv2d", x, pw, bias, act, *case.geometry), want, op="conv2d nonfinite", **why)
+    assert_nan_equal(row, row.call("conv2d", x.to(memory_format=torch.channels_last), pw, bias, act, *case.geometry),
+                     want, op="conv2d nonfinite channels_last", **why)

@@ -10,7 +10,8 @@ import torch
 
 from dfqkern.formats import code_max
 from dfqkern.kernels import reference as R
-from kernel_cases import SUM_REL, assert_equal, assert_sum_close, rand_params, rand_x
+from kernel_cases import (SUM_REL, assert_equal, assert_nan_equal, assert_sum_close, ctx, rand_params, rand_x,
+                          with_nonfinite)
 
 FQ_CASES = [  # (shape, axis)
     ((5, 37, 9), 1), ((33, 4, 3, 3), 0), ((3000,), None), ((2, 3, 5, 7), None), ((6, 17), 1), ((17, 6), 0),
@@ -67,3 +68,21 @@ def test_fake_quant_backward_mixed_dtypes(row, gen):
     got = row.call("fake_quant_backward", grad, x, s, z, 4)
     want = R.fake_quant_backward(grad, x, s, z, 4)
     assert_equal(got[0], want[0], row=row.id)
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 37, 9), 1), ((3000,), None), ((17, 33), 0), ((2, 6, 5, 3), 1)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("drop_prob", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fake_quant_nonfinite_propagates(row, gen, shape, axis, bits, drop_prob, dtype):
+    """NaN / +Inf / -Inf inputs give NaN at those elements (dropped QDrop elements keep their float)."""
+    x = with_nonfinite(rand_x(row, gen, *shape, dtype=dtype), gen, count=9)
+    s, z = rand_params(row, gen, shape, axis, bits)
+    why = dict(row=row.id, dtype=dtype, shape=shape, axis=axis, bits=bits, drop=drop_prob)
+    y = row.call("fake_quant_forward", x, s, z, bits, axis, drop_prob, 7)
+    want = R.fake_quant_forward(x, s, z, bits, axis, drop_prob, 7)
+    dropped = R.qdrop_mask(x.shape, drop_prob, 7, x.device) if drop_prob > 0 else torch.zeros_like(x, dtype=torch.bool)
+    bad = ~torch.isfinite(x)
+    assert bool(torch.isnan(want[bad & ~dropped]).all()), ctx(**why)  # the policy, on the reference itself
+    torch.testing.assert_close(want[dropped], x[dropped], rtol=0, atol=0, equal_nan=True)  # dropped: x itself
+    assert_nan_equal(row, y, want, exact=True, op="fq_forward nonfinite", **why)

@@ -11,7 +11,8 @@ import torch
 from dfqkern.formats import PackedWeight, code_max, symmetric_zero_point
 from dfqkern.kernels import reference as R
 from dfqkern.kernels.reference import ActQuant
-from kernel_cases import assert_equal, assert_float_output, ctx, make_act, rand_weight, rand_x
+from kernel_cases import (assert_equal, assert_float_output, assert_nan_equal, ctx, make_act, rand_weight, rand_x,
+                          with_nonfinite)
 
 # (m, k, n): M = 1 / 3 / 17 / 64, K odd and not a multiple of any tile, N odd, K = 5 with N = 1
 GEMM_SHAPES = [(1, 77, 13), (3, 63, 5), (17, 300, 9), (1, 5, 1), (4, 129, 8), (1, 512, 12), (64, 69, 33),
@@ -88,3 +89,22 @@ def test_linear_weight_only(row, gen, wbits, dtype):
     if dtype == torch.float16:  # default out dtype follows x
         assert row.call("linear", x, pw, bias).dtype == torch.float16
 
+
+
+@pytest.mark.parametrize("wbits", [2, 4, 8])
+@pytest.mark.parametrize("abits", [4, 8])
+@pytest.mark.parametrize("m,k,n", [(1, 77, 13), (17, 300, 9), (64, 69, 33)])
+@pytest.mark.parametrize("per_token,symmetric", ACTS)
+def test_linear_nonfinite_rows_are_nan(row, gen, wbits, abits, m, k, n, per_token, symmetric):
+    """A row holding NaN / +Inf / -Inf gives NaN in every output feature; other rows are unchanged."""
+    pw = rand_weight(row, gen, n, k, wbits)
+    clean = rand_x(row, gen, m, k)
+    act = make_act(clean, abits, per_token, symmetric)
+    x = with_nonfinite(clean, gen, count=3)
+    bias = rand_x(row, gen, n)
+    why = dict(row=row.id, wbits=wbits, abits=abits, m=m, k=k, n=n, per_token=per_token, sym=symmetric)
+    want = R.linear(x, pw, bias, act)
+    bad_rows = ~torch.isfinite(x).all(dim=1)
+    assert bool(torch.isnan(want[bad_rows]).all()) and not bool(torch.isnan(want[~bad_rows]).any()), ctx(**why)
+    assert_nan_equal(row, row.call("linear", x, pw, bias, act), want, op="linear nonfinite", **why)
+    assert_nan_equal(row, row.call("linear", x, pw, None, act), R.linear(x, pw, None, act), op="no bias", **why)

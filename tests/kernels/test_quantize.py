@@ -6,7 +6,7 @@ import torch
 
 from dfqkern.kernels import reference as R
 from dfqkern.kernels.reference import ActQuant
-from kernel_cases import assert_equal, make_act, rand_params, rand_x, static_act
+from kernel_cases import assert_equal, ctx, make_act, rand_params, rand_x, static_act, with_nonfinite
 
 QUANT_CASES = [  # (shape, axis)
     ((7,), None), ((5, 37, 9), 1), ((3, 17), -1), ((33, 4, 3, 3), 0), ((2, 3, 5, 7), None), ((1, 1), 0),
@@ -88,3 +88,35 @@ def test_empty_inputs(row):
     if row.backend != "reference":  # (formats.pack_codes cannot pack zero rows)
         pa = row.call("quantize_activation", row.dev(torch.zeros(0, 16)), ActQuant(8, per_token=True))
         assert pa.data.shape == (0, 16)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_quantize_nonfinite_codes(row, gen, bits, axis):
+    """Codes cannot hold NaN: NaN -> code 0, +Inf / -Inf saturate (every backend alike)."""
+    x = with_nonfinite(rand_x(row, gen, 4, 37), gen, count=12)
+    s, z = rand_params(row, gen, (4, 37), axis, bits)
+    q = row.call("quantize", x, s, z, bits, axis)
+    want = R.quantize(x, s, z, bits, axis)
+    assert_equal(q, want, row=row.id, bits=bits, axis=axis)
+    assert bool((want[torch.isnan(x)] == 0).all()) and bool((want[x == float("inf")] == 2 ** bits - 1).all())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("per_token,symmetric", [(False, False), (True, False), (True, True)])
+def test_quantize_activation_nonfinite(row, gen, bits, per_token, symmetric):
+    """Per-token rows holding NaN / Inf: scale NaN, zero point 0 (2**(bits-1) symmetric), codes 0; static
+    parameters: codes as quantize (the packed linear marks those rows itself)."""
+    clean = rand_x(row, gen, 9, 45)
+    act = make_act(clean, bits, per_token, symmetric)
+    x = with_nonfinite(clean, gen, count=4)
+    got = row.call("quantize_activation", x, act)
+    want = R.quantize_activation(x, act)
+    why = dict(row=row.id, bits=bits, per_token=per_token, sym=symmetric)
+    assert_equal(got.data, want.data, op="codes", **why)
+    assert_equal(got.zero_point.reshape(-1).to(torch.int32), want.zero_point.reshape(-1), op="zero point", **why)
+    gs, ws = got.scale.reshape(-1), want.scale.reshape(-1).to(got.scale.device)
+    assert torch.equal(torch.isnan(gs), torch.isnan(ws)), ctx(op="scale NaN", **why)
+    assert_equal(torch.nan_to_num(gs), torch.nan_to_num(ws), op="scale", **why)
+    if per_token:
+        assert bool(torch.isnan(ws.cpu()[~torch.isfinite(x.cpu()).all(dim=1)]).all()), ctx(**why)

@@ -16,11 +16,14 @@ from .common import check_device, check_float_dtype, rint
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, out_ptr, scale_in_ptr, zp_in_ptr, scale_out_ptr, zp_out_ptr,
+def _act_quant_kernel(x_ptr, out_ptr, scale_in_ptr, zp_in_ptr, scale_out_ptr, zp_out_ptr, mark_ptr,
                       M, K, NB, ROWS_PER_BATCH, stride_b, stride_r, stride_k, stride_out, scale_eps,
                       QMAX: tl.constexpr, SYM_DIV: tl.constexpr, SLOT: tl.constexpr,
-                      DYNAMIC: tl.constexpr, SYMMETRIC: tl.constexpr,
+                      DYNAMIC: tl.constexpr, SYMMETRIC: tl.constexpr, MARK: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    # Non-finite inputs (reference.py): NaN gets code 0, +-Inf saturate; a per-token row holding one gets
+    # scale NaN / zero point 0 (2**(bits-1) symmetric); with MARK, mark[row] = NaN for such a row (else 0),
+    # which the GEMM / conv epilogues add to their output rows.
     # Row m of the logical [M, K] input starts at (m // ROWS_PER_BATCH) * stride_b +
     # (m % ROWS_PER_BATCH) * stride_r: a plain 2-D matrix, or an NCHW / NHWC tensor seen as [N*H*W, C].
     PB: tl.constexpr = 8 // SLOT
@@ -32,11 +35,15 @@ def _act_quant_kernel(x_ptr, out_ptr, scale_in_ptr, zp_in_ptr, scale_out_ptr, zp
         # reference.token_qparams -> qparams_from_range, same fp32 operations in the same order
         mn = tl.full([BLOCK_M], float("inf"), tl.float32)
         mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        bad = tl.zeros([BLOCK_M], tl.int32)
         for k0 in range(0, K, BLOCK_B * PB):
             ks = k0 + tl.arange(0, BLOCK_B * PB)
             m = rmask[:, None] & (ks < K)[None, :]
             x = tl.load(x_ptr + row_off[:, None] + ks[None, :].to(tl.int64) * stride_k, mask=m,
                         other=0.0).to(tl.float32)
+            nonfinite = m & ((x != x) | (tl.abs(x) == float("inf")))
+            bad = tl.maximum(bad, tl.max(nonfinite.to(tl.int32), axis=1))
+            x = tl.where(nonfinite, 0.0, x)
             mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=1))
             mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=1))
         lo = tl.minimum(mn, 0.0)
@@ -47,12 +54,15 @@ def _act_quant_kernel(x_ptr, out_ptr, scale_in_ptr, zp_in_ptr, scale_out_ptr, zp
         else:
             scale = tl.maximum(tl.div_rn(hi - lo, QMAX * 1.0), scale_eps)
             zpf = tl.minimum(tl.maximum(rint(tl.div_rn(-lo, scale)), 0.0), QMAX * 1.0)
+            zpf = tl.where(bad > 0, 0.0, zpf)  # (symmetric rows keep 2**(bits-1))
+        scale = tl.where(bad > 0, float("nan"), scale)
         tl.store(scale_out_ptr + rows, scale, mask=rmask)
         tl.store(zp_out_ptr + rows, zpf.to(tl.int32), mask=rmask)
     else:
         scale = tl.full([BLOCK_M], 1.0, tl.float32) * tl.load(scale_in_ptr).to(tl.float32)
         zpf = tl.full([BLOCK_M], 1.0, tl.float32) * tl.load(zp_in_ptr).to(tl.int32).to(tl.float32)
     inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)  # == torch's 1 / scale in fp32
+    bad_rows = tl.zeros([BLOCK_M], tl.int32)
     for b0 in range(0, NB, BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
         byte = tl.zeros([BLOCK_M, BLOCK_B], tl.int32)
@@ -61,11 +71,17 @@ def _act_quant_kernel(x_ptr, out_ptr, scale_in_ptr, zp_in_ptr, scale_out_ptr, zp
             m = rmask[:, None] & (ks < K)[None, :]
             x = tl.load(x_ptr + row_off[:, None] + ks[None, :].to(tl.int64) * stride_k, mask=m,
                         other=0.0).to(tl.float32)
+            if MARK:
+                nonfinite = m & ((x != x) | (tl.abs(x) == float("inf")))
+                bad_rows = tl.maximum(bad_rows, tl.max(nonfinite.to(tl.int32), axis=1))
             code = tl.minimum(tl.maximum(rint(x * inv[:, None]) + zpf[:, None], 0.0), QMAX * 1.0)
+            code = tl.where(code != code, 0.0, code)  # NaN -> code 0 (the interpreter's maximum keeps NaN)
             code = tl.where(m, code, zpf[:, None])  # padded K slots hold the zero point
             byte = byte | (code.to(tl.int32) << (p * SLOT))
         omask = rmask[:, None] & (bs < NB)[None, :]
         tl.store(out_ptr + r64[:, None] * stride_out + bs[None, :], byte.to(tl.uint8), mask=omask)
+    if MARK:
+        tl.store(mark_ptr + rows, tl.where(bad_rows > 0, float("nan"), 0.0), mask=rmask)
 
 
 def _blocks(k_bytes: int) -> tuple[int, int]:
@@ -74,11 +90,12 @@ def _blocks(k_bytes: int) -> tuple[int, int]:
 
 
 def launch_act_quant(x: torch.Tensor, m: int, k: int, rows_per_batch: int, strides: tuple[int, int, int],
-                     act: reference.ActQuant, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     act: reference.ActQuant, slot: int, mark: bool = False):
     """Quantize the ``[m, k]`` view of ``x`` (see the kernel's row addressing) into ``slot``-bit slots.
 
     Returns ``(codes uint8 [m, packed], scale fp32, zero_point int32)``; the parameters have one
-    element (static) or ``m`` (per-token).
+    element (static) or ``m`` (per-token). With ``mark``, a fourth element: fp32 ``[m]``, NaN for the
+    rows holding a NaN / Inf and 0 elsewhere (written by the same launch).
     """
     nb = -(-k // (8 // slot))
     out = torch.empty((m, nb), dtype=torch.uint8, device=x.device)
@@ -91,13 +108,14 @@ def launch_act_quant(x: torch.Tensor, m: int, k: int, rows_per_batch: int, strid
         scale, zp = s_in.float(), z_in.to(torch.int32)
     qmax = code_max(act.bits)
     block_m, block_b = _blocks(nb)
+    marks = torch.empty(m if mark else 0, dtype=torch.float32, device=x.device)
     if m > 0:
         _act_quant_kernel[(triton.cdiv(m, block_m),)](
-            x, out, s_in, z_in, scale, zp, m, k, nb, rows_per_batch, *strides, nb, contract.SCALE_EPS,
-            QMAX=qmax, SYM_DIV=float(symmetric_zero_point(act.bits) - 1), SLOT=slot,
-            DYNAMIC=act.per_token, SYMMETRIC=act.symmetric, BLOCK_M=block_m, BLOCK_B=block_b,
+            x, out, s_in, z_in, scale, zp, marks if mark else scale, m, k, nb, rows_per_batch, *strides, nb,
+            contract.SCALE_EPS, QMAX=qmax, SYM_DIV=float(symmetric_zero_point(act.bits) - 1), SLOT=slot,
+            DYNAMIC=act.per_token, SYMMETRIC=act.symmetric, MARK=mark, BLOCK_M=block_m, BLOCK_B=block_b,
             enable_fp_fusion=False)  # no FMA: x * inv must round before rint, as in torch
-    return out, scale, zp
+    return (out, scale, zp, marks) if mark else (out, scale, zp)
 
 
 def quantize_activation(x2d: torch.Tensor, act: reference.ActQuant) -> PackedActivation:

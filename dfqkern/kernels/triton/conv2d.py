@@ -29,9 +29,10 @@ from .gemm import (WIDE_CENTER, autotune, check_out_dtype, m_bucket, store_outpu
 @autotune(key=["M_BUCKET", "N", "K", "C", "KW", "W_SLOT", "FLOAT_OUT"])
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp_ptr, w_center_ptr, w_sum_ptr,
-                 bias_ptr, M, N, K, M_BUCKET, C, H, W, OH, OW, KW,
+                 bias_ptr, mark_ptr, M, N, K, M_BUCKET, C, H, W, OH, OW, KH, KW,
                  sxn, sxc, sxh, sxw, son, soc, soh, sow, stride_wn, SH, SW, PH, PW, DH, DW,
                  W_SLOT: tl.constexpr, W_WIDE: tl.constexpr, FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 POISON: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -72,15 +73,32 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp
         acc = tl.dot(a.to(tl.int8), w, acc, out_dtype=tl.int32)
     acc = zero_point_correction(acc, a_sum, a_zp_rows, w_zp, w_center, w_sum, K, True, W_WIDE)
     out_off = (nb * son + oh * soh + ow * sow)[:, None] + cols.to(tl.int64)[None, :] * soc
+    poison = 0.0
+    if POISON:
+        poison = window_poison(mark_ptr, nb, oh, ow, rmask, H, W, KH, KW, SH, SW, PH, PW, DH, DW)
     store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, 0, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS, True)
+                 FLOAT_OUT, HAS_BIAS, True, poison, POISON)
 
 
 @triton.jit
-def _depthwise_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp_ptr, bias_ptr,
+def window_poison(mark_ptr, nb, oh, ow, rmask, H, W, KH, KW, SH, SW, PH, PW, DH, DW):
+    """Per output pixel: the sum of ``mark - mark`` over its window's input pixels (``mark``: fp32
+    ``[N*H*W]``, NaN at pixels holding a NaN / Inf), i.e. 0, or NaN when the window covers one."""
+    poison = tl.zeros(oh.shape, tl.float32)
+    for t in range(0, KH * KW):
+        ih = oh * SH - PH + (t // KW) * DH
+        iw = ow * SW - PW + (t % KW) * DW
+        inside = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        mk = tl.load(mark_ptr + nb * (H * W) + ih * W + iw, mask=inside, other=0.0)
+        poison += mk - mk
+    return poison
+
+
+@triton.jit
+def _depthwise_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, mark_ptr,
                       M, N, H, W, OH, OW, KH, KW, MULT,
                       sxn, sxc, sxh, sxw, son, soc, soh, sow, stride_wn, SH, SW, PH, PW, DH, DW,
-                      W_SLOT: tl.constexpr, FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      W_SLOT: tl.constexpr, FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, POISON: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr):
     """Direct depthwise conv: output channel ``o`` reads input channel ``o // MULT``; int32 multiply-adds."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -106,8 +124,11 @@ def _depthwise_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr,
         w = load_codes(w_ptr, w_row, t, cmask, W_SLOT) - w_zp
         acc += a * w[None, :]
     out_off = (nb * son + oh * soh + ow * sow)[:, None] + cols.to(tl.int64)[None, :] * soc
+    poison = 0.0
+    if POISON:
+        poison = window_poison(mark_ptr, nb, oh, ow, rmask, H, W, KH, KW, SH, SW, PH, PW, DH, DW)
     store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, 0, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS, True)
+                 FLOAT_OUT, HAS_BIAS, True, poison, POISON)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -126,28 +147,30 @@ def _geometry(x_shape, pw: PackedWeight, stride, padding, dilation, groups: int)
 
 
 def _launch(codes, x_strides, a_scale, a_zp, pw: PackedWeight, g: dict, bias, out: torch.Tensor,
-            float_out: bool):
+            float_out: bool, marks: torch.Tensor | None = None):
     wt = weight_operand(pw)
     m = g["n"] * g["oh"] * g["ow"]
     geo = (g["sh"], g["sw"], g["ph"], g["pw"], g["dh"], g["dw"])
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     bias_arg = bias if bias is not None else wt["scale"]
+    mark_arg = marks if marks is not None else wt["scale"]
     if g["depthwise"]:
         bm, bn = 32, 16
         grid = (triton.cdiv(m, bm), triton.cdiv(g["o"], bn))
         _depthwise_kernel[grid](
-            codes, wt["data"], out, a_scale, a_zp, wt["scale"], wt["zp"], bias_arg,
+            codes, wt["data"], out, a_scale, a_zp, wt["scale"], wt["zp"], bias_arg, mark_arg,
             m, g["o"], g["h"], g["w"], g["oh"], g["ow"], g["kh"], g["kw"], g["o"] // g["c"],
             *x_strides, *o_strides, wt["data"].stride(0), *geo,
-            W_SLOT=wt["slot"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None, BM=bm, BN=bn, enable_fp_fusion=False)
+            W_SLOT=wt["slot"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None, POISON=marks is not None,
+            BM=bm, BN=bn, enable_fp_fusion=False)
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(g["o"], meta["BN"]),)  # noqa: E731
     _conv_kernel[grid](
-        codes, wt["data"], out, a_scale, a_zp, wt["scale"], wt["zp"], wt["center"], wt["sum"], bias_arg,
-        m, g["o"], pw.k, m_bucket(m), g["c"], g["h"], g["w"], g["oh"], g["ow"], g["kw"],
+        codes, wt["data"], out, a_scale, a_zp, wt["scale"], wt["zp"], wt["center"], wt["sum"], bias_arg, mark_arg,
+        m, g["o"], pw.k, m_bucket(m), g["c"], g["h"], g["w"], g["oh"], g["ow"], g["kh"], g["kw"],
         *x_strides, *o_strides, wt["data"].stride(0), *geo,
         W_SLOT=wt["slot"], W_WIDE=wt["wide"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
-        enable_fp_fusion=False)  # epilogue rounds like the reference (no FMA)
+        POISON=marks is not None, enable_fp_fusion=False)  # epilogue rounds like the reference (no FMA)
     return out
 
 
@@ -184,8 +207,11 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     if x.stride(2) != x.shape[3] * x.stride(3):  # (h, w) must merge into one pixel index
         x = x.contiguous()
     n, c, h, w = x.shape
-    codes, scale, zp = launch_act_quant(x, n * h * w, c, h * w, (x.stride(0), x.stride(3), x.stride(1)), act, 8)
+    # marks: fp32 [N*H*W], NaN at input pixels holding a NaN / Inf (same launch); the epilogue turns the
+    # output pixels whose window covers one into NaN (a KH*KW read of marks per output row, after the K loop)
+    codes, scale, zp, marks = launch_act_quant(x, n * h * w, c, h * w, (x.stride(0), x.stride(3), x.stride(1)), act,
+                                               8, mark=True)
     nhwc_strides = (h * w * c, 1, w * c, c)  # codes [N*H*W, C] seen as N, C, H, W strides
     out = _out_like(x, g, out_dtype)
     return _launch(codes, nhwc_strides, scale, zp, pw, g, None if bias is None else bias.reshape(-1), out,
-                   float_out=True)
+                   float_out=True, marks=marks)

@@ -48,6 +48,7 @@ def _fq_forward_kernel(x_ptr, out_ptr, scale_ptr, zp_ptr, C, T, INNER, P_STRIDE,
     # reference.quantize: clamp(round(x * inv) + zp) then the uint8 cast (floor, for a float zero point)
     code = tl.floor(tl.minimum(tl.maximum(rint(x * inv) + zp, 0.0), QMAX * 1.0))
     y = (code - zp) * s
+    y = tl.where((x != x) | (tl.abs(x) == float("inf")), float("nan"), y)  # NaN / +-Inf propagate as NaN
     if DROP:
         y = tl.where(hash32(off, seedmix).to(tl.int64) < thr, x, y)
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=mask)

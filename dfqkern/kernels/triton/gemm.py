@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ...formats import PackedActivation, PackedWeight, storage_bits
 from .. import reference
-from .act_quant import quantize_activation
+from .act_quant import launch_act_quant, quantize_activation
 from .common import INTERPRET, check_device, check_float_dtype, load_codes
 
 _WIDE = 128
@@ -53,9 +53,11 @@ def zero_point_correction(acc, a_sum, a_zp, w_zp, w_center, w_sum, K, A_WIDE: tl
 
 @triton.jit
 def store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, A_PSTRIDE, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, A_SCALED: tl.constexpr):
+                 FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, A_SCALED: tl.constexpr, poison,
+                 POISON: tl.constexpr):
     """int32 result, or reference._epilogue: ``acc * (a_scale * w_scale) + bias`` in fp32, cast on store
-    (``acc * w_scale + bias`` when not ``A_SCALED``: float activations)."""
+    (``acc * w_scale + bias`` when not ``A_SCALED``: float activations). With ``POISON``, ``poison``
+    (fp32 ``[BM]``: 0, or NaN for an output row fed by a non-finite input) is added to each row."""
     rmask = rows < M
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
@@ -68,6 +70,8 @@ def store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, A_PSTRIDE
             y = acc * sw[None, :]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if POISON:
+            y = y + poison[:, None]
         tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + out_off, acc, mask=mask)
@@ -131,9 +135,9 @@ def m_bucket(m: int) -> int:
 @autotune(key=["M_BUCKET", "N", "K", "A_SLOT", "W_SLOT", "FLOAT_OUT"])
 @triton.jit
 def _linear_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp_ptr, w_center_ptr, w_sum_ptr,
-                   bias_ptr, M, N, K, M_BUCKET, stride_am, stride_wn, stride_om, stride_on, A_PSTRIDE,
+                   bias_ptr, mark_ptr, M, N, K, M_BUCKET, stride_am, stride_wn, stride_om, stride_on, A_PSTRIDE,
                    A_SLOT: tl.constexpr, W_SLOT: tl.constexpr, A_WIDE: tl.constexpr, W_WIDE: tl.constexpr,
-                   FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, POISON: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -162,8 +166,11 @@ def _linear_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_
         acc = tl.dot(a.to(tl.int8), w, acc, out_dtype=tl.int32)
     acc = zero_point_correction(acc, a_sum, a_zp, w_zp, w_center, w_sum, K, A_WIDE, W_WIDE)
     out_off = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    poison = 0.0
+    if POISON:
+        poison = tl.load(mark_ptr + rows, mask=rmask, other=0.0)
     store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, A_PSTRIDE, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS, True)
+                 FLOAT_OUT, HAS_BIAS, True, poison, POISON)
 
 
 @autotune(key=["M_BUCKET", "N", "K", "W_SLOT", "DOT_DTYPE"])
@@ -194,7 +201,8 @@ def _linear_weight_only_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, w_zp_ptr, bia
         else:
             acc = tl.dot(x, w, acc)
     out_off = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
-    store_output(acc, out_ptr, out_off, rows, cols, M, N, w_scale_ptr, 0, w_scale_ptr, bias_ptr, True, HAS_BIAS, False)
+    store_output(acc, out_ptr, out_off, rows, cols, M, N, w_scale_ptr, 0, w_scale_ptr, bias_ptr, True, HAS_BIAS, False,
+                 0.0, False)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -220,8 +228,10 @@ def check_out_dtype(out_dtype: torch.dtype) -> None:
                                     "and bfloat16 outside the interpreter)")
 
 
-def _gemm(pa: PackedActivation, pw: PackedWeight, bias: torch.Tensor | None, out_dtype: torch.dtype | None):
-    """int32 ``[M, N]`` when ``out_dtype`` is None, else the scaled float output."""
+def _gemm(pa: PackedActivation, pw: PackedWeight, bias: torch.Tensor | None, out_dtype: torch.dtype | None,
+          marks: torch.Tensor | None = None):
+    """int32 ``[M, N]`` when ``out_dtype`` is None, else the scaled float output (plus ``marks``, fp32
+    ``[M]`` of 0 / NaN, added to each output row when given)."""
     check_device(activation=pa.data, weight=pw.data)
     w = weight_operand(pw)
     a = pa.data if pa.data.stride(-1) == 1 else pa.data.contiguous()
@@ -236,10 +246,12 @@ def _gemm(pa: PackedActivation, pw: PackedWeight, bias: torch.Tensor | None, out
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _linear_kernel[grid](
         a, w["data"], out, a_scale, a_zp, w["scale"], w["zp"], w["center"], w["sum"],
-        bias if bias is not None else w["scale"], m, n, pw.k, m_bucket(m), a.stride(0), w["data"].stride(0),
+        bias if bias is not None else w["scale"], marks if marks is not None else w["scale"],
+        m, n, pw.k, m_bucket(m), a.stride(0), w["data"].stride(0),
         out.stride(0), out.stride(1), 0 if a_scale.numel() == 1 else 1,
         A_SLOT=a_bits_slot, W_SLOT=w["slot"], A_WIDE=pa.bits > 4, W_WIDE=w["wide"], FLOAT_OUT=float_out,
-        HAS_BIAS=bias is not None, enable_fp_fusion=False)  # epilogue rounds like the reference (no FMA)
+        HAS_BIAS=bias is not None, POISON=marks is not None,
+        enable_fp_fusion=False)  # epilogue rounds like the reference (no FMA)
     return out
 
 
@@ -278,5 +290,11 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     bias_c = None if bias is None else bias.reshape(-1)
     if act is None:
         return _weight_only(x.reshape(-1, pw.k), pw, bias_c, out_dtype).reshape(*lead, pw.n)
-    pa = quantize_activation(x.reshape(-1, pw.k), act)
-    return _gemm(pa, pw, bias_c, out_dtype).reshape(*lead, pw.n)
+    x2d = x.reshape(-1, pw.k)
+    check_float_dtype("x", x2d)
+    m, k = x2d.shape
+    # one launch: codes + per-row marks (NaN for a row holding NaN / Inf; the epilogue adds them)
+    data, scale, zp, marks = launch_act_quant(x2d, m, k, max(m, 1), (0, x2d.stride(0), x2d.stride(1)), act,
+                                              storage_bits(act.bits), mark=True)
+    pa = PackedActivation(data, scale, zp, act.bits, k)
+    return _gemm(pa, pw, bias_c, out_dtype, marks).reshape(*lead, pw.n)
