@@ -404,8 +404,8 @@ def test_backend_choice_reaches_every_quantized_module():
     quantizers = [m for m in q.modules() if hasattr(m, "backend") and m is not q]
     assert quantizers and {m.backend for m in quantizers} == {"reference"}
     calibrate_activations(q, x, progress=False)
-    set_backend(q, "triton")  # triton runs on CUDA tensors only: the forced choice must surface
-    with pytest.raises(RuntimeError, match="backend 'triton'"), torch.no_grad():
+    set_backend(q, "cuda")  # never serves CPU tensors (triton may, under TRITON_INTERPRET): must surface
+    with pytest.raises(RuntimeError, match="backend 'cuda'"), torch.no_grad():
         q(x)
     set_backend(q, None)
     calibrate(q, model, x, CalibConfig(method="observer", backend="reference", progress=False))
@@ -414,8 +414,8 @@ def test_backend_choice_reaches_every_quantized_module():
     set_backend(q, "reference")
     with torch.no_grad():
         ref = q(x)
-        set_backend(q, "triton")
-        with pytest.raises(RuntimeError, match="backend 'triton'"):
+        set_backend(q, "cuda")
+        with pytest.raises(RuntimeError, match="backend 'cuda'"):
             q(x)
         set_backend(q, None)
         torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)
