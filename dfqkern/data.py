@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import math
 import os
 import tarfile
@@ -25,7 +24,6 @@ __all__ = [
     "open_dataset", "index_classes", "random_subset", "calibration_tensor", "default_cifar10_dir", "digits_dataset",
 ]
 
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -125,8 +123,9 @@ def index_classes(found: Sequence[str], source: str, classes: Sequence[str] | No
 
     With ``classes`` (the model's class names, in output order) every folder must name one of them
     (case, ``_`` and ``-`` aside), so a folder holding only some classes keeps the model's indices.
-    Otherwise the sorted folder names are taken as the whole list: more of them than the model's
-    ``num_classes`` outputs is an error, fewer a warning (they are scored as classes 0, 1, ...)."""
+    Otherwise the sorted folder names are taken as the whole list, and a count that differs from the
+    model's ``num_classes`` outputs is an error: a partial folder would otherwise be re-indexed 0, 1,
+    ... and scored against the wrong outputs (a labels csv states the indices instead)."""
     found = sorted(found)
     if classes is not None:
         index = {_class_key(c): i for i, c in enumerate(classes)}
@@ -140,12 +139,9 @@ def index_classes(found: Sequence[str], source: str, classes: Sequence[str] | No
             names[index[_class_key(c)]] = c
         return names
     if num_classes is not None and len(found) != num_classes:
-        msg = (f"{source} has {len(found)} class folders ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}) "
-               f"but the model has {num_classes} classes and no class names to match them to")
-        if len(found) > num_classes:
-            raise ValueError(msg)
-        log.warning("%s: they are scored as its classes 0-%d in sorted order; use a labels csv if they are "
-                    "not the first classes", msg, len(found) - 1)
+        raise ValueError(f"{source} has {len(found)} class folders ({', '.join(found[:5])}"
+                         f"{', ...' if len(found) > 5 else ''}) but the model has {num_classes} classes and no "
+                         f"class names to match them to; give a labels csv (image,label index) instead")
     return found
 
 
