@@ -122,8 +122,6 @@ def test_prelude_really_hides(name):
 # ----------------------------------------------------------------------------- import direction
 
 PACKAGE = REPO / "dfqkern"
-# Private names still imported across modules, each to be made public by its module's owner.
-PENDING_PRIVATE = {("kernels/triton/adaround.py", "_tile")}
 
 
 def _dfqkern_imports(path: Path):
@@ -153,7 +151,7 @@ def test_no_private_cross_module_imports():
             for name in names:
                 if module.startswith("dfqkern") and name.startswith("_") and not name.startswith("__") and name != "_C":
                     found.add((path.relative_to(PACKAGE).as_posix(), name))
-    assert found <= PENDING_PRIVATE, sorted(found - PENDING_PRIVATE)
+    assert not found, sorted(found)
 
 
 def test_version_is_typed_once():

@@ -16,7 +16,7 @@ import triton.language as tl
 from ...formats import code_max
 from .. import contract
 from .common import check_device, check_float_dtype
-from .fake_quant import _tile, layout
+from .fake_quant import channel_tile, layout
 
 
 def _rounding_args() -> tuple[float, float]:
@@ -48,7 +48,7 @@ def _adaround_forward_kernel(base_ptr, v_ptr, out_ptr, reg_ptr, scale_ptr, zp_pt
                              BC: tl.constexpr, BT: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
-    c, off, mask = _tile(pid_c, pid_t, C, T, INNER, BC, BT)
+    c, off, mask = channel_tile(pid_c, pid_t, C, T, INNER, BC, BT)
     s, zp, base, v = _load(base_ptr, v_ptr, scale_ptr, zp_ptr, c, off, mask, C, P_STRIDE)
     if HARD:
         h = (v >= 0.0).to(tl.float32)
@@ -65,7 +65,7 @@ def _adaround_forward_kernel(base_ptr, v_ptr, out_ptr, reg_ptr, scale_ptr, zp_pt
 def _adaround_backward_kernel(g_ptr, base_ptr, v_ptr, gv_ptr, gs_ptr, scale_ptr, zp_ptr, C, T, INNER, P_STRIDE,
                               beta, pow0, reg_grad, stretch, gamma, QMAX: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     pid_t = tl.program_id(1)
-    c, off, mask = _tile(tl.program_id(0), pid_t, C, T, INNER, BC, BT)
+    c, off, mask = channel_tile(tl.program_id(0), pid_t, C, T, INNER, BC, BT)
     s, zp, base, v = _load(base_ptr, v_ptr, scale_ptr, zp_ptr, c, off, mask, C, P_STRIDE)
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(v)

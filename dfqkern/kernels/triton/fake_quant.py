@@ -19,7 +19,7 @@ from .common import channel_layout, check_device, check_float_dtype, hash32, rin
 
 
 @triton.jit
-def _tile(pid_c, pid_t, C, T, INNER, BC: tl.constexpr, BT: tl.constexpr):
+def channel_tile(pid_c, pid_t, C, T, INNER, BC: tl.constexpr, BT: tl.constexpr):
     """Channel ids, element offsets and mask of this program's tile of the ``[outer, C, inner]`` view."""
     c = pid_c * BC + tl.arange(0, BC)
     t = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
@@ -42,7 +42,7 @@ def _params(scale_ptr, zp_ptr, c, C, P_STRIDE):
 @triton.jit
 def _fq_forward_kernel(x_ptr, out_ptr, scale_ptr, zp_ptr, C, T, INNER, P_STRIDE, seedmix, thr,
                        QMAX: tl.constexpr, DROP: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
-    c, off, mask = _tile(tl.program_id(0), tl.program_id(1), C, T, INNER, BC, BT)
+    c, off, mask = channel_tile(tl.program_id(0), tl.program_id(1), C, T, INNER, BC, BT)
     s, zp, inv = _params(scale_ptr, zp_ptr, c, C, P_STRIDE)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     # reference.quantize: clamp(round(x * inv) + zp) then the uint8 cast (floor, for a float zero point)
@@ -58,7 +58,7 @@ def _fq_forward_kernel(x_ptr, out_ptr, scale_ptr, zp_ptr, C, T, INNER, P_STRIDE,
 def _fq_backward_kernel(g_ptr, x_ptr, gx_ptr, ds_ptr, dz_ptr, scale_ptr, zp_ptr, C, T, INNER, P_STRIDE,
                         seedmix, thr, QMAX: tl.constexpr, DROP: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     pid_t = tl.program_id(1)
-    c, off, mask = _tile(tl.program_id(0), pid_t, C, T, INNER, BC, BT)
+    c, off, mask = channel_tile(tl.program_id(0), pid_t, C, T, INNER, BC, BT)
     s, zp, inv = _params(scale_ptr, zp_ptr, c, C, P_STRIDE)
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
