@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 from typing import Sequence
 
 import numpy as np
@@ -60,10 +59,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._version import __version__
-from .config import (DEFAULT_CE_WEIGHT, DEFAULT_LR, DEFAULT_SHARD_SIZE, DGH_MEMORY_FRACTION,  # noqa: F401
-                     LABEL_MODES, METHODS, WEIGHT_MODES, BNInversionConfig, check_target_options)
+from .config import (AUTO_BATCH, DEFAULT_CE_WEIGHT, DEFAULT_LR, DEFAULT_SHARD_SIZE,  # noqa: F401
+                     DGH_MEMORY_FRACTION, LABEL_MODES, METHODS, WEIGHT_MODES, BNInversionConfig,
+                     check_target_options)
+from .distributed import all_reduce_sums, is_collective, split_evenly
 from .prompts import (BN_SHARD_STREAM, BN_TARGET_STREAM, DGH_INIT_STREAM, balanced_class_groups, image_seed,
                       stream_rng)
+from .resources import (activation_bytes_per_image, auto_batch_size, autocast, check_precision,  # noqa: F401
+                        free_memory_bytes, grad_scaler)
 
 # genie: the latent codes move this many times faster than the generator (``lr``), as Genie keeps
 # separate rates for the two; one fast rate for both saturated the generator's tanh.
@@ -325,6 +328,7 @@ class InversionResult:
     bn_loss_history: list[float]
     method: str
     label_mode: str
+    owned: "range | None" = None  # distributed dgh: the indices (of the call's images) ``images`` holds
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -365,7 +369,8 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
               config: "BNInversionConfig | None" = None, input_shape: Sequence[int] = (3, 224, 224),
               device: "str | torch.device | None" = None, progress: bool = True,
               targets: "tuple[Sequence[Sequence[int]], Sequence[Sequence[float]]] | None" = None,
-              clamp_range: "tuple[Sequence[float], Sequence[float]] | None" = None, **options) -> InversionResult:
+              clamp_range: "tuple[Sequence[float], Sequence[float]] | None" = None,
+              part: "tuple[int, int] | None" = None, **options) -> InversionResult:
     """Invert ``model``'s BatchNorm statistics into ``num_images`` images (see the module docs).
 
     The options are a :class:`~dfqkern.datagen.config.BNInversionConfig`: ``config``, with
@@ -374,7 +379,12 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
     ``targets`` overrides the sampled targets with explicit (classes, weights) per image.
     ``clamp_range=(mean, std)`` keeps optimized pixels inside the normalized image of [0, 1] (so
     storing them as 8-bit PNG loses nothing to clamping). The model is used in eval mode; its
-    parameters are not changed.
+    parameters are not changed. ``precision`` (a config field) autocasts the model's forward.
+
+    ``part=(rank, world_size)`` (dgh only, every rank of a running torch.distributed group calling
+    with the same arguments): this rank optimizes its batches of the set (:func:`dgh_batches`) against
+    the statistics of the whole set, summed over the ranks; ``images`` then holds its images only,
+    the indices ``owned`` of the ``num_images``.
     """
     given = {k: v for k, v in (("method", method), ("label_mode", label_mode)) if v is not None}
     cfg = BNInversionConfig.build(config, **given, **options)
@@ -382,13 +392,17 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device is not None else model_device(model)
+    check_precision(cfg.precision, device)
+    if part is not None and part[1] > 1 and (cfg.method != "dgh" or not is_collective()):
+        raise ValueError(f"part={part}: splitting one set over ranks is for dgh (set-level statistics) inside a "
+                         f"running torch.distributed group; method {cfg.method!r}, group running: {is_collective()}")
     was_training = model.training
     grads = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(cfg.precision, device):  # also: the model runs at this precision
             out = model(torch.zeros(2, *shape, device=device))
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise ValueError(f"model must return logits of shape [batch, classes], got "
@@ -410,11 +424,14 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
             bounds = ((0 - m) / s, (1 - m) / s)
         run = _Run(cfg, bounds, shape, device)
         n_batches = -(-num_images // cfg.batch_size)
+        if cfg.method == "dgh" and part is not None:
+            n_batches = len(dgh_batches(num_images, cfg.batch_size, *part))
         bar = tqdm(total=cfg.iters * n_batches, desc=f"bn-inversion ({cfg.method})", unit="it",
                    disable=not progress, leave=False)
         with BNCapture(model) as cap, bar:
+            owned = None
             if cfg.method == "dgh":
-                images, history = _invert_set(model, cap, labels, bar, run)
+                images, history, owned = _invert_set(model, cap, labels, bar, run, part or (0, 1))
             else:
                 images, sums = [], [0.0] * cfg.iters
                 for b in range(n_batches):
@@ -429,7 +446,8 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
     return InversionResult(images=images, labels=labels, classes=classes, weights=mix, bn_loss_history=history,
-                           method=cfg.method, label_mode=cfg.effective_label_mode)
+                           method=cfg.method, label_mode=cfg.effective_label_mode,
+                           owned=owned if part is not None and part[1] > 1 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +467,12 @@ class _Run:
 
     def model_input(self, img: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         return _augment(img, rng, self.cfg.effective_augment, self.cfg.jitter)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits under the configured precision (autocast); float32 out, so every
+        loss is computed in float32 (the BN moments are summed in float32 by :class:`BNCapture`)."""
+        with autocast(self.cfg.precision, self.device):
+            return model(x).float()
 
     def clamp_(self, x: torch.Tensor) -> None:
         if self.bounds is not None:
@@ -507,16 +531,18 @@ def _invert_batch(model, cap, target, batch_seed, bar, run: _Run):
         make = lambda: x  # noqa: E731
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9) if genie else (0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iters)
+    scaler = grad_scaler(cfg.precision, run.device)
     history = []
     with swing:
         for _ in range(cfg.iters):
             opt.zero_grad(set_to_none=True)
-            img = make()
-            logits = model(run.model_input(img, rng))
+            img = make()  # the generator (small) stays float32; the model runs at the configured precision
+            logits = run.forward(model, run.model_input(img, rng))
             bn = cap.batch_loss()
             loss = bn / len(cap.layers) + _prior_loss(img, cfg, len(cap.layers)) + run.target_loss(logits, target)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             if not genie:
                 run.clamp_(x)
@@ -537,12 +563,37 @@ class SetStatistics:
     ``loss_with(b, live)`` is the BN loss of the *whole set* in which batch ``b`` contributes its
     live moments (with gradient) and every other batch its cached ones; ``update(b, moments)``
     replaces batch ``b``'s cache. Sums are float64 so that the running totals do not drift.
+
+    With ``collective=True`` (a torch.distributed group running) the batches here are this rank's
+    part of the set: the totals are the sums over all ranks (:func:`all_reduce_sums`), other ranks'
+    batches entering with the moments of their last :meth:`sync` (once per sweep), this rank's
+    with its latest ones. After a sync every rank holds the same totals: those of the whole set.
     """
 
-    def __init__(self, cap: BNCapture, batch_moments: list):
-        self.cap = cap
+    def __init__(self, cap: BNCapture, batch_moments: list, collective: bool = False):
+        self.cap, self.collective = cap, collective
         self.cache = [[(a.detach().double(), q.detach().double(), n) for a, q, n in m] for m in batch_moments]
-        self.totals = [tuple(sum(v) for v in zip(*per_layer)) for per_layer in zip(*self.cache)]
+        self.totals = self.local_sums()
+        if collective:
+            self.sync()
+
+    def local_sums(self) -> list:
+        """Per layer (sum x, sum x^2, count) over this process's cached batches (zeros if it has none)."""
+        sums = []
+        for i, layer in enumerate(self.cap.layers):
+            zero = torch.zeros_like(layer.running_mean, dtype=torch.float64)
+            s1, s2, n = zero, zero.clone(), 0
+            for per_batch in self.cache:
+                a, q, c = per_batch[i]
+                s1, s2, n = s1 + a, s2 + q, n + c
+            sums.append((s1, s2, n))
+        return sums
+
+    def sync(self) -> None:
+        """Totals := the sums over every rank's cached batches (a collective: all ranks call it)."""
+        local = self.local_sums()
+        flat = all_reduce_sums([t for s1, s2, n in local for t in (s1, s2, torch.tensor([float(n)]))])
+        self.totals = [(flat[3 * i], flat[3 * i + 1], int(round(float(flat[3 * i + 2])))) for i in range(len(local))]
 
     def loss_with(self, b: int, live) -> torch.Tensor:
         moments = [(t1 - c1 + s1.double(), t2 - c2 + s2.double(), tn - cn + n)
@@ -559,45 +610,71 @@ class SetStatistics:
         return float(self.cap.loss_from_moments(self.totals))
 
 
-def _invert_set(model, cap, labels, bar, run: _Run):
-    """DGH: all images optimized against the statistics of the whole set (one sweep per iteration)."""
+def dgh_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """The image ranges of the batches a dgh set-level unit of ``n`` images is optimized in, and of
+    those the ones rank ``rank`` of ``world_size`` optimizes (a contiguous run of batches,
+    :func:`split_evenly`); every rank draws the initial pixels of all batches in this order."""
+    starts = list(range(0, n, batch_size))
+    return [range(starts[b], min(starts[b] + batch_size, n)) for b in split_evenly(len(starts), rank, world_size)]
+
+
+def _invert_set(model, cap, labels, bar, run: _Run, part: "tuple[int, int]" = (0, 1)):
+    """DGH: all images optimized against the statistics of the whole set (one sweep per iteration).
+    ``part=(rank, world_size)`` with a process group running: this rank optimizes its batches
+    (:func:`dgh_batches`), the statistics are summed over the ranks once per sweep."""
     cfg, n = run.cfg, labels.shape[0]
+    rank, world = part
+    collective = world > 1
     rng = torch.Generator().manual_seed(image_seed(cfg.seed, DGH_INIT_STREAM))
-    xs, opts, scheds, starts = [], [], [], list(range(0, n, cfg.batch_size))
-    for start in starts:
-        x = torch.randn(min(cfg.batch_size, n - start), *run.shape, generator=rng).to(run.device)
+    mine = dgh_batches(n, cfg.batch_size, rank, world)
+    owned = {r.start for r in mine}
+    xs, opts, scheds, ranges = [], [], [], []
+    for every in dgh_batches(n, cfg.batch_size):  # all ranks draw every batch: the same pixels as one process
+        x = torch.randn(len(every), *run.shape, generator=rng)
+        if every.start not in owned:
+            continue
+        x = x.to(run.device)
         run.clamp_(x)
         xs.append(x.requires_grad_(True))
+        ranges.append(every)
         opts.append(torch.optim.Adam([xs[-1]], lr=cfg.effective_lr))
         scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], cfg.iters))
+    if collective:  # augmentation draws differ per rank (the init above is shared)
+        rng.manual_seed(image_seed(cfg.seed, DGH_INIT_STREAM) + 1 + rank)
     moments = []
     with torch.no_grad():
         for x in xs:
-            model(x)
+            run.forward(model, x)
             moments.append(cap.moments())
-    stats = SetStatistics(cap, moments)
+    stats = SetStatistics(cap, moments, collective=collective)
+    scaler = grad_scaler(cfg.precision, run.device)
     history = []
     for _ in range(cfg.iters):
         for b, x in enumerate(xs):
             opts[b].zero_grad(set_to_none=True)
-            logits = model(run.model_input(x, rng))
+            logits = run.forward(model, run.model_input(x, rng))
             live = cap.moments()
             bn = stats.loss_with(b, live)
             # A batch moves only its share (len(x) / n) of the set-level moments, so the BN term's
             # gradient shrinks with the set size while the per-batch target terms do not: scale it
             # back by n / len(x) (unscaled, larger sets ended at a much higher BN loss).
             loss = (bn * (n / len(x)) / len(cap.layers) + _prior_loss(x, cfg, len(cap.layers))
-                    + run.target_loss(logits, labels[starts[b]:starts[b] + len(x)].to(run.device)))
+                    + run.target_loss(logits, labels[ranges[b].start:ranges[b].stop].to(run.device)))
             if cfg.stretch_weight:
                 loss = loss + cfg.stretch_weight * _stretch_loss(logits)
-            loss.backward()
-            opts[b].step()
+            scaler.scale(loss).backward()
+            scaler.step(opts[b])
+            scaler.update()
             scheds[b].step()
             stats.update(b, live)
             run.clamp_(x)
             bar.update(1)
+        if collective:
+            stats.sync()
         history.append(stats.loss())  # set-level loss from the moments of this sweep
-    return torch.cat([x.detach().float().cpu() for x in xs]), history
+    own = range(ranges[0].start, ranges[-1].stop) if ranges else range(0)
+    images = torch.cat([x.detach().float().cpu() for x in xs]) if xs else torch.empty(0, *run.shape)
+    return images, history, own
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -612,27 +689,22 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def free_memory_bytes(device: "str | torch.device") -> "int | None":
-    """Free memory of ``device``: CUDA's free memory, or the host's MemAvailable; None if unknown."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, RuntimeError, AttributeError):
-        return None
+def shard_batch_size(batch_size: int, shard_images: int) -> int:
+    """The batch size a shard of ``shard_images`` is inverted with (never above the shard, at least 2)."""
+    return min(batch_size, max(2, shard_images))
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardPlan:
-    """How a BN-inversion set is split into shards (each inverted as one unit) and what dgh's
-    set-level unit costs: ``unit_bytes`` = the images of one shard with their gradient and Adam's two
-    moments (4 float32 copies; one batch of model activations comes on top), ``free_bytes`` the free
-    memory seen (None: unknown), ``budget_bytes`` the part of it dgh may use."""
+    """How a BN-inversion set is made: split into shards (each inverted as one unit), over
+    ``world_size`` ranks, ``batch_size`` images per optimizer step at ``precision``.
+
+    ``collective``: dgh with several ranks in a torch.distributed group: every shard is split over
+    the ranks by batches and its BN statistics are summed over them; otherwise whole shards are
+    dealt to the ranks round-robin. ``unit_bytes`` = the images one rank holds of one shard with
+    their gradient and Adam's two moments (4 float32 copies), ``activation_bytes`` the estimated
+    activations of one batch (None: not estimated), ``free_bytes`` the free memory seen (None:
+    unknown), ``budget_bytes`` the part of it a dgh shard may use."""
     shard_size: int
     num_images: int
     method: str
@@ -640,49 +712,152 @@ class ShardPlan:
     free_bytes: "int | None"
     budget_bytes: "int | None"
     reason: str
+    batch_size: int = BNInversionConfig.default("batch_size")
+    batch_reason: str = "as given"
+    precision: str = "fp32"
+    world_size: int = 1
+    collective: bool = False
+    activation_bytes: "int | None" = None
+    device: "str | None" = None
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_images(self, shard: int) -> int:
+        return min(self.shard_size, self.num_images - shard * self.shard_size)
+
+    def rank_part(self, shard: int, rank: int) -> int:
+        """Images of ``shard`` that ``rank`` optimizes and writes."""
+        m = self.shard_images(shard)
+        if self.collective:
+            return sum(len(r) for r in dgh_batches(m, shard_batch_size(self.batch_size, m), rank, self.world_size))
+        return m if shard % self.world_size == rank else 0
+
+    def rank_images(self) -> list[int]:
+        """Images each rank generates (and writes): disjoint, summing to ``num_images``."""
+        return [sum(self.rank_part(s, r) for s in range(self.num_shards)) for r in range(self.world_size)]
+
+    def rank_shards(self) -> list[list[int]]:
+        """The shards each rank works on (collective: every shard, a part of each)."""
+        return [[s for s in range(self.num_shards) if self.rank_part(s, r)] for r in range(self.world_size)]
 
     def describe(self) -> str:
         mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
-        shards = -(-self.num_images // self.shard_size)
-        text = f"{self.method}: {shards} shard(s) of up to {self.shard_size} images ({self.reason})"
+        text = (f"{self.method}: {self.num_shards} shard(s) of up to {self.shard_size} images ({self.reason}); "
+                f"batch size {self.batch_size} ({self.batch_reason}); precision {self.precision}"
+                + (f" on {self.device}" if self.device else ""))
+        if self.world_size > 1:
+            how = ("each shard split over the ranks, its BN statistics summed over them" if self.collective
+                   else "whole shards dealt round-robin")
+            parts = ", ".join(f"rank {r}: {n} images in {len(sh)} shard(s)"
+                              for r, (n, sh) in enumerate(zip(self.rank_images(), self.rank_shards())))
+            text += f"; {self.world_size} ranks, {how}: {parts}"
         if self.method == "dgh":
             scope = "the whole set" if self.shard_size >= self.num_images else f"each {self.shard_size}-image shard"
-            free = "unknown" if self.free_bytes is None else mib(self.free_bytes)
-            text += (f"; BN statistics of {scope}: estimated {mib(self.unit_bytes)} for its images and optimizer "
-                     f"state, plus one batch of activations (free memory {free})")
+            text += f"; BN statistics of {scope}"
+        free = "unknown" if self.free_bytes is None else mib(self.free_bytes)
+        act = "not estimated" if self.activation_bytes is None else mib(self.activation_bytes)
+        text += (f"; memory per rank: estimated {mib(self.unit_bytes)} for the images of a shard and their optimizer "
+                 f"state, {act} for one batch of activations (free memory {free})")
         return text
+
+
+def resolve_batch_size(batch_size, *, model: "nn.Module | None", input_shape: Sequence[int],
+                       device: "str | torch.device", precision: str = "fp32", out_dir=None,
+                       reserved_bytes: int = 0, free_bytes: "int | None" = None) -> tuple[int, str]:
+    """``(batch size, why)``: an int as given; ``"auto"``: the batch size an unfinished or finished set
+    in ``out_dir`` was started with (so it resumes), else on CUDA the largest batch whose estimated
+    activations (:func:`~dfqkern.datagen.resources.activation_bytes_per_image`) and pixel state fit
+    in the free memory less ``reserved_bytes`` (:func:`~dfqkern.datagen.resources.auto_batch_size`),
+    else (CPU) :class:`BNInversionConfig`'s default batch size."""
+    from .store import recorded_run
+
+    if batch_size != AUTO_BATCH:
+        return batch_size, "as given"
+    prev = (recorded_run(out_dir) or {}).get("config") if out_dir is not None else None
+    if isinstance(prev, dict) and isinstance(prev.get("batch_size"), int):
+        return prev["batch_size"], "auto: as the set in the output directory was started"
+    default = BNInversionConfig.default("batch_size")
+    if torch.device(device).type != "cuda" and free_bytes is None:
+        return default, "auto: the CPU default"
+    if model is None:
+        raise ValueError("batch_size 'auto' needs the model (its activation memory per image)")
+    per_image = activation_bytes_per_image(model, input_shape, precision, device) + 4 * 4 * math.prod(input_shape)
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    if free is None:
+        return default, "auto: free memory unknown, the default"
+    return (auto_batch_size(free, per_image, reserved_bytes=reserved_bytes, minimum=2),
+            f"auto: fits the free memory at {per_image / 2**20:.2f} MiB per image")
 
 
 def plan_shards(config: "BNInversionConfig | None" = None, *, num_images: int, input_shape: Sequence[int],
                 device: "str | torch.device | None" = None, shard_size: "int | None" = None, out_dir=None,
-                free_bytes: "int | None" = None, **options) -> ShardPlan:
-    """The shard size of a BN-inversion set: ``shard_size`` when given; else the one an unfinished or
-    finished set in ``out_dir`` was started with (so a resumed run matches it); else for ``dgh`` the
-    whole set when its pixels and Adam state fit in ``DGH_MEMORY_FRACTION`` of the free memory (or
-    the largest multiple of the batch size that does), for the other methods ``DEFAULT_SHARD_SIZE``."""
+                free_bytes: "int | None" = None, model: "nn.Module | None" = None,
+                world_size: "int | None" = None, collective: "bool | None" = None, **options) -> ShardPlan:
+    """The plan of a BN-inversion set. Shard size: ``shard_size`` when given; else the one an
+    unfinished or finished set in ``out_dir`` was started with (so a resumed run matches it); else
+    for ``dgh`` the whole set when each rank's part of its pixels and Adam state fits in
+    ``DGH_MEMORY_FRACTION`` of the free memory (or the largest multiple of the batch size that
+    does), for the other methods ``DEFAULT_SHARD_SIZE``. ``batch_size="auto"``: see
+    :func:`resolve_batch_size` (needs ``model``). ``world_size`` None: from the launcher
+    (:func:`~dfqkern.datagen.distributed.dist_info`); ``collective`` None: dgh with several ranks
+    (dfqkern generate starts the process group under torchrun). ``model`` also gives the activation
+    estimate."""
+    from .distributed import check_rank
     from .store import recorded_run
 
-    cfg = BNInversionConfig.build(config, **options)
+    batch_option = options.pop("batch_size", None)
+    precision = options.get("precision", (config or BNInversionConfig()).precision)
     shape = _check_set_shape(num_images, input_shape)
+    dev = torch.device(device or "cpu")
+    check_precision(precision, dev)
+    _, world = check_rank(0, world_size) if world_size is not None else check_rank(None, None)
+    method = options.get("method", (config or BNInversionConfig()).method)
+    collective = (method == "dgh" and world > 1) if collective is None else bool(collective)
     per_image = 4 * 4 * math.prod(shape)
-    free = free_memory_bytes(device or "cpu") if free_bytes is None else free_bytes
+    free = free_memory_bytes(dev) if free_bytes is None else free_bytes
     budget = None if free is None else int(free * DGH_MEMORY_FRACTION)
     prev = recorded_run(out_dir) if out_dir is not None else None
+    # dgh holds a shard's images during its whole run: the batch must fit beside (a rank's part of) them
+    resident = -(-num_images // world) * per_image if method == "dgh" and collective else 0
+    if batch_option is None:
+        batch, batch_reason = (config or BNInversionConfig()).batch_size, "default"
+    else:
+        batch, batch_reason = resolve_batch_size(batch_option, model=model, input_shape=shape, device=dev,
+                                                 precision=precision, out_dir=out_dir, reserved_bytes=resident,
+                                                 free_bytes=free_bytes)
+    cfg = BNInversionConfig.build(config, batch_size=batch, **options)
+
+    def part_bytes(size: int) -> int:  # the images one rank holds of a shard of ``size``
+        if not collective:
+            return min(size, num_images) * per_image
+        m = min(size, num_images)
+        return max(sum(len(b) for b in dgh_batches(m, shard_batch_size(cfg.batch_size, m), k, world))
+                   for k in range(world)) * per_image
+
     if shard_size is not None:
         size, reason = shard_size, "as given"
     elif prev and prev.get("num_images") == num_images and isinstance(prev.get("shard_size"), int):
         size, reason = prev["shard_size"], "as the set in the output directory was started"
     elif cfg.method != "dgh":
         size, reason = DEFAULT_SHARD_SIZE, "default; batches are independent"
-    elif budget is None or num_images * per_image <= budget:
+    elif budget is None or part_bytes(num_images) <= budget:
         size, reason = num_images, "default for dgh: the whole set"
     else:
-        fit = max(cfg.batch_size, budget // per_image // cfg.batch_size * cfg.batch_size)
+        fit = max(cfg.batch_size, budget * (world if collective else 1) // per_image // cfg.batch_size
+                  * cfg.batch_size)
         size = min(num_images, fit)
         reason = f"the whole set does not fit in {DGH_MEMORY_FRACTION:g} of the free memory"
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"shard_size must be an int >= 1, got {size!r}")
-    return ShardPlan(size, num_images, cfg.method, min(size, num_images) * per_image, free, budget, reason)
+    act = None
+    if model is not None:
+        act = activation_bytes_per_image(model, shape, cfg.precision, dev if device is not None else None
+                                         ) * shard_batch_size(cfg.batch_size, min(size, num_images))
+    return ShardPlan(size, num_images, cfg.method, part_bytes(size), free, budget, reason, batch_size=cfg.batch_size,
+                     batch_reason=batch_reason, precision=cfg.precision, world_size=world, collective=collective,
+                     activation_bytes=act, device=str(dev) if device is not None else None)
 
 
 def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionConfig | None" = None, *,
@@ -696,28 +871,58 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionCon
 
     The options are ``config`` with any :class:`~dfqkern.datagen.config.BNInversionConfig` field
     given as a keyword (``method="dgh", iters=200``) replacing its value; ``config.to_dict()`` is
-    recorded in the manifest. Targets for the whole set are dealt up front (balanced over classes);
-    each shard is then inverted as one unit (``invert_bn`` with the shard's targets and a per-shard
-    seed), so a resumed run reproduces an uninterrupted one shard for shard. For ``dgh`` the
-    set-level statistics are those of a shard; ``shard_size`` None picks it with :func:`plan_shards`
-    (the whole set when it fits in memory). Images are stored de-normalized with ``mean``/``std`` (recorded in the
-    manifest) and clamped to [0, 1]; pixels are kept inside that range during optimization.
+    recorded in the manifest (``precision`` included). Targets for the whole set are dealt up front
+    (balanced over classes); each shard is then inverted as one unit (``invert_bn`` with the shard's
+    targets and a per-shard seed), so a resumed run reproduces an uninterrupted one shard for shard.
+    For ``dgh`` the set-level statistics are those of a shard; ``shard_size`` None picks it with
+    :func:`plan_shards` (the whole set when it fits in memory). ``batch_size="auto"``: see
+    :func:`resolve_batch_size`. Images are stored de-normalized with ``mean``/``std`` (recorded in
+    the manifest) and clamped to [0, 1]; pixels are kept inside that range during optimization.
+
+    Several ranks (``rank``/``world_size``, default from the launcher) write disjoint images of the
+    one set: with a torch.distributed group running, dgh splits every shard over the ranks and sums
+    its BN statistics over them (every rank must call this with the same arguments); otherwise
+    whole shards are dealt round-robin. The manifest is written once, when the set is complete.
+    ``device``: a bare ``cuda`` is ``cuda:LOCAL_RANK``; None the model's device. The model is moved
+    to the device.
     """
     from pathlib import Path
 
-    from .diffusion import check_rank
-    from .store import SyntheticSetWriter, fill_set, recorded_run, to_uint8, to_unit_range
+    from .distributed import broadcast_module, check_rank, resolve_device, same_on_all_ranks
+    from .store import (SyntheticSetError, canonical_digest, SyntheticSetWriter, fill_set, fill_set_split, recorded_run, to_uint8,
+                        to_unit_range)
 
-    cfg = BNInversionConfig.build(config, **options)
+    rank, world_size = check_rank(rank, world_size)
+    device = resolve_device(device) if device is not None else model_device(model)
     shape = _check_set_shape(num_images, input_shape)
+    collective = is_collective() and world_size > 1
+    if options.get("batch_size") == AUTO_BATCH:
+        model.to(device)
+        resident = -(-num_images // world_size) * 16 * math.prod(shape) if collective else 0
+        options["batch_size"] = resolve_batch_size(AUTO_BATCH, model=model, input_shape=shape, device=device,
+                                                   precision=options.get("precision", (config or BNInversionConfig()
+                                                                                       ).precision),
+                                                   out_dir=None if overwrite else out_dir, reserved_bytes=resident)[0]
+    cfg = BNInversionConfig.build(config, **options)
     if shape[0] not in (1, 3):
         raise ValueError(f"input_shape must have 1 or 3 channels to be stored as PNG, got {shape[0]}")
     if len(mean) != shape[0] or len(std) != shape[0] or any(float(s) <= 0 for s in std):
         raise ValueError(f"mean and std need {shape[0]} values each (std > 0), got {list(mean)} and {list(std)}")
-    rank, world_size = check_rank(rank, world_size)
-    device = torch.device(device) if device is not None else model_device(model)
+    check_precision(cfg.precision, device)
+    split = collective and cfg.method == "dgh"
+    if cfg.method == "dgh" and world_size > 1 and not collective:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "dgh over %d ranks without a torch.distributed group: whole shards are dealt to the ranks and each "
+            "shard's BN statistics are its own (start the processes with torchrun / init_process_group to sum "
+            "the statistics of a shard over the ranks)", world_size)
+    model.to(device)
+    if collective:  # every rank inverts rank 0's weights (a model each rank built may differ: random init)
+        broadcast_module(model)
     shard_size = plan_shards(cfg, num_images=num_images, input_shape=shape, device=device, shard_size=shard_size,
-                             out_dir=None if overwrite else out_dir).shard_size
+                             out_dir=None if overwrite else out_dir, world_size=world_size,
+                             collective=split).shard_size
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -744,18 +949,44 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionCon
                                                     "version": __version__, "model_id": model_id},
             "class_names": list(class_names) if class_names is not None else None, "num_classes": num_classes,
             "label_type": "none" if cfg.effective_label_mode == "none" else "soft",
-            "normalization": {"mean": record["mean"], "std": record["std"], "clamped": True}}
-    writer = SyntheticSetWriter(out_dir, entries=entries, config=record, meta=meta, channels=shape[0],
-                                shard_size=shard_size, overwrite=overwrite)
+            "normalization": {"mean": record["mean"], "std": record["std"], "clamped": True},
+            # how the run that finished the set was spread (not part of the resume check)
+            "distributed": {"world_size": world_size, "split_shards": split}}
+    if collective and not same_on_all_ranks(canonical_digest([record, entries])):
+        raise SyntheticSetError(f"the ranks were given different sets to make in {str(out_dir)!r} (options, number "
+                                f"of images or classes differ from rank 0's): start every rank with the same arguments")
+    make_writer = lambda replace: SyntheticSetWriter(out_dir, entries=entries, config=record, meta=meta,  # noqa: E731
+                                                    channels=shape[0], shard_size=shard_size, overwrite=replace)
+    if not split:
+        writer = make_writer(overwrite)
+    else:  # rank 0 prepares the directory (clears it with overwrite, refuses another run's) before the others
+        from .distributed import any_rank
+
+        error = None
+        if rank == 0:
+            try:
+                writer = make_writer(overwrite)
+            except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+                error = err
+        if any_rank([error is not None])[0]:
+            raise error if error is not None else SyntheticSetError(f"rank 0 could not prepare {str(out_dir)!r} "
+                                                                    f"(see its error)")
+        if rank != 0:
+            writer = make_writer(False)
 
     def produce(indices):
         start, stop = indices[0], indices[-1] + 1  # whole shards: a contiguous range
-        shard_cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, max(2, stop - start)),
+        shard_cfg = dataclasses.replace(cfg, batch_size=shard_batch_size(cfg.batch_size, stop - start),
                                         seed=shard_seed(start // shard_size))
         res = invert_bn(model, stop - start, config=shard_cfg, input_shape=shape, device=device, progress=progress,
-                        targets=(classes[start:stop], mix[start:stop]), clamp_range=(mean, std))
-        yield list(range(start, stop)), to_uint8(to_unit_range(res.images, mean, std))
+                        targets=(classes[start:stop], mix[start:stop]), clamp_range=(mean, std),
+                        part=(rank, world_size) if split else None)
+        own = res.owned if res.owned is not None else range(stop - start)
+        yield [start + i for i in own], to_uint8(to_unit_range(res.images, mean, std))
 
-    fill_set(writer, produce, rank=rank, world_size=world_size, progress=progress,
-             desc=f"bn-inversion set ({cfg.method})", whole_shards=True)
+    desc = f"bn-inversion set ({cfg.method})"
+    if split:
+        fill_set_split(writer, produce, rank=rank, progress=progress, desc=desc)
+    else:
+        fill_set(writer, produce, rank=rank, world_size=world_size, progress=progress, desc=desc, whole_shards=True)
     return Path(out_dir)

@@ -44,6 +44,16 @@ LOSS_OPTIONS = ("ce_weight", "focal_gamma", "stretch_weight", "tv_weight", "jitt
 # set (set-level statistics) when its pixels and Adam state fit in this fraction of the free memory.
 DEFAULT_SHARD_SIZE = 256
 DGH_MEMORY_FRACTION = 0.5
+# Arithmetic of the model's forward during generation (autocast; see datagen/resources.py). fp32 is
+# the default: the measured defaults (bench/results/bn_inversion_notes.md) were made in it.
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Batch size "auto" (CUDA; on the CPU the generator's default batch size is used): the largest batch
+# whose estimated memory fits in this fraction of the free memory, at most AUTO_BATCH_MAX, and from
+# AUTO_BATCH_MULTIPLE up a multiple of it.
+AUTO_BATCH = "auto"
+AUTO_BATCH_MEMORY_FRACTION = 0.8
+AUTO_BATCH_MAX = 256
+AUTO_BATCH_MULTIPLE = 8
 # Post-generation filters (GenQ): energy = -logsumexp(logits), keep the lowest; bn = leave-one-out
 # change of the set's BN loss, keep the images whose removal raises it most.
 FILTER_KINDS = ("energy", "bn")
@@ -92,6 +102,7 @@ class BNInversionConfig(_Options):
     ``augment`` None: ``flip-shift`` when ``jitter`` > 0, else ``none`` (``AUGMENTS``). ``focal_gamma``
     is used by ``hast``, ``stretch_weight`` by ``dgh``, ``latent_dim`` by the genie methods;
     ``jitter`` is the augmentation's max shift in pixels, ``tv_weight`` a total-variation prior.
+    ``precision`` (``PRECISIONS``) autocasts the model's forward (fp16 on CUDA only).
     The ``effective_*`` properties resolve the None defaults; ``to_dict`` records resolved values.
     """
     _KIND = "invert_bn"
@@ -113,9 +124,11 @@ class BNInversionConfig(_Options):
     latent_dim: int = 256
     input_prior_weight: "float | None" = None
     augment: "str | None" = None
+    precision: str = "fp32"
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
+        check_choice("precision", self.precision, PRECISIONS)
         check_target_options(self.effective_label_mode, self.weights, self.dirichlet_alpha)
         check_choice("augment", self.effective_augment, AUGMENTS)
         if self.effective_label_mode == "none" and self.effective_ce_weight:

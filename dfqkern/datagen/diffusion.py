@@ -7,16 +7,18 @@ can be regenerated alone from its :class:`~dfqkern.datagen.prompts.PromptRecord`
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .config import DiffusionConfig
+from .config import AUTO_BATCH, DiffusionConfig
+from .distributed import check_rank, dist_info, resolve_device  # noqa: F401  (dist_info: public here too)
 from .prompts import PromptRecord, mixup_prompt_embeds
+from .resources import DTYPES, auto_batch_size, check_precision, free_memory_bytes
 from .store import to_uint8
 
 OUTPUTS = ("uint8", "float")
@@ -48,7 +50,38 @@ def _looks_like_path(s: str) -> bool:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available (``cuda:LOCAL_RANK`` under torchrun / accelerate), else the CPU."""
+    return resolve_device(None)
+
+
+# Classic attention processors and their scaled_dot_product_attention (fused / flash) equivalents.
+_SDPA = {"AttnProcessor": "AttnProcessor2_0", "AttnAddedKVProcessor": "AttnAddedKVProcessor2_0"}
+
+
+def ensure_sdpa(pipeline) -> dict:
+    """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+    kernels on GPUs): every classic attention processor of the pipeline's models (unet,
+    transformer, vae, ...) is swapped for its SDPA twin; processors without one stay. Returns the
+    processor classes per model afterwards (what ``pipeline_info`` records as ``attention``)."""
+    from diffusers.models import attention_processor as ap
+
+    out = {}
+    for name, comp in sorted(getattr(pipeline, "components", {}).items()):
+        procs = getattr(comp, "attn_processors", None)
+        if not isinstance(procs, dict) or not procs:
+            continue
+        if any(type(p).__name__ in _SDPA for p in procs.values()):
+            comp.set_attn_processor({k: getattr(ap, _SDPA[type(p).__name__])() if type(p).__name__ in _SDPA else p
+                                     for k, p in procs.items()})
+        out[name] = sorted({type(p).__name__ for p in comp.attn_processors.values()})
+    return out
+
+
+def attention_kind(processors: dict) -> str:
+    """``sdpa`` when every attention processor is an SDPA one (``*2_0``), else ``mixed`` / ``classic``."""
+    names = [n for v in processors.values() for n in v]
+    sdpa = [n.endswith("2_0") for n in names]
+    return "sdpa" if all(sdpa) else ("mixed" if any(sdpa) else "classic")
 
 
 def load_pipeline(id_or_dir: "str | Path", device: "str | torch.device | None" = None,
@@ -106,6 +139,7 @@ def load_pipeline(id_or_dir: "str | Path", device: "str | torch.device | None" =
     if scheduler is not None:
         pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    ensure_sdpa(pipe)
     return pipe.to(device)
 
 
@@ -157,44 +191,16 @@ def pipeline_info(pipeline) -> dict:
     cfg = getattr(pipeline, "config", {}) or {}
     name = cfg.get("_name_or_path", None) if hasattr(cfg, "get") else None
     sched = getattr(pipeline, "scheduler", None)
+    procs = {name: sorted({type(p).__name__ for p in comp.attn_processors.values()})
+             for name, comp in sorted(getattr(pipeline, "components", {}).items())
+             if isinstance(getattr(comp, "attn_processors", None), dict) and comp.attn_processors}
     return {"id": str(name) if name else type(pipeline).__name__, "class": type(pipeline).__name__,
             "library": "diffusers", "version": diffusers.__version__,
             "scheduler": type(sched).__name__ if sched is not None else None,
-            "dtype": str(getattr(pipeline, "dtype", "")).replace("torch.", "")}
+            "dtype": str(getattr(pipeline, "dtype", "")).replace("torch.", ""), "attention": attention_kind(procs)}
 
 
 # ----------------------------------------------------------------------------- ranks
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process: torch.distributed when initialized, else an already
-    created accelerate state, else the launcher's environment (torchrun / accelerate launch: RANK,
-    WORLD_SIZE; MPI; SLURM); ``(0, 1)`` for a single process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    state_mod = sys.modules.get("accelerate.state")  # only if the user already uses accelerate
-    if state_mod is not None:
-        shared = getattr(getattr(state_mod, "PartialState", None), "_shared_state", None)
-        if shared and "num_processes" in shared:
-            return int(shared.get("process_index", 0)), int(shared["num_processes"])
-    for r, w in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                 ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if r in os.environ and w in os.environ:
-            return int(os.environ[r]), int(os.environ[w])
-    return 0, 1
-
-
-def check_rank(rank: "int | None", world_size: "int | None") -> tuple[int, int]:
-    if rank is None or world_size is None:
-        r, w = dist_info()
-        rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    return rank, world_size
-
 
 def shard_records(records: Sequence, rank: "int | None" = None, world_size: "int | None" = None) -> list:
     """This rank's contiguous slice of ``records``; slices of all ranks are disjoint, cover every
@@ -310,7 +316,7 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, config: "DiffusionCo
                            scheduler: "str | None" = None, device: "str | torch.device | None" = None,
                            dtype: "torch.dtype | None" = None, local_files_only: "bool | None" = None,
                            overwrite: bool = False, progress: bool = True, rank: "int | None" = None,
-                           world_size: "int | None" = None, **options) -> Path:
+                           world_size: "int | None" = None, precision: "str | None" = None, **options) -> Path:
     """Generate (or resume) a text-to-image synthetic set in ``out_dir``; returns ``out_dir``.
 
     ``pipeline``: a hub id or directory (loaded with :func:`load_pipeline` only if images are
@@ -322,6 +328,12 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, config: "DiffusionCo
     its own shards and the manifest is written once all are finished. Open the result with
     :func:`~dfqkern.datagen.store.load_synthetic`. ``batch_size`` and ``device`` do not enter the
     resume check (they do not change what is asked for, only how fast it is made).
+
+    ``precision`` (``fp32`` / ``bf16`` / ``fp16``, fp16 on CUDA only) is the pipeline's dtype when it
+    is loaded here (default: fp16 on CUDA, fp32 elsewhere; ``dtype`` is the same as a torch dtype).
+    ``batch_size="auto"``: on CUDA the largest batch that fits the free memory, from the peak memory
+    of one probe image at one step (:func:`auto_diffusion_batch_size`); on the CPU the default 4.
+    Attention runs through SDPA (:func:`ensure_sdpa`). ``device``: a bare ``cuda`` is ``cuda:LOCAL_RANK``.
     """
     from .prompts import CLASS_SETS, build_prompts, class_names as _class_names
     from .store import SyntheticSetWriter, fill_set
@@ -333,10 +345,16 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, config: "DiffusionCo
     names = _class_names(classes)
     records = build_prompts(names, num_images, cfg.prompt_mode, mixup_k=cfg.mixup_k, mixup_level=cfg.mixup_level,
                             weights=cfg.weights, dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-    _check_generation_args(records, batch_size, "uint8")
+    auto = batch_size == AUTO_BATCH
+    _check_generation_args(records, 1 if auto else batch_size, "uint8")
     loaded = not isinstance(pipeline, (str, Path))
-    dev = torch.device(device) if device is not None else (
+    dev = resolve_device(device) if device is not None else (
         getattr(pipeline, "device", None) if loaded else None) or default_device()
+    if precision is not None:
+        check_precision(precision, dev)
+        if dtype is not None and dtype != DTYPES[precision]:
+            raise ValueError(f"precision {precision!r} and dtype {dtype} disagree; give one")
+        dtype = DTYPES[precision]
     if loaded:
         for name, value in (("scheduler", scheduler), ("dtype", dtype), ("local_files_only", local_files_only)):
             if value is not None:
@@ -373,11 +391,89 @@ def generate_diffusion_set(out_dir: "str | Path", pipeline, config: "DiffusionCo
     def produce(indices):
         if state["pipe"] is None:  # load only when some image is actually missing
             state["pipe"] = load_pipeline(pipeline, dev, dtype, scheduler, local_files_only)
-        for batch, images in iter_images(state["pipe"], [records[i] for i in indices], cfg, batch_size=batch_size):
+        if "batch" not in state:
+            state["batch"] = auto_diffusion_batch_size(state["pipe"], records[0], cfg)[0] if auto else batch_size
+            writer.meta["generator"]["attention"] = attention_kind(ensure_sdpa(state["pipe"]))
+        for batch, images in iter_images(state["pipe"], [records[i] for i in indices], cfg, batch_size=state["batch"]):
             yield [r.index for r in batch], images
 
     fill_set(writer, produce, rank=rank, world_size=world_size, progress=progress, desc="diffusion set")
     return Path(out_dir)
+
+
+def auto_diffusion_batch_size(pipeline, record: PromptRecord, config: DiffusionConfig,
+                              free_bytes: "int | None" = None) -> tuple[int, str]:
+    """``(batch size, why)`` for ``batch_size="auto"``: on CUDA, the peak memory of one image of
+    ``record`` sampled for one step is measured and :func:`~dfqkern.datagen.resources.auto_batch_size`
+    fits the free memory with it; elsewhere the default 4 (see the module :mod:`~dfqkern.datagen.resources`)."""
+    import inspect
+
+    default = inspect.signature(generate_diffusion_set).parameters["batch_size"].default
+    device = torch.device(getattr(pipeline, "device", "cpu"))
+    if device.type != "cuda":
+        return default, "auto: the CPU default"
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    next(iter_images(pipeline, [record], dataclasses.replace(config, steps=1), batch_size=1))
+    per_image = max(1, torch.cuda.max_memory_allocated(device) - base)
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    return auto_batch_size(free, per_image), f"auto: {per_image / 2**20:.1f} MiB per image measured"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionPlan:
+    """What :func:`generate_diffusion_set` would do (``dfqkern generate --dry-run``): whole shards
+    dealt round-robin to ``world_size`` ranks, ``batch_size`` images per pipeline call at ``dtype``;
+    ``weights_bytes`` the size of a local pipeline's weight files (None: a hub id, not looked up)."""
+    num_images: int
+    shard_size: int
+    batch_size: "int | str"
+    dtype: str
+    device: str
+    world_size: int
+    weights_bytes: "int | None"
+
+    def rank_shards(self) -> list[list[int]]:
+        shards = -(-self.num_images // self.shard_size)
+        return [list(range(r, shards, self.world_size)) for r in range(self.world_size)]
+
+    def rank_images(self) -> list[int]:
+        size = lambda s: min(self.shard_size, self.num_images - s * self.shard_size)  # noqa: E731
+        return [sum(size(s) for s in shards) for shards in self.rank_shards()]
+
+    def describe(self) -> str:
+        batch = ("auto (measured on CUDA from one probe image; 4 on the CPU)" if self.batch_size == AUTO_BATCH
+                 else self.batch_size)
+        parts = ", ".join(f"rank {r}: {n} images in {len(sh)} shard(s)"
+                          for r, (n, sh) in enumerate(zip(self.rank_images(), self.rank_shards())))
+        weights = ("unknown (hub id)" if self.weights_bytes is None
+                   else f"{self.weights_bytes / 2**20:.1f} MiB of weight files")
+        return (f"diffusion: {self.num_images} images in {-(-self.num_images // self.shard_size)} shard(s) of up to "
+                f"{self.shard_size}; batch size {batch}; {self.dtype} on {self.device}, SDPA attention; "
+                f"{self.world_size} rank(s), whole shards round-robin: {parts}; memory: {weights} per rank plus "
+                f"the activations of one batch")
+
+
+def plan_diffusion(pipeline, *, num_images: int, device: "str | torch.device | None" = None,
+                   batch_size: "int | str" = 4, shard_size: int = 256, precision: "str | None" = None,
+                   world_size: "int | None" = None, **options) -> DiffusionPlan:
+    """The plan of :func:`generate_diffusion_set` with these arguments, without loading the pipeline
+    (options are checked as :class:`~dfqkern.datagen.config.DiffusionConfig` fields / ``classes``)."""
+    options.pop("classes", None)
+    DiffusionConfig.build(**options)
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+    _, world = check_rank(0, world_size) if world_size is not None else check_rank(None, None)
+    dev = resolve_device(device)
+    if precision is not None:
+        check_precision(precision, dev)
+    dtype = precision or ("fp16" if dev.type == "cuda" else "fp32")
+    path = Path(str(pipeline)).expanduser()
+    weights = None
+    if path.is_dir():
+        weights = sum(f.stat().st_size for f in path.rglob("*") if f.suffix in (".safetensors", ".bin", ".ckpt"))
+    return DiffusionPlan(num_images, shard_size, batch_size, dtype, str(dev), world, weights)
 
 
 def records_from_manifest(manifest: dict) -> list[PromptRecord]:

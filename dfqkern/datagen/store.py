@@ -338,6 +338,36 @@ def fill_set(writer: SyntheticSetWriter, produce: Callable[[list[int]], Iterable
     return _finalize_when_complete(writer, rank)
 
 
+def fill_set_split(writer: SyntheticSetWriter, produce: Callable[[list[int]], Iterable[tuple[list[int], torch.Tensor]]],
+                   *, rank: int, progress: bool = True, desc: str = "synthetic set") -> bool:
+    """Every rank of a running torch.distributed group works on every unfinished shard together:
+    ``produce(all indices of the shard)`` yields this rank's part of it (disjoint from the other
+    ranks'), which this rank writes; rank 0 finishes the shard once all parts are written, and writes
+    the manifest once all shards are. Which shards are unfinished is decided from every rank's view
+    before any rank writes, so all ranks run the same collectives in the same order."""
+    from tqdm.auto import tqdm
+
+    from .distributed import any_rank, barrier
+
+    shards = range(writer.num_shards)
+    todo = any_rank([bool(writer.missing(s)) for s in shards])
+    with tqdm(total=writer.num_images, initial=writer.num_images - sum(len(writer.shard_indices(s)) for s in shards
+                                                                        if todo[s]),
+              desc=f"{desc} (rank {rank}, its part)", unit="img", disable=not progress) as bar:
+        for s in shards:
+            if todo[s]:
+                for idx, images in produce(list(writer.shard_indices(s))):
+                    if len(idx) != len(images):
+                        raise RuntimeError(f"producer returned {len(images)} images for {len(idx)} indices")
+                    for i, img in zip(idx, images):
+                        writer.write_image(int(i), img)
+                bar.update(len(writer.shard_indices(s)))
+            barrier()  # every part of shard s is on disk
+            if rank == 0 and not writer.shard_done(s):
+                writer.finish_shard(s)
+    return _finalize_when_complete(writer, rank)
+
+
 def _finalize_when_complete(writer: SyntheticSetWriter, rank: int) -> bool:
     import torch.distributed as dist
 
