@@ -1,0 +1,214 @@
+"""Pre-quantization steps benchmark: cross-layer equalization (CLE) and bias correction, each on / off.
+
+One command reproduces the committed table::
+
+    python bench/prequant_steps_cifar10.py           # every row; rows already in the JSON are kept (resume)
+    python bench/prequant_steps_cifar10.py --nets mobilenetv2 --weights per_tensor
+
+Networks (CIFAR-10): MobileNetV2-x0.35 (``bench/weights/``) and the shared pretrained ConvMixer-256/8
+(GELU everywhere: CLE finds no safe pair there, which the table shows). Settings W4A8 and W4A4
+(first and last layer 8-bit), MSE observers, observer calibration only (no reconstruction) on
+``--calib-images`` random real training images; top-1 on the 5,000 dev test images. Weights
+per-output-channel (the library's quantizer) or per-tensor: QuantConfig has no per-tensor weight
+option, so this script sets every channel of a layer to one MSE-searched scale / zero point after
+``quantize_model`` (:func:`per_tensor_weights`), before activations are observed. CLE: the library's
+``equalize_model`` with high-bias absorption, ReLU6 pairs under the ``bounded`` policy with the
+calibration images raising the bound; bias correction ``none`` / ``analytic`` / ``empirical`` on the
+same calibration images. Each finished row is written to ``bench/results/prequant_steps.json`` at once
+and the markdown table regenerated from the JSON, so a killed run resumes at the next row.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see accuracy_cifar10.py
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_cifar10 import ROOT, choice_list, git_commit, save  # noqa: E402
+
+from dfqkern.calib.bias_correction import BIAS_CORRECTION_MODES, correct_bias  # noqa: E402
+from dfqkern.config import QuantConfig  # noqa: E402
+from dfqkern.data import build_transform, calibration_tensor, default_cifar10_dir, open_dataset  # noqa: E402
+from dfqkern.equalize import EqualizeConfig, equalize_model  # noqa: E402
+from dfqkern.models import create_model  # noqa: E402
+from dfqkern.nn.observers import mse_qparams  # noqa: E402
+from dfqkern.quantize import calibrate_activations, quant_layers, quantize_model  # noqa: E402
+
+NETS = {
+    "mobilenetv2": ("cifar10_mobilenetv2_x0_35", {"checkpoint": ROOT / "bench" / "weights" /
+                                                  "cifar10_mobilenetv2_x0_35.safetensors"}),
+    "convmixer": ("cifar10_convmixer_256_8", {"pretrained": True}),
+}
+SETTINGS = {"w4a8": (4, 8), "w4a4": (4, 4)}
+WEIGHTS = ("per_channel", "per_tensor")
+CLE = ("off", "on")
+
+
+@torch.no_grad()
+def per_tensor_weights(qmodel) -> None:
+    """One scale / zero point per layer (MSE search over the whole tensor), stored in every channel."""
+    for _, layer in quant_layers(qmodel):
+        wq, cfg = layer.w_quant, layer.cfg
+        scale, zp = mse_qparams(layer.weight, wq.bits, wq.symmetric, None, spec=cfg.observer_spec)
+        wq.scale.copy_(scale.expand_as(wq.scale))
+        wq.zero_point.copy_(zp.to(wq.zero_point).expand_as(wq.zero_point))
+
+
+@torch.no_grad()
+def top1(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    hits = sum(int((model(images[i:i + 500]).argmax(1) == labels[i:i + 500]).sum()) for i in range(0, len(images), 500))
+    return 100.0 * hits / len(images)
+
+
+def dev_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole dev set decoded once (every row evaluates the same 5,000 images)."""
+    from torch.utils.data import DataLoader
+
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=500, shuffle=False):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def run_row(src, equalized: bool, calib, dev, wbits, abits, weights, bc) -> dict:
+    wall = time.perf_counter()
+    q = quantize_model(src, QuantConfig(weight_bits=wbits, act_bits=abits, first_last_bits=8))
+    if weights == "per_tensor":
+        per_tensor_weights(q)
+    calibrate_activations(q, calib, batch_size=64, progress=False)
+    report = correct_bias(q, bc, float_model=src, data=calib, batch_size=64)
+    wall = time.perf_counter() - wall
+    return {"top1": round(top1(q, *dev), 2), "calib_wall_s": round(wall, 1), "bc_corrected": len(report.corrected),
+            "bc_skipped": len(report.skipped), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def row_key(net, setting, weights, cle, bc, images, seed) -> str:
+    return f"{net}|{setting}|{weights}|cle-{cle}|bc-{bc}|{images}|{seed}"
+
+
+def render_markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# CIFAR-10: cross-layer equalization and bias correction before observer calibration",
+        "",
+        f"Generated by `python bench/prequant_steps_cifar10.py` (do not edit by hand). Top-1 % on the "
+        f"{results.get('dev_images', '?')} dev test images. Observer calibration (MSE) on {meta['calib_images']} real "
+        f"training images (seed {meta['seed']}), no reconstruction; first/last layer 8-bit. `per_tensor` weights: "
+        "one MSE scale per layer set by the script (QuantConfig has per-channel weights only). CLE = "
+        "`equalize_model` with high-bias absorption (ReLU6 pairs `bounded`, bound raised by the calibration "
+        "images). BC = bias correction. "
+        f"torch threads {meta['threads']}; machine: {meta['machine']}.",
+        "",
+        "| net | FP % | FP after CLE % | pairs equalized | setting | weights | CLE | BC none | BC analytic | "
+        "BC empirical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for net in NETS:
+        info = results["nets"].get(net)
+        if info is None:
+            continue
+        for setting in SETTINGS:
+            for weights in WEIGHTS:
+                for cle in CLE:
+                    cells = []
+                    for bc in BIAS_CORRECTION_MODES:
+                        r = results["rows"].get(row_key(net, setting, weights, cle, bc, meta["calib_images"],
+                                                        meta["seed"]))
+                        cells.append("" if r is None else f"{r['top1']:.2f}" + (" (=off)" if r.get("same_as_off")
+                                                                                 else ""))
+                    if not any(cells):
+                        continue
+                    lines.append(f"| {net} | {info['fp_top1']:.2f} | {info['fp_cle_top1']:.2f} | "
+                                 f"{info['pairs_equalized']} | {setting} | {weights} | {cle} | " + " | ".join(cells)
+                                 + " |")
+    lines += ["", "`(=off)`: CLE changed no weight on this net, so the row is the CLE-off model.", "",
+              f"Package commit at the last run: `{meta['commit']}`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 data folder (default: $DFQKERN_CIFAR10_DIR or "
+                                                    "../shared/data/cifar10)")
+    p.add_argument("--nets", default=",".join(NETS), help=f"comma list of {list(NETS)}")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {list(SETTINGS)}")
+    p.add_argument("--weights", default=",".join(WEIGHTS), help=f"comma list of {list(WEIGHTS)}")
+    p.add_argument("--bias-correction", default=",".join(BIAS_CORRECTION_MODES),
+                   help=f"comma list of {list(BIAS_CORRECTION_MODES)}")
+    p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "prequant_steps"))
+    p.add_argument("--fresh", action="store_true", help="discard rows already in the JSON")
+    args = p.parse_args(argv)
+    nets = choice_list(p, args.nets, NETS, "--nets")
+    settings = choice_list(p, args.settings, SETTINGS, "--settings")
+    weight_modes = choice_list(p, args.weights, WEIGHTS, "--weights")
+    bcs = choice_list(p, args.bias_correction, BIAS_CORRECTION_MODES, "--bias-correction")
+    torch.set_num_threads(args.threads)
+    data_dir = Path(args.data_dir) if args.data_dir else default_cifar10_dir()
+    out = Path(args.out)
+    results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() and \
+        not args.fresh else {"rows": {}, "nets": {}}
+    results["meta"] = {"calib_images": args.calib_images, "seed": args.seed, "threads": args.threads,
+                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                       "commit": git_commit()}
+    train = open_dataset(data_dir / "cifar10_train_jpeg.tar.gz")
+    for net in nets:
+        arch, kw = NETS[net]
+        fp = create_model(arch, **kw).eval()
+        spec = fp.dfqkern_input_spec
+        dev_ds = open_dataset(data_dir / "cifar10_test_dev_jpeg.tar.gz", build_transform(spec),
+                              labels_csv=data_dir / "cifar10_test_dev_labels.csv")
+        dev = dev_tensors(dev_ds)
+        results["dev_images"] = len(dev_ds)
+        train.transform = build_transform(spec)  # per net: ConvMixer normalizes differently
+        calib = calibration_tensor(train, args.calib_images, seed=args.seed)
+        eq = equalize_model(fp, EqualizeConfig(absorb_bias=True), data=calib)
+        rep = eq.dfqkern_equalize_report
+        changed = any(not torch.equal(a, b) for a, b in zip(fp.state_dict().values(), eq.state_dict().values()))
+        if net not in results["nets"]:
+            results["nets"][net] = {"fp_top1": round(top1(fp, *dev), 2), "fp_cle_top1": round(top1(eq, *dev), 2),
+                                    "pairs_equalized": len(rep.equalized), "equalize": rep.to_dict()}
+            save(results, out, render_markdown)
+        print(f"{net}: {results['nets'][net]['fp_top1']} FP, {results['nets'][net]['fp_cle_top1']} after CLE, "
+              f"{len(rep.equalized)} pairs", flush=True)
+        for setting in settings:
+            for weights in weight_modes:
+                for cle in CLE:
+                    for bc in bcs:
+                        key = row_key(net, setting, weights, cle, bc, args.calib_images, args.seed)
+                        if key in results["rows"]:
+                            continue
+                        if cle == "on" and not changed:
+                            off = results["rows"].get(row_key(net, setting, weights, "off", bc, args.calib_images,
+                                                              args.seed))
+                            if off is not None:
+                                results["rows"][key] = {**off, "same_as_off": True}
+                                save(results, out, render_markdown)
+                                continue
+                        print(f"run {key}", flush=True)
+                        row = run_row(eq if cle == "on" else fp, cle == "on", calib, dev, *SETTINGS[setting],
+                                      weights, bc)
+                        row.update(net=net, setting=setting, weights=weights, cle=cle, bias_correction=bc)
+                        results["rows"][key] = row
+                        save(results, out, render_markdown)
+                        print(f"  top-1 {row['top1']:.2f} ({row['calib_wall_s']:.0f}s)", flush=True)
+    save(results, out, render_markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
