@@ -16,6 +16,7 @@ from .formats import FAKE_QUANT_ACT_BITS, WEIGHT_BITS, check_bits
 CONFIG_VERSION = 1
 OBSERVERS = ("minmax", "mse")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
+ATTN_GRANULARITIES = ("per_tensor", "per_head")  # static scales of attention's q / k / v (dfqkern.nn.attention)
 
 
 def _check_choice(value, allowed, name):
@@ -88,7 +89,9 @@ class QuantConfig:
     fake-quant; packing (deployment) runs activations at 4 or 8 bits and refuses other widths, naming
     the layer.
     Weights are per-output-channel (symmetric or asymmetric); activations per-tensor
-    (asymmetric by default) or per-token dynamic. ``first_last_bits`` keeps the first and the last
+    (asymmetric by default) or per-token dynamic. Attention's q / k / v (the operands of q.k^T and
+    attn.v) follow ``act_granularity``: per-token dynamic, or static with one scale per tensor or per
+    head (``attn_granularity``). ``first_last_bits`` keeps the first and the last
     quantizable layer at that many bits (weights and activations); ``None`` quantizes every layer
     alike. ``rules`` override bits by name glob or module type (last match wins); ``skip`` lists
     name globs left in float. Observers: ``minmax`` or ``mse`` (Lp grid search over clipping
@@ -101,6 +104,7 @@ class QuantConfig:
     weight_symmetric: bool = False
     act_symmetric: bool = False
     act_granularity: str = "per_tensor"
+    attn_granularity: str = "per_tensor"
     weight_observer: str = "mse"
     act_observer: str = "mse"
     lp: float = DEFAULT_OBSERVER.lp
@@ -118,6 +122,7 @@ class QuantConfig:
         if self.act_bits is not None:
             check_bits(self.act_bits, FAKE_QUANT_ACT_BITS, "act_bits")
         _check_choice(self.act_granularity, ACT_GRANULARITIES, "act_granularity")
+        _check_choice(self.attn_granularity, ATTN_GRANULARITIES, "attn_granularity")
         _check_choice(self.weight_observer, OBSERVERS, "weight_observer")
         _check_choice(self.act_observer, OBSERVERS, "act_observer")
         if self.first_last_bits is not None:

@@ -3,7 +3,9 @@
 ``config.json`` records the format version, package version, architecture id (a name
 :func:`dfqkern.models.create_model` understands, or a user factory at load time) with at most the
 allow-listed :data:`ARCH_KWARGS`, the QuantConfig, the BatchNorms folded away, and per quantized
-layer its kind, bits, shapes and packing layout; plus ``weights_sha256`` (the tensor file) and
+layer its kind, bits, shapes and packing layout, and per swapped attention module its kind and
+matmul bits (``attention``: rebuilt from the float module by the same swap quantize_model made, so
+its quantizers exist before the tensors are loaded); plus ``weights_sha256`` (the tensor file) and
 ``config_sha256`` (the canonical JSON of everything else in config.json), so corruption and edits
 are detected on load. Loading never downloads and never opens a file outside the checkpoint:
 the architecture comes from the id and the allow-listed keys only, and every field is validated
@@ -30,6 +32,7 @@ from ._version import __version__
 from .config import LayerQuant, QuantConfig
 from .formats import ACT_BITS, PACK_LAYOUT, WEIGHT_BITS
 from .nn import QuantConv2d, QuantLayer, QuantLinear
+from .nn.attention import ATTENTION_KINDS, QuantAttentionBase, SwappedModule, disable_nested_fast_path
 from .quantize import QuantReport, set_module, pack_model, quant_layers
 
 FORMAT = "dfqkern-packed"
@@ -121,6 +124,11 @@ def _layer_record(layer: QuantLayer) -> dict:
     return rec
 
 
+def _attention_records(model: nn.Module) -> dict:
+    return {name: {"kind": m.kind, "bits": m.bits if isinstance(m, QuantAttentionBase) else None}
+            for name, m in model.named_modules() if isinstance(m, SwappedModule)}
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = False, arch: str | None = None,
                    arch_kwargs: dict | None = None) -> Path:
     """Write ``model`` (packed first, on a copy, if needed) as a packed checkpoint directory at ``path``."""
@@ -160,6 +168,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
         "folded_bn": report.folded_bn,
         "unhandled": report.unhandled,
         "layers": {name: _layer_record(layer) for name, layer in layers.items()},
+        "attention": _attention_records(model),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +282,19 @@ def _validate_layer(name: str, rec, cfg_file: Path) -> None:
                                                       f"channels, got {rec['groups']!r}")
 
 
+def _validate_attention(name: str, rec, cfg_file: Path) -> None:
+    where = f"attention[{name!r}]"
+    if not (isinstance(rec, dict) and set(rec) == {"kind", "bits"}):
+        raise _field(cfg_file, where, f"must be an object with exactly kind and bits, got {rec!r}")
+    if rec["kind"] not in ATTENTION_KINDS:
+        raise _field(cfg_file, f"{where}.kind", f"must be one of {sorted(ATTENTION_KINDS)}, got {rec['kind']!r}")
+    bits = rec["bits"]
+    if bits is not None and (type(bits) is not int or bits not in ACT_BITS):
+        raise _field(cfg_file, f"{where}.bits", f"must be null (float matmuls) or one of {ACT_BITS}, got {bits!r}")
+    if rec["kind"] == "transformer_encoder_layer" and bits is not None:
+        raise _field(cfg_file, f"{where}.bits", f"must be null for a transformer_encoder_layer, got {bits!r}")
+
+
 def _validate_config(meta: dict, cfg_file: Path) -> None:
     """Types and ranges of every field loading uses, so nothing below meets a malformed value."""
     from .models import InputSpec
@@ -316,6 +338,11 @@ def _validate_config(meta: dict, cfg_file: Path) -> None:
                                          f"got {type(layers).__name__}")
     for name, rec in layers.items():
         _validate_layer(name, rec, cfg_file)
+    attention = meta.get("attention", {})  # absent in checkpoints written before attention was swapped
+    if not isinstance(attention, dict):
+        raise _field(cfg_file, "attention", f"must be an object of module name -> record, got {attention!r}")
+    for name, rec in attention.items():
+        _validate_attention(name, rec, cfg_file)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -432,6 +459,34 @@ def _check_float_module(name: str, module: nn.Module | None, rec: dict, arch, cf
                                                                   f"checkpoint)")
 
 
+def _swap_attention(model: nn.Module, records: dict, cfg: QuantConfig, arch, cfg_file: Path) -> None:
+    """Redo quantize_model's attention swaps (outermost first), with packed matmul quantizers."""
+    for name in sorted(records, key=lambda n: n.count(".")):
+        rec = records[name]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"checkpoint is for another architecture: no module {name!r} in {arch!r} "
+                                  f"(field attention[{name!r}])", cfg_file) from e
+        expected = ATTENTION_KINDS[rec["kind"]].float_type()
+        if expected is None or type(module) is not expected:
+            want = expected.__name__ if expected is not None else f"a {rec['kind']} module (is its library imported?)"
+            raise CheckpointError(f"checkpoint is for another architecture: attention[{name!r}] should be {want} "
+                                  f"in {arch!r}, found {type(module).__name__}", cfg_file)
+        try:
+            new = ATTENTION_KINDS[rec["kind"]].build(module, rec["kind"])
+        except ValueError as e:
+            raise _field(cfg_file, f"attention[{name!r}]", f"cannot be rebuilt from {arch!r}: {e}") from e
+        if rec["bits"] is not None:
+            if not isinstance(new, QuantAttentionBase):
+                raise _field(cfg_file, f"attention[{name!r}].bits", f"must be null for kind {rec['kind']!r}")
+            new.init_quantizers(rec["bits"], cfg)
+            new.is_packed = True  # its quantizer tensors come from the checkpoint below
+        set_module(model, name, new)
+    if records:
+        disable_nested_fast_path(model)
+
+
 def _build_architecture(meta: dict, path: Path) -> nn.Module:
     from .models import create_model
 
@@ -466,7 +521,7 @@ def _check_finite(state: dict[str, torch.Tensor], layers, wfile: Path) -> None:
     """Refuse NaN / Inf in a quantized layer's float tensors (scales, zero points, bias): a packed kernel
     would turn them into NaN or, worse, finite garbage, for every input. Only the quantized layers: other
     modules may hold legitimate infinities (attention masks)."""
-    prefixes = tuple(f"{name}." for name in layers)
+    prefixes = tuple(f"{name}." for name in layers)  # (attention records pass their names too)
     for key, t in state.items():
         if key.startswith(prefixes) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{wfile}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} non-finite "
@@ -504,6 +559,8 @@ def load_quantized(path: str | os.PathLike, factory: Callable[[], nn.Module] | N
             raise _field(cfg_file, f"folded_bn[{bn_name!r}]", f"names a {type(bn).__name__} in {arch!r}, "
                                                               f"not a BatchNorm")
         set_module(model, bn_name, nn.Identity())
+    attention = meta.get("attention", {})
+    _swap_attention(model, attention, cfg, arch, cfg_file)
     for name, rec in meta["layers"].items():
         try:
             module = model.get_submodule(name)
@@ -512,7 +569,7 @@ def load_quantized(path: str | os.PathLike, factory: Callable[[], nn.Module] | N
         _check_float_module(name, module, rec, arch, cfg_file)
         set_module(model, name, _packed_layer(rec, cfg))
     _check_tensors(model, state, arch, wfile)
-    _check_finite(state, meta["layers"], wfile)
+    _check_finite(state, [*meta["layers"], *(n for n, r in attention.items() if r["bits"] is not None)], wfile)
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # not expected after _check_tensors; still named, not a bare traceback
@@ -522,7 +579,8 @@ def load_quantized(path: str | os.PathLike, factory: Callable[[], nn.Module] | N
     model.dfqkern_config = cfg
     model.dfqkern_report = QuantReport(
         layers={n: LayerQuant(r["weight_bits"], r["act_bits"]) for n, r in meta["layers"].items()},
-        folded_bn=meta.get("folded_bn", {}), unhandled=meta.get("unhandled", {}))
+        folded_bn=meta.get("folded_bn", {}), unhandled=meta.get("unhandled", {}),
+        attention={n: r["kind"] for n, r in attention.items()})
     if meta.get("input_spec"):
         model.dfqkern_input_spec = InputSpec.from_dict(meta["input_spec"])
     return model.to(device).eval()
@@ -547,7 +605,7 @@ def checkpoint_summary(path: str | os.PathLike, *, trust_unverified: bool = Fals
     return {
         "path": str(path), "arch": meta.get("arch"), "package_version": meta.get("package_version"),
         "scheme": QuantConfig.from_dict(meta["quant_config"]).scheme_name,
-        "layers": meta["layers"], "unhandled": meta.get("unhandled", {}),
+        "layers": meta["layers"], "unhandled": meta.get("unhandled", {}), "attention": meta.get("attention", {}),
         "checkpoint_bytes": packed_bytes, "float_bytes": float_bytes,
         "compression": float_bytes / max(packed_bytes, 1),
     }

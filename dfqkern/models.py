@@ -8,6 +8,9 @@ Names:
   (:mod:`dfqkern.edge_nets`); trained weights for the benchmarks live in ``bench/weights/``.
 - ``cifar10_convmixer_256_8``: ConvMixer-256/8 (patch 4, kernel 9) in the layout of the pretrained (``pretrained=True`` reads it)
   checkpoint in ``shared/data/models/convmixer_256_8``.
+- ``cifar10_vit_qkv`` / ``cifar10_vit_mha``: small CIFAR ViTs (:mod:`dfqkern.vit_nets`; fused-``qkv``
+  attention vs ``nn.TransformerEncoder``); ``pretrained=True`` reads ``bench/weights/`` (written by
+  ``bench/train_cifar_vit.py``; a clear error while it has not been trained).
 - ``digits_cnn``: a small BatchNorm CNN for scikit-learn's bundled 8x8 digits (the CLI demo model).
 - ``timm:NAME`` and ``torchvision:NAME``: delegated to those libraries, imported lazily.
 
@@ -193,6 +196,18 @@ def _cifar10_convmixer(num_classes: int | None = None):
     from .edge_nets import conv_mixer
 
     return conv_mixer(256, 8, kernel=9, patch=4, num_classes=num_classes or 10), CONVMIXER_SPEC
+
+
+def _register_cifar_vit(variant: str) -> None:
+    @register_model(f"cifar10_vit_{variant}", spec=CIFAR_SPEC)
+    def factory(num_classes: int | None = None):
+        from .vit_nets import CifarViT
+
+        return CifarViT(variant, num_classes or 10), CIFAR_SPEC
+
+
+for _variant in ("qkv", "mha"):  # dfqkern.vit_nets.VARIANTS (not imported here: models stays light)
+    _register_cifar_vit(_variant)
 
 
 @register_model("digits_cnn", spec=DIGITS_SPEC)

@@ -1,4 +1,4 @@
-"""quantize_model: fold BatchNorm, swap Linear / Conv2d for quantized twins, observe ranges, pack."""
+"""quantize_model: fold BatchNorm, swap attention / Linear / Conv2d for quantized twins, observe ranges, pack."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +11,8 @@ from torch import nn
 
 from .config import LayerQuant, QuantConfig
 from .nn import ActQuantizer, QuantConv2d, QuantLayer, QuantLinear, WeightQuantizer
+from .nn.attention import (ATTENTION_KINDS, QuantAttentionBase, SwappedModule, disable_nested_fast_path, kind_of,
+                           looks_like_attention)
 from .nn.conv import unsupported_reason
 from .nn.observe import batches_of, observe_activations
 
@@ -21,6 +23,9 @@ HANDLERS: dict[type, Callable[..., QuantLayer]] = {
     nn.Linear: QuantLinear.from_float,
     nn.Conv2d: QuantConv2d.from_float,
 }
+# Attention modules are swapped (by kind: dfqkern.nn.attention.ATTENTION_KINDS, the one registry, also read
+# by io when a checkpoint is loaded) before the layers, so their Linear children are quantized by HANDLERS
+# like any other; their matmul quantizers get the activation bits of the input projection afterwards.
 
 
 @dataclass
@@ -30,10 +35,12 @@ class QuantReport:
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     folded_bn: dict[str, str] = field(default_factory=dict)  # bn name -> conv name
     unhandled: dict[str, str] = field(default_factory=dict)  # module name -> reason
+    attention: dict[str, str] = field(default_factory=dict)  # swapped module name -> kind (ATTENTION_KINDS)
 
     def to_dict(self) -> dict:
         return {"layers": {k: {"weight_bits": v.weight_bits, "act_bits": v.act_bits} for k, v in self.layers.items()},
-                "folded_bn": dict(self.folded_bn), "unhandled": dict(self.unhandled)}
+                "folded_bn": dict(self.folded_bn), "unhandled": dict(self.unhandled),
+                "attention": dict(self.attention)}
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -96,12 +103,88 @@ def fold_batchnorm(model: nn.Module) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- swapping
 
+def swap_attention(model: nn.Module, report: QuantReport | None = None,
+                   cfg: QuantConfig | None = None) -> dict[str, str]:
+    """Replace every handled attention module (and ``nn.TransformerEncoderLayer``) by its explicit twin, in
+    place, outermost first; returns ``{name: kind}`` of the swaps. Unsupported configurations and attention-like
+    modules no kind handles are recorded in ``report.unhandled`` (their matmuls stay float)."""
+    swapped: dict[str, str] = {}
+    refused: set[str] = set()
+    while True:
+        target = None
+        for name, m in model.named_modules():
+            if not name or name in refused or isinstance(m, SwappedModule):
+                continue
+            kind = kind_of(m)
+            if kind is None:
+                continue
+            if cfg is not None and cfg.is_skipped(name):
+                reason = "skipped by config"
+            else:
+                reason = ATTENTION_KINDS[kind].unsupported(m)
+            if reason:
+                refused.add(name)
+                if report is not None:
+                    report.unhandled[name] = reason
+                continue
+            target = (name, m, kind)
+            break
+        if target is None:
+            break
+        name, m, kind = target
+        set_module(model, name, ATTENTION_KINDS[kind].build(m, kind))
+        swapped[name] = kind
+    if swapped:
+        disable_nested_fast_path(model)
+    if report is not None:
+        report.attention.update(swapped)
+        for name, m in model.named_modules():
+            if name and name not in refused and looks_like_attention(m) and kind_of(m) is None:
+                report.unhandled[name] = (f"{type(m).__name__} is an attention module with no quantized handler: "
+                                          f"its q.k^T / attn.v matmuls run in float")
+    return swapped
+
+
+def init_attention_quantizers(model: nn.Module, cfg: QuantConfig, report: QuantReport | None = None) -> int:
+    """Give each swapped attention module without matmul quantizers those of its input projection's
+    activation bits; one whose projection has float activations stays float and is reported. Returns how
+    many got quantizers."""
+    n = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantAttentionBase) or m.bits is not None:
+            continue
+        proj = m.input_projection()
+        bits = proj.lq.act_bits if isinstance(proj, QuantLayer) else None
+        if bits is None:
+            if report is not None:
+                report.unhandled[name] = (f"{type(m).__name__} matmuls left in float: its input projection has no "
+                                          f"activation quantization (weight-only or skipped)")
+            continue
+        m.init_quantizers(bits, cfg)
+        n += 1
+    return n
+
+
+def attach_attention_quantizers(model: nn.Module) -> int:
+    """Swap any handled attention module of a quantized ``model`` still in float and give it quantizers
+    (idempotent; :func:`quantize_model` already did this for the models it made). Returns how many."""
+    cfg = getattr(model, "dfqkern_config", None)
+    before = {n for n, m in model.named_modules() if isinstance(m, QuantAttentionBase) and m.bits is not None}
+    swap_attention(model)
+    if cfg is None:
+        layer = next((m for m in model.modules() if isinstance(m, QuantLayer)), None)
+        cfg = layer.cfg if layer is not None else QuantConfig()
+    init_attention_quantizers(model, cfg)
+    return sum(1 for n, m in model.named_modules()
+               if isinstance(m, QuantAttentionBase) and m.bits is not None and n not in before)
+
+
 def _candidates(model: nn.Module, cfg: QuantConfig, report: QuantReport) -> list[tuple[str, nn.Module]]:
     """Quantizable (name, module) pairs in execution-ish (registration) order; records what is skipped."""
     inside_mha = set()
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            report.unhandled[name] = "nn.MultiheadAttention uses its projection weights functionally"
+        if isinstance(m, nn.MultiheadAttention):  # not swapped (unsupported): torch reads its weights functionally
+            report.unhandled.setdefault(name, "nn.MultiheadAttention uses its projection weights functionally")
             inside_mha.update(f"{name}.{c}" for c, _ in m.named_modules() if c)
     out = []
     for name, m in model.named_modules():
@@ -125,7 +208,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace:
                    backend: str | None = None) -> nn.Module:
     """A copy of ``model`` with Linear / Conv2d layers swapped for QuantLinear / QuantConv2d (fake-quant mode).
 
-    BatchNorm is folded first (``config.fold_bn``). Weight quantizers are initialised from the
+    BatchNorm is folded first (``config.fold_bn``); attention modules are replaced by quantized twins
+    (:mod:`dfqkern.nn.attention`: timm ViT / Swin attention, ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``) whose q.k^T and attn.v operands are quantized.
+    Weight quantizers are initialised from the
     weights right away; activation quantizers need data: :func:`calibrate_activations`. The
     report (``model.dfqkern_report``) lists per-layer bits and every module left in float.
     ``backend`` forces one kernel backend for the quantized layers (:func:`set_backend`).
@@ -142,11 +228,13 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace:
     report = QuantReport()
     if cfg.fold_bn:
         report.folded_bn = fold_batchnorm(qmodel)
+    swap_attention(qmodel, report, cfg)
     cands = _candidates(qmodel, cfg, report)
     for i, (name, m) in enumerate(cands):
         lq = cfg.resolve(name, m, is_first=i == 0, is_last=i == len(cands) - 1)
         set_module(qmodel, name, HANDLERS[type(m)](m, lq, cfg, name))
         report.layers[name] = lq
+    init_attention_quantizers(qmodel, cfg, report)
     for name, reason in report.unhandled.items():
         log.info("left in float: %s (%s)", name, reason)
     qmodel.dfqkern_report = report
@@ -173,7 +261,7 @@ def set_backend(model: nn.Module, backend: str | None) -> nn.Module:
 
     name = None if backend is None else Backend.parse(backend).value
     for m in model.modules():
-        if isinstance(m, (QuantLayer, ActQuantizer, WeightQuantizer)):
+        if isinstance(m, (QuantLayer, ActQuantizer, WeightQuantizer, QuantAttentionBase)):
             m.backend = name
     return model
 
@@ -184,10 +272,14 @@ def pack_model(model: nn.Module) -> nn.Module:
     Every layer is checked first, so a model with a layer no kernel runs is left untouched.
     """
     refused = {name: reason for name, layer in quant_layers(model) if (reason := layer.unpackable_reason())}
+    attns = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAttentionBase)]
+    refused.update({name: reason for name, m in attns if (reason := m.unpackable_reason())})
     if refused:
         name, reason = next(iter(refused.items()))
         more = f" (and {len(refused) - 1} more layers)" if len(refused) > 1 else ""
         raise ValueError(f"cannot pack layer {name!r}{more}: {reason}")
     for _, layer in quant_layers(model):
         layer.pack()
+    for _, m in attns:
+        m.pack()
     return model

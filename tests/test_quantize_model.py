@@ -253,11 +253,13 @@ def test_unhandled_skip_and_rules():
     assert set(rep.unhandled) == {"reflect", "seq", "attn", "body.2"}
     assert "padding_mode='reflect'" in rep.unhandled["reflect"]
     assert "Conv1d" in rep.unhandled["seq"] and "MultiheadAttention" in rep.unhandled["attn"]
+    assert "matmuls left in float" in rep.unhandled["attn"]  # its projections are weight-only (the Linear rule)
     assert rep.unhandled["body.2"] == "skipped by config"
     # left in float, by type
     assert type(q.reflect) is nn.Conv2d and type(q.seq) is nn.Conv1d and type(q.body[2]) is nn.Conv2d
-    assert type(q.attn.out_proj) is not QuantLinear  # used functionally by MHA: must not be swapped
-    assert set(rep.layers) == {"stem", "body.0", "head.0", "head.2"}
+    assert type(q.attn.out_proj) is QuantLinear  # the MHA twin runs its projections as modules
+    assert set(rep.layers) == {"stem", "body.0", "head.0", "head.2", *(f"attn.{p}_proj" for p in "qkv"),
+                               "attn.out_proj"}
     assert rep.layers["stem"] == LayerQuant(8, 8)  # first
     assert rep.layers["body.0"] == LayerQuant(2, 4)  # by name glob
     assert rep.layers["head.0"] == LayerQuant(3, None)  # by module type

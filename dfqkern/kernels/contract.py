@@ -271,9 +271,49 @@ def conv2d(x, pw, bias=None, act=None, stride=1, padding=0, dilation=1, groups=1
     check_same_device(x=x, weight=pw.data, bias=bias)
 
 
+# (a - za) @ (b - zb) of codes stays below 2**31 (int32 result) for 8-bit codes up to this K
+MATMUL_MAX_K = (2 ** 31 - 1) // (255 * 255)
+
+
+def _code_tensor(name: str, t) -> None:
+    check_tensor(name, t)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{name} must be a uint8 tensor of codes, got {t.dtype}")
+
+
+def _broadcast_zero_point(name: str, zp, shape, free_dim: int) -> None:
+    """A zero point broadcastable to ``shape`` with size 1 along ``free_dim`` (per tensor / head / row)."""
+    check_tensor(name, zp)
+    if zp.dtype.is_floating_point or zp.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {zp.dtype}")
+    if zp.numel() == 1:
+        return
+    want = list(shape)
+    want[free_dim] = 1
+    if zp.dim() != len(want) or any(z not in (1, w) for z, w in zip(zp.shape, want)):
+        raise ValueError(f"{name} of shape {tuple(zp.shape)} must have one element or broadcast to {tuple(want)}")
+
+
+def matmul_int(a, a_zero_point, b, b_zero_point):
+    _code_tensor("a", a)
+    _code_tensor("b", b)
+    if a.dim() < 2 or b.dim() != a.dim():
+        raise ValueError(f"a and b must be [..., M, K] and [..., K, N] with one number of dims, got shapes "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"a and b must have one batch shape, got {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"a has K={a.shape[-1]} but b has K={b.shape[-2]}")
+    if a.shape[-1] > MATMUL_MAX_K:
+        raise ValueError(f"K={a.shape[-1]} exceeds {MATMUL_MAX_K}, the largest K whose int32 result is exact")
+    _broadcast_zero_point("a_zero_point", a_zero_point, a.shape, -1)
+    _broadcast_zero_point("b_zero_point", b_zero_point, b.shape, -2)
+    check_same_device(a=a, a_zero_point=a_zero_point, b=b, b_zero_point=b_zero_point)
+
+
 CHECKS = {name: globals()[name] for name in (
     "quantize", "dequantize", "fake_quant_forward", "fake_quant_backward", "adaround_forward",
-    "adaround_backward", "quantize_activation", "linear_int", "linear", "conv2d_int", "conv2d")}
+    "adaround_backward", "quantize_activation", "linear_int", "linear", "conv2d_int", "conv2d", "matmul_int")}
 
 
 def check(op: str, *args, **kwargs) -> None:

@@ -11,6 +11,8 @@ Instruction set, chosen at run time: ``avx512vnni`` (the packed GEMM uses ``vpdp
 registers; everything else as ``avx2``) where the CPU has AVX512-VNNI/VL, ``avx2`` (AVX2 + FMA + F16C)
 where it has those, ``portable`` C++ otherwise. Force one with ``DFQKERN_CPU_ISA=avx512vnni|avx2|
 portable|auto`` or :func:`use_isa`; every level gives identical integer and epilogue results.
+On aarch64 the levels are ``dotprod`` (GEMM with ``sdot``, where the CPU reports it), ``neon`` and
+``portable`` (``DFQKERN_CPU_ISA=dotprod|neon|portable|auto``); the other kernels are the portable ones.
 
 Weight layouts derived from a :class:`~dfqkern.formats.PackedWeight` (``kpack-lsb-v1``) on first
 use and cached in ``pw.cache["cpu"]`` (never saved; delete the entry if ``pw.data`` is modified
@@ -181,6 +183,11 @@ def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
     one = pa.data.shape[0] == 1 or _gemm_layout(pw) == "tile"
     tiles, corr = tile_weight(pw) if one else panel_weight(pw)
     return _load().cpu_linear_int(pa.data, pa.zero_point, pa.bits, pa.k, tiles, corr, pw.bits, pw.n)
+
+
+# The attention matmuls (activation x activation) have no compiled kernel yet: the CPU backend serves
+# them with the reference's exact integer matmul, so a model forced onto "cpu" still runs them.
+from .reference import matmul_int  # noqa: E402,F401
 
 
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,

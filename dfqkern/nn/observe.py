@@ -11,7 +11,6 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .quantizers import ActQuantizer
 
@@ -35,6 +34,8 @@ def observe_activations(model: nn.Module, batches: Iterable[torch.Tensor], devic
 
     On an error every quantizer leaves observe mode (uncalibrated ones stay uncalibrated).
     """
+    from tqdm.auto import tqdm  # here, not at import: loading and running a packed model never needs it
+
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     device = device or next(model.parameters()).device
     batches = list(batches)
