@@ -3,7 +3,8 @@
 The extension holds the CPU kernels (csrc/cpu, always, unless DFQKERN_SKIP_EXT=1) and the CUDA
 kernels (csrc/cuda, when nvcc and a CUDA build of torch are present, unless DFQKERN_SKIP_CUDA=1).
 Build with ``pip install --no-build-isolation .`` so the installed torch is used.
-Source lists come from csrc/sources.py, shared with CMakeLists.txt.
+Source lists come from csrc/sources.py, shared with CMakeLists.txt: x86 builds get the AVX2 / AVX512-VNNI
+files, aarch64 builds the NEON / sdot ones (each selects its ISA at run time; see csrc/cpu/common.h).
 """
 import os
 import sys

@@ -32,6 +32,7 @@ pybind11::dict build_info() {
 #endif
   d["cpu_ops"] = true;
   d["cpu_avx2"] = cpu::cpu_has_avx2();
+  d["cpu_dotprod"] = cpu::cpu_has_dotprod();  // aarch64 sdot (false elsewhere)
   return d;
 }
 

@@ -6,8 +6,13 @@
 //   *_portable.cpp  plain C++ (what runs on CPUs without AVX2, and what tests compare against).
 //   gemm_vnni.cpp   the GEMM micro-kernels with AVX512-VNNI vpdpbusd on 256-bit registers, where
 //                   the CPU has it (the other kernels then use their AVX2 versions).
+//   gemm_neon*.cpp  aarch64 only: the GEMM micro-kernels with NEON widening multiplies (neon) or the
+//                   dot-product instruction sdot (dotprod); the other kernels use their portable
+//                   versions there (compiled for the aarch64 baseline, which includes NEON).
 // The choice is made at run time (`active_isa()`), from the CPU's features and the environment
-// variable DFQKERN_CPU_ISA = auto | avx512vnni | avx2 | portable (or `set_isa` from Python, for tests).
+// variable DFQKERN_CPU_ISA = auto | avx512vnni | avx2 | portable on x86, auto | dotprod | neon |
+// portable on aarch64 (or `set_isa` from Python, for tests). csrc/sources.py compiles each
+// architecture's files only for that architecture.
 //
 // Headers included by the *_avx2.cpp files must only contain declarations and PODs: an inline
 // function compiled under the AVX2 target could be merged by the linker into portable callers.
@@ -18,14 +23,29 @@
 
 namespace dfqkern::cpu {
 
-// Ordered: each level implies the ones below it (avx512vnni = AVX2 kernels + VNNI GEMM).
-enum class Isa { portable = 0, avx2 = 1, avx512vnni = 2 };
+// x86: avx512vnni = AVX2 kernels + VNNI GEMM; aarch64: dotprod = neon + sdot GEMM.
+enum class Isa { portable = 0, avx2 = 1, avx512vnni = 2, neon = 3, dotprod = 4 };
 
 Isa active_isa();
+// CPU features (cpu_features.cpp, torch-free: also linked by the standalone kernel checks); false on
+// other architectures.
 bool cpu_has_avx2();        // AVX2 + FMA + F16C, as reported by the CPU
 bool cpu_has_avx512vnni();  // AVX2 level + AVX512F/BW/VL + AVX512_VNNI (vpdpbusd on ymm registers)
-void set_isa(const std::string& name);  // "auto" | "avx512vnni" | "avx2" | "portable"; throws when unsupported
+bool cpu_has_neon();        // aarch64 Advanced SIMD (HWCAP_ASIMD)
+bool cpu_has_dotprod();     // neon + the SDOT/UDOT dot-product instructions (HWCAP_ASIMDDP)
+// "auto" | "avx512vnni" | "avx2" | "portable" (x86), "auto" | "dotprod" | "neon" | "portable"
+// (aarch64); throws when unsupported.
+void set_isa(const std::string& name);
 std::string isa_name();
+// Whether the *_avx2.cpp kernels run (x86 levels avx2 and avx512vnni); pick one with DFQKERN_AVX2_OR_PORTABLE.
+bool uses_avx2();
+
+// ns::fn##_avx2 where the AVX2 kernels run, else ns::fn##_portable. Non-x86 builds have no *_avx2.cpp.
+#if defined(__x86_64__) || defined(__i386__)
+#define DFQKERN_AVX2_OR_PORTABLE(ns, fn) (::dfqkern::cpu::uses_avx2() ? ns::fn##_avx2 : ns::fn##_portable)
+#else
+#define DFQKERN_AVX2_OR_PORTABLE(ns, fn) (ns::fn##_portable)
+#endif
 
 // Float element types the kernels accept (x, grad, v, ...).
 enum class FType { f32 = 0, f16 = 1, bf16 = 2 };

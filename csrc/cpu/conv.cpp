@@ -261,7 +261,7 @@ void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const Conv
                     const Epilogue& ep) {
   const int64_t mult = g.out_ch / g.groups, hp = d.h + 2 * g.pad_h, wp = d.w + 2 * g.pad_w, p = d.oh * d.ow;
   const int16_t* wv = w16.data_ptr<int16_t>();
-  const auto fn = active_isa() >= Isa::avx2 ? dw::conv_avx2 : dw::conv_portable;
+  const auto fn = DFQKERN_AVX2_OR_PORTABLE(dw, conv);
   std::atomic<bool> any_bad{false};  // some input value was NaN / Inf (reported by the quantize pass)
   // One work item per (image, input channel): the plane is built once for its `mult` outputs.
   parallel_for(d.b * d.c, 1, [&](int64_t bgn, int64_t end) {

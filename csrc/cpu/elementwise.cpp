@@ -75,8 +75,6 @@ ew::Drop make_drop(double drop_prob, int64_t seed) {
   return d;
 }
 
-bool avx2() { return active_isa() >= Isa::avx2; }
-
 at::Tensor param_shaped(const std::vector<double>& sums, double mul) {
   at::Tensor out = at::empty({static_cast<int64_t>(sums.size())}, at::kFloat);
   float* o = out.data_ptr<float>();
@@ -94,7 +92,7 @@ at::Tensor quantize(const at::Tensor& x_in, const at::Tensor& scale, const at::T
   const ChannelParams P(scale, zero_point);
   const In xin(x);
   uint8_t* qp = q.data_ptr<uint8_t>();
-  const auto fn = avx2() ? ew::quantize_avx2 : ew::quantize_portable;
+  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, quantize);
   parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
     float buf[kChunk];
     for (int64_t it = b; it < e; ++it) {
@@ -135,7 +133,7 @@ at::Tensor fake_quant_forward(const at::Tensor& x_in, const at::Tensor& scale, c
   const ew::Drop drop = make_drop(drop_prob, seed);
   const In xin(x);
   const Out yout(y);
-  const auto fn = avx2() ? ew::fq_forward_avx2 : ew::fq_forward_portable;
+  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, fq_forward);
   parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
     float xb[kChunk], yb[kChunk];
     for (int64_t it = b; it < e; ++it) {
@@ -161,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
   const In xin(x), gin(g);
   const Out gout(gx);
   std::vector<Sums2> partial(L.items);
-  const auto fn = avx2() ? ew::fq_backward_avx2 : ew::fq_backward_portable;
+  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, fq_backward);
   parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
     float xb[kChunk], gb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {
@@ -201,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_forward(const at::Tensor& base_in, c
   const In vin(v), bin(base);
   const Out wout(w);
   std::vector<double> partial(L.items, 0.0);
-  const auto fn = avx2() ? ew::ar_forward_avx2 : ew::ar_forward_portable;
+  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, ar_forward);
   parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
     float vb[kChunk], bb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {
@@ -228,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward(const at::Tensor& grad_in, 
   const In vin(v), bin(base), gin(g);
   const Out gout(gv);
   std::vector<double> partial(L.items, 0.0);
-  const auto fn = avx2() ? ew::ar_backward_avx2 : ew::ar_backward_portable;
+  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, ar_backward);
   parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
     float vb[kChunk], bb[kChunk], gb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {

@@ -19,19 +19,28 @@ namespace dfqkern::cpu {
 
 namespace gemm {
 
-int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* dst) {
-  int32_t sum = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    dst[i] = static_cast<int8_t>(codes[i] ^ 0x80);  // code - 128
-    sum += codes[i];
-  }
-  std::fill(dst + k, dst + kp, int8_t(-128));  // code 0
-  return sum;
+bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p) {
+  return DFQKERN_AVX2_OR_PORTABLE(ew, quantize)(x, q, k, p);
 }
 
-bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p) {
-  return (active_isa() >= Isa::avx2 ? ew::quantize_avx2 : ew::quantize_portable)(x, q, k, p);
+namespace {
+
+// The micro-kernel family of the active ISA for one layout (tiles or panels).
+Kernel pick_kernel(Isa isa, bool panels) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case Isa::avx512vnni: return panels ? panels_avx512vnni : run_avx512vnni;
+    case Isa::avx2: return panels ? panels_avx2 : run_avx2;
+#endif
+#if defined(__aarch64__)
+    case Isa::dotprod: return panels ? panels_dotprod : run_dotprod;
+    case Isa::neon: return panels ? panels_neon : run_neon;
+#endif
+    default: return panels ? panels_portable : run_portable;
+  }
 }
+
+}  // namespace
 
 void run(const Args& g, int64_t m, int64_t tiles) {
   if (m <= 0 || tiles <= 0) return;
@@ -41,7 +50,7 @@ void run(const Args& g, int64_t m, int64_t tiles) {
     // item's panels, so a strip's activations stay in L1 and the panels' weights in L2.
     constexpr int64_t kMB = 96, kPB = 4;
     const int64_t mblocks = (m + kMB - 1) / kMB, pblocks = (tiles + kPB - 1) / kPB;
-    const auto fn = isa == Isa::avx512vnni ? panels_avx512vnni : (isa == Isa::avx2 ? panels_avx2 : panels_portable);
+    const Kernel fn = pick_kernel(isa, true);
     parallel_for(mblocks * pblocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t it = b; it < e; ++it) {
         const int64_t mb = it % mblocks, pb = it / mblocks;
@@ -55,7 +64,7 @@ void run(const Args& g, int64_t m, int64_t tiles) {
   constexpr int64_t kMB = 64;
   const int64_t tb = m == 1 ? 8 : 16;
   const int64_t mblocks = (m + kMB - 1) / kMB, tblocks = (tiles + tb - 1) / tb;
-  const auto fn = isa == Isa::avx512vnni ? run_avx512vnni : (isa == Isa::avx2 ? run_avx2 : run_portable);
+  const Kernel fn = pick_kernel(isa, false);
   parallel_for(mblocks * tblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
       const int64_t mb = it % mblocks, t = it / mblocks;
@@ -71,13 +80,8 @@ namespace {
 using gemm::kChunkBytes;
 using gemm::kTileRows;
 
-inline int slot_bits(int64_t bits) { return bits == 2 ? 2 : (bits == 8 ? 8 : 4); }
-
-// Unsigned code k of a kpack-lsb-v1 row.
-inline uint8_t kpack_code(const uint8_t* row, int64_t k, int slot) {
-  const int per = 8 / slot;
-  return static_cast<uint8_t>((row[k / per] >> ((k % per) * slot)) & ((1 << slot) - 1));
-}
+using gemm::kpack_code;
+using gemm::slot_bits;
 
 struct ActRows {
   std::unique_ptr<int8_t[]> data;
@@ -125,7 +129,7 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
   const float qmax = static_cast<float>((1 << abits) - 1);
   const int slot = slot_bits(abits), per = 8 / slot;
   const int64_t pw = (k + per - 1) / per;
-  const bool use_avx2 = active_isa() >= Isa::avx2;
+  const auto minmax = DFQKERN_AVX2_OR_PORTABLE(gemm, minmax);
   const int64_t row_bytes = r.kp;
   std::vector<uint8_t> bad_rows(per_token ? 0 : m, 0);
   std::atomic<bool> any_bad{false};
@@ -138,7 +142,7 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
       int32_t zp = zp_static;
       if (per_token) {
         float lo = 0.f, hi = 0.f;
-        if (k > 0) (use_avx2 ? gemm::minmax_avx2 : gemm::minmax_portable)(xr, k, lo, hi);
+        if (k > 0) minmax(xr, k, lo, hi);
         token_qparams(lo, hi, abits, symmetric, scale, zp);
         r.scale[i] = scale;
         r.zp[i] = zp;
@@ -214,7 +218,6 @@ std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data_in, con
   const at::Tensor data = data_in.contiguous();
   const at::Tensor zp = zero_point.to(at::kInt).contiguous();
   const int wb = kernel_bits(bits);
-  const int slot = slot_bits(bits), ck = gemm::chunk_k(wb);
   const int64_t rows = data.size(0), og = rows / groups, tpg = (og + kTileRows - 1) / kTileRows;
   const int64_t nchunks = gemm::num_chunks(k, wb), row_stride = data.size(1);
   at::Tensor tiles = at::zeros({groups * tpg * nchunks * kTileRows * kChunkBytes}, data.options());
@@ -223,26 +226,11 @@ std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data_in, con
   const int32_t* zpp = zp.data_ptr<int32_t>();
   uint8_t* dst = tiles.data_ptr<uint8_t>();
   int32_t* cp = corr.data_ptr<int32_t>();
-  const int off = gemm::kActOffset;
   parallel_for(rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
-      const int64_t g = n / og, j = n % og;
-      const int64_t t = g * tpg + j / kTileRows, r = j % kTileRows;  // tile, row in tile
-      const uint8_t* row = src + n * row_stride;
-      int64_t sum = 0;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const uint8_t c = kpack_code(row, kk, slot);
-        sum += c;
-        const int64_t chunk = kk / ck, within = kk % ck;
-        uint8_t* chunk_row = dst + ((t * nchunks + chunk) * kTileRows + r) * kChunkBytes;
-        if (wb == 8) chunk_row[within] = c;
-        else if (wb == 2) chunk_row[within % 32] |= static_cast<uint8_t>(c << (2 * (within / 32)));
-        else chunk_row[within % 32] |= static_cast<uint8_t>(c << (4 * (within / 32)));
-      }
-      int32_t* c3 = cp + t * 3 * kTileRows + r;
-      c3[0] = static_cast<int32_t>(off * sum);
-      c3[kTileRows] = zpp[n];
-      c3[2 * kTileRows] = static_cast<int32_t>(sum - k * static_cast<int64_t>(zpp[n]));
+      const int64_t g = n / og, j = n % og;  // tile g * tpg + j / 4, row j % 4 in it
+      gemm::pack_tile_row(src + n * row_stride, static_cast<int>(bits), k, zpp[n], g * tpg + j / kTileRows,
+                          static_cast<int>(j % kTileRows), nchunks, dst, cp);
     }
   });
   return {tiles, corr};
@@ -254,8 +242,7 @@ std::tuple<at::Tensor, at::Tensor> prepack_panels(const at::Tensor& data_in, con
   using gemm::kPanel;
   const at::Tensor data = data_in.contiguous();
   const at::Tensor zp = zero_point.to(at::kInt).contiguous();
-  const int wb = kernel_bits(bits);
-  const int slot = slot_bits(bits), kb = gemm::panel_k(wb);
+  const int wb = kernel_bits(bits), kb = gemm::panel_k(wb);
   const int64_t rows = data.size(0), og = rows / groups, ppg = (og + kPanel - 1) / kPanel;
   const int64_t nblocks = (k + kb - 1) / kb, row_stride = data.size(1);
   at::Tensor panels = at::zeros({groups * ppg * nblocks * kBlockBytes}, data.options());
@@ -266,21 +253,9 @@ std::tuple<at::Tensor, at::Tensor> prepack_panels(const at::Tensor& data_in, con
   int32_t* cp = corr.data_ptr<int32_t>();
   parallel_for(rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
-      const int64_t g = n / og, j = n % og;
-      const int64_t p = g * ppg + j / kPanel, r = j % kPanel;  // panel, row in panel
-      const uint8_t* row = src + n * row_stride;
-      uint8_t* prow = dst + p * nblocks * kBlockBytes + 4 * r;
-      int64_t sum = 0;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const uint8_t c = kpack_code(row, kk, slot);
-        sum += c;
-        const int64_t within = kk % kb;  // slot within / 4, byte within % 4
-        prow[(kk / kb) * kBlockBytes + within % 4] |= static_cast<uint8_t>(c << (wb * (within / 4)));
-      }
-      int32_t* c3 = cp + p * 3 * kPanel + r;
-      c3[0] = static_cast<int32_t>(gemm::kActOffset * sum);
-      c3[kPanel] = zpp[n];
-      c3[2 * kPanel] = static_cast<int32_t>(sum - k * static_cast<int64_t>(zpp[n]));
+      const int64_t g = n / og, j = n % og;  // panel g * ppg + j / 16, row j % 16 in it
+      gemm::pack_panel_row(src + n * row_stride, static_cast<int>(bits), k, zpp[n], g * ppg + j / kPanel,
+                           static_cast<int>(j % kPanel), nblocks, dst, cp);
     }
   });
   return {panels, corr};

@@ -49,6 +49,25 @@ constexpr int kBlockBytes = 64;   // cpu-panel-v1 bytes per K block of a panel
 inline int chunk_k(int wbits) { return wbits == 2 ? 128 : (wbits == 8 ? 32 : 64); }
 inline int panel_k(int wbits) { return wbits == 2 ? 16 : (wbits == 8 ? 4 : 8); }
 constexpr int kActOffset = 128;  // activation rows hold code - 128
+inline int slot_bits(int64_t bits) { return bits == 2 ? 2 : (bits == 8 ? 8 : 4); }  // kpack-lsb-v1 slot width
+
+// Unsigned code k of a kpack-lsb-v1 row of `slot`-bit slots.
+inline uint8_t kpack_code(const uint8_t* row, int64_t k, int slot) {
+  const int per = 8 / slot;
+  return static_cast<uint8_t>((row[k / per] >> ((k % per) * slot)) & ((1 << slot) - 1));
+}
+
+// Layout builders (gemm_pack.cpp, torch-free: prepack_weight / prepack_panels and the standalone
+// kernel checks share them). Row `row` (k codes of `bits` bits, kpack-lsb-v1, zero point zp) of a
+// weight goes to tile / panel `t`, row `r` in it, of zero-filled buffers w (nchunks chunks or K
+// blocks per tile / panel) and corr ([tiles][3][4] or [panels][3][16]).
+void pack_tile_row(const uint8_t* row, int bits, int64_t k, int32_t zp, int64_t t, int r, int64_t nchunks,
+                   uint8_t* w, int32_t* corr);
+void pack_panel_row(const uint8_t* row, int bits, int64_t k, int32_t zp, int64_t p, int r, int64_t nblocks,
+                    uint8_t* w, int32_t* corr);
+// Writes one activation row (kp int8 a' = code - 128, padded with code 0) from `k` unsigned codes;
+// returns the sum of the codes.
+int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* dst);
 
 struct Args {
   // activations: int8 a' rows, row stride lda
@@ -74,15 +93,22 @@ struct Args {
   int64_t ldo_m, ldo_n;
 };
 
+// A micro-kernel family's entry: rows [m0, m1) x tiles (or panels) [t0, t1).
+using Kernel = void (*)(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+
 // Rows [m0, m1) x tiles [t0, t1) of the product.
 void run_portable(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 void run_avx2(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 void run_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+void run_neon(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);     // aarch64 builds only
+void run_dotprod(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);  // aarch64 builds only
 
 // cpu-panel-v1: rows [m0, m1) x panels [p0, p1).
 void panels_portable(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void panels_avx2(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void panels_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void panels_neon(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void panels_dotprod(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 // Shared epilogue of mr activation rows x np panels (dots[i * ldd + j] for weight row j of panel p0's
 // first row); scalar, the reference order of operations.
 void finish_panels(const Args& g, int64_t m0, int mr, int64_t p0, int np, const int32_t* dots, int ldd);

@@ -21,9 +21,7 @@ inline int64_t weight_blocks(int64_t k, int wbits, int group_rows) {
   return group_rows == kPanel ? (k + panel_k(wbits) - 1) / panel_k(wbits) : num_chunks(k, wbits);
 }
 
-// Writes one activation row (kp int8 a' = code - 128, padded with code 0) from `k` unsigned codes;
-// returns the sum of the codes.
-int32_t codes_to_act_row(const uint8_t* codes, int64_t k, int64_t kp, int8_t* dst);
+// codes_to_act_row: gemm.h (gemm_pack.cpp).
 
 // Quantizes `k` fp32 values with (inv, zp, qmax) into unsigned codes (ISA-dispatched ew::quantize);
 // returns true when the values held a NaN or an Inf (detected in the same pass).

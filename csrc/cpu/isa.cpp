@@ -9,35 +9,24 @@
 
 namespace dfqkern::cpu {
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512vnni() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
 namespace {
 
 Isa parse(const std::string& name) {
   if (name == "portable") return Isa::portable;
+#if defined(__aarch64__)
+  if (name == "dotprod") {
+    TORCH_CHECK_VALUE(cpu_has_dotprod(),
+                      "dfqkern CPU ISA 'dotprod' requested but this CPU lacks the dot-product extension");
+    return Isa::dotprod;
+  }
+  if (name == "neon") {
+    TORCH_CHECK_VALUE(cpu_has_neon(), "dfqkern CPU ISA 'neon' requested but this CPU lacks Advanced SIMD");
+    return Isa::neon;
+  }
+  TORCH_CHECK_VALUE(name == "auto" || name.empty(),
+                    "dfqkern CPU ISA must be one of 'auto', 'dotprod', 'neon', 'portable', got '", name, "'");
+  return cpu_has_dotprod() ? Isa::dotprod : (cpu_has_neon() ? Isa::neon : Isa::portable);
+#else
   if (name == "avx512vnni") {
     TORCH_CHECK_VALUE(cpu_has_avx512vnni(), "dfqkern CPU ISA 'avx512vnni' requested but this CPU lacks AVX512-VNNI/VL");
     return Isa::avx512vnni;
@@ -49,6 +38,7 @@ Isa parse(const std::string& name) {
   TORCH_CHECK_VALUE(name == "auto" || name.empty(),
                     "dfqkern CPU ISA must be one of 'auto', 'avx512vnni', 'avx2', 'portable', got '", name, "'");
   return cpu_has_avx512vnni() ? Isa::avx512vnni : (cpu_has_avx2() ? Isa::avx2 : Isa::portable);
+#endif
 }
 
 std::atomic<int>& isa_state() {
@@ -65,10 +55,17 @@ Isa active_isa() { return static_cast<Isa>(isa_state().load(std::memory_order_re
 
 void set_isa(const std::string& name) { isa_state().store(static_cast<int>(parse(name))); }
 
+bool uses_avx2() {
+  const Isa isa = active_isa();
+  return isa == Isa::avx2 || isa == Isa::avx512vnni;
+}
+
 std::string isa_name() {
   switch (active_isa()) {
     case Isa::avx512vnni: return "avx512vnni";
     case Isa::avx2: return "avx2";
+    case Isa::dotprod: return "dotprod";
+    case Isa::neon: return "neon";
     default: return "portable";
   }
 }
