@@ -42,6 +42,8 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-observer", choices=("minmax", "mse"), default="mse")
     g.add_argument("--symmetric-weights", action="store_true")
     g.add_argument("--per-token", action="store_true", help="dynamic per-token activation quantization")
+    g.add_argument("--attn-granularity", choices=("per_tensor", "per_head"), default="per_tensor",
+                   help="static scales of attention's q / k / v: one per tensor or one per head (default per_tensor)")
     g.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers in float")
     g.add_argument("--seed", type=int, default=0)
 
@@ -51,6 +53,7 @@ def _config(args):
 
     return QuantConfig(weight_bits=args.wbits, act_bits=args.abits, weight_symmetric=args.symmetric_weights,
                        act_granularity="per_token" if args.per_token else "per_tensor",
+                       attn_granularity=args.attn_granularity,
                        weight_observer=args.weight_observer, act_observer=args.act_observer,
                        first_last_bits=None if args.all_layers else 8, skip=tuple(args.skip), seed=args.seed)
 
@@ -79,8 +82,40 @@ def cmd_quantize(args) -> int:
                       checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
                       num_calib=args.num_calib, method=args.method, iters=args.iters, batch_size=args.batch_size,
                       eval_data=args.eval_data, eval_limit=args.eval_limit, overwrite=args.overwrite,
-                      device=args.device, resume=not args.no_resume, backend=args.backend)
+                      device=args.device, resume=not args.no_resume, backend=args.backend,
+                      equalize=args.equalize, absorb_bias=args.absorb_bias, equalize_relu6=args.equalize_relu6,
+                      bias_correction=args.bias_correction)
     _emit(run_quantize(job), args.json_out)
+    return 0
+
+
+def _key_values(items, flag: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_finetune(args) -> int:
+    from .qat import QATConfig
+    from .qat.job import FinetuneJob, run_finetune
+
+    _check_json_out(args)
+    qat = {"method": args.method, "epochs": args.epochs, "iters": args.iters, "batch_size": args.batch_size,
+           "warmup_epochs": args.warmup_epochs, "schedule": args.schedule, "seed": args.seed,
+           "options": _key_values(args.set, "--set")}
+    qat.update({k: v for k, v in (("student_lr", args.lr), ("generator_lr", args.generator_lr),
+                                  ("temperature", args.temperature)) if v is not None})
+    job = FinetuneJob(model=args.model, calib_data=args.calib_data, out=args.out, config=_config(args),
+                      qat=QATConfig(**qat), checkpoint=args.checkpoint, pretrained=args.pretrained,
+                      num_classes=args.num_classes, num_calib=args.num_calib, start=args.start,
+                      start_iters=args.start_iters, eval_data=args.eval_data, eval_limit=args.eval_limit,
+                      overwrite=args.overwrite, device=args.device, resume=not args.no_resume, backend=args.backend,
+                      samples_out=args.samples_out, num_samples=args.num_samples)
+    _emit(run_finetune(job), args.json_out)
     return 0
 
 
@@ -127,13 +162,90 @@ def cmd_info(args) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("onnx", "pt2")
+EXPORT_INSTALL = {"onnx": "pip install dfqkern[export]", "pt2": "torch with torch.export and AOTInductor"}
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape``: ``C,H,W`` (batch 2 is added) or ``N,C,H,W``."""
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) not in (3, 4) or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"--input-shape takes C,H,W or N,C,H,W (positive ints), got {text!r}")
+    return dims if len(dims) == 4 else (2, *dims)
+
+
+def cmd_export(args) -> int:
+    """Load a packed checkpoint and write it as ONNX (QDQ) or as a torch.export / AOTInductor package."""
+    import inspect
+    from pathlib import Path
+
+    import torch
+
+    if args.format != "onnx" and (args.opset is not None or args.target is not None):
+        raise SystemExit("dfqkern export: --opset and --target apply to --format onnx only")
+    out = Path(args.out)
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"
+    if out.suffix.lower() != suffix:  # before the checkpoint is loaded
+        raise SystemExit(f"dfqkern export: --out must end in {suffix!r} for --format {args.format}, got {args.out!r}")
+    if out.is_dir():
+        raise SystemExit(f"dfqkern export: --out {args.out!r} is a directory; give a file path")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"dfqkern export: --out {args.out!r} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise SystemExit(f"dfqkern export: the directory of --out {args.out!r} does not exist")
+    try:  # the optional dependency is checked before the checkpoint is loaded
+        if args.format == "onnx":
+            from .export.onnx import export_onnx, require_onnx
+
+            require_onnx()
+        else:
+            from .export.pt2 import export_pt2
+    except ImportError as e:
+        raise SystemExit(f"dfqkern export: --format {args.format} is not available: {e} "
+                         f"(needs {EXPORT_INSTALL[args.format]})") from None
+    from .io import load_quantized
+
+    model = load_quantized(args.checkpoint, trust_unverified=args.trust_unverified)
+    shape = args.input_shape
+    if shape is None:
+        spec = getattr(model, "dfqkern_input_spec", None)
+        if spec is None:
+            raise SystemExit(f"dfqkern export: {args.checkpoint!r} records no input spec; pass --input-shape C,H,W")
+        shape = (2, *spec.input_size)
+    example = (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
+    if args.format == "onnx":
+        path = export_onnx(model, out, example, opset=args.opset, target=args.target or "onnxruntime",
+                           overwrite=args.overwrite)
+    else:
+        kwargs = {"overwrite": True} if args.overwrite and "overwrite" in inspect.signature(export_pt2).parameters \
+            else {}
+        path = export_pt2(model, out, example, **kwargs)
+    print(f"wrote {path} ({args.format}, input {list(shape)}, batch dimension dynamic)")
+    return 0
+
+
 def _given(args, names) -> dict:
     """The generation options set on the command line; the others keep their config defaults."""
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 BN_OPTIONS = ("method", "label_mode", "mixup_k", "iters", "batch_size", "seed", "ce_weight", "augment", "jitter",
-              "input_prior_weight")
+              "input_prior_weight", "precision")
+
+
+def _gen_batch_size(text: str):
+    """``--batch-size``: an int, or ``auto`` (fit the free GPU memory; the default on the CPU)."""
+    from .datagen.config import AUTO_BATCH
+
+    if text == AUTO_BATCH:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or {AUTO_BATCH!r}, got {text!r}") from None
 
 
 def _check_generate(args) -> None:
@@ -147,13 +259,13 @@ def _check_generate(args) -> None:
     if args.num_images < 1:
         raise ValueError(f"num_images (--num-images) must be >= 1, got {args.num_images}")
     if args.source == "bn-inversion":
-        BNInversionConfig.build(**_given(args, BN_OPTIONS))
+        BNInversionConfig.build(**{k: v for k, v in _given(args, BN_OPTIONS).items() if v != "auto"})
     else:
         fields = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(DiffusionConfig)}
         if args.resolution is not None:
             fields.update(height=args.resolution, width=args.resolution)
         DiffusionConfig.build(**{k: v for k, v in fields.items() if v is not None})
-        if args.batch_size is not None and args.batch_size < 1:
+        if args.batch_size not in (None, "auto") and args.batch_size < 1:
             raise ValueError(f"batch_size (--batch-size) must be >= 1, got {args.batch_size}")
     check_output_dir(args.out, "--out", overwrite=True)  # an existing set is resumed
 
@@ -167,7 +279,12 @@ def _locked_out(command):
         from .outputs import OutputLock
 
         _check_generate(args)
-        with OutputLock(args.out, "--out"):
+        if getattr(args, "dry_run", False):  # prints the plan; writes nothing, so takes no lock
+            return command(args)
+        from .datagen.distributed import init_from_env, on_rank_zero, resolve_device
+
+        init_from_env(resolve_device(args.device))  # under torchrun / accelerate: one group, one set
+        with on_rank_zero(lambda: OutputLock(args.out, "--out")):  # the ranks write one --out together
             return command(args)
 
     return run
@@ -177,13 +294,16 @@ def _locked_out(command):
 def cmd_generate(args) -> int:
     from .datagen.config import parse_filters, pool_size
 
+    from .datagen.distributed import resolve_device
+
     steps = parse_filters(args.filter)
+    device = resolve_device(args.device)  # default: CUDA when available; cuda -> cuda:LOCAL_RANK
     model = None
     if args.model:
         from .models import create_model
 
         model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                             pretrained=args.pretrained)
+                             pretrained=args.pretrained).to(device)
     elif args.source == "bn-inversion" or steps:
         raise SystemExit(f"dfqkern generate: {'--filter' if steps else '--source bn-inversion'} needs --model")
     target, num = args.out, args.num_images
@@ -199,19 +319,29 @@ def cmd_generate(args) -> int:
         from .datagen import generate_diffusion_set
 
         options = _given(args, ("prompt_mode", "mixup_k", "mixup_level", "seed", "guidance_scale", "steps",
-                                "negative_prompt", "output_size", "classes", "batch_size"))
+                                "negative_prompt", "output_size", "classes", "batch_size", "precision"))
         if args.resolution is not None:
             options.update(height=args.resolution, width=args.resolution)
+        if args.dry_run:
+            from .datagen.diffusion import plan_diffusion
+
+            print(plan_diffusion(args.pipeline, num_images=num, device=device, **options).describe())
+            print("dry run: nothing generated")
+            return 0
         out = generate_diffusion_set(target, args.pipeline, num_images=num, scheduler=args.scheduler,
-                                     device=args.device, overwrite=args.overwrite, **options)
+                                     device=device, overwrite=args.overwrite, **options)
     else:
         from .pipeline import generate_bn_inversion, plan_bn_inversion
 
         options = _given(args, BN_OPTIONS)
-        plan = plan_bn_inversion(model, None if args.overwrite else target, num, device=args.device,
+        plan = plan_bn_inversion(model, None if args.overwrite else target, num, device=device,
                                  shard_size=args.shard_size, **options)
         print(plan.describe())
-        out = generate_bn_inversion(model, target, num, overwrite=args.overwrite, device=args.device,
+        if args.dry_run:
+            print("dry run: nothing generated")
+            return 0
+        options["batch_size"] = plan.batch_size  # "auto" resolved once, as planned
+        out = generate_bn_inversion(model, target, num, overwrite=args.overwrite, device=device,
                                     shard_size=plan.shard_size, **options)
     if steps:
         from .pipeline import filter_generated
@@ -225,6 +355,33 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(out=args.out, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    from .benchmark import parse_batch_sizes
+
+    try:
+        return parse_batch_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_bench(args) -> int:
+    from .benchmark import check_bench_args, format_table, run_bench
+
+    # before any model is loaded: the arguments, then the --json-out location
+    check_bench_args(args.checkpoint, args.batch_sizes, args.repeats, args.warmup, args.device, args.onnx, args.pt2,
+                     args.threads)
+    _check_json_out(args)
+    res = run_bench(args.checkpoint, float_model=args.float, batch_sizes=args.batch_sizes, repeats=args.repeats,
+                    warmup=args.warmup, device=args.device, onnx=args.onnx, pt2=args.pt2, threads=args.threads,
+                    progress=not args.quiet, trust_unverified=args.trust_unverified)
+    print(format_table(res))
+    if args.json_out:
+        from .pipeline import write_json
+
+        write_json(res, args.json_out)
     return 0
 
 
@@ -256,8 +413,62 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--backend", type=_backend, help=BACKEND_HELP)
     q.add_argument("--json-out")
+    from .calib.bias_correction import BIAS_CORRECTION_MODES
+    from .equalize import RELU6_POLICIES, EqualizeConfig
+
+    qp = q.add_argument_group("pre-quantization steps (Nagel et al. 2019)")
+    qp.add_argument("--equalize", action="store_true", help="cross-layer equalization of the float model first "
+                    "(pairs joined by ReLU / identity; the summary lists pairs equalized and skipped)")
+    qp.add_argument("--absorb-bias", action="store_true", help="high-bias absorption (BatchNorm statistics) first")
+    qp.add_argument("--equalize-relu6", choices=RELU6_POLICIES, help="crossing ReLU6: bounded = only where the "
+                    "pre-activation (BatchNorm bound, raised to what the calibration images reach) stays under 6, "
+                    f"skip = never (default {EqualizeConfig.relu6})")
+    qp.add_argument("--bias-correction", choices=BIAS_CORRECTION_MODES, default="none",
+                    help="after observer calibration, remove each layer's mean output shift: analytic (from the "
+                         "preceding BatchNorm) or empirical (on the calibration images)")
     _add_quant_flags(q)
     q.set_defaults(func=cmd_quantize)
+
+    from .qat import METHODS as QAT_METHODS, QATConfig, SCHEDULES
+    from .qat.methods import option_help
+
+    ft = sub.add_parser("finetune",
+                        help="data-free QAT: train a generator and the quantized model from the float one")
+    ft.add_argument("--model", required=True, help="registry name, timm:NAME or torchvision:NAME")
+    ft.add_argument("--checkpoint", help="float weights (state dict file, loaded weights-only)")
+    ft.add_argument("--pretrained", action="store_true", help="use the library's pretrained weights")
+    ft.add_argument("--num-classes", type=int)
+    ft.add_argument("--method", default=QATConfig.method, choices=QAT_METHODS)
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"a method option (repeatable): {option_help()}")
+    ft.add_argument("--calib-data", required=True, help="data of the PTQ start (as for quantize; data-free: "
+                    "synthetic:DIR or bn-inversion:dgh:mixup); QAT itself sees generated images only")
+    ft.add_argument("--num-calib", type=int, default=256)
+    ft.add_argument("--start", default="observer", choices=QUANT_METHODS,
+                    help="PTQ start: observer ranges, or a reconstruction method (e.g. qdrop)")
+    ft.add_argument("--start-iters", type=int, help="reconstruction iterations per unit of the start")
+    ft.add_argument("--epochs", type=int, default=QATConfig.epochs)
+    ft.add_argument("--iters", type=int, default=QATConfig.iters, help="iterations per epoch")
+    ft.add_argument("--batch-size", type=int, default=QATConfig.batch_size)
+    ft.add_argument("--warmup-epochs", type=int, default=QATConfig.warmup_epochs,
+                    help="generator-only epochs first (GDFQ)")
+    ft.add_argument("--schedule", choices=SCHEDULES, default=QATConfig.schedule)
+    ft.add_argument("--lr", type=float, help=f"student weight lr (default {QATConfig.student_lr:g})")
+    ft.add_argument("--generator-lr", type=float, help=f"(default {QATConfig.generator_lr:g})")
+    ft.add_argument("--temperature", type=float, help=f"distillation temperature (default {QATConfig.temperature:g})")
+    ft.add_argument("--samples-out", help="also store generated images as a synthetic set in this directory")
+    ft.add_argument("--num-samples", type=int, default=256)
+    ft.add_argument("--eval-data", help="also report FP, start and final top-1 on this labelled data")
+    ft.add_argument("--eval-limit", type=int)
+    ft.add_argument("--out", required=True, help="output checkpoint directory (packed, as quantize writes)")
+    ft.add_argument("--overwrite", action="store_true")
+    ft.add_argument("--no-resume", action="store_true", help="start over instead of resuming a killed run from "
+                    "OUT.qat/ (kept while a run is unfinished, removed on success)")
+    ft.add_argument("--device", default="cpu")
+    ft.add_argument("--backend", type=_backend, help=BACKEND_HELP)
+    ft.add_argument("--json-out")
+    _add_quant_flags(ft)
+    ft.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="top-1 of a float model or a packed checkpoint")
     e.add_argument("--model")
@@ -280,11 +491,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
     i.set_defaults(func=cmd_info)
 
+    x = sub.add_parser("export", help="write a packed checkpoint as ONNX (QDQ, for onnxruntime / TensorRT) or as a "
+                                      "torch.export / AOTInductor .pt2 package")
+    x.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="packed checkpoint directory")
+    x.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    x.add_argument("--out", required=True, help="output file (.onnx or .pt2), written atomically")
+    x.add_argument("--opset", type=int, help="ONNX opset, 13-21 (default 21: INT4 weights; 17 for --target tensorrt; "
+                                             "below 21 4/3/2-bit weights are stored as int8)")
+    x.add_argument("--target", choices=("onnxruntime", "tensorrt"),
+                   help="ONNX consumer (default onnxruntime); tensorrt also requires symmetric quantization "
+                        "(zero points 0) and stores every weight as int8")
+    x.add_argument("--input-shape", type=_input_shape, metavar="C,H,W",
+                   help="example input shape (default: the checkpoint's input spec, batch 2; the batch stays dynamic)")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
+    x.set_defaults(func=cmd_export)
+
     import inspect
 
     from .datagen import generate_diffusion_set
     from .datagen.config import (AUGMENTS, DEFAULT_CE_WEIGHT, DEFAULT_INPUT_PRIOR_WEIGHT, DEFAULT_LABEL_MODE,
-                                 DEFAULT_SHARD_SIZE, DGH_MEMORY_FRACTION, FILTER_KINDS, LABEL_MODES)
+                                 DEFAULT_SHARD_SIZE, DGH_MEMORY_FRACTION, FILTER_KINDS, LABEL_MODES, PRECISIONS)
     from .datagen.config import METHODS as BN_METHODS, BNInversionConfig as BN, DiffusionConfig as DC
     from .datagen.prompts import MIXUP_LEVELS, PROMPT_MODES
 
@@ -296,9 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output directory (resumes an unfinished set)")
     g.add_argument("--num-images", type=int, default=256)
     g.add_argument("--seed", type=int, help=f"(default {BN.default('seed')})")
-    g.add_argument("--batch-size", type=int, help=f"(default: bn-inversion {BN.default('batch_size')}, "
-                   f"diffusion {diffusion_run['batch_size'].default})")
-    g.add_argument("--device", default=None)
+    g.add_argument("--batch-size", type=_gen_batch_size,
+                   help=f"an int, or auto: the largest batch that fits the free GPU memory (on the CPU the default; "
+                        f"default: bn-inversion {BN.default('batch_size')}, "
+                        f"diffusion {diffusion_run['batch_size'].default})")
+    g.add_argument("--device", default=None, help="default: CUDA when available, else cpu; under torchrun / "
+                   "accelerate a bare cuda is cuda:LOCAL_RANK")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help=f"arithmetic of the forward: bn-inversion autocasts the model (default "
+                        f"{BN.default('precision')}), diffusion loads the pipeline in it (default fp16 on CUDA, fp32 "
+                        f"on the CPU); fp16 needs CUDA")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (images per rank, shards, batch size, memory estimate) and generate nothing")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--mixup-k", type=int, help="classes fused per prompt / soft label (mixup modes; default "
                    f"{BN.default('mixup_k')})")
@@ -350,6 +586,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    from .benchmark import DEFAULT_REPEATS, DEFAULT_WARMUP
+
+    b = sub.add_parser("bench", help="latency and memory of a packed checkpoint against its float model")
+    b.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="packed checkpoint directory")
+    b.add_argument("--float", default="same", metavar="MODEL",
+                   help="float model timed in the same run: 'same' (the checkpoint's architecture, random weights), "
+                        "a model name, or 'none' (default same)")
+    b.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 8), metavar="B1,B2", help="(default 1,8)")
+    b.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help=f"timed calls (default {DEFAULT_REPEATS})")
+    b.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                   help=f"untimed calls first, >= 1 (default {DEFAULT_WARMUP})")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, help="torch (and onnxruntime) threads (default: torch's)")
+    b.add_argument("--onnx", help="also time this ONNX file in onnxruntime (CPU)")
+    b.add_argument("--pt2", help="also time this AOTInductor package (dfqkern export --format pt2; CPU)")
+    b.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
+    b.add_argument("--json-out")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -39,6 +39,10 @@ class QuantizeJob:
     device: str = "cpu"
     resume: bool = True  # reconstruction: continue a killed run from <out>.partial/
     backend: str | None = None  # kernel backend for calibration and evaluation (None: dispatch picks)
+    equalize: bool = False  # cross-layer equalization of the float model first (dfqkern.equalize)
+    absorb_bias: bool = False  # high-bias absorption of the float model first (dfqkern.equalize)
+    equalize_relu6: str | None = None  # ReLU6 policy of equalization (None: EqualizeConfig's default)
+    bias_correction: str = "none"  # after observer calibration: none / analytic / empirical
 
     def __post_init__(self):
         """Every argument and the output location, before any work (a long calibration must not
@@ -49,6 +53,14 @@ class QuantizeJob:
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        from .calib.bias_correction import BIAS_CORRECTION_MODES
+
+        if self.bias_correction not in BIAS_CORRECTION_MODES:
+            raise ValueError(f"bias_correction must be one of {BIAS_CORRECTION_MODES}, got {self.bias_correction!r}")
+        if self.bias_correction != "none" and self.method != "observer":
+            raise ValueError(f"bias_correction {self.bias_correction!r} applies to method 'observer' only (reconstruction "
+                             f"method {self.method!r} learns the rounding afresh and would undo it)")
+        self.equalize_config = self._equalize_config()  # checks the ReLU6 policy
         if self.num_calib <= 0:
             raise ValueError(f"num_calib must be positive, got {self.num_calib}")
         kw = {"method": self.method, "batch_size": self.batch_size, "seed": self.config.seed, "backend": self.backend}
@@ -70,6 +82,17 @@ class QuantizeJob:
                              f"the quantize job packs the model")
         check_output_dir(self.out, "out", self.overwrite,
                          replaceable=lambda p: (p / CONFIG_FILE).is_file() or not any(p.iterdir()))
+
+
+    def _equalize_config(self):
+        from .equalize import EqualizeConfig
+
+        if not (self.equalize or self.absorb_bias):
+            if self.equalize_relu6 is not None:
+                raise ValueError("equalize_relu6 needs equalize or absorb_bias")
+            return None
+        kw = {} if self.equalize_relu6 is None else {"relu6": self.equalize_relu6}
+        return EqualizeConfig(equalize=self.equalize, absorb_bias=self.absorb_bias, **kw)
 
 
 BN_INVERSION_PREFIX = "bn-inversion:"
@@ -115,7 +138,7 @@ def plan_bn_inversion(model: torch.nn.Module, out: str, num_images: int, config=
     from .datagen import plan_shards
 
     return plan_shards(config, num_images=num_images, input_shape=model.dfqkern_input_spec.input_size, device=device,
-                       shard_size=shard_size, out_dir=out, **options)
+                       shard_size=shard_size, out_dir=out, model=model, **options)
 
 
 def pool_dir(out: str) -> str:
@@ -224,15 +247,25 @@ def _run_quantize(job: QuantizeJob) -> dict:
     fp = create_model(job.model, checkpoint=job.checkpoint, num_classes=job.num_classes,
                       pretrained=job.pretrained).to(job.device)
     calib = load_calibration(job.calib_data, fp, job.num_calib, job.config.seed, work_dir=f"{job.out}.calib-data")
-    q = quantize_model(fp, job.config, backend=job.backend)
+    src = fp  # what quantize_model gets: the float model, equalized on request (fp stays the FP reference)
+    if job.equalize_config is not None:
+        from .equalize import equalize_model
+
+        src = equalize_model(fp, job.equalize_config, data=calib)
+    q = quantize_model(src, job.config, backend=job.backend)
     partial = None
     if job.method == "observer":
         calibrate_activations(q, calib, job.batch_size, job.device)
+        if job.bias_correction != "none":
+            from .calib.bias_correction import correct_bias
+
+            correct_bias(q, job.bias_correction, float_model=src, data=calib, batch_size=job.batch_size,
+                         device=job.device)
     else:  # calibrate() observes the ranges itself before reconstructing
         from .calib import calibrate
 
-        partial = _partial_dir(job, fp, calib)
-        q = calibrate(q, fp, calib, job.calib_config.replace(checkpoint_dir=str(partial)))
+        partial = _partial_dir(job, src, calib)
+        q = calibrate(q, src, calib, job.calib_config.replace(checkpoint_dir=str(partial)))
     pack_model(q)
     kwargs = {"num_classes": job.num_classes} if job.num_classes else {}
     save_quantized(q, job.out, overwrite=job.overwrite, arch=job.model, arch_kwargs=kwargs)
@@ -241,6 +274,10 @@ def _run_quantize(job: QuantizeJob) -> dict:
     summary = {"model": job.model, "scheme": job.config.scheme_name, "method": job.method, "out": job.out,
                "calib_images": len(calib), "seconds_quantize": round(time.time() - t0, 1),
                "unhandled": q.dfqkern_report.unhandled}
+    if src is not fp:
+        summary["equalize"] = src.dfqkern_equalize_report.to_dict()
+    if job.bias_correction != "none":
+        summary["bias_correction"] = q.dfqkern_bias_correction_report.to_dict()
     report = getattr(q, "dfqkern_calib_report", None)
     if report is not None:  # what the no-regression guard did (see dfqkern.calib.guard)
         summary["calibration"] = {
@@ -251,6 +288,8 @@ def _run_quantize(job: QuantizeJob) -> dict:
             "heldout_loss_observer": report.model_loss_observer, "heldout_loss_final": report.model_loss_final}
     if job.eval_data:
         summary["fp_top1"] = evaluate_on(fp, job.eval_data, job.eval_limit, device=job.device)["top1"]
+        if src is not fp:  # equalization through ReLU6 is exact only under its bound: show what it did
+            summary["fp_equalized_top1"] = evaluate_on(src, job.eval_data, job.eval_limit, device=job.device)["top1"]
         summary["quant_top1"] = evaluate_on(q, job.eval_data, job.eval_limit, device=job.device)["top1"]
         summary["drop"] = round(summary["fp_top1"] - summary["quant_top1"], 2)
     return summary
