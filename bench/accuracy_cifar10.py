@@ -42,6 +42,7 @@ from dfqkern.data import build_transform, calibration_tensor, default_cifar10_di
 from dfqkern.evaluation import evaluate_top1  # noqa: E402
 from dfqkern.models import create_model  # noqa: E402
 from dfqkern.quantize import quantize_model  # noqa: E402
+from dfqkern.model_info import model_info
 
 MODEL = "cifar10_resnet20"
 # name -> (weight bits, activation bits, first/last bits)
@@ -67,7 +68,7 @@ def open_cifar10(data_dir: "str | None"):
     """(pretrained ResNet-20, dev test set with labels, training images) from the shared data folder."""
     data_dir = Path(data_dir) if data_dir else default_cifar10_dir()
     fp_model = create_model(MODEL, checkpoint=data_dir / "resnet20-12fca82f.th")
-    transform = build_transform(fp_model.dfqkern_input_spec)
+    transform = build_transform(model_info(fp_model).input_spec)
     dev = open_dataset(data_dir / "cifar10_test_dev_jpeg.tar.gz", transform,
                        labels_csv=data_dir / "cifar10_test_dev_labels.csv")
     train = open_dataset(data_dir / "cifar10_train_jpeg.tar.gz", transform)
@@ -107,7 +108,7 @@ def run_row(fp_model, dev, calib: torch.Tensor, setting: str, wbits: int, abits:
         "calib_images": len(calib), "iters": 0 if method == "observer" else iters, "seed": seed,
         "top1": round(top1, 2), "calib_wall_s": round(wall, 1), "calib_cpu_s": round(cpu, 1),
         "eval_wall_s": round(time.perf_counter() - t, 1), "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
-        "units": len(qmodel.dfqkern_calib_report.units),
+        "units": len(model_info(qmodel).calib_report.units),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

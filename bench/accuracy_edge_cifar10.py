@@ -40,6 +40,7 @@ from dfqkern.evaluation import evaluate_top1  # noqa: E402
 from dfqkern.models import create_model  # noqa: E402
 from dfqkern.pipeline import tensor_transform  # noqa: E402
 from dfqkern.quantize import quantize_model  # noqa: E402
+from dfqkern.model_info import model_info
 
 WEIGHTS = ROOT / "bench" / "weights"
 # name -> (registry arch, checkpoint path relative to the data dir's parent or absolute)
@@ -66,11 +67,11 @@ def calibration_images(kind: str, fp_model, train, n: int, seed: int, work_dir: 
                        progress: bool) -> torch.Tensor:
     if kind == "real":
         return calibration_tensor(train, n, seed=seed)
-    spec = fp_model.dfqkern_input_spec
-    out = work_dir / f"{fp_model.dfqkern_arch}-dgh-mixup-n{n}-it{gen_iters}-s{seed}"
+    spec = model_info(fp_model).input_spec
+    out = work_dir / f"{model_info(fp_model).arch}-dgh-mixup-n{n}-it{gen_iters}-s{seed}"
     generate_bn_inversion_set(out, fp_model, num_images=n, input_shape=spec.input_size, mean=spec.mean,
                               std=spec.std, method="dgh", label_mode="mixup", iters=gen_iters, seed=seed,
-                              shard_size=n, model_id=fp_model.dfqkern_arch, progress=progress)
+                              shard_size=n, model_id=model_info(fp_model).arch, progress=progress)
     synthetic = load_synthetic(out, transform=tensor_transform(spec))
     return calibration_tensor(synthetic, len(synthetic), seed=seed)
 
@@ -80,7 +81,7 @@ def run_row(fp_model, dev, calib, wbits, abits, method, iters, seed, progress) -
     qmodel = quantize_model(fp_model, QuantConfig(weight_bits=wbits, act_bits=abits, first_last_bits=8))
     calibrate(qmodel, fp_model, calib, CalibConfig(method=method, iters=iters, seed=seed, progress=progress))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    report = qmodel.dfqkern_calib_report
+    report = model_info(qmodel).calib_report
     top1 = evaluate_top1(qmodel, dev, batch_size=500, progress=progress)["top1"]
     return {"method": method, "iters": 0 if method == "observer" else iters, "top1": round(top1, 2),
             "calib_wall_s": round(wall, 1), "calib_cpu_s": round(cpu, 1), "units": len(report.units),
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     train = None
     for net in nets:
         fp_model = open_net(net, data_dir)
-        spec = fp_model.dfqkern_input_spec
+        spec = model_info(fp_model).input_spec
         dev = open_dataset(data_dir / "cifar10_test_dev_jpeg.tar.gz", build_transform(spec),
                            labels_csv=data_dir / "cifar10_test_dev_labels.csv")
         results["dev_images"] = len(dev)

@@ -38,6 +38,7 @@ from dfqkern.datagen import filter_synthetic_set, generate_bn_inversion_set, loa
 from dfqkern.datagen.bn_inversion import DEFAULT_CE_WEIGHT  # noqa: E402
 from dfqkern.datagen.config import BNInversionConfig, parse_filters, pool_size  # noqa: E402
 from dfqkern.pipeline import tensor_transform  # noqa: E402
+from dfqkern.model_info import model_info
 
 SOURCES = ("dgh", "genie")
 # The table's source names -> dfqkern's inversion methods. "genie" rows were made by the labelled genie
@@ -94,7 +95,7 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
     """The synthetic set (generated now, or resumed / reused from ``work_dir``), its timing and the options
     it was made with. ``method`` is the table's source name (``INVERSION_METHOD``). With ``filters`` a pool
     of images / (product of keep fractions) is generated and filtered down to ``images``."""
-    spec = fp_model.dfqkern_input_spec
+    spec = model_info(fp_model).input_spec
     steps = filter_steps(filters)
     pool = pool_size(images, steps)
     base = f"{method}-{label_mode}-n{{}}-it{gen_iters}-s{seed}-{variant_name(ce_weight, dirichlet_alpha, label_mode)}"
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
         print(f"data {dkey}", flush=True)
         set_dir, timing = generate(fp_model, work_dir, source, mode, seed, args.images, args.gen_iters,
                                    args.progress, ce, args.dirichlet_alpha, chain)
-        synthetic = load_synthetic(set_dir, transform=tensor_transform(fp_model.dfqkern_input_spec))
+        synthetic = load_synthetic(set_dir, transform=tensor_transform(model_info(fp_model).input_spec))
         if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
             results["datasets"][dkey] = {**timing, **target_agreement(fp_model, synthetic), "path": str(set_dir)}
             save(results, out, render)

@@ -42,6 +42,7 @@ from dfqkern.equalize import EqualizeConfig, equalize_model  # noqa: E402
 from dfqkern.models import create_model  # noqa: E402
 from dfqkern.nn.observers import mse_qparams  # noqa: E402
 from dfqkern.quantize import calibrate_activations, quant_layers, quantize_model  # noqa: E402
+from dfqkern.model_info import model_info
 
 NETS = {
     "mobilenetv2": ("cifar10_mobilenetv2_x0_35", {"checkpoint": ROOT / "bench" / "weights" /
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     for net in nets:
         arch, kw = NETS[net]
         fp = create_model(arch, **kw).eval()
-        spec = fp.dfqkern_input_spec
+        spec = model_info(fp).input_spec
         dev_ds = open_dataset(data_dir / "cifar10_test_dev_jpeg.tar.gz", build_transform(spec),
                               labels_csv=data_dir / "cifar10_test_dev_labels.csv")
         dev = dev_tensors(dev_ds)

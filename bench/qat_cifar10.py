@@ -36,6 +36,7 @@ from accuracy_cifar10 import MODEL, ROOT, choice_list, git_commit, save  # noqa:
 
 from dfqkern.config import QuantConfig  # noqa: E402
 from dfqkern.qat import METHODS as QAT_METHODS, QATConfig, finetune  # noqa: E402
+from dfqkern.model_info import model_info
 
 # name -> (weight bits, activation bits, first/last bits)
 SETTINGS = {"w4a4": (4, 4, 8), "w3a3": (3, 3, 8), "w4a4-all": (4, 4, None), "w3a3-all": (3, 3, None)}
@@ -57,7 +58,7 @@ def open_dev(data_dir: "str | None", limit: "int | None" = None):
 
     d = Path(data_dir) if data_dir else default_cifar10_dir()
     fp = create_model(MODEL, checkpoint=d / "resnet20-12fca82f.th")
-    dev = open_dataset(d / "cifar10_test_dev_jpeg.tar.gz", build_transform(fp.dfqkern_input_spec),
+    dev = open_dataset(d / "cifar10_test_dev_jpeg.tar.gz", build_transform(model_info(fp).input_spec),
                        labels_csv=d / "cifar10_test_dev_labels.csv")
     return fp, (random_subset(dev, limit, seed=0) if limit else dev)
 
@@ -74,7 +75,7 @@ def start_images(fp, work_dir: Path, images: int, gen_iters: int, seed: int,
 
     set_dir, timing = generate(fp, work_dir, "dgh", "mixup", seed, images, gen_iters, progress,
                                ce_weight=DEFAULT_CE_WEIGHT["mixup"])
-    ds = load_synthetic(set_dir, transform=tensor_transform(fp.dfqkern_input_spec))
+    ds = load_synthetic(set_dir, transform=tensor_transform(model_info(fp).input_spec))
     return calibration_tensor(ds, len(ds), seed=seed), {"path": str(set_dir), **timing}
 
 

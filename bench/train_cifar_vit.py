@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from dfqkern.data import default_cifar10_dir, open_dataset  # noqa: E402
 from dfqkern.models import create_model  # noqa: E402
 from train_edge_cifar10 import augment, decode_uint8  # noqa: E402  (one crop / flip, one decoder)
+from dfqkern.model_info import model_info
 
 WEIGHTS_DIR = ROOT / "bench" / "weights"
 VARIANTS = ("qkv", "mha")
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
     weights, log_path, resume_path = (out_dir / f"{arch}.safetensors", out_dir / f"{arch}.log.jsonl",
                                       out_dir / f"{arch}.resume.pt")
     model = create_model(arch)
-    spec = model.dfqkern_input_spec
+    spec = model_info(model).input_spec
     mean, std = torch.tensor(spec.mean).reshape(1, 3, 1, 1), torch.tensor(spec.std).reshape(1, 3, 1, 1)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{arch}: {n_params / 1e6:.2f} M parameters ({4 * n_params / 2 ** 20:.1f} MiB float32)")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from dfqkern.data import build_transform, default_cifar10_dir, open_dataset  # noqa: E402
 from dfqkern.evaluation import evaluate_top1  # noqa: E402
 from dfqkern.models import create_model  # noqa: E402
+from dfqkern.model_info import model_info
 
 WEIGHTS_DIR = ROOT / "bench" / "weights"
 
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     data_dir = Path(args.data_dir) if args.data_dir else default_cifar10_dir()
     model = create_model(args.arch)
-    spec = model.dfqkern_input_spec
+    spec = model_info(model).input_spec
     mean = torch.tensor(spec.mean).reshape(1, 3, 1, 1)
     std = torch.tensor(spec.std).reshape(1, 3, 1, 1)
     x_all, y_all = decode_uint8(open_dataset(data_dir / "cifar10_train_jpeg.tar.gz"))

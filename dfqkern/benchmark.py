@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from .model_info import model_info
 
 __all__ = ["Timing", "measure", "memory_probe", "parse_batch_sizes", "check_bench_args", "run_bench",
            "format_table", "FLOAT_SAME", "FLOAT_NONE"]
@@ -245,7 +246,7 @@ def run_bench(checkpoint, float_model: str | None = FLOAT_SAME, batch_sizes=(1, 
     if threads is not None:
         torch.set_num_threads(threads)
     packed = load_quantized(checkpoint, device=dev, trust_unverified=trust_unverified)
-    spec = getattr(packed, "dfqkern_input_spec", None)
+    spec = model_info(packed).input_spec
     if spec is None:
         raise ValueError(f"CHECKPOINT_DIR {str(checkpoint)!r} records no input_spec, so the input size is unknown")
     rows: list[tuple[str, str, Callable, int]] = [
@@ -254,12 +255,12 @@ def run_bench(checkpoint, float_model: str | None = FLOAT_SAME, batch_sizes=(1, 
     if fname is not None:
         from .models import create_model
 
-        arch = packed.dfqkern_arch if fname.lower() == FLOAT_SAME else fname
+        arch = model_info(packed).arch if fname.lower() == FLOAT_SAME else fname
         if not arch:
             raise ValueError(f"--float same: CHECKPOINT_DIR {str(checkpoint)!r} records no architecture; "
                              f"name the float model or pass --float none")
         try:
-            fmodel = create_model(arch, num_classes=packed.dfqkern_arch_kwargs.get("num_classes")).to(dev).eval()
+            fmodel = create_model(arch, num_classes=model_info(packed).arch_kwargs.get("num_classes")).to(dev).eval()
         except (ValueError, ImportError) as e:
             raise ValueError(f"--float {fname}: cannot build float model {arch!r}: {e}") from e
         rows.append(("float", arch, fmodel, _nbytes(fmodel)))
@@ -311,7 +312,7 @@ def run_bench(checkpoint, float_model: str | None = FLOAT_SAME, batch_sizes=(1, 
     from ._version import __version__
 
     return {
-        "checkpoint": str(checkpoint), "arch": packed.dfqkern_arch, "scheme": packed.dfqkern_config.scheme_name,
+        "checkpoint": str(checkpoint), "arch": model_info(packed).arch, "scheme": model_info(packed).config.scheme_name,
         "device": str(dev), "threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "dfqkern_version": __version__, "batch_sizes": list(batch_sizes), "input_size": list(spec.input_size),
         "warmup": warmup, "repeats": repeats, "mem_method": mem_method,

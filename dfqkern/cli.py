@@ -7,6 +7,7 @@ import logging
 import sys
 
 from ._version import __version__
+from .model_info import model_info
 
 
 TRUST_HELP = ("accept a packed checkpoint without config_sha256 / weights_sha256 (written by an older dfqkern); "
@@ -211,7 +212,7 @@ def cmd_export(args) -> int:
     model = load_quantized(args.checkpoint, trust_unverified=args.trust_unverified)
     shape = args.input_shape
     if shape is None:
-        spec = getattr(model, "dfqkern_input_spec", None)
+        spec = model_info(model).input_spec
         if spec is None:
             raise SystemExit(f"dfqkern export: {args.checkpoint!r} records no input spec; pass --input-shape C,H,W")
         shape = (2, *spec.input_size)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .io import checkpoint_summary, load_quantized, save_quantized
 from .quantize import calibrate_activations, pack_model, quantize_model
+from .model_info import model_info
 
 # (scheme, calibration method): observer ranges only at 8 bits, reconstruction below
 DEMO_SCHEMES = (("w8a8", "observer"), ("w4a4", "qdrop"), ("w2a4", "qdrop"))
@@ -101,7 +102,7 @@ def run_demo(out: str | os.PathLike | None = None, schemes=DEMO_SCHEMES, seed: i
     # Data-free from here on: synthetic images from BN-statistics inversion with mixup soft labels.
     syn_dir = generate_bn_inversion(model, out_root / "synthetic", num_synthetic, method="dgh", label_mode="mixup",
                                     iters=gen_iters, batch_size=64, seed=seed)
-    syn = load_synthetic(syn_dir, transform=tensor_transform(model.dfqkern_input_spec))
+    syn = load_synthetic(syn_dir, transform=tensor_transform(model_info(model).input_spec))
     x_calib = torch.stack([syn[i][0] for i in range(len(syn))])
     fp_ms, fp_min_ms = batch_latency_ms(model, x_test[:1])
     rows = []

@@ -34,6 +34,7 @@ from .formats import ACT_BITS, PACK_LAYOUT, WEIGHT_BITS
 from .nn import QuantConv2d, QuantLayer, QuantLinear
 from .nn.attention import ATTENTION_KINDS, QuantAttentionBase, SwappedModule, disable_nested_fast_path
 from .quantize import QuantReport, set_module, pack_model, quant_layers
+from .model_info import model_info, set_info, unwrap
 
 FORMAT = "dfqkern-packed"
 FORMAT_VERSION = 1  # config_sha256 is an additive field: version-1 readers still load new checkpoints
@@ -139,24 +140,25 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
         raise FileExistsError(f"output path {str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {str(path)!r} is a file, not a checkpoint directory")
+    model = unwrap(model)  # torch.compile / DDP wrappers: the layer names are the user's module's
     layers = dict(quant_layers(model))
     if not layers:
         raise ValueError("model has no quantized layers; call dfqkern.quantize_model first")
-    cfg = getattr(model, "dfqkern_config", None)
-    report = getattr(model, "dfqkern_report", None)
+    info = model_info(model)
+    cfg, report = info.config, info.report
     if cfg is None or report is None:
-        raise ValueError("model was not produced by dfqkern.quantize_model (no dfqkern_config / dfqkern_report)")
+        raise ValueError("model was not produced by dfqkern.quantize_model (its ModelInfo has no config / report)")
     if not all(layer.is_packed for layer in layers.values()):
         model = pack_model(copy.deepcopy(model))
         layers = dict(quant_layers(model))
-    arch = arch or getattr(model, "dfqkern_arch", None)
+    arch = arch or model_info(model).arch
     if arch_kwargs is None:
-        arch_kwargs = getattr(model, "dfqkern_arch_kwargs", {})
+        arch_kwargs = model_info(model).arch_kwargs
     problem = _arch_kwargs_problem(arch_kwargs)
     if problem:  # refused now rather than written into a checkpoint that loading would reject
         raise ValueError(f"save_quantized: {problem[0]} {problem[1]}")
     arch_kwargs = dict(arch_kwargs)
-    spec = getattr(model, "dfqkern_input_spec", None)
+    spec = model_info(model).input_spec
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -574,15 +576,12 @@ def load_quantized(path: str | os.PathLike, factory: Callable[[], nn.Module] | N
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # not expected after _check_tensors; still named, not a bare traceback
         raise CheckpointError(f"{wfile}: tensors do not fit architecture {arch!r}: {e}", wfile) from e
-    model.dfqkern_arch = arch
-    model.dfqkern_arch_kwargs = dict(meta.get("arch_kwargs", {}))
-    model.dfqkern_config = cfg
-    model.dfqkern_report = QuantReport(
+    set_info(model, arch=arch, arch_kwargs=dict(meta.get("arch_kwargs", {})), config=cfg, report=QuantReport(
         layers={n: LayerQuant(r["weight_bits"], r["act_bits"]) for n, r in meta["layers"].items()},
         folded_bn=meta.get("folded_bn", {}), unhandled=meta.get("unhandled", {}),
-        attention={n: r["kind"] for n, r in attention.items()})
+        attention={n: r["kind"] for n, r in attention.items()}))
     if meta.get("input_spec"):
-        model.dfqkern_input_spec = InputSpec.from_dict(meta["input_spec"])
+        set_info(model, input_spec=InputSpec.from_dict(meta["input_spec"]))
     return model.to(device).eval()
 
 

@@ -14,7 +14,7 @@ Names:
 - ``digits_cnn``: a small BatchNorm CNN for scikit-learn's bundled 8x8 digits (the CLI demo model).
 - ``timm:NAME`` and ``torchvision:NAME``: delegated to those libraries, imported lazily.
 
-A model built here carries ``model.dfqkern_arch`` (the name) and ``model.dfqkern_input_spec``
+A model built here carries ``model_info(model).arch`` (the name) and ``model_info(model).input_spec``
 so a saved checkpoint can record its architecture and be rebuilt with ``create_model(arch)``.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .assets import local_pretrained
 from .input_spec import CIFAR_SPEC, DIGITS_SPEC, IMAGENET_SPEC, InputSpec  # InputSpec: re-exported
+from .model_info import model_info, set_info
 
 __all__ = [
     "InputSpec", "CifarBasicBlock", "CifarResNet", "OptionAShortcut", "DigitsCNN",
@@ -332,8 +333,8 @@ def create_model(name: str, checkpoint: str | os.PathLike | None = None, num_cla
             checkpoint = local_pretrained(bare)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
-    model.dfqkern_arch = name
-    model.dfqkern_input_spec = spec
+    # num_classes is recorded so that a saved quantized copy rebuilds the same head on load
+    set_info(model, arch=name, input_spec=spec, arch_kwargs={} if num_classes is None else {"num_classes": num_classes})
     return model.eval()
 
 
@@ -409,7 +410,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             parts.append(f"missing keys: {_first(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_first(unexpected)}")
-        arch = getattr(model, "dfqkern_arch", type(model).__name__)
+        arch = (model_info(model).arch or type(model).__name__)
         raise ValueError(f"checkpoint {str(path)!r} does not match the model ({arch}): "
                          + "; ".join(parts))
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"

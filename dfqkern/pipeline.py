@@ -14,6 +14,7 @@ from .config import QuantConfig
 from .formats import ACT_BITS
 from .calib.config import METHODS
 from .quantize import calibrate_activations, quantize_model
+from .model_info import model_info
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,9 @@ def generate_bn_inversion(model: torch.nn.Module, out: str, num_images: int, con
     image shape and normalization."""
     from .datagen import generate_bn_inversion_set
 
-    spec = model.dfqkern_input_spec
+    spec = model_info(model).input_spec
     return generate_bn_inversion_set(out, model, config, num_images=num_images, input_shape=spec.input_size,
-                                     mean=spec.mean, std=spec.std, model_id=getattr(model, "dfqkern_arch", None),
+                                     mean=spec.mean, std=spec.std, model_id=model_info(model).arch,
                                      device=device, overwrite=overwrite, **options)
 
 
@@ -137,7 +138,7 @@ def plan_bn_inversion(model: torch.nn.Module, out: str, num_images: int, config=
     estimate); pass its ``shard_size`` on so both agree."""
     from .datagen import plan_shards
 
-    return plan_shards(config, num_images=num_images, input_shape=model.dfqkern_input_spec.input_size, device=device,
+    return plan_shards(config, num_images=num_images, input_shape=model_info(model).input_spec.input_size, device=device,
                        shard_size=shard_size, out_dir=out, model=model, **options)
 
 
@@ -153,7 +154,7 @@ def filter_generated(model: torch.nn.Module, pool: str, out: str, steps, num_ima
     from .datagen import filter_synthetic_set
 
     return filter_synthetic_set(pool, out, model, steps, num_images=num_images,
-                                transform=tensor_transform(model.dfqkern_input_spec), overwrite=overwrite)
+                                transform=tensor_transform(model_info(model).input_spec), overwrite=overwrite)
 
 
 def load_calibration(spec: str, model: torch.nn.Module, n: int, seed: int, work_dir: str | None = None,
@@ -174,15 +175,15 @@ def load_calibration(spec: str, model: torch.nn.Module, n: int, seed: int, work_
         if work_dir is None:
             raise ValueError("calib_data 'bn-inversion:...' needs a work directory for the generated set")
         out = generate_bn_inversion(model, work_dir, n, **options)
-        ds = load_synthetic(out, transform=tensor_transform(model.dfqkern_input_spec))
+        ds = load_synthetic(out, transform=tensor_transform(model_info(model).input_spec))
     elif spec.startswith("synthetic:"):
-        ds = load_synthetic(spec[len("synthetic:"):], transform=tensor_transform(model.dfqkern_input_spec))
-        channels = model.dfqkern_input_spec.input_size[0]
+        ds = load_synthetic(spec[len("synthetic:"):], transform=tensor_transform(model_info(model).input_spec))
+        channels = model_info(model).input_spec.input_size[0]
         if ds.channels != channels:  # the transform would broadcast 1 channel over 3 without a word
             raise ValueError(f"calib_data {spec!r} holds {ds.channels}-channel images; the model takes {channels} "
                              f"channels")
     else:
-        ds = open_dataset(spec, transform=build_transform(model.dfqkern_input_spec))
+        ds = open_dataset(spec, transform=build_transform(model_info(model).input_spec))
     if len(ds) == 0:
         raise ValueError(f"calib_data {spec!r} holds no images")
     return calibration_tensor(ds, min(n, len(ds)), seed)
@@ -192,7 +193,7 @@ def model_classes(model: torch.nn.Module) -> tuple[list[str] | None, int]:
     """``(class names or None, number of outputs)`` of a classifier, for labelling evaluation data:
     names for the CIFAR-10 registry models and timm ImageNet models (synset ids, as ImageNet folders
     are named), else None."""
-    spec = model.dfqkern_input_spec
+    spec = model_info(model).input_spec
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else "cpu"
     was_training = model.training
@@ -202,7 +203,7 @@ def model_classes(model: torch.nn.Module) -> tuple[list[str] | None, int]:
             num_classes = int(model(torch.zeros(1, *spec.input_size, device=device)).shape[-1])
     finally:
         model.train(was_training)
-    arch = str(getattr(model, "dfqkern_arch", "") or "")
+    arch = str(model_info(model).arch or "")
     names = None
     if arch.startswith("cifar10_") and num_classes == 10:
         from .datagen.prompts import CIFAR10_CLASSES
@@ -221,7 +222,7 @@ def evaluate_on(model, data: str, limit: int | None = None, batch_size: int = 25
     from .evaluation import evaluate_top1
 
     names, num_classes = model_classes(model)
-    ds = open_dataset(data, transform=build_transform(model.dfqkern_input_spec), classes=names,
+    ds = open_dataset(data, transform=build_transform(model_info(model).input_spec), classes=names,
                       num_classes=num_classes)
     return evaluate_top1(model, ds, batch_size=batch_size, device=device, limit=limit)
 
@@ -273,12 +274,12 @@ def _run_quantize(job: QuantizeJob) -> dict:
         _remove_partial(partial)
     summary = {"model": job.model, "scheme": job.config.scheme_name, "method": job.method, "out": job.out,
                "calib_images": len(calib), "seconds_quantize": round(time.time() - t0, 1),
-               "unhandled": q.dfqkern_report.unhandled}
+               "unhandled": model_info(q).report.unhandled}
     if src is not fp:
         summary["equalize"] = src.dfqkern_equalize_report.to_dict()
     if job.bias_correction != "none":
         summary["bias_correction"] = q.dfqkern_bias_correction_report.to_dict()
-    report = getattr(q, "dfqkern_calib_report", None)
+    report = model_info(q).calib_report
     if report is not None:  # what the no-regression guard did (see dfqkern.calib.guard)
         summary["calibration"] = {
             "units": len(report.units), "block_units": sum(u.kind == "block" for u in report.units),

@@ -15,6 +15,7 @@ from .nn.attention import (ATTENTION_KINDS, QuantAttentionBase, SwappedModule, d
                            looks_like_attention)
 from .nn.conv import unsupported_reason
 from .nn.observe import batches_of, observe_activations
+from .model_info import model_info, set_info
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def init_attention_quantizers(model: nn.Module, cfg: QuantConfig, report: QuantR
 def attach_attention_quantizers(model: nn.Module) -> int:
     """Swap any handled attention module of a quantized ``model`` still in float and give it quantizers
     (idempotent; :func:`quantize_model` already did this for the models it made). Returns how many."""
-    cfg = getattr(model, "dfqkern_config", None)
+    cfg = model_info(model).config
     before = {n for n, m in model.named_modules() if isinstance(m, QuantAttentionBase) and m.bits is not None}
     swap_attention(model)
     if cfg is None:
@@ -213,7 +214,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace:
     ``nn.TransformerEncoderLayer``) whose q.k^T and attn.v operands are quantized.
     Weight quantizers are initialised from the
     weights right away; activation quantizers need data: :func:`calibrate_activations`. The
-    report (``model.dfqkern_report``) lists per-layer bits and every module left in float.
+    report (``model_info(model).report``) lists per-layer bits and every module left in float.
     ``backend`` forces one kernel backend for the quantized layers (:func:`set_backend`).
     """
     cfg = config or QuantConfig()
@@ -237,8 +238,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace:
     init_attention_quantizers(qmodel, cfg, report)
     for name, reason in report.unhandled.items():
         log.info("left in float: %s (%s)", name, reason)
-    qmodel.dfqkern_report = report
-    qmodel.dfqkern_config = cfg
+    set_info(qmodel, report=report, config=cfg)
     if backend is not None:
         set_backend(qmodel, backend)
     return qmodel

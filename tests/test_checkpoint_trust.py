@@ -21,6 +21,7 @@ from dfqkern.config import QuantConfig
 from dfqkern.io import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_summary, load_quantized, save_quantized
 from dfqkern.models import create_model
 from dfqkern.quantize import calibrate_activations, quantize_model
+from dfqkern.model_info import model_info
 
 X = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
 
@@ -128,7 +129,7 @@ def test_allowed_arch_kwargs_still_rebuild(tmp_path):
     calibrate_activations(q, torch.randn(16, 1, 8, 8), progress=False)
     path = save_quantized(q, tmp_path / "d7", arch_kwargs={"num_classes": 7})
     m = load_quantized(path)
-    assert m.fc.out_features == 7 and m.dfqkern_arch_kwargs == {"num_classes": 7}
+    assert m.fc.out_features == 7 and model_info(m).arch_kwargs == {"num_classes": 7}
 
 
 def test_save_refuses_arch_kwargs_loading_would_not_honour(tmp_path):

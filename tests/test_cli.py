@@ -15,6 +15,7 @@ import torch
 
 from dfqkern import __version__, cli
 from dfqkern.io import CONFIG_FILE, WEIGHTS_FILE, load_quantized
+from dfqkern.model_info import model_info, set_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_overwrite_refusal(quantized_ckpt, tiny_tar_dataset, capsys):
     rc, stdout, err = run_cli(capsys, *args, "--overwrite")
     assert rc == 0, err
     assert _json_block(stdout)["scheme"] == "w8a8"
-    assert load_quantized(out).dfqkern_config.weight_bits == 8
+    assert model_info(load_quantized(out)).config.weight_bits == 8
 
 
 def test_digits_on_image_folder_all_layers(tiny_image_folder, tmp_path, capsys):
@@ -228,7 +229,7 @@ def test_trust_unverified_flag(tiny_image_folder, tmp_path, capsys):
     from dfqkern.quantize import calibrate_activations, quantize_model
 
     torch.manual_seed(0)
-    q = quantize_model(create_model("digits_cnn"), QuantConfig(weight_observer="minmax", act_observer="minmax"))
+    q = quantize_model(create_model("digits_cnn", num_classes=3), QuantConfig(weight_observer="minmax", act_observer="minmax"))
     calibrate_activations(q, torch.randn(8, 1, 8, 8), progress=False)
     ck = save_quantized(q, tmp_path / "old")
     meta = json.loads((ck / CONFIG_FILE).read_text())
@@ -373,7 +374,7 @@ def _constant_model(arch, num_classes, answer, spec=None):
             return torch.nn.functional.one_hot(torch.full((x.shape[0],), answer), num_classes).float() + self.w
 
     m = Constant()
-    m.dfqkern_arch, m.dfqkern_input_spec = arch, spec or CIFAR_SPEC
+    set_info(m, arch=arch, input_spec=spec or CIFAR_SPEC)
     return m
 
 

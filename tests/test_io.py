@@ -18,6 +18,7 @@ from dfqkern.io import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointErr
                         config_sha256, load_quantized, read_metadata, save_quantized)
 from dfqkern.models import DigitsCNN, create_model
 from dfqkern.quantize import calibrate_activations, pack_model, quant_layers, quantize_model
+from dfqkern.model_info import model_info, set_info
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(weight_observer="minmax", act_observer="minmax")
@@ -68,9 +69,9 @@ def test_round_trip_bit_identical(saved):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.modules())
     with torch.no_grad():
         assert torch.equal(loaded(X), expected)
-    assert loaded.dfqkern_arch == "digits_cnn" and loaded.dfqkern_config == q.dfqkern_config
-    assert loaded.dfqkern_report.layers == q.dfqkern_report.layers
-    assert loaded.dfqkern_input_spec == q.dfqkern_input_spec
+    assert model_info(loaded).arch == "digits_cnn" and model_info(loaded).config == model_info(q).config
+    assert model_info(loaded).report.layers == model_info(q).report.layers
+    assert model_info(loaded).input_spec == model_info(q).input_spec
     # the saved tensors are the packed model's state, exactly
     state = load_file(str(path / WEIGHTS_FILE))
     ref = packed_copy(q).state_dict()
@@ -85,7 +86,7 @@ def test_metadata_contents(saved):
 
     assert meta["format_version"] == FORMAT_VERSION and meta["package_version"] == dfqkern.__version__
     assert meta["arch"] == "digits_cnn"
-    assert QuantConfig.from_dict(meta["quant_config"]) == q.dfqkern_config
+    assert QuantConfig.from_dict(meta["quant_config"]) == model_info(q).config
     assert len(meta["weights_sha256"]) == 64
     rec = meta["layers"]["features.3"]
     assert rec == {"kind": "conv2d", "weight_bits": 4, "act_bits": 8, "weight_shape": [32, 16, 3, 3], "k": 144,
@@ -148,7 +149,7 @@ def test_factory_model_round_trip(tmp_path, granularity):
     loaded = load_quantized(path, factory=MixedNet)
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
-    assert type(loaded.seq) is nn.Conv1d and "seq" in loaded.dfqkern_report.unhandled
+    assert type(loaded.seq) is nn.Conv1d and "seq" in model_info(loaded).report.unhandled
     assert loaded.out.a_quant is None and loaded.out.lq.weight_bits == 3
     assert loaded.fc.a_quant.per_token == (granularity == "per_token")
 
@@ -202,7 +203,7 @@ def test_save_errors():
     with pytest.raises(ValueError, match="no quantized layers; call dfqkern.quantize_model first"):
         save_quantized(nn.Linear(2, 2), "/tmp/never-written")
     q = quantized_digits()
-    del q.dfqkern_config
+    set_info(q, config=None)
     with pytest.raises(ValueError, match="not produced by dfqkern.quantize_model"):
         save_quantized(q, "/tmp/never-written")
     assert not Path("/tmp/never-written").exists()

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from dfqkern.models import (CifarBasicBlock, InputSpec, OptionAShortcut, create_model, input_spec, list_models,
                             load_checkpoint, register_model)
+from dfqkern.model_info import model_info
 
 CIFAR_NAMES = [f"{d}_resnet{n}" for d in ("cifar10", "cifar100") for n in (20, 32, 44, 56)]
 # Parameter counts of He et al. (2016), Table 6: 0.27M, 0.46M, 0.66M, 0.85M (CIFAR-10 heads).
@@ -34,7 +35,7 @@ def test_cifar_resnets_build_and_run(name):
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, classes)
     assert not model.training
-    assert model.dfqkern_arch == name and model.dfqkern_input_spec == input_spec(name)
+    assert model_info(model).arch == name and model_info(model).input_spec == input_spec(name)
     depth = int(name.rsplit("resnet", 1)[1])
     assert sum(isinstance(m, CifarBasicBlock) for m in model.modules()) == (depth - 2) // 2
     if classes == 10:
@@ -143,7 +144,7 @@ def test_timm_models(name, classes):
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=classes)
-    spec = model.dfqkern_input_spec
+    spec = model_info(model).input_spec
     cfg = resolve_data_config(model=timm.create_model(name.split(":", 1)[1]))
     assert spec == input_spec(name)
     assert (spec.mean, spec.std, spec.input_size) == (tuple(cfg["mean"]), tuple(cfg["std"]), tuple(cfg["input_size"]))
@@ -160,7 +161,7 @@ def test_timm_unknown_model():
 
 def test_torchvision_mobilenet_v2():
     model = create_model("torchvision:mobilenet_v2", num_classes=10)
-    spec = model.dfqkern_input_spec
+    spec = model_info(model).input_spec
     assert spec.input_size == (3, 224, 224) and spec.mean == (0.485, 0.456, 0.406)
     assert model(torch.randn(1, *spec.input_size)).shape == (1, 10)
     with pytest.raises(ValueError, match="torchvision:not_a_model"):
@@ -292,7 +293,7 @@ def test_pretrained_convmixer_loads_and_classifies_dev_images(cifar10_dir):
     model = create_model("cifar10_convmixer_256_8", pretrained=True)
     raw = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert torch.equal(model[3][0].fn[0].weight, raw["module.3.0.fn.0.weight"])  # block 1's depthwise conv
-    dev = open_dataset(cifar10_dir / "cifar10_test_dev_jpeg.tar.gz", build_transform(model.dfqkern_input_spec),
+    dev = open_dataset(cifar10_dir / "cifar10_test_dev_jpeg.tar.gz", build_transform(model_info(model).input_spec),
                        labels_csv=cifar10_dir / "cifar10_test_dev_labels.csv", limit=200)
     x = torch.stack([dev[i][0] for i in range(len(dev))])
     y = torch.tensor([dev[i][1] for i in range(len(dev))])

@@ -13,6 +13,7 @@ from dfqkern.models import create_model
 from dfqkern.nn import QuantConv2d, QuantLayer, QuantLinear
 from dfqkern.quantize import (calibrate_activations, find_conv_bn_pairs, fold_batchnorm, pack_model, quant_layers,
                               quantize_model)
+from dfqkern.model_info import model_info
 
 FAST = dict(weight_observer="minmax", act_observer="minmax")
 
@@ -136,7 +137,7 @@ def test_fold_batchnorm_pairs_and_outputs():
 @pytest.mark.parametrize("name", ["cifar10_resnet20", "digits_cnn"])
 def test_fold_batchnorm_registry_models(name):
     model = randomize_bn(create_model(name))
-    x = torch.randn(2, *model.dfqkern_input_spec.input_size)
+    x = torch.randn(2, *model_info(model).input_spec.input_size)
     with torch.no_grad():
         y = model(x)
         folded = copy.deepcopy(model)
@@ -173,14 +174,14 @@ def _check_layerwise_packed_equals_fake_quant(qmodel, x):
 
 
 def _check_quantized(model, qmodel, x, expect_layers):
-    report = qmodel.dfqkern_report
+    report = model_info(qmodel).report
     assert set(report.layers) == expect_layers
     for name, lq in report.layers.items():
         layer = qmodel.get_submodule(name)
         assert isinstance(layer, QuantLayer) and layer.lq == lq
     names = list(report.layers)
     assert report.layers[names[0]].weight_bits == 8 and report.layers[names[-1]].weight_bits == 8
-    assert qmodel.dfqkern_config is not None
+    assert model_info(qmodel).config is not None
     calibrate_activations(qmodel, x, batch_size=2, progress=False)
     with torch.no_grad():
         y, yq = model(x), qmodel(x)
@@ -199,8 +200,8 @@ def test_quantize_cifar_resnet20_end_to_end():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(4, 3, 32, 32)
     q = quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, grid=10))
-    assert len(q.dfqkern_report.folded_bn) == 19 and not q.dfqkern_report.unhandled
-    layers = q.dfqkern_report.layers
+    assert len(model_info(q).report.folded_bn) == 19 and not model_info(q).report.unhandled
+    layers = model_info(q).report.layers
     assert layers["conv1"] == LayerQuant(8, 8) and layers["linear"] == LayerQuant(8, 8)
     assert layers["layer2.1.conv1"] == LayerQuant(4, 8)
     _check_quantized(model, q, x, _linear_conv_names(model))
@@ -212,7 +213,7 @@ def test_quantize_cifar_resnet20_end_to_end():
 def test_all_layers_switch_and_inplace():
     model = randomize_bn(create_model("digits_cnn"))
     q = quantize_model(model, QuantConfig(weight_bits=2, act_bits=4, first_last_bits=None, **FAST))
-    assert {lq for lq in q.dfqkern_report.layers.values()} == {LayerQuant(2, 4)}
+    assert {lq for lq in model_info(q).report.layers.values()} == {LayerQuant(2, 4)}
     same = quantize_model(model, QuantConfig(**FAST), inplace=True)
     assert same is model and isinstance(model.fc, QuantLinear)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
@@ -222,7 +223,7 @@ def test_all_layers_switch_and_inplace():
 def test_fold_bn_off_keeps_batchnorm():
     model = randomize_bn(create_model("digits_cnn"))
     q = quantize_model(model, QuantConfig(fold_bn=False, **FAST))
-    assert not q.dfqkern_report.folded_bn
+    assert not model_info(q).report.folded_bn
     assert sum(isinstance(m, nn.BatchNorm2d) for m in q.modules()) == 3
 
 
@@ -249,7 +250,7 @@ def test_unhandled_skip_and_rules():
                       rules=(LayerRule(pattern="body.*", weight_bits=2, act_bits=4),
                              LayerRule(module_type="Linear", weight_bits=3, act_bits="float")))
     q = quantize_model(model, cfg)
-    rep = q.dfqkern_report
+    rep = model_info(q).report
     assert set(rep.unhandled) == {"reflect", "seq", "attn", "body.2"}
     assert "padding_mode='reflect'" in rep.unhandled["reflect"]
     assert "Conv1d" in rep.unhandled["seq"] and "MultiheadAttention" in rep.unhandled["attn"]
@@ -332,12 +333,12 @@ def test_library_architectures(arch):
             assert len(fold_batchnorm(folded)) == n_bn
             assert rel(folded(x), model(x)) <= 1e-4
     q = quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, **FAST))
-    assert len(q.dfqkern_report.folded_bn) == n_bn
+    assert len(model_info(q).report.folded_bn) == n_bn
     expect = _linear_conv_names(model)
     if arch == "timm_vit_tiny":
         assert sum(isinstance(m, nn.Linear) for m in model.modules()) >= 4 * 12  # qkv, proj, fc1, fc2 per block
         assert all(isinstance(q.get_submodule(f"blocks.{i}.attn.qkv"), QuantLinear) for i in range(12))
-    assert not q.dfqkern_report.unhandled
+    assert not model_info(q).report.unhandled
     _check_quantized(model, q, x, expect)
 
 
@@ -354,7 +355,7 @@ def test_cifar10_resnet20_real_accuracy(cifar10_dir):
     from dfqkern.pipeline import load_calibration
 
     fp = create_model("cifar10_resnet20", pretrained=True)
-    dev = open_dataset(cifar10_dir / "cifar10_test_dev_jpeg.tar.gz", transform=build_transform(fp.dfqkern_input_spec))
+    dev = open_dataset(cifar10_dir / "cifar10_test_dev_jpeg.tar.gz", transform=build_transform(model_info(fp).input_spec))
     assert len(dev) == 5000
     calib = load_calibration(str(cifar10_dir / "cifar10_train_jpeg.tar.gz"), fp, 256, seed=0)
     assert calib.shape == (256, 3, 32, 32)

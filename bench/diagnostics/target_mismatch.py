@@ -25,6 +25,7 @@ from dfqkern.config import QuantConfig  # noqa: E402
 from dfqkern.data import build_transform, calibration_tensor, default_cifar10_dir, open_dataset  # noqa: E402
 from dfqkern.models import create_model  # noqa: E402
 from dfqkern.quantize import quantize_model  # noqa: E402
+from dfqkern.model_info import model_info
 
 
 def main(argv=None) -> None:
@@ -34,14 +35,14 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=128)
     args = p.parse_args(argv)
     fp = create_model(args.arch, checkpoint=args.checkpoint)
-    train = open_dataset(default_cifar10_dir() / "cifar10_train_jpeg.tar.gz", build_transform(fp.dfqkern_input_spec))
+    train = open_dataset(default_cifar10_dir() / "cifar10_train_jpeg.tar.gz", build_transform(model_info(fp).input_spec))
     x = calibration_tensor(train, args.images, seed=0)
     q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4))
     with torch.no_grad(), quantization_disabled(q):
         a, b = fp(x), q(x)
     print(f"BN folding: max |logit difference| {float((a - b).abs().max()):.2e} "
-          f"(logits up to {float(a.abs().max()):.1f}); folded BatchNorms: {len(q.dfqkern_report.folded_bn)}")
-    folded_convs = set(q.dfqkern_report.folded_bn.values())
+          f"(logits up to {float(a.abs().max()):.1f}); folded BatchNorms: {len(model_info(q).report.folded_bn)}")
+    folded_convs = set(model_info(q).report.folded_bn.values())
     print("| layer | BN folded | rel. squared error of the old target |\n|---|---|---|")
     for unit in find_units(q, blockwise=False):
         with ActivationStore(1e9) as store, quantization_disabled(q):

@@ -43,6 +43,7 @@ from .report import CalibReport, UnitReport
 from .unit_training import UnitTraining, derived_seed, eval_loss
 from .units import Unit, execution_order, find_units
 from .vit import quantize_attention
+from ..model_info import model_info, set_info
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def calibration_data(data) -> torch.Tensor:
 
 def _fingerprint(qmodel: nn.Module, units: list[Unit], data: torch.Tensor, cfg: CalibConfig) -> str:
     h = hashlib.sha256()
-    qcfg = getattr(qmodel, "dfqkern_config", None)
+    qcfg = model_info(qmodel).config
     meta = {"calib": cfg.result_fields(), "quant": qcfg.to_dict() if hasattr(qcfg, "to_dict") else None,
             "units": [u.name for u in units], "data_shape": list(data.shape)}
     h.update(json.dumps(meta, sort_keys=True).encode())
@@ -204,7 +205,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, config: Calib
     (at most 256) are held out of the training batches to judge every unit and the final model
     against the observer start (:mod:`dfqkern.calib.guard`). Activation ranges are always
     (re)observed first. timm ViT attention modules get matmul quantizers (:mod:`dfqkern.calib.vit`).
-    The report is attached as ``qmodel.dfqkern_calib_report`` (:class:`CalibReport`).
+    The report is attached as ``model_info(qmodel).calib_report`` (:class:`CalibReport`).
     """
     cfg = config or CalibConfig()
     if not isinstance(cfg, CalibConfig):
@@ -247,7 +248,7 @@ def _calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, cfg: CalibCo
     report.observe_seconds = time.perf_counter() - t0
     if cfg.method == "observer":
         report.seconds = time.perf_counter() - t_start
-        qmodel.dfqkern_calib_report = report
+        set_info(qmodel, calib_report=report)
         return qmodel
 
     units = execution_order(qmodel, find_units(qmodel, cfg.blockwise), x[:1].to(device))
@@ -292,6 +293,6 @@ def _calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, cfg: CalibCo
         report.reverted_to_observer = True
         report.model_loss_final = report.model_loss_observer
     report.seconds = time.perf_counter() - t_start
-    qmodel.dfqkern_calib_report = report
+    set_info(qmodel, calib_report=report)
     return qmodel
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .._version import __version__
 from ..nn.base import QuantLayer
+from ..model_info import model_info
 
 __all__ = ["PT2_SUFFIX", "export_pt2", "load_pt2", "package_metadata"]
 
@@ -95,7 +96,7 @@ def export_pt2(model: nn.Module, out_path, example_inputs: tuple, *, dynamic_bat
     path = _check_out_path(out_path, overwrite)
     example_inputs = _check_inputs(example_inputs)
     dynamic_shapes = _dynamic_batch(example_inputs) if dynamic_batch else None
-    meta = {"dfqkern_version": __version__, "dfqkern_arch": str(getattr(model, "dfqkern_arch", "") or "")}
+    meta = {"dfqkern_version": __version__, "dfqkern_arch": str(model_info(model).arch or "")}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     was_training = model.training
     model.eval()

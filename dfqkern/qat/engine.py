@@ -29,6 +29,7 @@ from .config import QATConfig
 from .features import FeatureTap, default_feature_names
 from .methods import TeacherOutput, method_class, method_options
 from .student import freeze_student, keep_scales_positive, prepare_student
+from ..model_info import model_info
 
 GENERATOR_SEED_STREAM = 0x5EED  # the generator's initial weights: seed ^ stream, apart from the sampling stream
 
@@ -75,9 +76,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _infer_shapes(teacher: nn.Module, num_classes, image_shape, device):
     if image_shape is None:
-        spec = getattr(teacher, "dfqkern_input_spec", None)
+        spec = model_info(teacher).input_spec
         if spec is None:
-            raise ValueError("image_shape is needed (the teacher has no dfqkern_input_spec): pass (C, H, W)")
+            raise ValueError("image_shape is needed (the teacher's ModelInfo has no input_spec): pass (C, H, W)")
         image_shape = tuple(spec.input_size)
     image_shape = tuple(int(s) for s in image_shape)
     if num_classes is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from ..model_info import model_info
 
 
 def default_feature_names(student: nn.Module) -> list[str]:
@@ -16,7 +17,7 @@ def default_feature_names(student: nn.Module) -> list[str]:
 
     names = [u.name for u in find_units(student) if u.kind == "block"]
     if not names:
-        report = getattr(student, "dfqkern_report", None)
+        report = model_info(student).report
         names = list(report.folded_bn) if report is not None else []
     if not names:
         raise ValueError("no feature points found in the student (no residual block and no folded BatchNorm); "

@@ -16,6 +16,7 @@ import torch
 
 from ..config import QuantConfig
 from .config import QATConfig
+from ..model_info import model_info
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _run(job: FinetuneJob) -> dict:
     summary = {"model": job.model, "scheme": job.config.scheme_name, "method": f"qat:{job.qat.method}",
                "start": job.start, "out": job.out, "calib_images": len(calib), "epochs": job.qat.epochs,
                "iters_per_epoch": job.qat.iters, "batch_size": job.qat.batch_size,
-               "seconds_start": round(t_start, 1), "unhandled": q.dfqkern_report.unhandled}
+               "seconds_start": round(t_start, 1), "unhandled": model_info(q).report.unhandled}
     if job.eval_data:
         summary["fp_top1"] = evaluate_on(fp, job.eval_data, job.eval_limit, device=job.device)["top1"]
         summary["start_top1"] = evaluate_on(q, job.eval_data, job.eval_limit, device=job.device)["top1"]
@@ -112,7 +113,7 @@ def _run(job: FinetuneJob) -> dict:
     if job.samples_out is not None:
         from .samples import save_generated_set
 
-        spec = fp.dfqkern_input_spec
+        spec = model_info(fp).input_spec
         summary["samples_out"] = str(save_generated_set(q.dfqkern_qat_generator, job.samples_out, job.num_samples,
                                                         mean=spec.mean, std=spec.std, seed=job.qat.seed,
                                                         overwrite=job.overwrite))

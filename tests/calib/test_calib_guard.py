@@ -12,6 +12,7 @@ from dfqkern.calib.guard import QuantizerState, heldout_count
 from dfqkern.calib.units import find_units
 from dfqkern.edge_nets import CifarMobileNetV2, CifarShuffleNetV2, InvertedResidual, ShuffleUnit
 from dfqkern.nn import ActQuantizer, QuantLayer
+from dfqkern.model_info import model_info
 
 
 def _state(model):
@@ -65,7 +66,7 @@ def test_targets_of_bn_folded_layers_are_post_batchnorm(images, quantize, random
     with_fp = calibrate(quantize(model), model, images, cfg)
     without_fp = calibrate(quantize(model), None, images, cfg)
     assert _same_state(_state(with_fp), _state(without_fp))
-    first = with_fp.dfqkern_calib_report.units[0]
+    first = model_info(with_fp).calib_report.units[0]
     # the start's held-out error is a quantization error, not a BatchNorm-sized offset
     assert first.name == "features.0" and first.loss_nearest < 0.05
 
@@ -78,7 +79,7 @@ def test_shufflenet_reconstruction_beats_its_observer_start(tiny_shufflenet, ima
                          CalibConfig(method="observer", progress=False))
     q = calibrate(quantize(tiny_shufflenet), tiny_shufflenet, images16,
                   CalibConfig(method=method, iters=100, batch_size=16, progress=False))
-    report = q.dfqkern_calib_report
+    report = model_info(q).calib_report
     assert report.model_loss_final <= report.model_loss_observer
     assert _output_mse(q, tiny_shufflenet, fresh) < 0.5 * _output_mse(observer, tiny_shufflenet, fresh)
 
@@ -105,7 +106,7 @@ def test_heldout_images_are_never_training_batches(tiny_cnn, images, quantize, m
     monkeypatch.setattr(RC.ActivationStore, "rows", rows)
     q = calibrate(quantize(tiny_cnn), tiny_cnn, images, CalibConfig(method="qdrop", iters=30, batch_size=16,
                                                                     progress=False))
-    assert q.dfqkern_calib_report.heldout_images == n_held
+    assert model_info(q).calib_report.heldout_images == n_held
     drawn = torch.cat(seen)
     assert drawn.min() >= n_held and drawn.max() == len(images) - 1
 
@@ -115,7 +116,7 @@ def test_a_unit_that_gets_worse_keeps_its_start(tiny_cnn, images, quantize):
     # an absurd step-size learning rate throws the activation ranges far off
     q = calibrate(quantize(tiny_cnn), tiny_cnn, images,
                   CalibConfig(method="brecq", iters=30, batch_size=16, act_lr=1.0, progress=False))
-    report = q.dfqkern_calib_report
+    report = model_info(q).calib_report
     kept = [u for u in report.units if u.kept_start]
     assert kept, [(u.name, u.loss_nearest, u.loss_hard) for u in report.units]
     for u in kept:
@@ -144,7 +145,7 @@ def test_a_worse_model_is_returned_to_its_observer_start(tiny_cnn, images, quant
     monkeypatch.setattr(RC, "_reconstruct_unit", sabotaged)
     q = calibrate(quantize(tiny_cnn), tiny_cnn, images, CalibConfig(method="qdrop", iters=20, batch_size=16,
                                                                     progress=False))
-    report = q.dfqkern_calib_report
+    report = model_info(q).calib_report
     assert report.reverted_to_observer and report.model_loss_final == report.model_loss_observer
     with torch.no_grad():
         assert torch.equal(q(images), observed(images))

@@ -11,6 +11,7 @@ from dfqkern.calib import reconstruct as RC
 from dfqkern.nn.attention import SoftmaxQuantizer
 from dfqkern.nn import ActQuantizer, QuantLayer
 from dfqkern.quantize import pack_model
+from dfqkern.model_info import model_info
 
 FAST = dict(iters=60, batch_size=16, progress=False)
 
@@ -62,7 +63,7 @@ def test_tiny_cnn_every_method_learns_and_hardens(tiny_cnn, images, quantize, me
     q = quantize(tiny_cnn)
     out = calibrate(q, tiny_cnn, images, CalibConfig(method=method, **FAST))
     assert out is q
-    report = q.dfqkern_calib_report
+    report = model_info(q).calib_report
     kinds = [(u.name, u.kind) for u in report.units]
     if method == "adaround":  # layer-wise: every quantized layer is its own unit
         assert kinds == [(n, "layer") for n in ("conv1", "layer.0.conv1", "layer.0.conv2", "layer.1.conv1",
@@ -89,7 +90,7 @@ def test_tiny_cnn_every_method_learns_and_hardens(tiny_cnn, images, quantize, me
 def test_training_loss_falls(tiny_cnn, images, quantize):
     q = quantize(tiny_cnn, wbits=2)
     calibrate(q, tiny_cnn, images, CalibConfig(method="brecq", iters=150, batch_size=16, progress=False))
-    units = q.dfqkern_calib_report.units
+    units = model_info(q).calib_report.units
     assert sum(u.loss_end for u in units) < sum(u.loss_start for u in units)
 
 
@@ -98,7 +99,7 @@ def test_observer_only_sets_ranges(tiny_cnn, images, quantize):
     calibrate(q, tiny_cnn, images, CalibConfig(method="observer", progress=False))
     for layer in _layers(q):
         assert layer.w_quant.rounding == "nearest" and bool(layer.a_quant.calibrated)
-    assert q.dfqkern_calib_report.units == []
+    assert model_info(q).calib_report.units == []
 
 
 def test_same_seed_same_model_other_seed_differs(tiny_cnn, images, quantize):
@@ -139,7 +140,7 @@ def test_resume_after_interrupt_gives_the_uninterrupted_model(tiny_cnn, images, 
         "progress.json", "unit_0000.safetensors", "unit_0001.safetensors"]
 
     resumed = calibrate(quantize(tiny_cnn), tiny_cnn, images, ckpt)
-    assert [u.resumed for u in resumed.dfqkern_calib_report.units] == [True, True, False, False]
+    assert [u.resumed for u in model_info(resumed).calib_report.units] == [True, True, False, False]
     _assert_same_state(resumed, reference)
     with torch.no_grad():
         assert torch.equal(resumed(images), reference(images))
@@ -166,8 +167,8 @@ def test_spilled_activations_give_the_in_memory_result(tiny_cnn, images, quantiz
 def test_without_fp_model_uses_the_disabled_quantized_model(tiny_cnn, images, quantize):
     q = quantize(tiny_cnn)
     calibrate(q, None, images, CalibConfig(method="qdrop", **FAST))
-    _assert_rounding_follows_guard(q, q.dfqkern_calib_report)
-    _assert_learned(q.dfqkern_calib_report)
+    _assert_rounding_follows_guard(q, model_info(q).calib_report)
+    _assert_learned(model_info(q).calib_report)
 
 
 def test_data_forms(tiny_cnn, images, quantize):
@@ -202,7 +203,7 @@ def test_errors(tiny_cnn, images, quantize):
 def test_tiny_vit_learns_with_matmul_quantizers(tiny_vit, vit_images, quantize):
     q = quantize(tiny_vit)
     calibrate(q, tiny_vit, vit_images, CalibConfig(method="qdrop", **FAST))
-    report = q.dfqkern_calib_report
+    report = model_info(q).calib_report
     assert [(u.name, u.kind) for u in report.units] == [
         ("patch_embed.proj", "layer"), ("blocks.0", "block"), ("blocks.1", "block"), ("head", "layer")]
     attns = [m for m in q.modules() if isinstance(m, QuantAttention)]
@@ -248,10 +249,10 @@ def test_torchvision_blocks_are_units(arch, quantize):
     block_type = BasicBlock if arch == "resnet" else InvertedResidual
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     q = calibrate(quantize(model), model, x, CalibConfig(method="qdrop", iters=3, batch_size=8, progress=False))
-    units = q.dfqkern_calib_report.units
+    units = model_info(q).calib_report.units
     blocks = {n for n, m in model.named_modules() if isinstance(m, block_type)}
     assert {u.name for u in units if u.kind == "block"} == blocks
     inside = tuple(f"{b}." for b in blocks)
     lone = {n for n, m in q.named_modules() if isinstance(m, QuantLayer) and not n.startswith(inside)}
     assert {u.name for u in units if u.kind == "layer"} == lone
-    _assert_rounding_follows_guard(q, q.dfqkern_calib_report)
+    _assert_rounding_follows_guard(q, model_info(q).calib_report)

@@ -9,6 +9,7 @@ import torch.nn as nn
 from dfqkern.datagen import bn_inversion as B
 from dfqkern.datagen.config import (DEFAULT_LABEL_MODE, DGH_MEMORY_FRACTION, BNInversionConfig)
 from dfqkern.datagen.store import MANIFEST, RUN_FILE, load_synthetic
+from dfqkern.model_info import set_info
 
 SHAPE = (3, 8, 8)
 
@@ -149,7 +150,7 @@ def test_cli_generate_flags(monkeypatch, tmp_path, make_tiny_bn_net, capsys):
     from dfqkern.input_spec import InputSpec
 
     net = make_tiny_bn_net()
-    net.dfqkern_input_spec = InputSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=SHAPE)
+    set_info(net, input_spec=InputSpec(mean=(0.5,) * 3, std=(0.25,) * 3, input_size=SHAPE))
     monkeypatch.setattr(models, "create_model", lambda *a, **k: net)
     out = tmp_path / "set"
     rc = cli.main(["generate", "--source", "bn-inversion", "--model", "tiny", "--out", str(out), "--num-images", "6",

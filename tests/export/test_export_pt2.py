@@ -17,6 +17,7 @@ from torch import nn
 
 from dfqkern.config import QuantConfig
 from dfqkern.export.pt2 import export_pt2, load_pt2
+from dfqkern.model_info import model_info
 from dfqkern.models import create_model
 from dfqkern.quantize import calibrate_activations, pack_model, quantize_model
 
@@ -43,7 +44,7 @@ def _packed(arch: str, cfg: QuantConfig, seed: int = 0) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    c, h, w = model.dfqkern_input_spec.input_size
+    c, h, w = model_info(model).input_spec.input_size
     q = quantize_model(model, cfg)
     calibrate_activations(q, torch.randn(16, c, h, w), progress=False)
     return pack_model(q).eval()
@@ -108,7 +109,7 @@ def test_more_schemes_and_residual_nets(tmp_path, arch, wbits, abits):
     cfg = QuantConfig(weight_bits=wbits, act_bits=abits, weight_observer="minmax", act_observer="minmax",
                       first_last_bits=None if arch == "digits_cnn" else 8)
     model = _packed(arch, cfg)
-    c, h, w = model.dfqkern_input_spec.input_size
+    c, h, w = model_info(model).input_spec.input_size
     torch.manual_seed(2)
     _check_roundtrip(tmp_path, model, torch.randn(2, c, h, w), [torch.randn(b, c, h, w) for b in (1, 3)])
 

@@ -16,6 +16,7 @@ from dfqkern.nn.attention import (HeadActQuantizer, QuantAttentionBase, QuantMul
                                   QuantTransformerEncoderLayer)
 from dfqkern.quantize import calibrate_activations, quantize_model
 from vit_models import MODELS, build
+from dfqkern.model_info import model_info
 
 FAST = dict(grid=20)
 EXPECTED_KINDS = {"timm_vit": {"timm_attention"}, "timm_swin": {"timm_window_attention"},
@@ -27,7 +28,7 @@ EXPECTED_KINDS = {"timm_vit": {"timm_attention"}, "timm_swin": {"timm_window_att
 def test_swapped_at_quantize_time_and_equal_in_float(name):
     model, x = build(name)
     q = quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, **FAST))
-    rep = q.dfqkern_report
+    rep = model_info(q).report
     assert set(rep.attention.values()) == EXPECTED_KINDS[name] and not rep.unhandled
     attns = [m for m in q.modules() if isinstance(m, QuantAttentionBase)]
     assert attns and all(m.bits == 8 and m.q_quant is not None for m in attns)
@@ -50,7 +51,7 @@ def test_encoder_fast_path_replaced_by_quant_linears():
     calibrate_activations(q, x, progress=False)
     for h in hooks:
         h.remove()
-    assert ran == set(q.dfqkern_report.layers)
+    assert ran == set(model_info(q).report.layers)
 
 
 def _mha_pair(kdim=None, batch_first=True, bias=True):
@@ -141,7 +142,7 @@ class Mixed(nn.Module):
 def test_unhandled_attention_is_reported_never_silent():
     q = quantize_model(Mixed().eval(), QuantConfig(weight_bits=4, act_bits=8, first_last_bits=None, **FAST,
                                                    rules=(LayerRule(pattern="plain.*", act_bits="float"),)))
-    rep = q.dfqkern_report
+    rep = model_info(q).report
     assert "MyAttention is an attention module with no quantized handler" in rep.unhandled["mine"]
     assert "add_bias_kv" in rep.unhandled["kv_bias"]
     assert "matmuls left in float" in rep.unhandled["plain"]  # weight-only projections: no operand bits

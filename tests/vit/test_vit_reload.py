@@ -15,6 +15,7 @@ import torch
 from dfqkern.calib import CalibConfig, calibrate
 from dfqkern.config import QuantConfig
 from dfqkern.io import CONFIG_FILE, CheckpointError, config_sha256, load_quantized, save_quantized
+from dfqkern.model_info import model_info
 from dfqkern.quantize import calibrate_activations, pack_model, quantize_model
 from vit_models import build
 
@@ -38,6 +39,7 @@ import json, sys, torch
 sys.path.insert(0, {here!r})
 from vit_models import MODELS
 from dfqkern.io import load_quantized
+from dfqkern.model_info import model_info
 torch.set_num_threads(1)
 out = {{}}
 for case, model_name, path in json.loads(sys.argv[1]):
@@ -46,7 +48,7 @@ for case, model_name, path in json.loads(sys.argv[1]):
     with torch.no_grad():
         got = q(x)
     out[case] = {{"equal": bool(torch.equal(got, logits)), "max_diff": float((got - logits).abs().max()),
-                 "attention": sorted(set(q.dfqkern_report.attention.values()))}}
+                 "attention": sorted(set(model_info(q).report.attention.values()))}}
 print(json.dumps(out))
 """
 
@@ -64,7 +66,7 @@ def _make(case: str, tmp: Path):
         logits = q(x[:6])
     path = save_quantized(q, tmp / case)
     torch.save((x[:6], logits), tmp / f"{case}.expect.pt")
-    return model_name, str(path), q.dfqkern_report.attention
+    return model_name, str(path), model_info(q).report.attention
 
 
 def test_reload_in_fresh_process_gives_same_logits(tmp_path):
