@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("triton", "diffusers", "timm", "transformers")
 MODULES = ("dfqkern", "dfqkern.config", "dfqkern.formats", "dfqkern.kernels", "dfqkern.autograd", "dfqkern.nn",
            "dfqkern.quantize", "dfqkern.io", "dfqkern.cli", "dfqkern.models", "dfqkern.data", "dfqkern.pipeline",
-           "dfqkern.evaluation", "dfqkern.demo")
+           "dfqkern.evaluation", "dfqkern.demo", "dfqkern.runtime", "dfqkern.export")
 
 REPORT = (
     "import json, sys, torch\n"
