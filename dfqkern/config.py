@@ -19,6 +19,14 @@ ACT_GRANULARITIES = ("per_tensor", "per_token")
 ATTN_GRANULARITIES = ("per_tensor", "per_head")  # static scales of attention's q / k / v (dfqkern.nn.attention)
 
 
+def check_fields(cls, d: dict[str, Any]) -> None:
+    """A config dict read back (checkpoint, manifest, resume state) names only fields of ``cls``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+
+
 def _check_choice(value, allowed, name):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -170,10 +178,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        check_fields(cls, d)
         d = dict(d)
         d["rules"] = tuple(LayerRule(**r) for r in d.get("rules", ()))
         d["skip"] = tuple(d.get("skip", ()))

@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 CIFAR10_FILES = ("resnet20-12fca82f.th", "cifar10_test_dev_jpeg.tar.gz", "cifar10_test_dev_labels.csv")
 
@@ -66,3 +67,13 @@ def tiny_tar_dataset(tmp_path) -> dict:
         w.writerow(["path", "label_index", "label_name"])
         w.writerows(rows)
     return {"tar": tar_path, "csv": csv_path, "rows": rows, "classes": sorted(TINY_CLASSES)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: with two OpenMP threads on a busy shared CPU, spinning threads made tests 10x slower
+    than one thread (measured). Restored afterwards. Folders opt in with ``usefixtures``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

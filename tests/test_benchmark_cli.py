@@ -13,14 +13,10 @@ from dfqkern.config import QuantConfig
 from dfqkern.io import load_quantized, save_quantized
 from dfqkern.models import create_model
 from dfqkern.quantize import calibrate_activations, pack_model, quantize_model
+from cli_helpers import run_cli
 
 SLEEP_S = 0.5  # a first call this slow must never reach the statistics
 
-
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")

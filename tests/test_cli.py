@@ -16,19 +16,11 @@ import torch
 from dfqkern import __version__, cli
 from dfqkern.io import CONFIG_FILE, WEIGHTS_FILE, load_quantized
 from dfqkern.model_info import model_info, set_info
+from cli_helpers import json_block, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _json_block(text):
-    """The JSON object a command prints (progress output may precede it)."""
-    return json.loads(text[text.index("{"):])
 
 
 @pytest.fixture
@@ -40,7 +32,7 @@ def quantized_ckpt(tmp_path, tiny_tar_dataset, capsys):
                               tiny_tar_dataset["tar"], "--out", out, "--json-out", tmp_path / "q.json",
                               "--weight-observer", "minmax", "--act-observer", "minmax")
     assert rc == 0, err
-    return out, _json_block(stdout), tmp_path / "q.json"
+    return out, json_block(stdout), tmp_path / "q.json"
 
 
 def test_quantize_eval_info(quantized_ckpt, tiny_tar_dataset, tmp_path, capsys):
@@ -57,12 +49,12 @@ def test_quantize_eval_info(quantized_ckpt, tiny_tar_dataset, tmp_path, capsys):
     rc, stdout, err = run_cli(capsys, "eval", "--quantized", out, "--data", tiny_tar_dataset["tar"], "--json-out",
                               tmp_path / "e.json")
     assert rc == 0, err
-    res = _json_block(stdout)
+    res = json_block(stdout)
     assert res["top1"] == summary["quant_top1"] and res["n"] == len(tiny_tar_dataset["rows"])
     assert res["model"] == str(out) and json.loads((tmp_path / "e.json").read_text()) == res
     # --limit
     rc, stdout, _ = run_cli(capsys, "eval", "--quantized", out, "--data", tiny_tar_dataset["tar"], "--limit", 4)
-    assert rc == 0 and _json_block(stdout)["n"] == 4
+    assert rc == 0 and json_block(stdout)["n"] == 4
 
     rc, stdout, err = run_cli(capsys, "info", out)
     assert rc == 0, err
@@ -87,7 +79,7 @@ def test_overwrite_refusal(quantized_ckpt, tiny_tar_dataset, capsys):
     assert (out / WEIGHTS_FILE).read_bytes() == before
     rc, stdout, err = run_cli(capsys, *args, "--overwrite")
     assert rc == 0, err
-    assert _json_block(stdout)["scheme"] == "w8a8"
+    assert json_block(stdout)["scheme"] == "w8a8"
     assert model_info(load_quantized(out)).config.weight_bits == 8
 
 
@@ -98,7 +90,7 @@ def test_digits_on_image_folder_all_layers(tiny_image_folder, tmp_path, capsys):
                               "--out", out, "--wbits", 2, "--abits", 4, "--all-layers", "--symmetric-weights",
                               "--skip", "fc", "--num-calib", 100)
     assert rc == 0, err
-    summary = _json_block(stdout)
+    summary = json_block(stdout)
     assert summary["scheme"] == "w2a4" and summary["calib_images"] == 7  # min(num_calib, images found)
     assert summary["unhandled"] == {"fc": "skipped by config"}
     model = load_quantized(out)
@@ -113,7 +105,7 @@ def test_weight_only_and_per_token_flags(tiny_tar_dataset, tmp_path, capsys):
                               tiny_tar_dataset["tar"], "--out", out, "--abits", "none", "--per-token",
                               "--num-calib", 2, "--weight-observer", "minmax")
     assert rc == 0, err
-    assert _json_block(stdout)["scheme"] == "w4"
+    assert json_block(stdout)["scheme"] == "w4"
     model = load_quantized(out)
     assert all(m.a_quant is None for m in model.modules() if hasattr(m, "a_quant"))
 
@@ -211,7 +203,7 @@ def test_quantize_with_reconstruction_reports_the_guard(tiny_tar_dataset, tmp_pa
                               tiny_tar_dataset["tar"], "--num-calib", 16, "--batch-size", 4, "--method", "qdrop",
                               "--iters", 3, "--out", tmp_path / "q")
     assert rc == 0, err
-    summary = _json_block(stdout)
+    summary = json_block(stdout)
     calib = summary["calibration"]
     assert calib["units"] == 11 and calib["block_units"] == 9  # conv1, nine basic blocks, linear
     # 9 images: too few to hold any out, so the guard measures on the training images
@@ -241,7 +233,7 @@ def test_trust_unverified_flag(tiny_image_folder, tmp_path, capsys):
         with pytest.warns(UserWarning, match="unverified"):
             rc, out, err = run_cli(capsys, *argv, "--trust-unverified")
         assert rc == 0, err
-        assert _json_block(out)["arch" if argv[0] == "info" else "n"] == ("digits_cnn" if argv[0] == "info" else 7)
+        assert json_block(out)["arch" if argv[0] == "info" else "n"] == ("digits_cnn" if argv[0] == "info" else 7)
     meta["config_sha256"] = "0" * 64  # present and wrong: never waived
     (ck / CONFIG_FILE).write_text(json.dumps(meta))
     rc, _, err = run_cli(capsys, "info", ck, "--trust-unverified")
@@ -453,11 +445,11 @@ def test_quantize_resumes_after_a_kill(tiny_tar_dataset, tmp_path, capsys, caplo
     assert len(json.loads((partial / "progress.json").read_text())["done"]) == 4 and not out.exists()
     rc, stdout, err = run_cli(capsys, *args, "--out", out)
     assert rc == 0, err
-    assert "resuming" in caplog.text and _json_block(stdout)["calibration"]["units_resumed"] == 4
+    assert "resuming" in caplog.text and json_block(stdout)["calibration"]["units_resumed"] == 4
     assert not partial.exists()
     rc, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "ref")
     assert rc == 0, err
-    assert _json_block(stdout)["calibration"]["units_resumed"] == 0
+    assert json_block(stdout)["calibration"]["units_resumed"] == 0
     assert (out / WEIGHTS_FILE).read_bytes() == (tmp_path / "ref" / WEIGHTS_FILE).read_bytes()
     assert (out / CONFIG_FILE).read_bytes() == (tmp_path / "ref" / CONFIG_FILE).read_bytes()
 
@@ -474,7 +466,7 @@ def test_stale_partial_calibration_starts_fresh(tiny_tar_dataset, tmp_path, caps
     rc, stdout, err = run_cli(capsys, *args)
     assert rc == 0, err
     assert "starting fresh" in caplog.text and str(partial) in caplog.text
-    assert _json_block(stdout)["calibration"]["units_resumed"] == 0 and not partial.exists()
+    assert json_block(stdout)["calibration"]["units_resumed"] == 0 and not partial.exists()
     partial.mkdir()
     (partial / "notes.txt").write_text("not ours")
     rc, _, err = run_cli(capsys, *args, "--overwrite")

@@ -14,13 +14,9 @@ from dfqkern.equalize import EqualizeConfig, equalize_model
 from dfqkern.io import load_quantized
 from dfqkern.quantize import fold_batchnorm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def _spread_rows(conv: nn.Module, gen: torch.Generator, decades: float = 1.5) -> None:

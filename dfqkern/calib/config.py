@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import check_fields
+
 CALIB_CONFIG_VERSION = 1
 
 
@@ -158,10 +160,7 @@ class CalibConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CalibConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown CalibConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        check_fields(cls, d)
         return cls(**d)
 
     def result_fields(self) -> dict[str, Any]:

@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..autograd import fake_quant
 from ..formats import ACT_BITS
 from ..kernels import dispatch
 from ..kernels import reference as R
@@ -205,15 +204,7 @@ class HeadActQuantizer(ActQuantizer):
             for h, tracker in enumerate(self.trackers):
                 tracker.update(x[:, h])
             return x
-        if not torch.compiler.is_compiling() and not bool(self.calibrated):
-            raise RuntimeError("activation quantizer used before calibration: observe data, then call finalize()")
-        drop = self.drop_prob if self.training else 0.0
-        seed = 0
-        if drop > 0:
-            seed = (self.seed * 1000003 + self._calls) & 0x7FFFFFFF
-            self._calls += 1
-        return fake_quant(x, self.scale, self.zero_point, self.bits, 1, drop_prob=drop, seed=seed,
-                          backend=self.backend)
+        return self.quantize_static(x, axis=1)
 
 
 def operand_quantizer(bits: int, heads: int, cfg) -> ActQuantizer:

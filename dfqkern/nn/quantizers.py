@@ -162,12 +162,16 @@ class ActQuantizer(nn.Module):
         if self.mode == "observe":
             self.tracker.update(x)
             return x
+        return self.quantize_static(x, axis=None)
+
+    def quantize_static(self, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+        """Fake-quant with the calibrated scale(s) along ``axis``, QDrop's random drop while training."""
         if not torch.compiler.is_compiling() and not bool(self.calibrated):  # no data-dependent branch in graphs
             raise RuntimeError("activation quantizer used before calibration: observe data, then call finalize()")
         drop = self.drop_prob if self.training else 0.0
         seed = 0
-        if drop > 0:
+        if drop > 0:  # a fresh drop mask every call, reproducible from the quantizer's seed
             seed = (self.seed * 1000003 + self._calls) & 0x7FFFFFFF
             self._calls += 1
-        return fake_quant(x, self.scale, self.zero_point, self.bits, None, drop_prob=drop, seed=seed,
+        return fake_quant(x, self.scale, self.zero_point, self.bits, axis, drop_prob=drop, seed=seed,
                           backend=self.backend)

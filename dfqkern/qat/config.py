@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import check_fields
+
 QAT_CONFIG_VERSION = 1
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -132,10 +134,7 @@ class QATConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QATConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown QATConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        check_fields(cls, d)
         return cls(**{**d, "step_epochs": tuple(d.get("step_epochs", ()))})
 
     def result_fields(self) -> dict[str, Any]:

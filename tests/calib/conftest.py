@@ -27,14 +27,6 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with two OpenMP threads on a busy shared CPU, spinning threads made these tests 10x
-    slower than one thread (measured). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -86,3 +78,8 @@ def quantize():
     def make(model: nn.Module, wbits: int = 4, abits: int | None = 4, **kw) -> nn.Module:
         return quantize_model(model, QuantConfig(weight_bits=wbits, act_bits=abits, **{"grid": 20, **kw}))
     return make
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Every test in this folder runs on one thread (``one_thread`` in tests/conftest.py)."""

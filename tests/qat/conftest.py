@@ -29,12 +29,6 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -77,3 +71,8 @@ def tiny_qat():
                     warmup_epochs=0, progress=False)
         return QATConfig(**{**base, **kw})
     return make
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Every test in this folder runs on one thread (``one_thread`` in tests/conftest.py)."""

@@ -2,23 +2,15 @@
 variants), evaluate the packed checkpoint bit-identically, and a clear error for missing pretrained weights."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from dfqkern import assets, cli
+from dfqkern import assets
 from dfqkern.io import load_quantized
 from dfqkern.nn.attention import HeadActQuantizer, QuantAttentionBase
+from cli_helpers import json_block, run_cli
 
 
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _json_block(text):
-    return json.loads(text[text.index("{"):])
 
 
 @pytest.mark.parametrize("arch,flags", [
@@ -31,7 +23,7 @@ def test_quantize_then_eval_packed_vit(arch, flags, tiny_tar_dataset, tmp_path, 
                               "--num-calib", 6, "--batch-size", 3, "--eval-data", tiny_tar_dataset["tar"], "--out", out,
                               "--weight-observer", "minmax", "--act-observer", "minmax", *flags)
     assert rc == 0, err
-    summary = _json_block(stdout)
+    summary = json_block(stdout)
     model = load_quantized(out)
     attns = [m for m in model.modules() if isinstance(m, QuantAttentionBase)]
     assert len(attns) == 6 and all(m.is_packed for m in attns)
@@ -41,7 +33,7 @@ def test_quantize_then_eval_packed_vit(arch, flags, tiny_tar_dataset, tmp_path, 
         assert all(isinstance(m.k_quant, HeadActQuantizer) and m.bits == 4 for m in attns)
     rc, stdout, err = run_cli(capsys, "eval", "--quantized", out, "--data", tiny_tar_dataset["tar"])
     assert rc == 0, err
-    assert _json_block(stdout)["top1"] == summary["quant_top1"]  # bit-identical reload
+    assert json_block(stdout)["top1"] == summary["quant_top1"]  # bit-identical reload
 
 
 def test_pretrained_vit_without_trained_weights_fails_clearly(monkeypatch, tiny_tar_dataset, tmp_path, capsys):
