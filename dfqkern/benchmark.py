@@ -202,12 +202,12 @@ def check_bench_args(checkpoint, batch_sizes, repeats: int, warmup: int, device:
 
 def _onnx_runner(path, threads: int):
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    from .export.onnx import onnxruntime_session
+
+    # the session that computes what dfqkern computes (no bias rounding, no int8 MatMulNBits inputs),
+    # so the latency row and the accuracy numbers describe the same model
+    session = onnxruntime_session(path, threads=threads)
     name = session.get_inputs()[0].name
 
     def run(x):
