@@ -77,6 +77,7 @@ from .._version import __version__
 from ..formats import matrix_to_conv_weight, symmetric_zero_point
 from ..model_info import model_info, unwrap
 from ..nn import ActQuantizer, QuantConv2d, QuantLayer
+from .paths import check_out_file
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "TARGETS", "OnnxExportError", "export_onnx",
            "onnx_export_problems", "onnxruntime_session", "require_onnx"]
@@ -274,19 +275,6 @@ def _check_model(model: nn.Module, target: str) -> None:
         raise OnnxExportError(f"cannot export to ONNX (target {target}): {first}{more}")
 
 
-def _check_out_path(out_path, overwrite: bool) -> Path:
-    path = Path(out_path)
-    if path.suffix.lower() != ".onnx":
-        raise ValueError(f"out_path {str(path)!r} must end in '.onnx'")
-    if path.is_dir():
-        raise ValueError(f"out_path {str(path)!r} is a directory; give a file path ending in '.onnx'")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"out_path {str(path)!r}: directory {str(path.parent)!r} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"out_path {str(path)!r}: directory {str(path.parent)!r} is not writable")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"out_path {str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    return path
 
 
 def _example_inputs(model: nn.Module, example_inputs, input_shape) -> tuple[torch.Tensor, ...]:
@@ -387,7 +375,7 @@ def export_onnx(model, out_path, example_inputs=None, *, opset: int | None = Non
         opset = DEFAULT_OPSET[target]
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
-    path = _check_out_path(out_path, overwrite)
+    path = check_out_file(out_path, ".onnx", overwrite)
     if isinstance(model, (str, os.PathLike)):
         from ..io import load_quantized
 

@@ -18,6 +18,7 @@ from torch import nn
 from .._version import __version__
 from ..nn.base import QuantLayer
 from ..model_info import model_info
+from .paths import check_out_file
 
 __all__ = ["PT2_SUFFIX", "export_pt2", "load_pt2", "package_metadata"]
 
@@ -36,19 +37,6 @@ def _check_packed(model) -> None:
                          f"model {what}")
 
 
-def _check_out_path(out_path, overwrite: bool) -> Path:
-    path = Path(out_path)
-    if path.suffix != PT2_SUFFIX:
-        raise ValueError(f"out_path {str(path)!r} must end in {PT2_SUFFIX!r} (the AOTInductor package format)")
-    if path.is_dir():
-        raise ValueError(f"out_path {str(path)!r} is a directory; give a file path ending in {PT2_SUFFIX!r}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"out_path {str(path)!r}: directory {str(path.parent)!r} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"out_path {str(path)!r}: directory {str(path.parent)!r} is not writable")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"out_path {str(path)!r} exists; pass overwrite=True to replace it")
-    return path
 
 
 def _check_inputs(example_inputs) -> tuple:
@@ -93,7 +81,7 @@ def export_pt2(model: nn.Module, out_path, example_inputs: tuple, *, dynamic_bat
     Slow: AOTInductor compiles C++ (tens of seconds for a small CNN on one core).
     """
     _check_packed(model)
-    path = _check_out_path(out_path, overwrite)
+    path = check_out_file(out_path, PT2_SUFFIX, overwrite, " (the AOTInductor package format)")
     example_inputs = _check_inputs(example_inputs)
     dynamic_shapes = _dynamic_batch(example_inputs) if dynamic_batch else None
     meta = {"dfqkern_version": __version__, "dfqkern_arch": str(model_info(model).arch or "")}

@@ -1,0 +1,23 @@
+"""The output-file check every exporter runs before any work."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def check_out_file(out_path, suffix: str, overwrite: bool, why: str = "") -> Path:
+    """``out_path`` as a Path, or a clear error if it cannot take the exported file: wrong suffix
+    (``why`` says what the suffix stands for), a directory, a missing or unwritable parent, or an
+    existing file without ``overwrite``."""
+    path = Path(out_path)
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"out_path {str(path)!r} must end in {suffix!r}{why}")
+    if path.is_dir():
+        raise ValueError(f"out_path {str(path)!r} is a directory; give a file path ending in {suffix!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"out_path {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"out_path {str(path)!r}: directory {str(path.parent)!r} is not writable")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"out_path {str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    return path
