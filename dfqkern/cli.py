@@ -386,6 +386,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_run_flags(p: argparse.ArgumentParser, out_help: str, resume_help: str) -> None:
+    """Where a long job writes and runs: the flags quantize and finetune share."""
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-resume", action="store_true", help=resume_help)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", type=_backend, help=BACKEND_HELP)
+    p.add_argument("--json-out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import METHODS as QUANT_METHODS
 
@@ -407,13 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--eval-data", help="also report FP vs quantized top-1 on this labelled data")
     q.add_argument("--eval-limit", type=int)
-    q.add_argument("--out", required=True, help="output checkpoint directory")
-    q.add_argument("--overwrite", action="store_true")
-    q.add_argument("--no-resume", action="store_true", help="reconstruction methods: start over instead of "
-                   "resuming a killed run from OUT.partial/ (kept while a run is unfinished, removed on success)")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--backend", type=_backend, help=BACKEND_HELP)
-    q.add_argument("--json-out")
+    _add_run_flags(q, "output checkpoint directory", "reconstruction methods: start over instead of resuming a "
+                   "killed run from OUT.partial/ (kept while a run is unfinished, removed on success)")
     from .calib.bias_correction import BIAS_CORRECTION_MODES
     from .equalize import RELU6_POLICIES, EqualizeConfig
 
@@ -461,13 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--num-samples", type=int, default=256)
     ft.add_argument("--eval-data", help="also report FP, start and final top-1 on this labelled data")
     ft.add_argument("--eval-limit", type=int)
-    ft.add_argument("--out", required=True, help="output checkpoint directory (packed, as quantize writes)")
-    ft.add_argument("--overwrite", action="store_true")
-    ft.add_argument("--no-resume", action="store_true", help="start over instead of resuming a killed run from "
-                    "OUT.qat/ (kept while a run is unfinished, removed on success)")
-    ft.add_argument("--device", default="cpu")
-    ft.add_argument("--backend", type=_backend, help=BACKEND_HELP)
-    ft.add_argument("--json-out")
+    _add_run_flags(ft, "output checkpoint directory (packed, as quantize writes)", "start over instead of "
+                   "resuming a killed run from OUT.qat/ (kept while a run is unfinished, removed on success)")
     _add_quant_flags(ft)
     ft.set_defaults(func=cmd_finetune)
 
