@@ -180,7 +180,6 @@ def _input_shape(text: str) -> tuple[int, ...]:
 
 def cmd_export(args) -> int:
     """Load a packed checkpoint and write it as ONNX (QDQ) or as a torch.export / AOTInductor package."""
-    import inspect
     from pathlib import Path
 
     import torch
@@ -221,9 +220,7 @@ def cmd_export(args) -> int:
         path = export_onnx(model, out, example, opset=args.opset, target=args.target or "onnxruntime",
                            overwrite=args.overwrite)
     else:
-        kwargs = {"overwrite": True} if args.overwrite and "overwrite" in inspect.signature(export_pt2).parameters \
-            else {}
-        path = export_pt2(model, out, example, **kwargs)
+        path = export_pt2(model, out, example, **({"overwrite": True} if args.overwrite else {}))
     print(f"wrote {path} ({args.format}, input {list(shape)}, batch dimension dynamic)")
     return 0
 
