@@ -153,6 +153,8 @@ std::string isa() { return cpu::isa_name(); }
 
 void set_isa(const std::string& name) { cpu::set_isa(name); }
 
+int64_t set_parallel_min_cost(int64_t cost) { return cpu::set_parallel_min_cost(cost); }
+
 Tensor quantize(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t bits, optional<int64_t> axis) {
   check_float("x", x);
   check_bits("bits", bits, {2, 3, 4, 8});
@@ -359,6 +361,7 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& w_corr, const Tens
 TORCH_LIBRARY_FRAGMENT(dfqkern, m) {
   m.def("cpu_isa() -> str", &dfqkern::isa);
   m.def("cpu_set_isa(str name) -> ()", &dfqkern::set_isa);
+  m.def("cpu_set_parallel_min_cost(int cost) -> int", &dfqkern::set_parallel_min_cost);
   m.def("cpu_quantize(Tensor x, Tensor scale, Tensor zero_point, int bits, int? axis) -> Tensor");
   m.def("cpu_dequantize(Tensor codes, Tensor scale, Tensor zero_point, int? axis) -> Tensor");
   m.def("cpu_fake_quant_forward(Tensor x, Tensor scale, Tensor zero_point, int bits, int? axis, float drop_prob, "

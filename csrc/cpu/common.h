@@ -50,13 +50,25 @@ bool uses_avx2();
 // Float element types the kernels accept (x, grad, v, ...).
 enum class FType { f32 = 0, f16 = 1, bf16 = 2 };
 
-// Calls fn(begin, end) over [0, n) split across torch's intra-op threads (OpenMP), with at least
-// `grain` items per chunk. Defined in isa.cpp (the only place that touches ATen's thread pool).
-void parallel_range(int64_t n, int64_t grain, void (*fn)(void* ctx, int64_t begin, int64_t end), void* ctx);
+// Work estimates for the thread splitter, in "cost units" of about one int8 multiply-add of the GEMM
+// micro-kernels; a float element of a quantize / fake-quant pass or a packed byte costs ~kElementCost.
+constexpr int64_t kElementCost = 8;
+// Default least cost of one thread's share. Waking torch's OpenMP workers costs microseconds on an idle
+// machine and can cost milliseconds on a loaded one, so work below ~20 us of one core runs on the
+// calling thread (a batch-1 layer of a small CNN, a short quantize pass).
+constexpr int64_t kParallelMinCost = int64_t{1} << 20;
+int64_t parallel_min_cost();
+// Sets the least cost per thread (>= 1; tests use 1 to force splitting); returns the previous value.
+int64_t set_parallel_min_cost(int64_t cost);
+
+// Calls fn(begin, end) over [0, n) split across torch's intra-op threads (OpenMP) in chunks of at
+// least parallel_min_cost() / item_cost items; work below that runs serially. Defined in isa.cpp (the
+// only place that touches ATen's thread pool).
+void parallel_range(int64_t n, int64_t item_cost, void (*fn)(void* ctx, int64_t begin, int64_t end), void* ctx);
 
 template <class F>
-inline void parallel_for(int64_t n, int64_t grain, const F& f) {
-  parallel_range(n, grain, [](void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); },
+inline void parallel_for(int64_t n, int64_t item_cost, const F& f) {
+  parallel_range(n, item_cost, [](void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); },
                  const_cast<void*>(static_cast<const void*>(&f)));
 }
 

@@ -119,7 +119,7 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
   std::atomic<bool> any_bad{false};
   constexpr int64_t kPix = 64;
   const int64_t pblocks = (hw + kPix - 1) / kPix;
-  parallel_for(d.b * pblocks, 1, [&](int64_t bgn, int64_t end) {
+  parallel_for(d.b * pblocks, std::min(kPix, hw) * d.c * kElementCost, [&](int64_t bgn, int64_t end) {
     uint8_t codes[kPix];
     float fbuf[kPix];
     for (int64_t it = bgn; it < end; ++it) {
@@ -167,7 +167,7 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
         // the image is kw * C contiguous NHWC bytes, copied at once; other taps go one by one.
         const bool row_runs = g.groups == 1 && g.dil_w == 1;
         const int8_t* xb = reinterpret_cast<const int8_t*>(xs.get());
-        parallel_for(p, 16, [&](int64_t bgn, int64_t end) {
+        parallel_for(p, kp * kElementCost, [&](int64_t bgn, int64_t end) {
           for (int64_t m = bgn; m < end; ++m) {
             const int64_t oy = m / d.ow, ox = m % d.ow, ix0 = ox * g.stride_w - g.pad_w;
             const bool cols_inside = ix0 >= 0 && ix0 + (g.kw - 1) * g.dil_w < d.w;
@@ -264,7 +264,7 @@ void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const Conv
   const auto fn = DFQKERN_AVX2_OR_PORTABLE(dw, conv);
   std::atomic<bool> any_bad{false};  // some input value was NaN / Inf (reported by the quantize pass)
   // One work item per (image, input channel): the plane is built once for its `mult` outputs.
-  parallel_for(d.b * d.c, 1, [&](int64_t bgn, int64_t end) {
+  parallel_for(d.b * d.c, mult * p * g.kh * g.kw * 2 + hp * wp * kElementCost, [&](int64_t bgn, int64_t end) {
     std::vector<int16_t> plane(static_cast<size_t>(hp * wp));
     std::vector<uint8_t> codes(static_cast<size_t>(d.w));
     std::vector<float> fbuf(static_cast<size_t>(d.w));

@@ -93,7 +93,7 @@ at::Tensor quantize(const at::Tensor& x_in, const at::Tensor& scale, const at::T
   const In xin(x);
   uint8_t* qp = q.data_ptr<uint8_t>();
   const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, quantize);
-  parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
+  parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float buf[kChunk];
     for (int64_t it = b; it < e; ++it) {
       int64_t c, off, len;
@@ -113,7 +113,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale, const
   const ChannelParams P(scale, zero_point);
   const float* cp = codes.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
+  parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
       int64_t c, off, len;
       L.item(it, c, off, len);
@@ -134,7 +134,7 @@ at::Tensor fake_quant_forward(const at::Tensor& x_in, const at::Tensor& scale, c
   const In xin(x);
   const Out yout(y);
   const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, fq_forward);
-  parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
+  parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float xb[kChunk], yb[kChunk];
     for (int64_t it = b; it < e; ++it) {
       int64_t c, off, len;
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
   const Out gout(gx);
   std::vector<Sums2> partial(L.items);
   const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, fq_backward);
-  parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
+  parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float xb[kChunk], gb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {
       int64_t c, off, len;
@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_forward(const at::Tensor& base_in, c
   const Out wout(w);
   std::vector<double> partial(L.items, 0.0);
   const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, ar_forward);
-  parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
+  parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float vb[kChunk], bb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {
       int64_t c, off, len;
@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward(const at::Tensor& grad_in, 
   const Out gout(gv);
   std::vector<double> partial(L.items, 0.0);
   const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, ar_backward);
-  parallel_for(L.items, 4, [&](int64_t b, int64_t e) {
+  parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float vb[kChunk], bb[kChunk], gb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {
       int64_t c, off, len;

@@ -51,7 +51,8 @@ void run(const Args& g, int64_t m, int64_t tiles) {
     constexpr int64_t kMB = 96, kPB = 4;
     const int64_t mblocks = (m + kMB - 1) / kMB, pblocks = (tiles + kPB - 1) / kPB;
     const Kernel fn = pick_kernel(isa, true);
-    parallel_for(mblocks * pblocks, 1, [&](int64_t b, int64_t e) {
+    const int64_t item_cost = std::min(m, kMB) * kPB * kPanel * g.nchunks * panel_k(g.wbits);
+    parallel_for(mblocks * pblocks, item_cost, [&](int64_t b, int64_t e) {
       for (int64_t it = b; it < e; ++it) {
         const int64_t mb = it % mblocks, pb = it / mblocks;
         fn(g, mb * kMB, std::min(m, (mb + 1) * kMB), pb * kPB, std::min(tiles, (pb + 1) * kPB));
@@ -65,7 +66,8 @@ void run(const Args& g, int64_t m, int64_t tiles) {
   const int64_t tb = m == 1 ? 8 : 16;
   const int64_t mblocks = (m + kMB - 1) / kMB, tblocks = (tiles + tb - 1) / tb;
   const Kernel fn = pick_kernel(isa, false);
-  parallel_for(mblocks * tblocks, 1, [&](int64_t b, int64_t e) {
+  const int64_t item_cost = std::min(m, kMB) * tb * kTileRows * g.nchunks * chunk_k(g.wbits);
+  parallel_for(mblocks * tblocks, item_cost, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
       const int64_t mb = it % mblocks, t = it / mblocks;
       fn(g, mb * kMB, std::min(m, (mb + 1) * kMB), t * tb, std::min(tiles, (t + 1) * tb));
@@ -133,7 +135,7 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
   const int64_t row_bytes = r.kp;
   std::vector<uint8_t> bad_rows(per_token ? 0 : m, 0);
   std::atomic<bool> any_bad{false};
-  parallel_for(m, 8, [&](int64_t b, int64_t e) {
+  parallel_for(m, k * kElementCost, [&](int64_t b, int64_t e) {
     std::vector<float> fbuf(x.scalar_type() == at::kFloat ? 0 : k);
     std::vector<uint8_t> codes(k);
     for (int64_t i = b; i < e; ++i) {
@@ -226,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> prepack_weight(const at::Tensor& data_in, con
   const int32_t* zpp = zp.data_ptr<int32_t>();
   uint8_t* dst = tiles.data_ptr<uint8_t>();
   int32_t* cp = corr.data_ptr<int32_t>();
-  parallel_for(rows, 16, [&](int64_t b, int64_t e) {
+  parallel_for(rows, k * kElementCost, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const int64_t g = n / og, j = n % og;  // tile g * tpg + j / 4, row j % 4 in it
       gemm::pack_tile_row(src + n * row_stride, static_cast<int>(bits), k, zpp[n], g * tpg + j / kTileRows,
@@ -251,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> prepack_panels(const at::Tensor& data_in, con
   const int32_t* zpp = zp.data_ptr<int32_t>();
   uint8_t* dst = panels.data_ptr<uint8_t>();
   int32_t* cp = corr.data_ptr<int32_t>();
-  parallel_for(rows, 16, [&](int64_t b, int64_t e) {
+  parallel_for(rows, k * kElementCost, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const int64_t g = n / og, j = n % og;  // panel g * ppg + j / 16, row j % 16 in it
       gemm::pack_panel_row(src + n * row_stride, static_cast<int>(bits), k, zpp[n], g * ppg + j / kPanel,
@@ -299,7 +301,7 @@ at::Tensor linear_int(const at::Tensor& a_data_in, const at::Tensor& a_zero_poin
   r.zp.assign(zp.data_ptr<int32_t>(), zp.data_ptr<int32_t>() + zp.numel());
   const uint8_t* src = a_data.data_ptr<uint8_t>();
   const int64_t row_bytes = r.kp;
-  parallel_for(m, 8, [&](int64_t b, int64_t e) {
+  parallel_for(m, k * kElementCost, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> codes(k);
     for (int64_t i = b; i < e; ++i) {
       for (int64_t j = 0; j < k; ++j) codes[j] = kpack_code(src + i * bytes, j, slot);

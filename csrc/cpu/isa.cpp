@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -70,9 +71,25 @@ std::string isa_name() {
   }
 }
 
-void parallel_range(int64_t n, int64_t grain, void (*fn)(void*, int64_t, int64_t), void* ctx) {
+namespace {
+std::atomic<int64_t>& min_cost_state() {
+  static std::atomic<int64_t> cost{kParallelMinCost};
+  return cost;
+}
+}  // namespace
+
+int64_t parallel_min_cost() { return min_cost_state().load(std::memory_order_relaxed); }
+
+int64_t set_parallel_min_cost(int64_t cost) {
+  TORCH_CHECK_VALUE(cost >= 1, "parallel min cost must be >= 1, got ", cost);
+  return min_cost_state().exchange(cost);
+}
+
+void parallel_range(int64_t n, int64_t item_cost, void (*fn)(void*, int64_t, int64_t), void* ctx) {
   if (n <= 0) return;
-  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  const int64_t cost = std::max<int64_t>(1, item_cost);
+  const int64_t grain = std::max<int64_t>(1, (parallel_min_cost() + cost - 1) / cost);
+  if (n < 2 * grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
     fn(ctx, 0, n);
     return;
   }

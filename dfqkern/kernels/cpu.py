@@ -89,6 +89,18 @@ def use_isa(name: str):
         ops.cpu_set_isa(before)
 
 
+@contextlib.contextmanager
+def parallel_min_cost(cost: int):
+    """Run the CPU kernels with ``cost`` as the least work (in int8 multiply-adds) one thread's share
+    must hold; below it a kernel runs on the calling thread. ``1`` splits every kernel across torch's
+    threads (tests use it to exercise the split paths on small shapes)."""
+    before = _load().cpu_set_parallel_min_cost(int(cost))
+    try:
+        yield
+    finally:
+        _load().cpu_set_parallel_min_cost(before)
+
+
 def _t(v) -> torch.Tensor:
     return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
 

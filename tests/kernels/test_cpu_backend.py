@@ -71,6 +71,52 @@ def test_fake_quant_reductions_do_not_depend_on_threads(gen):
         assert torch.equal(a, b)
 
 
+def _run_split_ops(gen_seed: int):
+    """One call of each parallelised CPU kernel on small shapes; the outputs as a flat list."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    out = []
+    for m in (1, 37):  # GEMV tiles and GEMM panels
+        x = rand_x(CPU, gen, m, 200)
+        pw = rand_weight(CPU, gen, 70, 200, 4)
+        out.append(C.linear(x, pw, None, static_act(x, 8)))
+    x = rand_x(CPU, gen, 3, 24, 11, 13)
+    dense = rand_weight(CPU, gen, 16, 24 * 9, 4, shape=(16, 24, 3, 3))
+    out.append(C.conv2d(x, dense, None, static_act(x, 8), padding=1))
+    dw = rand_weight(CPU, gen, 48, 9, 4, shape=(48, 1, 3, 3))
+    out.append(C.conv2d(x, dw, None, static_act(x, 8), padding=1, groups=24))
+    s, z = rand_params(CPU, gen, x.shape, 1, 4)
+    out.append(C.quantize(x, s, z, 4, 1))
+    out.append(C.fake_quant_forward(x, s, z, 4, 1))
+    return out
+
+
+def test_thread_split_matches_serial():
+    """Small work runs on the calling thread (csrc/cpu/common.h kParallelMinCost); with the threshold
+    at 1 every kernel is cut into per-thread chunks. Both give the same bits."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, before))
+        with C.parallel_min_cost(1 << 40):
+            serial = _run_split_ops(7)
+        with C.parallel_min_cost(1):
+            split = _run_split_ops(7)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(serial, split, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_parallel_min_cost_is_restored_and_checked():
+    ops = C._load()
+    default = ops.cpu_set_parallel_min_cost(123)
+    assert ops.cpu_set_parallel_min_cost(default) == 123
+    with C.parallel_min_cost(5):
+        assert ops.cpu_set_parallel_min_cost(5) == 5
+    assert ops.cpu_set_parallel_min_cost(default) == default
+    with pytest.raises(ValueError, match="parallel min cost must be >= 1, got 0"):
+        ops.cpu_set_parallel_min_cost(0)
+
+
 # ----------------------------------------------------------------------------- weight layouts
 
 def test_prepacked_layouts_are_cached(gen):
