@@ -35,6 +35,7 @@ from .nn import QuantConv2d, QuantLayer, QuantLinear
 from .nn.attention import ATTENTION_KINDS, QuantAttentionBase, SwappedModule, disable_nested_fast_path
 from .quantize import QuantReport, set_module, pack_model, quant_layers
 from .model_info import model_info, set_info, unwrap
+from .outputs import replace_dir
 
 FORMAT = "dfqkern-packed"
 FORMAT_VERSION = 1  # config_sha256 is an additive field: version-1 readers still load new checkpoints
@@ -182,14 +183,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
         meta[CONFIG_HASH_FIELD] = config_sha256(meta)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,6 +6,7 @@ not after the work (and never by replacing a directory that is not ours).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 try:
@@ -104,3 +105,16 @@ class OutputLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Rename the finished directory ``tmp`` onto ``path``. An existing ``path`` is moved aside first and
+    removed after, so ``path`` is at every moment either the old directory or the new one."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
