@@ -383,6 +383,52 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _report_float_model(args):
+    """The float model of ``report`` (for SQNR) as a factory, built after the arguments are checked; None
+    without --model / --checkpoint / --pretrained. --model defaults to the checkpoint's architecture."""
+    if not (args.model or args.checkpoint or args.pretrained):
+        return None, None
+    if not (args.checkpoint or args.pretrained):
+        raise SystemExit(f"dfqkern report: --model {args.model} without --checkpoint or --pretrained has random "
+                         f"weights; SQNR against it would mean nothing")
+
+    def build():
+        from .io import read_metadata
+        from .models import create_model
+        from .report.sources import find_checkpoints
+
+        name, num_classes = args.model, args.num_classes
+        if name is None or num_classes is None:  # what the (first) checkpoint was quantized from
+            meta = read_metadata(find_checkpoints(args.run)[0], args.trust_unverified)
+            name = name or meta["arch"]
+            num_classes = num_classes or meta.get("arch_kwargs", {}).get("num_classes")
+        return create_model(name, checkpoint=args.checkpoint, num_classes=num_classes, pretrained=args.pretrained)
+
+    label = f"{args.model or 'the checkpoint architecture'}, {args.checkpoint or 'pretrained weights'}"
+    return build, label
+
+
+def cmd_report(args) -> int:
+    from .report import require_matplotlib
+
+    try:  # the optional dependency first, before any argument is acted on
+        require_matplotlib()
+    except ImportError as e:
+        raise SystemExit(f"dfqkern report: {e}") from None
+    from .report import ReportJob, write_report
+    from .report.write import REPORT_HTML, REPORT_MD
+
+    float_model, label = _report_float_model(args)
+    job = ReportJob(run=args.run, out=args.out, format=args.format, overwrite=args.overwrite, float_model=float_model,
+                    float_label=label, calib_data=args.calib_data, num_calib=args.num_calib,
+                    synthetic=args.synthetic, num_samples=args.num_samples, summaries=args.summary or (),
+                    eval_data=args.eval_data, eval_limit=args.eval_limit, trust_unverified=args.trust_unverified)
+    out = write_report(job)
+    files = [f for f, fmt in ((REPORT_MD, "md"), (REPORT_HTML, "html")) if args.format in (fmt, "both")]
+    print(f"report of {len(job.checkpoints)} checkpoint(s) in {out}: {', '.join(files)} (+ report.json)")
+    return 0
+
+
 def _add_run_flags(p: argparse.ArgumentParser, out_help: str, resume_help: str) -> None:
     """Where a long job writes and runs: the flags quantize and finetune share."""
     p.add_argument("--out", required=True, help=out_help)
@@ -578,6 +624,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "NUM_IMAGES / (product of the fractions) images into OUT.pool, keep NUM_IMAGES in OUT "
                         "(needs --model)")
     g.set_defaults(func=cmd_generate)
+
+    from .report import FORMATS as REPORT_FORMATS
+
+    r = sub.add_parser("report", help="markdown / HTML report of a quantization run: accuracy, per-layer SQNR, "
+                                      "activation ranges, bit policy, synthetic samples (pip install dfqkern[report])")
+    r.add_argument("run", metavar="RUN", help="packed checkpoint directory, or a directory of them (a demo --out)")
+    r.add_argument("--out", required=True, help="report directory, written atomically")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    r.add_argument("--format", choices=REPORT_FORMATS, default="both",
+                   help="md: report.md + PNGs; html: one report.html with the PNGs embedded (default both)")
+    r.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
+    rf = r.add_argument_group("float model (for SQNR; as quantize takes it)")
+    rf.add_argument("--model", help="registry name, timm:NAME or torchvision:NAME (default: the checkpoint's)")
+    rf.add_argument("--checkpoint", help="float weights (state dict file, loaded weights-only)")
+    rf.add_argument("--pretrained", action="store_true", help="use the library's pretrained weights")
+    rf.add_argument("--num-classes", type=int)
+    rd = r.add_argument_group("data")
+    rd.add_argument("--calib-data", help="images for the output SQNR and the ranges reached: image folder, "
+                    "tar(+labels csv) or synthetic:DIR (default: the synthetic set, when there is one)")
+    rd.add_argument("--num-calib", type=int, default=8, help="how many of them (default 8)")
+    rd.add_argument("--synthetic", metavar="DIR", help="synthetic set shown as a sample grid (default: RUN.calib-data "
+                    "of the quantize run, or a set inside RUN)")
+    rd.add_argument("--num-samples", type=int, default=16, help="images in the sample grid (default 16)")
+    rd.add_argument("--eval-data", help="also measure FP and quantized top-1 on this labelled data")
+    rd.add_argument("--eval-limit", type=int)
+    rd.add_argument("--summary", action="append", metavar="JSON",
+                    help="what the run recorded (quantize's --json-out: accuracy, method, calibration); repeatable")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="train, quantize, pack, save and reload a small digits model (offline)")
     d.add_argument("--out", help="where to write the checkpoints (default: a temporary directory)")

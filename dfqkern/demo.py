@@ -4,7 +4,8 @@ Trains (once, cached) a small BatchNorm CNN on scikit-learn's bundled 8x8 digits
 the training data: calibration images come from inverting the model's own BatchNorm statistics
 with mixup soft labels. It quantizes at W8A8 (observer), W4A4 and W2A4 (QDrop reconstruction),
 packs, saves, reloads the packed checkpoints and reports FP vs quantized accuracy on held-out
-digits, checkpoint size and packed batch-1 latency.
+digits, checkpoint size and packed batch-1 latency, and writes a ``dfqkern report`` of the run
+(skipped, with a line saying why, without matplotlib).
 """
 from __future__ import annotations
 
@@ -136,4 +137,26 @@ def run_demo(out: str | os.PathLike | None = None, schemes=DEMO_SCHEMES, seed: i
              f"{LATENCY_WARMUP} untimed warm-up calls, as `dfqkern bench` times them; a busy machine shows in the "
              f"median, not the min")
     print_fn(f"packed checkpoints and the synthetic set (samples.png) in {out_root}")
+    write_demo_report(out_root, model, x_calib, syn_dir, rows, print_fn)
     return rows
+
+
+def write_demo_report(out_root: Path, model, x_calib, syn_dir, rows: list[dict], print_fn=print) -> Path | None:
+    """``dfqkern report`` of the demo's checkpoints into ``out_root/report`` (the accuracies measured
+    above, SQNR against the trained float model on 16 synthetic images); None, with a line saying so,
+    when matplotlib (the ``report`` extra) is missing."""
+    from .report import ReportJob, require_matplotlib, write_report
+    from .report.write import REPORT_HTML, REPORT_MD
+
+    try:
+        require_matplotlib()
+    except ImportError as e:
+        print_fn(f"report skipped: {e}")
+        return None
+    summaries = [{"out": r["checkpoint"], "method": r["method"], "fp_top1": r["fp_top1"], "quant_top1": r["quant_top1"],
+                  "drop": round(r["fp_top1"] - r["quant_top1"], 2)} for r in rows]
+    out = write_report(ReportJob(run=out_root, out=out_root / "report", overwrite=True, float_model=model,
+                                 float_label="digits_cnn as trained by the demo", calib_images=x_calib, num_calib=16,
+                                 synthetic=syn_dir, summaries=summaries))
+    print_fn(f"report: {out / REPORT_MD} (+ PNGs) and {out / REPORT_HTML} (self-contained)")
+    return out
