@@ -10,17 +10,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# (group prefix, dfqkern row prefix, kind, bound): kind 'speedup' = primary baseline / row >= bound,
-# 'floor' = row / memory floor of the same weight width <= bound.
+# (group prefix, dfqkern row prefix, kind, bound[, peer row prefix]): kind 'speedup' = primary baseline
+# (or the named peer row) / row >= bound, 'floor' = row / memory floor of the same weight width <= bound.
 TARGETS = [
     ("linear M=1 K=N=4096", "dfqkern W4A8", "speedup", 2.0),
     ("linear M=1 K=N=4096", "dfqkern W4A8", "floor", 1.3),
     ("linear M=1 K=N=4096", "dfqkern W2A8", "speedup", 3.0),
+    ("linear M=1 K=N=4096", "dfqkern W4A8", "speedup", 1.3, "onnxruntime MatMulNBits W4"),
+    ("linear M=1 K=N=4096", "dfqkern W2A8", "speedup", 1.3, "onnxruntime MatMulNBits W2"),
+    ("linear M=1 K=4096 N=", "dfqkern W", "floor", 1.3),
     ("linear 197x768->3072", "dfqkern W4A8", "speedup", 1.0),
     ("conv3x3", "dfqkern W4A8", "speedup", 2.0),
     ("fake-quant", "dfqkern fused", "speedup", 10.0),
     ("AdaRound", "dfqkern fused", "speedup", 10.0),
     ("model", "dfqkern W4A8 packed", "speedup", 1.0),
+    ("model", "dfqkern W4A8 packed", "speedup", 1.0, "onnxruntime int8 QDQ"),
 ]
 
 
@@ -64,17 +68,18 @@ def _table(groups: dict) -> list[str]:
             if r["role"] == "floor":
                 fx = f"floor = {r['median'] / 2:.0f} / {r['min'] / 2:.0f} us"
             out.append(f"| {r['row']} | {r['median']:.0f} | {r['min']:.0f} | {sp} | {fx} |")
-        for gp, rp, kind, bound in TARGETS:
+        for gp, rp, kind, bound, *peer in TARGETS:
             if not group.startswith(gp):
                 continue
+            ref = next((r for r in rows if r["row"].startswith(peer[0])), None) if peer else base
             for r in rows:
                 if r["role"] != "dfqkern" or not r["row"].startswith(rp):
                     continue
-                if kind == "speedup" and base:
-                    med, mn = base["median"] / r["median"], base["min"] / r["min"]
+                if kind == "speedup" and ref:
+                    med, mn = ref["median"] / r["median"], ref["min"] / r["min"]
                     ok = mn >= bound
-                    verdicts.append(f"- {group} / {r['row']}: speed-up {med:.2f} (median), {mn:.2f} (min); "
-                                    f"target >= {bound}: {'met' if ok else 'MISSED'}")
+                    verdicts.append(f"- {group} / {r['row']}: speed-up over {ref['row']} {med:.2f} (median), "
+                                    f"{mn:.2f} (min); target >= {bound}: {'met' if ok else 'MISSED'}")
                 elif kind == "floor":
                     fl = _floor(rows, r.get("wbits"))
                     if fl:
@@ -94,6 +99,32 @@ def _cpuinfo() -> list[str]:
         return []
 
 
+def _caches() -> str:
+    """'L1d 48K, L2 2048K, L3 266240K' for cpu0 (sysfs), '' when unknown."""
+    out = []
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((d / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            out.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return ", ".join(out)
+
+
+def _cpu_isa() -> str:
+    try:
+        from dfqkern.kernels import cpu
+
+        return cpu.isa() if cpu.is_available() else "no dfqkern._C"
+    except ImportError:
+        return "unknown"
+
+
+def _slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60] or "cpu"
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     collected = _collect(config)
     for module, groups in collected.items():
@@ -102,8 +133,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         import torch
 
         cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), platform.machine())
-        lines = [f"## {module}", "", f"CPU: {cpu}; torch {torch.__version__}; threads: {torch.get_num_threads()}; "
-                 f"fbgemm/oneDNN/MKL use their own ISA choice"] + _table(groups)
+        lines = [f"## {module}", "", f"CPU: {cpu}; dfqkern ISA (auto): {_cpu_isa()}; caches: {_caches() or 'unknown'}; "
+                 f"{os.cpu_count()} logical CPUs; torch {torch.__version__}; threads: {torch.get_num_threads()}; "
+                 f"fbgemm/oneDNN/MKL/onnxruntime use their own ISA choice"] + _table(groups)
         terminalreporter.write_sep("=", f"ratios: {module}")
         for line in lines:
             terminalreporter.write_line(line)
@@ -113,5 +145,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tmp = out_dir / f".{module}.md.tmp"
             tmp.write_text("\n".join(lines) + "\n")
             tmp.replace(out_dir / f"{module}.md")
+            if module == "test_bench_cpu" and os.environ.get("DFQKERN_BENCH_RESULTS"):
+                # results from different CPUs side by side: bench/results/cpu_latency_<cpu>.md
+                res = Path(os.environ["DFQKERN_BENCH_RESULTS"]) / f"cpu_latency_{_slug(cpu)}-{_cpu_isa()}.md"
+                res.parent.mkdir(parents=True, exist_ok=True)
+                res.write_text("\n".join(lines) + "\n")
+                terminalreporter.write_line(f"wrote {res}")
         except OSError as e:
             terminalreporter.write_line(f"(could not write {out_dir}/{module}.md: {e})")

@@ -25,6 +25,14 @@ Cases (targets from issue 4, on a 2-core AVX2 machine):
   ops under autograd, as a user writes AdaRound in PyTorch).
 * Whole models at batch 1 (CIFAR ResNet-20, ResNet-18 224x224, random weights): W4A8 packed
   (``quantize_model`` -> ``calibrate_activations`` -> ``pack_model``) vs fp32 eager.
+* Peers (optional extras; skipped with the reason when absent): onnxruntime ``MatMulNBits`` (block 128,
+  ``accuracy_level`` 4 = int8 compute, W4 and W2) in the Linear groups, torch's
+  ``_weight_int4pack_mm_for_cpu`` (bf16 activations, group 128) for W4, and onnxruntime fp32 and
+  static int8 QDQ (``onnxruntime.quantization.quantize_static``, per-channel weights, MinMax on the
+  same random images) for the whole models. onnxruntime runs with ``intra_op_num_threads`` = torch's
+  thread count.
+* Linear M=1 with a weight larger than the last-level cache (``linear M=1 ... > L3``; only when
+  timing, not in the smoke run): dfqkern W4A8 / W2A8 against the DRAM copy floor of the same bytes.
 
 dfqkern rows are measured at every ISA level this CPU supports (``[avx512vnni]``, ``[avx2]``);
 the plain ``dfqkern`` row uses the automatic choice.
@@ -34,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +75,30 @@ def _isas() -> list[str]:
 
 ISAS = _isas()
 IMPL_ISAS = [None] + ISAS  # None: automatic choice
+
+
+def _ort():
+    """onnxruntime, or a skip naming the extra."""
+    return pytest.importorskip("onnxruntime", reason="onnxruntime rows need the export extra: "
+                                                     "pip install dfqkern[export]")
+
+
+def _ort_session(model_bytes: bytes):
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest cache cpu0 sees (sysfs), None when unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        txt = f.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        sizes.append(int(txt.rstrip("KMG")) * mult)
+    return max(sizes) if sizes else None
 
 
 def _label(name: str, isa: str | None) -> str:
@@ -136,6 +169,88 @@ def test_linear_dfqkern(benchmark, group, wbits, isa):
     act = ActQuant(8, per_token=True)
     run(benchmark, group, f"dfqkern W{wbits}A8", lambda: dispatch.linear(x, pw, b, act), "dfqkern", isa,
         weight_bytes=pw.nbytes(), wbits=wbits)
+
+
+def _matmul_nbits_session(m: int, k: int, n: int, bits: int, block: int = 128):
+    """onnxruntime's ``MatMulNBits`` (com.microsoft) with random packed weights, no zero points
+    (the symmetric default 2**(bits-1)), int8 compute (accuracy_level 4)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    kb = (k + block - 1) // block
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, (n, kb, block * bits // 8), dtype=np.uint8)
+    scales = (rng.random(n * kb, dtype=np.float32) * 0.01).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=block, accuracy_level=4)
+    graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+                              initializer=[numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return _ort_session(model.SerializeToString()), b.nbytes + scales.nbytes
+
+
+@pytest.mark.parametrize("group", list(LINEAR))
+@pytest.mark.parametrize("wbits", [4, 2])
+def test_linear_onnxruntime_matmulnbits(benchmark, group, wbits):
+    _ort()
+    pytest.importorskip("onnx", reason="the MatMulNBits row builds its graph with onnx (pip install dfqkern[export])")
+    m, k, n = LINEAR[group]
+    sess, nbytes = _matmul_nbits_session(m, k, n, wbits)
+    a = torch.randn(m, k).numpy()
+    run(benchmark, group, f"onnxruntime MatMulNBits W{wbits} block 128 int8", lambda: sess.run(None, {"A": a}),
+        "baseline", weight_bytes=nbytes, wbits=wbits)
+
+
+@pytest.mark.parametrize("group", list(LINEAR))
+def test_linear_torch_int4pack(benchmark, group):
+    m, k, n = LINEAR[group]
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    if op is None:
+        pytest.skip(f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu")
+    g = torch.Generator().manual_seed(0)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g), 2)
+    scales_zeros = (torch.rand(k // 128, n, 2, generator=g) * 0.01).to(torch.bfloat16)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    run(benchmark, group, "torch _weight_int4pack_mm_for_cpu W4 bf16 group 128",
+        lambda: op(x, packed, 128, scales_zeros), "baseline", weight_bytes=n * k // 2, wbits=4)
+
+
+def _dram_rows(wbits: int) -> int:
+    """Rows of a K=4096 weight whose ``wbits`` packed bytes are at least twice the last-level cache."""
+    llc = last_level_cache_bytes() or 32 << 20
+    return -(-2 * llc // (4096 * wbits // 8) // 4096) * 4096
+
+
+@pytest.mark.parametrize("wbits", [4, 2])
+@pytest.mark.parametrize("isa", IMPL_ISAS)
+def test_linear_beyond_cache(benchmark, wbits, isa):
+    """M=1 GEMV on a weight twice the last-level cache, and the DRAM copy floor of the same bytes."""
+    if benchmark.disabled:
+        pytest.skip("weights larger than L3 are timed only with --benchmark-enable (GiBs of memory)")
+    n, k = _dram_rows(wbits), 4096
+    group = f"linear M=1 K=4096 N={n} (W{wbits} weight 2x L3)"
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (n, k * wbits // 8), dtype=torch.uint8, generator=g)
+    pw = PackedWeight(data, torch.rand(n, generator=g) * 0.01 + 0.001,
+                      torch.full((n,), 2 ** (wbits - 1), dtype=torch.int32), wbits, k, (n, k))
+    x, act = torch.randn(1, k), ActQuant(8, per_token=True)
+    run(benchmark, group, f"dfqkern W{wbits}A8", lambda: dispatch.linear(x, pw, None, act), "dfqkern", isa,
+        weight_bytes=pw.nbytes(), wbits=wbits)
+
+
+@pytest.mark.parametrize("wbits", [4, 2])
+def test_linear_beyond_cache_floor(benchmark, wbits):
+    if benchmark.disabled:
+        pytest.skip("weights larger than L3 are timed only with --benchmark-enable (GiBs of memory)")
+    n = _dram_rows(wbits)
+    nbytes = n * 4096 * wbits // 8
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    run(benchmark, f"linear M=1 K=4096 N={n} (W{wbits} weight 2x L3)",
+        f"DRAM floor W{wbits} (copy {nbytes >> 20} MiB / 2)", lambda: dst.copy_(src), "floor",
+        weight_bytes=nbytes, wbits=wbits)
 
 
 @pytest.mark.parametrize("wbits", [4, 2])
@@ -269,6 +384,43 @@ def packed_models():
 def test_model_fp32(benchmark, group, packed_models):
     fm, _, x = packed_models[group]
     run(benchmark, group, "fp32 eager", lambda: fm(x), "baseline", primary=True)
+
+
+def _onnx_float_model(fm, x) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fm, (x,), buf, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("group", list(MODELS))
+@pytest.mark.parametrize("impl", ["fp32", "int8 QDQ static"])
+def test_model_onnxruntime(benchmark, group, impl, packed_models, tmp_path):
+    _ort()
+    pytest.importorskip("onnx", reason="exporting the float model needs onnx (pip install dfqkern[export])")
+    fm, _, x = packed_models[group]
+    model = _onnx_float_model(fm, x)
+    if impl != "fp32":
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        class Images(CalibrationDataReader):  # the same random images the packed model was calibrated on
+            def __init__(self):
+                g = torch.Generator().manual_seed(0)
+                self.batches = iter([{"x": torch.randn(1, *x.shape[1:], generator=g).numpy()} for _ in range(8)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+        src.write_bytes(model)
+        quantize_static(str(src), str(dst), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        model = dst.read_bytes()
+    sess, feed = _ort_session(model), {"x": x.numpy()}
+    run(benchmark, group, f"onnxruntime {impl}", lambda: sess.run(None, feed), "baseline")
 
 
 @pytest.mark.parametrize("group", list(MODELS))
