@@ -22,17 +22,33 @@ What the exported graph holds, per packed layer (BatchNorm is already folded int
   layer (ReLU, pooling, residual adds, flatten, LayerNorm, GELU, ...) is exported as it is, by
   torch's TorchScript-based ONNX exporter (``torch.onnx.export(dynamo=False)``, which needs no
   onnxscript), which traces the model with the packed layers swapped for modules that emit these
-  nodes. Standalone activation quantizers (e.g. the attention-matmul operands of
-  :mod:`dfqkern.calib.vit`) become Q/DQ pairs the same way.
+  nodes. Standalone activation quantizers become Q/DQ pairs the same way.
+* **Quantized attention** (the swapped modules of :mod:`dfqkern.nn.attention`: timm ``Attention``,
+  Swin ``WindowAttention``, ``nn.MultiheadAttention``, also inside ``nn.TransformerEncoderLayer``):
+  the module's own steps (projections, reshapes, masks, ``q`` scaled by ``1/sqrt(d)``) are traced as
+  they are; its two matmuls become ``Q/DQ(q) -> MatMul <- Q/DQ(k^T)`` (int8 per tensor, codes
+  shifted as above), ``+ bias``, ``Softmax``, then the two-range softmax grid as
+  two int8 branches with zero point 0 (codes ``0 ... 127`` need no shift): ``Less(p, boundary)``
+  picks the range, ``Where(fine, p, 0)`` is quantized with the fine step and ``Where(fine, 0, p)``
+  with the coarse step, each feeds its own ``MatMul`` with ``Q/DQ(v)`` and the two are added: the
+  packed path's two integer matmuls. The boundary is the first float32 probability dfqkern's grid
+  puts on the coarse range (its test ``round(p * (1 / fine)) <= 127`` is monotone in ``p``), so the
+  range choice is bit-exact; each branch's QuantizeLinear saturates at 127, dfqkern's clamp. An
+  element's code in the other range is 0 in both. onnxruntime fuses each Q/DQ ``MatMul`` into an
+  integer ``MatMulIntegerToFloat``.
 
-Numerics: the graph computes the packed model's function; a runtime's arithmetic differs in two
+Numerics: the graph computes the packed model's function; a runtime's arithmetic differs in three
 places. (1) It accumulates in float (or fuses into its own integer kernels with a float
 requantization) where dfqkern's packed kernels accumulate exactly in int32 and apply
 ``acc * (s_a * s_w) + bias``; (2) ONNX QuantizeLinear divides by the scale where dfqkern multiplies
-by ``1 / scale``. Both are float32 rounding errors, which move a value lying on a rounding boundary
-of the next layer's activation grid by one code (a few elements per image). Logits therefore agree
+by ``1 / scale``; (3) its float ops (LayerNorm, GELU, Softmax, ...) round differently from torch's
+(about 1e-6 relative). All are float32 rounding errors, which move a value lying on a rounding
+boundary of the next layer's activation grid by one code (a few elements per image). Logits therefore agree
 to a small fraction of their range and only near-tie images can change their top-1 (tested: CIFAR-10
-ResNet-20 W8A8 / W4A8, top-1 within 0.1 point over the 5,000 dev images). Two onnxruntime (1.32)
+ResNet-20 W8A8 / W4A8, top-1 within 0.1 point over the 5,000 dev images). A ViT feels one such code
+more (it reaches every token through attention): in the tests about half of the images flip no code
+and match to float precision, the others move by up to about 4 % of the logits' range, on average a
+quarter of what the quantization itself moves them (random-init CIFAR ViTs, W8A8). Two onnxruntime (1.32)
 defaults change the model more than that: its ``WeightBiasQuantization`` pass rounds each float Conv
 / Gemm bias to int32 at scale ``s_a * s_w`` (up to half an accumulator step per output), and the
 ``MatMulNBits`` kernel it fuses a 4-bit-weight ``DequantizeLinear -> MatMul`` into quantizes the
@@ -48,9 +64,15 @@ Refused, with an error naming the layer and its scheme, never exported as a diff
 * 4-bit activations (``a4``): TensorRT's INT4 is weight-only and onnxruntime disables its QDQ
   fusions for 4-bit types, so an A4 QDQ graph would not run as an A4 model anywhere. Export such a
   model as ``.pt2`` (:mod:`dfqkern.export.pt2`), or keep those layers at 8-bit activations
-  (``LayerRule(..., act_bits=8)``).
-* Per-token (dynamic) activation scales: QuantizeLinear's scale is a build-time constant.
-* Unpacked (fake-quant) layers: call :func:`dfqkern.pack_model` first.
+  (``LayerRule(..., act_bits=8)``). Attention-matmul operands take the activation bits of their
+  module's input projection: A4 operands are refused the same way.
+* Per-token (dynamic) activation scales, and so attention operands with per-token ``q`` / ``k`` and
+  per-channel ``v`` (``act_granularity="per_token"``): QuantizeLinear's scale is a build-time constant.
+* Per-head attention operand scales (``attn_granularity="per_head"``): a per-axis QDQ graph is valid
+  ONNX, but onnxruntime 1.32 fuses its DequantizeLinear into a ``MatMulIntegerToFloat`` that rejects
+  the per-head zero point at run time, and TensorRT quantizes activations per tensor.
+* Unpacked (fake-quant) layers and attention modules: call :func:`dfqkern.pack_model` first.
+* Any other module that computes on quantized operands of its own (none ships today).
 * ``target="tensorrt"`` additionally refuses any non-zero zero point (TensorRT quantization is
   symmetric): quantize with ``weight_symmetric=True, act_symmetric=True``. For that target every
   weight is an int8 initializer (TensorRT's INT4 is for weight-only layers, and these layers
@@ -64,6 +86,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -77,6 +100,7 @@ from .._version import __version__
 from ..formats import matrix_to_conv_weight, symmetric_zero_point
 from ..model_info import model_info, unwrap
 from ..nn import ActQuantizer, QuantConv2d, QuantLayer
+from ..nn.attention import HeadActQuantizer, QuantAttentionBase, SoftmaxQuantizer
 from .paths import check_out_file
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "TARGETS", "OnnxExportError", "export_onnx",
@@ -144,7 +168,7 @@ def _act_qparams(quantizer: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _OnnxActQuant(nn.Module):
-    """A standalone per-tensor 8-bit activation quantizer as a Q/DQ pair."""
+    """A per-tensor 8-bit activation quantizer as a Q/DQ pair."""
 
     def __init__(self, quantizer: ActQuantizer):
         super().__init__()
@@ -194,6 +218,74 @@ class _OnnxQuantLayer(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _first_coarse_probability(quant: SoftmaxQuantizer) -> torch.Tensor:
+    """The smallest float32 ``p`` that dfqkern's two-range softmax grid puts on the coarse range.
+
+    dfqkern picks the fine range where ``round_half_even(p * (1 / fine)) <= levels`` (float32 product);
+    that product rounds monotonically in ``p``, so the fine range is exactly ``p < this``: one ``Less``
+    reproduces the choice bit for bit, with no division whose rounding could differ from the product.
+    """
+    fine, _ = quant.steps()
+    inv = 1.0 / fine  # float32, as in SoftmaxQuantizer.codes
+
+    def coarse(p):
+        return bool(torch.round(p * inv) > quant.levels)
+
+    p = torch.tensor((quant.levels + 0.5) / float(inv), dtype=torch.float32)  # within an ulp or two
+    down, up = torch.tensor(-math.inf), torch.tensor(math.inf)
+    while coarse(p):
+        p = torch.nextafter(p, down)
+    while not coarse(p):
+        p = torch.nextafter(p, up)
+    return p
+
+
+class _OnnxAttention(nn.Module):
+    """The two matmuls of a packed quantized attention module (:mod:`dfqkern.nn.attention`) as QDQ.
+
+    ``q``, ``k``, ``v``: Q/DQ per tensor, as their quantizers; ``scores = q @ k^T (+ bias)``, softmax.
+    The two-range softmax grid becomes two int8 Q/DQ branches with
+    zero point 0 (codes ``0 ... levels``, no shift needed), selected by ``Less`` on the range boundary: the
+    fine branch quantizes ``Where(fine, p, 0)`` with the fine step, the coarse branch ``Where(fine, 0, p)``
+    with the coarse step (the element's code in the other range is 0, as in dfqkern), each feeding its own
+    ``MatMul`` with ``v``; the sum is ``attn @ v``, the two integer matmuls of the packed path."""
+
+    def __init__(self, attn: QuantAttentionBase):
+        super().__init__()
+        self.q_quant, self.k_quant, self.v_quant = (_OnnxActQuant(attn.q_quant), _OnnxActQuant(attn.k_quant),
+                                                    _OnnxActQuant(attn.v_quant))
+        fine, coarse = attn.attn_quant.steps()
+        self.register_buffer("fine_step", fine.clone())
+        self.register_buffer("coarse_step", coarse.clone())
+        self.register_buffer("softmax_zero_point", torch.tensor(0, dtype=torch.int8))
+        self.register_buffer("first_coarse", _first_coarse_probability(attn.attn_quant))
+
+    def attend(self, q, k, v, bias=None, dropout_p: float = 0.0, need_probs: bool = False):
+        """:meth:`QuantAttentionBase.attend` (inference): ``(out, dequantized probabilities or None)``."""
+        # k^T is quantized (not k): elementwise, so the same codes; the DQ then feeds the MatMul directly (with
+        # DQ -> Transpose -> MatMul, onnxruntime 1.32's QDQPropagationTransformer writes an invalid QuantizeLinear)
+        q, k_t, v = self.q_quant(q), self.k_quant(k.transpose(-2, -1)), self.v_quant(v)
+        scores = q @ k_t
+        if bias is not None:
+            scores = scores + bias
+        p = scores.softmax(dim=-1)
+        fine = p < self.first_coarse
+        p_fine = _QuantDequant.apply(torch.where(fine, p, 0.0), self.fine_step, self.softmax_zero_point)
+        p_coarse = _QuantDequant.apply(torch.where(fine, 0.0, p), self.coarse_step, self.softmax_zero_point)
+        out = p_fine @ v + p_coarse @ v
+        return out, (p_fine + p_coarse) if need_probs else None
+
+
+def _install_onnx_attention(attn: QuantAttentionBase) -> None:
+    """Make ``attn`` (a module of the export copy) compute its matmuls as :class:`_OnnxAttention`."""
+    matmuls = _OnnxAttention(attn)
+    attn.q_quant = attn.k_quant = attn.v_quant = attn.attn_quant = None
+    attn.onnx_matmuls = matmuls
+    # an instance attribute shadows QuantAttentionBase.attend for this (deep-copied) module only; its forward
+    # (projections, reshapes, masks) is traced unchanged
+    attn.attend = matmuls.attend
+
+
 # ----------------------------------------------------------------------------- checks
 
 def _scheme(layer: QuantLayer) -> str:
@@ -227,6 +319,28 @@ def _standalone_problem(q: ActQuantizer) -> str | None:
     return None
 
 
+def _attention_problem(attn: QuantAttentionBase, name: str, target: str) -> str | None:
+    """Why the quantized attention module ``name``'s matmuls cannot become QDQ (None: they can, or run in float)."""
+    if attn.bits is None:
+        return None
+    if not attn.is_packed:
+        return "is not packed (fake-quant mode): export a packed model (dfqkern.pack_model or dfqkern.load_quantized)"
+    for operand, q in (("q", attn.q_quant), ("k", attn.k_quant), ("v", attn.v_quant)):
+        if isinstance(q, HeadActQuantizer):
+            return (f"per-head scales on its {operand} operand (attn_granularity='per_head'): onnxruntime (1.32) "
+                    f"fuses a per-head DequantizeLinear into an integer MatMul that then fails to run, and TensorRT "
+                    f"quantizes activations per tensor; quantize with attn_granularity='per_tensor', or export .pt2")
+        if type(q) is not ActQuantizer:
+            return f"a {type(q).__name__} on its {operand} operand, which has no ONNX QDQ form"
+        if why := _act_problem(q, target):
+            proj = next((f"{name}.{n}" for n, c in attn.named_children() if c is attn.input_projection()), name)
+            return f"{operand} operand (at the activation bits of {proj!r}) with {why}"
+    if type(attn.attn_quant) is not SoftmaxQuantizer or attn.attn_quant.levels > 127:
+        return (f"a {type(attn.attn_quant).__name__} ({attn.attn_quant.bits}-bit) on the softmax output, which has "
+                f"no int8 QDQ form here")
+    return None
+
+
 def onnx_export_problems(model: nn.Module, target: str = "onnxruntime") -> dict[str, str]:
     """``{module name: why it cannot be exported}`` for ``target`` (empty when the model exports)."""
     if target not in TARGETS:
@@ -245,13 +359,16 @@ def onnx_export_problems(model: nn.Module, target: str = "onnxruntime") -> dict[
             elif target == "tensorrt" and bool((m.w_zero != symmetric_zero_point(m.lq.weight_bits)).any()):
                 problems[name] = (f"{where} has asymmetric weight zero points: TensorRT quantization is symmetric "
                                   f"(zero point 0); quantize with weight_symmetric=True for target='tensorrt'")
+        elif isinstance(m, QuantAttentionBase):
+            covered.update(id(q) for q in (m.q_quant, m.k_quant, m.v_quant, m.attn_quant) if q is not None)
+            if why := _attention_problem(m, name, target):
+                problems[name] = f"attention module {name!r} ({type(m).__name__}, a{m.bits} matmuls) has {why}"
         elif not isinstance(m, ActQuantizer) and hasattr(m, "is_packed") and (
                 m.is_packed is True or any(isinstance(c, ActQuantizer) for c in m.children())):
-            # a swapped attention module with quantized matmul operands (dfqkern.nn.attention)
+            # another module computing on quantized operands itself: no QDQ form is known for it
             covered.update(id(c) for c in m.modules())
-            problems[name] = (f"module {name!r} ({type(m).__name__}) quantizes its attention-matmul operands: the "
-                              f"ONNX QDQ export carries quantized Conv2d / Linear layers and per-tensor activation "
-                              f"quantizers only; export .pt2 (dfqkern export --format pt2)")
+            problems[name] = (f"module {name!r} ({type(m).__name__}) computes on quantized operands of its own, "
+                              f"which the ONNX QDQ export has no form for; export .pt2 (dfqkern export --format pt2)")
     for name, q in model.named_modules():
         if isinstance(q, ActQuantizer) and id(q) not in covered and q.mode != "off":
             where = f"activation quantizer {name!r} (a{q.bits})"
@@ -398,6 +515,12 @@ def export_onnx(model, out_path, example_inputs=None, *, opset: int | None = Non
             int4_weights.add(f"{name}.{_WEIGHT_SUFFIX}")
         layers[name] = {"scheme": _scheme(layer), "weight_container": container,
                         "activations": "float" if layer.a_quant is None else "int8"}
+    attention: dict[str, dict] = {}
+    for name, attn in [(n, m) for n, m in export_model.named_modules()
+                       if isinstance(m, QuantAttentionBase) and m.bits is not None]:
+        attention[name] = {"operands": "int8 per tensor", "softmax": "two-range int8",
+                           "softmax_shift": int(attn.attn_quant.shift)}
+        _install_onnx_attention(attn)
     standalone = [(n, m) for n, m in export_model.named_modules()
                   if isinstance(m, ActQuantizer) and m.mode == "quant"]
     for name, q in standalone:
@@ -456,6 +579,8 @@ def export_onnx(model, out_path, example_inputs=None, *, opset: int | None = Non
             "dfqkern.activations": "int8 QDQ; zero point = dfqkern zero point - 128",
             "dfqkern.weights": "per-channel DequantizeLinear; value = dfqkern code - 2**(bits-1)",
             "dfqkern.layers": json.dumps(layers, sort_keys=True)}
+    if attention:
+        meta["dfqkern.attention"] = json.dumps(attention, sort_keys=True)
     spec = info.input_spec
     if spec is not None:
         meta["dfqkern.input_spec"] = json.dumps(spec.to_dict(), sort_keys=True)
