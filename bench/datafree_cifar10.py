@@ -16,29 +16,24 @@ are read from ``bench/results/cifar10_real.json`` for the comparison column.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see accuracy_cifar10.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESULTS_DIR, Results, Timer, add_choices, add_run_flags, comma_list, document,  # noqa: E402
+                    generated_by, join_key, now, parser, run_meta, table_head, top1)
+from accuracy_cifar10 import MODEL, SETTINGS, open_cifar10, row_summary, run_row  # noqa: E402
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_cifar10 import MODEL, ROOT, SETTINGS, choice_list, git_commit, open_cifar10, run_row, save  # noqa: E402
 
 from dfqkern.data import calibration_tensor  # noqa: E402
 from dfqkern.datagen import filter_synthetic_set, generate_bn_inversion_set, load_synthetic  # noqa: E402
 from dfqkern.datagen.bn_inversion import DEFAULT_CE_WEIGHT  # noqa: E402
 from dfqkern.datagen.config import BNInversionConfig, parse_filters, pool_size  # noqa: E402
 from dfqkern.pipeline import tensor_transform  # noqa: E402
-from dfqkern.model_info import model_info
+from dfqkern.model_info import model_info  # noqa: E402
 
 SOURCES = ("dgh", "genie")
 # The table's source names -> dfqkern's inversion methods. "genie" rows were made by the labelled genie
@@ -50,7 +45,7 @@ DF_SETTINGS = ("w4a4", "w3a3", "w2a4")
 TARGET_DROP = {"w4a4": 2.0}  # data-free, first/last 8-bit
 TARGET_GAP_TO_REAL = {"w2a4": 2.0}  # points below the real-data result of the same method
 TIME_LIMIT_S = 20 * 60  # generation + calibration per setting
-REAL_RESULTS = ROOT / "bench" / "results" / "cifar10_real.json"
+REAL_RESULTS = RESULTS_DIR / "cifar10_real.json"
 
 
 def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str, filters: str = "") -> str:
@@ -69,7 +64,11 @@ def filter_steps(chain: str):
 
 
 def dataset_key(method: str, label_mode: str, seed: int, images: int, gen_iters: int, variant: str) -> str:
-    return f"{method}|{label_mode}|{images}|{gen_iters}|{seed}|{variant}"
+    return join_key(method, label_mode, images, gen_iters, seed, variant)
+
+
+def row_key(setting: str, dataset: str, calib_method: str, calib_iters: int) -> str:
+    return join_key(setting, dataset, calib_method, calib_iters)
 
 
 def migrate(results: dict) -> dict:
@@ -100,18 +99,18 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
     pool = pool_size(images, steps)
     base = f"{method}-{label_mode}-n{{}}-it{gen_iters}-s{seed}-{variant_name(ce_weight, dirichlet_alpha, label_mode)}"
     pool_dir = work_dir / base.format(pool)
-    wall, cpu = time.perf_counter(), time.process_time()
     options = dict(method=INVERSION_METHOD[method], label_mode=label_mode, iters=gen_iters, seed=seed,
                    ce_weight=ce_weight, dirichlet_alpha=dirichlet_alpha)
-    # shard_size = the set: dgh matches the statistics of the whole set, not of one shard.
-    generate_bn_inversion_set(pool_dir, fp_model, num_images=pool, input_shape=spec.input_size, mean=spec.mean,
-                              std=spec.std, shard_size=pool, model_id=MODEL, progress=progress, **options)
     out, chain = pool_dir, None
-    if steps:
-        out = work_dir / f"{base.format(images)}-{variant_name(ce_weight, dirichlet_alpha, label_mode, filters)}"
-        filter_synthetic_set(pool_dir, out, fp_model, steps, num_images=images, progress=progress,
-                             transform=tensor_transform(spec))
-        chain = load_synthetic(out, verify=False).manifest["filter"]["chain"]
+    with Timer() as timer:
+        # shard_size = the set: dgh matches the statistics of the whole set, not of one shard.
+        generate_bn_inversion_set(pool_dir, fp_model, num_images=pool, input_shape=spec.input_size, mean=spec.mean,
+                                  std=spec.std, shard_size=pool, model_id=MODEL, progress=progress, **options)
+        if steps:
+            out = work_dir / f"{base.format(images)}-{variant_name(ce_weight, dirichlet_alpha, label_mode, filters)}"
+            filter_synthetic_set(pool_dir, out, fp_model, steps, num_images=images, progress=progress,
+                                 transform=tensor_transform(spec))
+            chain = load_synthetic(out, verify=False).manifest["filter"]["chain"]
     cfg = BNInversionConfig.build(**options).to_dict()
     used = {"method": cfg["method"], "label_mode": cfg["label_mode"], "ce_weight": cfg["options"]["ce_weight"],
             "dirichlet_alpha": dirichlet_alpha if label_mode == "mixup" else None, "iters": gen_iters,
@@ -120,8 +119,7 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
             "filter": [{k: c[k] for k in ("kind", "keep_fraction", "candidates", "kept")} for c in chain or []]}
     if chain and chain[-1]["kind"] == "bn":
         used["filter_bn_loss"] = chain[-1]["set_bn_loss"]
-    return out, {"gen_wall_s": round(time.perf_counter() - wall, 1), "gen_cpu_s": round(time.process_time() - cpu, 1),
-                 "options": used}
+    return out, {"gen_wall_s": round(timer.wall, 1), "gen_cpu_s": round(timer.cpu, 1), "options": used}
 
 
 def dataset_options(ds: dict, r: dict, images: int) -> dict:
@@ -198,7 +196,7 @@ def render_markdown(results: dict) -> str:
     lines = [
         "# CIFAR-10 ResNet-20, data-free calibration (BatchNorm inversion)",
         "",
-        f"Generated by `python bench/datafree_cifar10.py` (do not edit by hand). Model `{MODEL}`, FP top-1 "
+        f"{generated_by(__file__)} Model `{MODEL}`, FP top-1 "
         f"**{fp:.2f} %** on the {results['dev_images']} dev test images. No real image is used for calibration: "
         f"{meta['images']} images per set are inverted from the model's BatchNorm statistics "
         f"({meta['gen_iters']} iterations, `generate_bn_inversion_set`, targets balanced over the 10 classes; "
@@ -214,9 +212,8 @@ def render_markdown(results: dict) -> str:
         "generated once and reused by the other settings; its time is charged to every row). Timing caveat: "
         "the 2-core CPU was shared with other jobs while this ran (1-minute load average listed).",
         "",
-        "| setting | data | seed | top-1 % | drop (pts) | real-data " + meta["calib_method"] + " | gap to real | "
-        "target hit / mass | gen s | calib s | total s | load | within target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_head("setting", "data", "seed", "top-1 %", "drop (pts)", f"real-data {meta['calib_method']}",
+                    "gap to real", "target hit / mass", "gen s", "calib s", "total s", "load", "within target"),
     ]
     rows = sorted(results["rows"].values(), key=lambda r: (DF_SETTINGS.index(r["setting"]), r["source"],
                                                            r["variant"], r["label_mode"], r["seed"]))
@@ -237,8 +234,7 @@ def render_markdown(results: dict) -> str:
               "Same inversion options for both label modes in a row (`ce0.5`: cross-entropy weight 0.5), except "
               "the `dfqkern defaults` rows: each label mode at the library's default weight "
               "(`DEFAULT_CE_WEIGHT`: single labels 1, mixup 0.5).", "",
-              "| setting | source | options | single labels | mixup labels | mixup - single |",
-              "|---|---|---|---|---|---|"]
+              *table_head("setting", "source", "options", "single labels", "mixup labels", "mixup - single")]
 
     def fmt(v):
         if not v:
@@ -267,22 +263,20 @@ def render_markdown(results: dict) -> str:
         opts.setdefault(_data_name(r), set()).add(options_text(o))
     lines += ["", "## Options per data name", "",
               f"{meta['gen_iters']} inversion iterations and {meta['images']} kept images everywhere.", "",
-              "| data | options |", "|---|---|"]
+              *table_head("data", "options")]
     lines += [f"| {name} | {'; '.join(sorted(texts))} |" for name, texts in sorted(opts.items())]
-    lines += ["", f"Package commit at the last run: `{meta['commit']}`.", ""]
-    return "\n".join(lines)
+    return document(lines, meta)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 data folder (model checkpoint + dev test images)")
-    p.add_argument("--settings", default=",".join(DF_SETTINGS), help=f"comma list of {list(DF_SETTINGS)}")
-    p.add_argument("--sources", default=",".join(SOURCES), help=f"comma list of inversion methods {list(SOURCES)}")
-    p.add_argument("--label-modes", default=",".join(LABEL_MODES), help=f"comma list of {list(LABEL_MODES)}")
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    p = parser(__doc__, "model checkpoint + dev test images")
+    add_choices(p, "--settings", DF_SETTINGS)
+    add_choices(p, "--sources", SOURCES, "inversion methods ")
+    add_choices(p, "--label-modes", LABEL_MODES)
+    p.add_argument("--seeds", default="0,1,2", type=comma_list(item=int), help="comma list of seeds")
     p.add_argument("--images", type=int, default=512, help="synthetic images per set (= calibration images)")
     p.add_argument("--gen-iters", type=int, default=200, help="BN-inversion iterations")
-    p.add_argument("--ce-weights", default="0.5,1",
+    p.add_argument("--ce-weights", default="0.5,1", type=comma_list(item=float),
                    help="comma list of weights of the target cross-entropy in the inversion loss (each runs "
                         "both label modes; dfqkern's defaults: 1 for single labels, 0.5 for mixup)")
     p.add_argument("--dirichlet-alpha", type=float, default=1.0, help="Dirichlet concentration of mixup weights")
@@ -291,85 +285,60 @@ def main(argv=None) -> int:
                         "each generates IMAGES / (product of keep fractions) images and keeps IMAGES")
     p.add_argument("--calib-method", default="qdrop", choices=("brecq", "qdrop", "genie"))
     p.add_argument("--calib-iters", type=int, default=1000, help="reconstruction iterations per unit")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work-dir", default=None, help="where synthetic sets are kept "
-                                                    "(default: $DFQKERN_CACHE_DIR or ~/.cache/dfqkern, /bench-datafree)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cifar10_datafree"))
-    p.add_argument("--fresh", action="store_true", help="discard rows already in the JSON")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_run_flags(p, "cifar10_datafree", work_dir=("synthetic sets are kept", "bench-datafree"))
     args = p.parse_args(argv)
-    lists = {name: choice_list(p, getattr(args, name), allowed, f"--{name.replace('_', '-')}")
-             for name, allowed in (("settings", DF_SETTINGS), ("sources", SOURCES), ("label_modes", LABEL_MODES))}
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        p.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
-    try:
-        ce_weights = [float(w) for w in args.ce_weights.split(",") if w]
-    except ValueError:
-        p.error(f"--ce-weights: expected a comma list of numbers, got {args.ce_weights!r}")
-    if not ce_weights or any(not w >= 0 for w in ce_weights):
-        p.error(f"--ce-weights: expected numbers >= 0, got {args.ce_weights!r}")
+    if not args.ce_weights or any(not w >= 0 for w in args.ce_weights):
+        p.error(f"--ce-weights: expected numbers >= 0, got {args.ce_weights}")
     chains = [c for c in args.filter_chains.split(",") if c]
     try:
         [filter_steps(c) for c in chains]
     except ValueError as err:
         p.error(f"--filter-chains: {err}")
     torch.set_num_threads(args.threads)
-    cache = Path(os.environ.get("DFQKERN_CACHE_DIR") or Path.home() / ".cache" / "dfqkern")
-    work_dir = Path(args.work_dir) if args.work_dir else cache / "bench-datafree"
 
     fp_model, dev, _ = open_cifar10(args.data_dir)
-    out = Path(args.out)
-    results = None
-    if out.with_suffix(".json").exists() and not args.fresh:
-        results = migrate(json.loads(out.with_suffix(".json").read_text()))
-    results = results or {"rows": {}, "datasets": {}}
+    table = Results(args.out, render_markdown, fresh=args.fresh, empty={"rows": {}, "datasets": {}}, upgrade=migrate)
+    results = table.data
     results.update(model=MODEL, dev_images=len(dev))
-    results["meta"] = {"images": args.images, "gen_iters": args.gen_iters, "calib_method": args.calib_method,
-                       "calib_iters": args.calib_iters, "threads": args.threads,
-                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                       "commit": git_commit()}
+    results["meta"] = run_meta(args.threads, images=args.images, gen_iters=args.gen_iters,
+                               calib_method=args.calib_method, calib_iters=args.calib_iters)
     if "fp_top1" not in results:
-        from dfqkern.evaluation import evaluate_top1
-
-        results["fp_top1"] = round(evaluate_top1(fp_model, dev, batch_size=500, progress=args.progress)["top1"], 2)
-    render = render_markdown
+        results["fp_top1"] = top1(fp_model, dev, args.progress)
 
     # Seed-major order: a partial run already holds a complete single-vs-mixup comparison per seed.
-    jobs = [(seed, source, ce, mode, chain) for seed in seeds for source in lists["sources"] for ce in ce_weights
-            for mode in lists["label_modes"] for chain in chains]
+    jobs = [(seed, source, ce, mode, chain) for seed in args.seeds for source in args.sources
+            for ce in args.ce_weights for mode in args.label_modes for chain in chains]
     for seed, source, ce, mode, chain in jobs:
         variant = variant_name(ce, args.dirichlet_alpha, mode, chain)
         dkey = dataset_key(source, mode, seed, args.images, args.gen_iters, variant)
-        pending = [s for s in lists["settings"]
-                   if f"{s}|{dkey}|{args.calib_method}|{args.calib_iters}" not in results["rows"]]
+        pending = [s for s in args.settings
+                   if row_key(s, dkey, args.calib_method, args.calib_iters) not in results["rows"]]
         if not pending:
             print(f"skip {dkey} (all settings measured)", flush=True)
             continue
         print(f"data {dkey}", flush=True)
-        set_dir, timing = generate(fp_model, work_dir, source, mode, seed, args.images, args.gen_iters,
+        set_dir, timing = generate(fp_model, args.work_dir, source, mode, seed, args.images, args.gen_iters,
                                    args.progress, ce, args.dirichlet_alpha, chain)
         synthetic = load_synthetic(set_dir, transform=tensor_transform(model_info(fp_model).input_spec))
         if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
             results["datasets"][dkey] = {**timing, **target_agreement(fp_model, synthetic), "path": str(set_dir)}
-            save(results, out, render)
+            table.save()
         ds = results["datasets"][dkey]
         print(f"  generated in {ds['gen_wall_s']:.0f}s, target hit {ds['target_hit_rate']:.2f} "
               f"mass {ds['target_mass']:.2f}", flush=True)
         calib = calibration_tensor(synthetic, len(synthetic), seed=seed)
         for setting in pending:
-            row = run_row(fp_model, dev, calib, setting, *SETTINGS[setting], args.calib_method,
-                          args.calib_iters, seed, args.progress)
-            row.update(source=source, label_mode=mode, dataset=dkey, variant=variant, ce_weight=ce,
-                       dirichlet_alpha=args.dirichlet_alpha if mode == "mixup" else None,
-                       total_wall_s=round(ds["gen_wall_s"] + row["calib_wall_s"], 1),
-                       finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-            results["rows"][f"{setting}|{dkey}|{args.calib_method}|{args.calib_iters}"] = row
-            save(results, out, render)
-            print(f"  {setting}: top-1 {row['top1']:.2f} (drop {results['fp_top1'] - row['top1']:.2f}) "
-                  f"calib {row['calib_wall_s']:.0f}s", flush=True)
-    save(results, out, render)
+            def compute():
+                row = run_row(fp_model, dev, calib, setting, *SETTINGS[setting], args.calib_method,
+                              args.calib_iters, seed, args.progress)
+                row.update(source=source, label_mode=mode, dataset=dkey, variant=variant, ce_weight=ce,
+                           dirichlet_alpha=args.dirichlet_alpha if mode == "mixup" else None,
+                           total_wall_s=round(ds["gen_wall_s"] + row["calib_wall_s"], 1), finished=now())
+                return row
+
+            table.row(row_key(setting, dkey, args.calib_method, args.calib_iters), compute,
+                      row_summary(results["fp_top1"]))
+    table.save()
     return 0
 
 

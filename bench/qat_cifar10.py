@@ -19,24 +19,19 @@ to ``bench/results/cifar10_qat.json`` at once and the markdown table is regenera
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see accuracy_cifar10.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (Results, Timer, add_choices, add_run_flags, cifar10_dir, comma_list, dev_set,  # noqa: E402
+                    document, generated_by, join_key, now, parser, run_meta, table_head, top1)
+from accuracy_cifar10 import MODEL  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_cifar10 import MODEL, ROOT, choice_list, git_commit, save  # noqa: E402
-
 from dfqkern.config import QuantConfig  # noqa: E402
 from dfqkern.qat import METHODS as QAT_METHODS, QATConfig, finetune  # noqa: E402
-from dfqkern.model_info import model_info
+from dfqkern.model_info import model_info  # noqa: E402
 
 # name -> (weight bits, activation bits, first/last bits)
 SETTINGS = {"w4a4": (4, 4, 8), "w3a3": (3, 3, 8), "w4a4-all": (4, 4, None), "w3a3-all": (3, 3, None)}
@@ -47,19 +42,18 @@ DOUBLE_SETTING = "w3a3"
 
 
 def row_key(setting: str, method: str, seed: int, epochs: int, iters: int) -> str:
-    return f"{setting}|{method}|{seed}|{epochs}x{iters}"
+    return join_key(setting, method, seed, f"{epochs}x{iters}")
 
 
 def open_dev(data_dir: "str | None", limit: "int | None" = None):
     """(pretrained ResNet-20, dev test set): only the dev images are opened, never the training set. ``limit``:
     a seeded random subset (the dev csv is sorted by class, so its first N images are one class)."""
-    from dfqkern.data import build_transform, default_cifar10_dir, open_dataset, random_subset
+    from dfqkern.data import random_subset
     from dfqkern.models import create_model
 
-    d = Path(data_dir) if data_dir else default_cifar10_dir()
+    d = cifar10_dir(data_dir)
     fp = create_model(MODEL, checkpoint=d / "resnet20-12fca82f.th")
-    dev = open_dataset(d / "cifar10_test_dev_jpeg.tar.gz", build_transform(model_info(fp).input_spec),
-                       labels_csv=d / "cifar10_test_dev_labels.csv")
+    dev = dev_set(d, model_info(fp).input_spec)
     return fp, (random_subset(dev, limit, seed=0) if limit else dev)
 
 
@@ -79,12 +73,6 @@ def start_images(fp, work_dir: Path, images: int, gen_iters: int, seed: int,
     return calibration_tensor(ds, len(ds), seed=seed), {"path": str(set_dir), **timing}
 
 
-def top1(model, dev, progress) -> float:
-    from dfqkern.evaluation import evaluate_top1
-
-    return round(evaluate_top1(model, dev, batch_size=500, progress=progress)["top1"], 2)
-
-
 def observer_start(fp, setting: str, calib: torch.Tensor):
     from dfqkern.quantize import calibrate_activations, quantize_model
 
@@ -97,12 +85,12 @@ def observer_start(fp, setting: str, calib: torch.Tensor):
 def run_ptq_row(fp, dev, calib, setting, method, seed, args) -> dict:
     from dfqkern.calib import CalibConfig, calibrate
 
-    wall = time.perf_counter()
-    q = observer_start(fp, setting, calib)
-    if method == "qdrop":
-        calibrate(q, fp, calib, CalibConfig(method="qdrop", iters=args.calib_iters, seed=seed, progress=args.progress))
-    wall = time.perf_counter() - wall
-    return {"kind": "ptq", "iters": 0 if method == "observer" else args.calib_iters, "wall_s": round(wall, 1),
+    with Timer() as t:
+        q = observer_start(fp, setting, calib)
+        if method == "qdrop":
+            calibrate(q, fp, calib, CalibConfig(method="qdrop", iters=args.calib_iters, seed=seed,
+                                                progress=args.progress))
+    return {"kind": "ptq", "iters": 0 if method == "observer" else args.calib_iters, "wall_s": round(t.wall, 1),
             "top1": top1(q, dev, args.progress)}
 
 
@@ -110,16 +98,14 @@ def run_qat_row(fp, dev, calib, setting, method, seed, epochs, start_top1, args)
     cfg = QATConfig(method=method, epochs=epochs, iters=args.iters, batch_size=args.batch_size,
                     warmup_epochs=args.warmup_epochs, generator_width=args.generator_width, seed=seed,
                     progress=args.progress)
-    load_before = os.getloadavg()[0]
-    wall, cpu = time.perf_counter(), time.process_time()
-    q = observer_start(fp, setting, calib)
-    finetune(q, fp, cfg)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    with Timer() as t:
+        q = observer_start(fp, setting, calib)
+        finetune(q, fp, cfg)
     acc = top1(q, dev, args.progress)
     return {"kind": "qat", "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
             "warmup_epochs": args.warmup_epochs, "top1": acc, "start_top1": start_top1,
-            "gain": round(acc - start_top1, 2), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "gain": round(acc - start_top1, 2), "wall_s": round(t.wall, 1), "cpu_s": round(t.cpu, 1),
+            "load_avg_1min": t.load,
             "history": q.dfqkern_qat_report["history"], "config": cfg.to_dict()}
 
 
@@ -151,7 +137,7 @@ def render_markdown(results: dict) -> str:
     lines = [
         "# CIFAR-10 ResNet-20, data-free quantization-aware training",
         "",
-        f"Generated by `python bench/qat_cifar10.py` (do not edit by hand). Model `{MODEL}`, FP top-1 **{fp:.2f} %** "
+        f"{generated_by(__file__)} Model `{MODEL}`, FP top-1 **{fp:.2f} %** "
         f"on {results['dev_images']} dev test images. No real image is used: the QAT start (observer) and the QDrop "
         f"row calibrate on {meta['start_images']} dgh mixup images inverted from the model's BatchNorm statistics "
         f"({meta['gen_iters']} iterations); QAT then trains a generator and the quantized model on generated images "
@@ -165,9 +151,8 @@ def render_markdown(results: dict) -> str:
         "`gain`: top-1 minus the observer start's. `within target`: W3A3 QAT rows must beat their start; W3A3 "
         "(first/last 8-bit) and W4A4-all must be within 1.0 point of FP; every row within 30 minutes wall.",
         "",
-        "| setting | method | seed | budget | top-1 % | drop (pts) | start top-1 | gain | wall s | student loss "
-        "first -> last epoch | within target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_head("setting", "method", "seed", "budget", "top-1 %", "drop (pts)", "start top-1", "gain", "wall s",
+                    "student loss first -> last epoch", "within target"),
     ]
     order = list(PTQ_METHODS) + list(QAT_METHODS)
     rows = sorted(results["rows"].values(), key=lambda r: (list(SETTINGS).index(r["setting"]),
@@ -182,21 +167,19 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {r['setting']} | {r['method']} | {r['seed']} | {budget} | {r['top1']:.2f} | "
                      f"{fp - r['top1']:.2f} | {start} | {gain} | {r['wall_s']:.0f} | {_loss_trend(r)} | "
                      f"{_verdict(r, fp)} |")
-    lines += ["", f"Package commit at the last run: `{meta['commit']}`.", ""]
-    return "\n".join(lines)
+    return document(lines, meta)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 data folder (model checkpoint + dev test images)")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {list(SETTINGS)}")
-    p.add_argument("--methods", default=",".join(PTQ_METHODS + QAT_METHODS),
-                   help=f"comma list of {list(PTQ_METHODS + QAT_METHODS)}")
-    p.add_argument("--seeds", default="0", help="seeds of every method")
-    p.add_argument("--multi-seed-methods", default="", help="methods also run with --multi-seeds (the best two)")
-    p.add_argument("--multi-seeds", default="0,1,2")
-    p.add_argument("--double-budget-method", default="", help=f"also run this QAT method at 2x epochs on "
-                                                                 f"{DOUBLE_SETTING}")
+    p = parser(__doc__, "model checkpoint + dev test images")
+    add_choices(p, "--settings", SETTINGS)
+    add_choices(p, "--methods", PTQ_METHODS + QAT_METHODS)
+    p.add_argument("--seeds", default="0", type=comma_list(item=int), help="seeds of every method")
+    add_choices(p, "--multi-seed-methods", QAT_METHODS, default="",
+                help="methods also run with --multi-seeds (the best two)")
+    p.add_argument("--multi-seeds", default="0,1,2", type=comma_list(item=int))
+    add_choices(p, "--double-budget-method", QAT_METHODS, default="",
+                help=f"also run this QAT method at 2x epochs on {DOUBLE_SETTING}")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters", type=int, default=200, help="QAT iterations per epoch")
     p.add_argument("--batch-size", type=int, default=32)
@@ -208,80 +191,54 @@ def main(argv=None) -> int:
     p.add_argument("--gen-iters", type=int, default=200, help="BN-inversion iterations of that set")
     p.add_argument("--calib-iters", type=int, default=1000, help="QDrop iterations per unit")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on N random dev images (smoke runs)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work-dir", default=None, help="where the dgh set is kept (default: $DFQKERN_CACHE_DIR or "
-                                                    "~/.cache/dfqkern, /bench-datafree, shared with datafree_cifar10)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cifar10_qat"))
-    p.add_argument("--fresh", action="store_true", help="discard rows already in the JSON")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_run_flags(p, "cifar10_qat", work_dir=("the dgh set is kept, shared with datafree_cifar10", "bench-datafree"))
     args = p.parse_args(argv)
-    settings = choice_list(p, args.settings, SETTINGS, "--settings")
-    methods = choice_list(p, args.methods, PTQ_METHODS + QAT_METHODS, "--methods")
-    multi = choice_list(p, args.multi_seed_methods, QAT_METHODS, "--multi-seed-methods")
-    double = choice_list(p, args.double_budget_method, QAT_METHODS, "--double-budget-method")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-        multi_seeds = [int(s) for s in args.multi_seeds.split(",") if s]
-    except ValueError:
-        p.error("--seeds / --multi-seeds: expected comma lists of integers")
     QATConfig(epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
               generator_width=args.generator_width)  # a bad budget fails before any work
     torch.set_num_threads(args.threads)
-    cache = Path(os.environ.get("DFQKERN_CACHE_DIR") or Path.home() / ".cache" / "dfqkern")
-    work_dir = Path(args.work_dir) if args.work_dir else cache / "bench-datafree"
-
-    import json
 
     fp, dev = open_dev(args.data_dir, args.eval_limit)
-    out = Path(args.out)
-    results = None
-    if out.with_suffix(".json").exists() and not args.fresh:
-        results = json.loads(out.with_suffix(".json").read_text())
-    results = results or {"rows": {}}
+    table = Results(args.out, render_markdown, fresh=args.fresh, empty={"rows": {}})
+    results = table.data
     results.update(model=MODEL, dev_images=len(dev))
-    results["meta"] = {"epochs": args.epochs, "iters": args.iters, "batch_size": args.batch_size,
-                       "generator_width": args.generator_width,
-                       "warmup_epochs": args.warmup_epochs, "start_images": args.start_images,
-                       "gen_iters": args.gen_iters, "calib_iters": args.calib_iters, "threads": args.threads,
-                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                       "commit": git_commit()}
+    results["meta"] = run_meta(args.threads, epochs=args.epochs, iters=args.iters, batch_size=args.batch_size,
+                               generator_width=args.generator_width, warmup_epochs=args.warmup_epochs,
+                               start_images=args.start_images, gen_iters=args.gen_iters, calib_iters=args.calib_iters)
     if "fp_top1" not in results:
         results["fp_top1"] = top1(fp, dev, args.progress)
 
     jobs = []  # (setting, method, seed, epochs)
-    for setting in settings:
-        for method in methods:
+    for setting in args.settings:
+        for method in args.methods:
             qat = method in QAT_METHODS
-            for seed in sorted(set(seeds) | (set(multi_seeds) if method in multi else set())):
+            for seed in sorted(set(args.seeds) | (set(args.multi_seeds) if method in args.multi_seed_methods else set())):
                 jobs.append((setting, method, seed, args.epochs if qat else 0))
-    for method in double:
-        jobs.append((DOUBLE_SETTING, method, seeds[0], 2 * args.epochs))
+    for method in args.double_budget_method:
+        jobs.append((DOUBLE_SETTING, method, args.seeds[0], 2 * args.epochs))
     calib = None
     for setting, method, seed, epochs in jobs:
         key = row_key(setting, method, seed, epochs,
                       args.iters if epochs else args.calib_iters if method == "qdrop" else 0)
-        if key in results["rows"]:
+        if key in table.rows:
             print(f"skip {key}", flush=True)
             continue
         if calib is None:
-            calib, results["start_set"] = start_images(fp, work_dir, args.start_images, args.gen_iters, 0,
+            calib, results["start_set"] = start_images(fp, args.work_dir, args.start_images, args.gen_iters, 0,
                                                        args.progress)
-        start_key = row_key(setting, "observer", seed, 0, 0)
-        if method in QAT_METHODS and start_key not in results["rows"]:
-            results["rows"][start_key] = {"setting": setting, "method": "observer", "seed": seed,
-                                          **run_ptq_row(fp, dev, calib, setting, "observer", seed, args)}
-        print(f"row {key}", flush=True)
-        if method in QAT_METHODS:
-            row = run_qat_row(fp, dev, calib, setting, method, seed, epochs, results["rows"][start_key]["top1"], args)
-        else:
+
+        def ptq(method):
             row = run_ptq_row(fp, dev, calib, setting, method, seed, args)
-        row.update(setting=setting, method=method, seed=seed,
-                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        results["rows"][key] = row
-        save(results, out, render_markdown)
-        print(f"  top-1 {row['top1']:.2f} (drop {results['fp_top1'] - row['top1']:.2f}) in {row['wall_s']:.0f}s",
-              flush=True)
-    save(results, out, render_markdown)
+            return {**row, "setting": setting, "method": method, "seed": seed, "finished": now()}
+
+        def qat_row():  # after the observer start of the same setting and seed (its top-1 is the row's start)
+            start_key = row_key(setting, "observer", seed, 0, 0)
+            start = table.rows.get(start_key) or table.row(start_key, lambda: ptq("observer"))
+            row = run_qat_row(fp, dev, calib, setting, method, seed, epochs, start["top1"], args)
+            return {**row, "setting": setting, "method": method, "seed": seed, "finished": now()}
+
+        table.row(key, qat_row if method in QAT_METHODS else lambda: ptq(method),
+                  lambda r: f"top-1 {r['top1']:.2f} (drop {results['fp_top1'] - r['top1']:.2f}) in {r['wall_s']:.0f}s")
+    table.save()
     return 0
 
 

@@ -136,18 +136,14 @@ def test_fake_quant(rec, kernels, name, backend):
     fwd = lambda: mod.fake_quant_forward(x, scale, zp, 8, axis)  # noqa: E731
     rec.measure(fwd, section="fake-quant fwd", case=name, impl=impl, vs=[FQ_TORCH_FWD], backend=backend,
                 check=_close(fwd, lambda: R.fake_quant_forward(x, scale, zp, 8, axis), rtol=0, atol=0))
+
+
+def _fake_quant_step(mod, name):
+    x, g, scale, zp, axis = _fq_inputs(name)
     zf = zp.float()
-
-    def step():
-        mod.fake_quant_forward(x, scale, zf, 8, axis)
-        return mod.fake_quant_backward(g, x, scale, zf, 8, axis)
-
-    def check():
-        gx, _, _ = step()
-        assert torch.equal(gx, R.fake_quant_backward(g, x, scale, zf, 8, axis)[0]), "grad_x differs from the reference"
-
-    rec.measure(step, section="fake-quant fwd+bwd", case=name, impl=impl, vs=[FQ_TORCH_LSQ], backend=backend,
-                check=check)
+    return (lambda: mod.fake_quant_forward(x, scale, zf, 8, axis),
+            lambda: mod.fake_quant_backward(g, x, scale, zf, 8, axis),
+            lambda: R.fake_quant_backward(g, x, scale, zf, 8, axis))
 
 
 ADA = {"ViT-B fc1 weight [3072, 768]": (3072, 768), "ViT-B fc2 weight [768, 3072]": (768, 3072),
@@ -179,22 +175,33 @@ def test_adaround_baseline(rec, name):
     rec.measure(eager, section="adaround fwd+bwd", case=name, impl=ADA_EAGER, role="baseline")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(ADA))
-def test_adaround(rec, kernels, name, backend):
-    mod = kernels(backend)
+def _adaround_step(mod, name):
     base, v, scale, zp, g = _ada_inputs(name)
+    return (lambda: mod.adaround_forward(base, v, scale, zp, ADA_BITS, 0, ADA_BETA, False),
+            lambda: mod.adaround_backward(g, base, v, scale, zp, ADA_BITS, 0, ADA_BETA, ADA_LAMBDA),
+            lambda: R.adaround_backward(g, base, v, scale, zp, ADA_BITS, 0, ADA_BETA, ADA_LAMBDA))
 
-    def fused():
-        mod.adaround_forward(base, v, scale, zp, ADA_BITS, 0, ADA_BETA, False)
-        return mod.adaround_backward(g, base, v, scale, zp, ADA_BITS, 0, ADA_BETA, ADA_LAMBDA)
 
-    def check():
-        want = R.adaround_backward(g, base, v, scale, zp, ADA_BITS, 0, ADA_BETA, ADA_LAMBDA)[0]
-        torch.testing.assert_close(fused()[0], want, rtol=1e-4, atol=1e-6)
+# One training step of a fused op: (inputs -> forward, backward, reference backward), cases, section, the eager
+# baseline it is compared with, and the tolerance of its first gradient (fake-quant's grad_x is exact).
+STEPS = [pytest.param(make, name, section, baseline, tol, id=f"{section.split()[0]}-{name}")
+         for make, cases, section, baseline, tol in (
+             (_fake_quant_step, FQ, "fake-quant fwd+bwd", FQ_TORCH_LSQ, dict(rtol=0, atol=0)),
+             (_adaround_step, ADA, "adaround fwd+bwd", ADA_EAGER, dict(rtol=1e-4, atol=1e-6)))
+         for name in cases]
 
-    rec.measure(fused, section="adaround fwd+bwd", case=name, impl=f"{backend} fused", vs=[ADA_EAGER],
-                backend=backend, check=check)
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,name,section,baseline,tol", STEPS)
+def test_fused_step(rec, kernels, make, name, section, baseline, tol, backend):
+    forward, backward, reference_backward = make(kernels(backend), name)
+
+    def step():
+        forward()
+        return backward()
+
+    rec.measure(step, section=section, case=name, impl=f"{backend} fused", vs=[baseline], backend=backend,
+                check=_close(lambda: step()[0], lambda: reference_backward()[0], **tol))
 
 
 # ----------------------------------------------------------------------------- implicit-GEMM conv

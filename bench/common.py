@@ -1,0 +1,206 @@
+"""What the CIFAR-10 accuracy benchmarks (``bench/*_cifar10.py``) share: their common flags, the
+CIFAR-10 files they open, the results file a killed run resumes from, and the frame of each
+generated markdown table.
+
+Every script keeps its finished rows in ``--out``.json and regenerates ``--out``.md from that JSON
+after each row (:class:`Results`), so a run resumes at the next row and no table is typed by hand.
+Import this module before ``torch``: it sets the OpenMP wait policy the timings assume.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads
+# (torch's and the extension's) made each step up to 7x slower in our profile. Must precede `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dfqkern.data import build_transform, default_cifar10_dir, open_dataset  # noqa: E402
+from dfqkern.evaluation import evaluate_top1  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+# The CIFAR-10 files of the shared data folder (``--data-dir``).
+DEV_IMAGES, DEV_LABELS = "cifar10_test_dev_jpeg.tar.gz", "cifar10_test_dev_labels.csv"
+TRAIN_IMAGES = "cifar10_train_jpeg.tar.gz"
+EVAL_BATCH = 500
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parser(doc: str, data_dir_note: str = "") -> argparse.ArgumentParser:
+    """A script's parser: the first paragraph of its docstring ``doc`` as description, and --data-dir."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 data folder (default: $DFQKERN_CIFAR10_DIR or "
+                   "../shared/data/cifar10)" + (f"; {data_dir_note}" if data_dir_note else ""))
+    return p
+
+
+def comma_list(allowed=None, item=str):
+    """argparse ``type`` of a comma list: each item converted by ``item`` and, with ``allowed``, one of those
+    (argparse turns a bad item into a usage error naming the flag)."""
+    def parse(text: str) -> list:
+        items = [item(v) for v in text.split(",") if v]
+        bad = [v for v in items if allowed is not None and v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {list(allowed)}")
+        return items
+    parse.__name__ = "comma list"  # argparse's name for the type in 'invalid ... value' errors
+    return parse
+
+
+def add_choices(p: argparse.ArgumentParser, flag: str, allowed, what: str = "", default: "str | None" = None,
+                help: "str | None" = None) -> None:
+    """A flag taking a comma list of ``allowed`` items (default: all of them), parsed to a list."""
+    p.add_argument(flag, default=",".join(allowed) if default is None else default, type=comma_list(allowed),
+                   help=help or f"comma list of {what}{list(allowed)}")
+
+
+def add_run_flags(p: argparse.ArgumentParser, out_name: str, *, progress: bool = True,
+                  work_dir: "tuple[str, str] | None" = None) -> None:
+    """--threads, --out (``bench/results/<out_name>``), --fresh and, when asked, --progress and --work-dir
+    (``work_dir`` = (what is kept there, its folder under the cache); parsed as a path with the default
+    filled in)."""
+    p.add_argument("--threads", type=int, default=2)
+    if work_dir is not None:
+        what, sub = work_dir
+        p.add_argument("--work-dir", type=Path, default=cache_dir() / sub,
+                       help=f"where {what} (default: $DFQKERN_CACHE_DIR or ~/.cache/dfqkern, /{sub})")
+    p.add_argument("--out", default=str(RESULTS_DIR / out_name))
+    p.add_argument("--fresh", action="store_true", help="discard rows already in the JSON")
+    if progress:
+        p.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DFQKERN_CACHE_DIR") or Path.home() / ".cache" / "dfqkern")
+
+
+# ----------------------------------------------------------------------------- data and measurement
+
+def cifar10_dir(data_dir: "str | None") -> Path:
+    return Path(data_dir) if data_dir else default_cifar10_dir()
+
+
+def dev_set(data_dir: Path, spec):
+    """The labelled dev test images, preprocessed for a model with input spec ``spec``."""
+    return open_dataset(data_dir / DEV_IMAGES, build_transform(spec), labels_csv=data_dir / DEV_LABELS)
+
+
+def train_set(data_dir: Path, spec=None):
+    """The (unlabelled) training images; ``spec`` None: no transform yet (set one per model)."""
+    return open_dataset(data_dir / TRAIN_IMAGES, None if spec is None else build_transform(spec))
+
+
+def top1(model, dev, progress: bool = False) -> float:
+    return round(evaluate_top1(model, dev, batch_size=EVAL_BATCH, progress=progress)["top1"], 2)
+
+
+class Timer:
+    """Wall and process CPU seconds of a ``with`` block, and the 1-minute load average around it (the
+    benchmarks share their CPU, so a row's time is read beside the load it ran under)."""
+
+    def __enter__(self) -> "Timer":
+        self.load_before = os.getloadavg()[0]
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        self.load_after = os.getloadavg()[0]
+
+    @property
+    def load(self) -> list[float]:
+        return [round(self.load_before, 2), round(self.load_after, 2)]
+
+
+def now() -> str:
+    """UTC time stamp of a finished row."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_meta(threads: int, **settings) -> dict:
+    """A run's ``meta`` record: its ``settings`` plus the machine, threads, wait policy and package commit."""
+    return {**settings, "threads": threads, "commit": git_commit(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+
+
+# ----------------------------------------------------------------------------- results file
+
+def join_key(*fields) -> str:
+    """A row's key in the results JSON: the fields that identify it, joined by '|'."""
+    return "|".join(str(f) for f in fields)
+
+
+class Results:
+    """The rows finished so far (``out``.json, read back unless ``fresh``; ``empty`` when there is none)
+    and the markdown table ``render(data)`` regenerated from them at every save."""
+
+    def __init__(self, out, render, *, fresh: bool, empty: dict, upgrade=None):
+        self.out, self.render = Path(out), render
+        path = self.out.with_suffix(".json")
+        data = json.loads(path.read_text()) if path.exists() and not fresh else None
+        if data is not None and upgrade is not None:
+            data = upgrade(data)  # rows of older runs, renamed to today's keys
+        self.data = data or empty
+
+    @property
+    def rows(self) -> dict:
+        return self.data["rows"]
+
+    def row(self, key: str, compute, summary=None) -> dict:
+        """Row ``key``: the stored one when an earlier run finished it, else ``compute()`` now, stored and
+        saved at once; ``summary(row)`` is the line printed after it."""
+        if key in self.rows:
+            print(f"skip {key} (already measured)", flush=True)
+            return self.rows[key]
+        print(f"run {key}", flush=True)
+        row = self.rows[key] = compute()
+        self.save()
+        if summary is not None:
+            print(f"  {summary(row)}", flush=True)
+        return row
+
+    def save(self) -> None:
+        """Write ``out``.json and the markdown table rendered from it, each atomically."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        text_md = self.render(self.data)
+        for suffix, text in ((".json", json.dumps(self.data, indent=1, sort_keys=True)), (".md", text_md)):
+            tmp = self.out.with_suffix(suffix + ".tmp")
+            tmp.write_text(text + "\n")
+            os.replace(tmp, self.out.with_suffix(suffix))
+
+
+# ----------------------------------------------------------------------------- markdown frame
+
+def generated_by(script: str) -> str:
+    """The first words of a table's description, naming the script that writes it."""
+    return f"Generated by `python bench/{Path(script).name}` (do not edit by hand)."
+
+
+def table_head(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def document(lines: list[str], meta: dict) -> str:
+    """The table's markdown: ``lines`` and the package commit of the last run."""
+    return "\n".join([*lines, "", f"Package commit at the last run: `{meta['commit']}`.", ""])
