@@ -22,8 +22,8 @@ from .. import reference
 from ..contract import conv_output_size, pair, require_integer_dtype
 from .act_quant import launch_act_quant
 from .common import check_device, check_float_dtype, load_codes
-from .gemm import (WIDE_CENTER, autotune, check_out_dtype, m_bucket, store_output, tile_ids, weight_operand,
-                   weight_tile, zero_point_correction)
+from .gemm import (WIDE_CENTER, autotune, check_out_dtype, m_bucket, store_output, tile_ids, tile_span,
+                   weight_operand, weight_tile, zero_point_correction)
 
 
 @autotune(key=["M_BUCKET", "N", "K", "C", "KW", "W_SLOT", "FLOAT_OUT"])
@@ -35,15 +35,8 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp
                  POISON: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < M
-    cmask = cols < N
-    # output pixel of each GEMM row
-    nb = (rows // (OH * OW)).to(tl.int64)
-    pix = rows % (OH * OW)
-    oh = pix // OW
-    ow = pix % OW
+    rows, cols, rmask, cmask = tile_span(pid_m, pid_n, M, N, BM, BN)
+    nb, oh, ow = output_pixels(rows, OH, OW)
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
     a_zp = tl.load(a_zp_ptr).to(tl.int32)
@@ -72,12 +65,25 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp
         w = weight_tile(w_ptr, cols, ks, N, K, stride_wn, w_center, W_SLOT)
         acc = tl.dot(a.to(tl.int8), w, acc, out_dtype=tl.int32)
     acc = zero_point_correction(acc, a_sum, a_zp_rows, w_zp, w_center, w_sum, K, True, W_WIDE)
-    out_off = (nb * son + oh * soh + ow * sow)[:, None] + cols.to(tl.int64)[None, :] * soc
-    poison = 0.0
-    if POISON:
-        poison = window_poison(mark_ptr, nb, oh, ow, rmask, H, W, KH, KW, SH, SW, PH, PW, DH, DW)
-    store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, 0, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS, True, poison, POISON)
+    store_conv_output(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mark_ptr, rows, cols, rmask, nb, oh, ow,
+                      M, N, H, W, KH, KW, son, soc, soh, sow, SH, SW, PH, PW, DH, DW, FLOAT_OUT, HAS_BIAS, POISON)
+
+
+@triton.jit
+def output_pixels(rows, OH, OW):
+    """(image, output row, output column) of each GEMM row: one row per output pixel."""
+    nb = (rows // (OH * OW)).to(tl.int64)
+    pix = rows % (OH * OW)
+    return nb, pix // OW, pix % OW
+
+
+@triton.jit
+def window_tap(oh, ow, t, H, W, KW, SH, SW, PH, PW, DH, DW):
+    """Input pixel ``(ih, iw)`` under tap ``t`` (row-major over the KH x KW window) of output pixel
+    ``(oh, ow)``, and whether it lies inside the image (padding taps do not)."""
+    ih = oh * SH - PH + (t // KW) * DH
+    iw = ow * SW - PW + (t % KW) * DW
+    return ih, iw, (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
 
 
 @triton.jit
@@ -86,12 +92,24 @@ def window_poison(mark_ptr, nb, oh, ow, rmask, H, W, KH, KW, SH, SW, PH, PW, DH,
     ``[N*H*W]``, NaN at pixels holding a NaN / Inf), i.e. 0, or NaN when the window covers one."""
     poison = tl.zeros(oh.shape, tl.float32)
     for t in range(0, KH * KW):
-        ih = oh * SH - PH + (t // KW) * DH
-        iw = ow * SW - PW + (t % KW) * DW
-        inside = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        mk = tl.load(mark_ptr + nb * (H * W) + ih * W + iw, mask=inside, other=0.0)
+        ih, iw, inside = window_tap(oh, ow, t, H, W, KW, SH, SW, PH, PW, DH, DW)
+        mk = tl.load(mark_ptr + nb * (H * W) + ih * W + iw, mask=rmask & inside, other=0.0)
         poison += mk - mk
     return poison
+
+
+@triton.jit
+def store_conv_output(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mark_ptr, rows, cols, rmask, nb, oh, ow,
+                      M, N, H, W, KH, KW, son, soc, soh, sow, SH, SW, PH, PW, DH, DW,
+                      FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, POISON: tl.constexpr):
+    """Both conv kernels' epilogue: the output tile at pixel ``(nb, oh, ow)`` x channel ``cols`` (output
+    strides ``so*``), NaN where the pixel's window covers a non-finite input when ``POISON``."""
+    out_off = (nb * son + oh * soh + ow * sow)[:, None] + cols.to(tl.int64)[None, :] * soc
+    poison = 0.0
+    if POISON:
+        poison = window_poison(mark_ptr, nb, oh, ow, rmask, H, W, KH, KW, SH, SW, PH, PW, DH, DW)
+    store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, 0, w_scale_ptr, bias_ptr,
+                 FLOAT_OUT, HAS_BIAS, True, poison, POISON)
 
 
 @triton.jit
@@ -101,34 +119,22 @@ def _depthwise_kernel(x_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr,
                       W_SLOT: tl.constexpr, FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, POISON: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr):
     """Direct depthwise conv: output channel ``o`` reads input channel ``o // MULT``; int32 multiply-adds."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    rmask = rows < M
-    cmask = cols < N
-    nb = (rows // (OH * OW)).to(tl.int64)
-    pix = rows % (OH * OW)
-    oh = pix // OW
-    ow = pix % OW
+    rows, cols, rmask, cmask = tile_span(tl.program_id(0), tl.program_id(1), M, N, BM, BN)
+    nb, oh, ow = output_pixels(rows, OH, OW)
     a_zp = tl.load(a_zp_ptr).to(tl.int32)
     w_zp = tl.load(w_zp_ptr + cols, mask=cmask, other=0)
     x_base = (nb * sxn)[:, None] + ((cols // MULT).to(tl.int64) * sxc)[None, :]
     w_row = cols.to(tl.int64) * stride_wn
     acc = tl.zeros([BM, BN], tl.int32)
     for t in range(0, KH * KW):
-        ih = oh * SH - PH + (t // KW) * DH
-        iw = ow * SW - PW + (t % KW) * DW
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, inside = window_tap(oh, ow, t, H, W, KW, SH, SW, PH, PW, DH, DW)
         m = (rmask & inside)[:, None] & cmask[None, :]
         code = tl.load(x_ptr + x_base + (ih * sxh + iw * sxw)[:, None], mask=m, other=0).to(tl.int32)
         a = tl.where(m, code - a_zp, 0)
         w = load_codes(w_ptr, w_row, t, cmask, W_SLOT) - w_zp
         acc += a * w[None, :]
-    out_off = (nb * son + oh * soh + ow * sow)[:, None] + cols.to(tl.int64)[None, :] * soc
-    poison = 0.0
-    if POISON:
-        poison = window_poison(mark_ptr, nb, oh, ow, rmask, H, W, KH, KW, SH, SW, PH, PW, DH, DW)
-    store_output(acc, out_ptr, out_off, rows, cols, M, N, a_scale_ptr, 0, w_scale_ptr, bias_ptr,
-                 FLOAT_OUT, HAS_BIAS, True, poison, POISON)
+    store_conv_output(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mark_ptr, rows, cols, rmask, nb, oh, ow,
+                      M, N, H, W, KH, KW, son, soc, soh, sow, SH, SW, PH, PW, DH, DW, FLOAT_OUT, HAS_BIAS, POISON)
 
 
 # ----------------------------------------------------------------------------- host side

@@ -91,6 +91,14 @@ def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def tile_span(pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Output rows and columns of tile ``(pid_m, pid_n)`` and their in-bounds masks."""
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    return rows, cols, rows < M, cols < N
+
+
 # ----------------------------------------------------------------------------- autotuning
 
 def _config(bm, bn, bk, warps, stages, group_m=8):
@@ -140,10 +148,7 @@ def _linear_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_
                    FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, POISON: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < M
-    cmask = cols < N
+    rows, cols, rmask, cmask = tile_span(pid_m, pid_n, M, N, BM, BN)
     a_zp = tl.load(a_zp_ptr + rows * A_PSTRIDE, mask=rmask, other=0).to(tl.int32)
     if A_WIDE:
         a_center = tl.full([BM], WIDE_CENTER, tl.int32)
@@ -182,10 +187,7 @@ def _linear_weight_only_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, w_zp_ptr, bia
     """Float activations times ``(w - zw)`` (small integers, exact in fp16 / bf16 / fp32); the per-row
     weight scale is applied once in the epilogue."""
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < M
-    cmask = cols < N
+    rows, cols, rmask, cmask = tile_span(pid_m, pid_n, M, N, BM, BN)
     w_zp = tl.load(w_zp_ptr + cols, mask=cmask, other=0)
     x_row = rows.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BM, BN], tl.float32)
