@@ -54,6 +54,17 @@ def find_cuobjdump() -> str | None:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
+@pytest.fixture(scope="module")
+def elf_listing(cuda_extension) -> str:
+    """``cuobjdump --list-elf`` of the extension: one line per cubin, ``<source stem>.sm_<arch>.cubin``."""
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump in CUDA_HOME/bin, PATH or triton's bundle (test_fatbin_has_sass_for_every_target_arch "
+                    "reads the archs without it)")
+    return subprocess.run([tool, "--list-elf", str(cuda_extension)], check=True, capture_output=True,
+                          text=True).stdout
+
+
 def fatbin_entries(so: Path) -> list[tuple[int, int]]:
     """``(kind, sm)`` of every entry in the library's ``.nv_fatbin`` section (kind 1 = PTX, 2 = ELF)."""
     data = so.read_bytes()
@@ -97,30 +108,20 @@ def test_fatbin_has_sass_for_every_target_arch(cuda_extension):
     assert int(target_archs()[-1]) in ptx, f"no compute_{target_archs()[-1]} PTX (forward compatibility); found {sorted(ptx)}"
 
 
-def test_cuobjdump_lists_every_target_arch(cuda_extension):
-    tool = find_cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump in CUDA_HOME/bin, PATH or triton's bundle (the fatbin parser test covers this)")
-    listing = subprocess.run([tool, "--list-elf", str(cuda_extension)], check=True, capture_output=True,
-                             text=True).stdout
-    found = set(re.findall(r"\.sm_(\d+)\.cubin", listing))
+def test_cuobjdump_lists_every_target_arch(cuda_extension, elf_listing):
+    found = set(re.findall(r"\.sm_(\d+)\.cubin", elf_listing))
     for arch in target_archs():
-        assert arch in found, f"cuobjdump --list-elf shows no sm_{arch} cubin:\n{listing}"
+        assert arch in found, f"cuobjdump --list-elf shows no sm_{arch} cubin:\n{elf_listing}"
     # the parser above reads the same archs as cuobjdump
     assert found == {str(sm) for kind, sm in fatbin_entries(cuda_extension) if kind == KIND_ELF}
 
 
-def test_every_kernel_file_is_compiled_for_every_arch(cuda_extension):
-    tool = find_cuobjdump()
-    if tool is None:
-        pytest.skip("needs cuobjdump to name the cubins per source file")
-    listing = subprocess.run([tool, "--list-elf", str(cuda_extension)], check=True, capture_output=True,
-                             text=True).stdout
+def test_every_kernel_file_is_compiled_for_every_arch(elf_listing):
     sources = sorted(p.stem for p in (Path(__file__).parents[1] / "csrc" / "cuda").glob("*.cu"))
     assert sources, "csrc/cuda has no .cu files"
     for stem in sources:
         for arch in target_archs():
-            assert f"{stem}.sm_{arch}.cubin" in listing, f"{stem}.cu has no sm_{arch} code"
+            assert f"{stem}.sm_{arch}.cubin" in elf_listing, f"{stem}.cu has no sm_{arch} code"
 
 
 def test_cuda_ops_are_registered(cuda_extension):

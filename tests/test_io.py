@@ -19,24 +19,15 @@ from dfqkern.io import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, CheckpointErr
 from dfqkern.models import DigitsCNN, create_model
 from dfqkern.quantize import calibrate_activations, pack_model, quant_layers, quantize_model
 from dfqkern.model_info import model_info, set_info
+from model_helpers import randomize_bn
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(weight_observer="minmax", act_observer="minmax")
 
 
-def _randomize_bn(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
-    return model
-
-
 def quantized_digits(scheme=(4, 8), **cfg):
     torch.manual_seed(0)
-    model = _randomize_bn(create_model("digits_cnn"))
+    model = randomize_bn(create_model("digits_cnn"), torch.Generator().manual_seed(0), mean=0.2, var=0.3)
     q = quantize_model(model, QuantConfig(weight_bits=scheme[0], act_bits=scheme[1], **FAST, **cfg))
     calibrate_activations(q, torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1)), progress=False)
     return q

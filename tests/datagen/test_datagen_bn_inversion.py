@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dfqkern.datagen import bn_inversion as B
-from dfqkern.datagen.store import MANIFEST, SyntheticSetWriter, load_synthetic
+from dfqkern.datagen.store import MANIFEST, load_synthetic
+from synthetic_writes import watch_writes
 
 SHAPE = (3, 8, 8)
 
@@ -224,22 +225,12 @@ def test_bn_inversion_set_store_and_resume(tmp_path, monkeypatch, make_tiny_bn_n
                       clamp_range=(mean, std), progress=False)
     assert (ds.normalize(ds.images([0, 1, 2])) - res.images).abs().max() <= 0.5 / 255 / 0.25 + 1e-5
 
-    original = SyntheticSetWriter.write_image
-    calls = []
-
-    def die_in_second_shard(self, index, image):
-        if index == 4:
-            raise KeyboardInterrupt("simulated kill")
-        calls.append(index)
-        original(self, index, image)
-
-    monkeypatch.setattr(SyntheticSetWriter, "write_image", die_in_second_shard)
+    watch_writes(monkeypatch, kill_when=lambda index, written: index == 4)  # dies in the second shard
     with pytest.raises(KeyboardInterrupt):
         B.generate_bn_inversion_set(tmp_path / "run", net, **kw)
-    monkeypatch.setattr(SyntheticSetWriter, "write_image",
-                        lambda self, i, img: (calls.append(("resume", i)), original(self, i, img)))
+    resumed = watch_writes(monkeypatch)
     B.generate_bn_inversion_set(tmp_path / "run", net, **kw)
-    assert calls[-3:] == [("resume", 3), ("resume", 4), ("resume", 5)]  # only the unfinished shard redone
+    assert resumed == [3, 4, 5]  # only the unfinished shard redone
     ref = json.loads((tmp_path / "ref" / MANIFEST).read_text())
     assert json.loads((tmp_path / "run" / MANIFEST).read_text()) == ref
     with pytest.raises(ValueError, match="different configuration.*method"):

@@ -5,7 +5,8 @@ import torch
 
 from dfqkern.datagen import diffusion as D
 from dfqkern.datagen import prompts as P
-from dfqkern.datagen.store import MANIFEST, SyntheticSetWriter, load_synthetic
+from dfqkern.datagen.store import MANIFEST, load_synthetic
+from synthetic_writes import watch_writes
 
 GEN = dict(steps=2, guidance_scale=5.0, progress=False)
 
@@ -61,16 +62,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_pipeline, tmp_path, monkeypat
     kw = dict(classes="cifar10", num_images=8, prompt_mode="mixup", mixup_k=2, seed=11, batch_size=1,
               shard_size=4, **GEN)
     D.generate_diffusion_set(tmp_path / "ref", tiny_pipeline, **kw)
-    original = SyntheticSetWriter.write_image
-    written = []
-
-    def killed_after_five(self, index, image):
-        if len(written) == 5:
-            raise KeyboardInterrupt("simulated kill")
-        written.append(index)
-        original(self, index, image)
-
-    monkeypatch.setattr(SyntheticSetWriter, "write_image", killed_after_five)
+    written = watch_writes(monkeypatch, kill_when=lambda index, written: len(written) == 5)
     with pytest.raises(KeyboardInterrupt):
         D.generate_diffusion_set(tmp_path / "run", tiny_pipeline, **kw)
     run = tmp_path / "run"
@@ -78,13 +70,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_pipeline, tmp_path, monkeypat
     assert (run / "shard_00000" / "shard.json").exists() and not (run / "shard_00001" / "shard.json").exists()
     assert written == [0, 1, 2, 3, 4]
 
-    resumed = []
-
-    def recording(self, index, image):
-        resumed.append(index)
-        original(self, index, image)
-
-    monkeypatch.setattr(SyntheticSetWriter, "write_image", recording)
+    resumed = watch_writes(monkeypatch)
     D.generate_diffusion_set(run, tiny_pipeline, **kw)
     assert resumed == [5, 6, 7]  # only the missing images were generated
     ref = json.loads((tmp_path / "ref" / MANIFEST).read_text())

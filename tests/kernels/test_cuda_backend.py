@@ -211,20 +211,15 @@ def _rand_codes(shape, bits, g):
     return torch.randint(0, 2 ** bits, shape, generator=g)
 
 
-EMU_CASES = [  # (path, wbits, abits-derived, K, N, M, symmetric weights, per-token activations)
-    (C.PATH_A8, 4, 200, 8, 16, False, True),
-    (C.PATH_A8, 3, 129, 5, 16, True, False),
-    (C.PATH_A8, 2, 300, 7, 3, False, True),
-    (C.PATH_A4_INT4, 4, 200, 8, 16, False, True),
-    (C.PATH_A4_INT4, 4, 77, 6, 5, True, False),
-    (C.PATH_A4_INT4, 4, 77, 6, 9, False, True),
-    (C.PATH_A4_INT4, 2, 300, 8, 16, False, True),
-    (C.PATH_A4_INT4, 2, 65, 3, 1, True, False),
-    (C.PATH_A4_INT8, 4, 200, 8, 16, False, True),
-    (C.PATH_A4_INT8, 3, 31, 8, 9, False, False),
-    (C.PATH_A4_INT8, 4, 45, 8, 16, False, True),
-    (C.PATH_A4_INT8, 2, 300, 8, 16, False, True),
-]
+# per CUDA path: (wbits, K, N, M, symmetric weights, per-token activations); the path sets the activation bits
+EMU_SHAPES = {
+    C.PATH_A8: [(4, 200, 8, 16, False, True), (3, 129, 5, 16, True, False), (2, 300, 7, 3, False, True)],
+    C.PATH_A4_INT4: [(4, 200, 8, 16, False, True), (4, 77, 6, 5, True, False), (4, 77, 6, 9, False, True),
+                     (2, 300, 8, 16, False, True), (2, 65, 3, 1, True, False)],
+    C.PATH_A4_INT8: [(4, 200, 8, 16, False, True), (3, 31, 8, 9, False, False), (4, 45, 8, 16, False, True),
+                     (2, 300, 8, 16, False, True)],
+}
+EMU_CASES = [(path, *shape) for path, shapes in EMU_SHAPES.items() for shape in shapes]
 
 
 @pytest.mark.parametrize("path,wbits,k,n,m,symmetric,per_token", EMU_CASES)

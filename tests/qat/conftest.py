@@ -8,6 +8,7 @@ from torch import nn
 from dfqkern.config import QuantConfig
 from dfqkern.models import CifarBasicBlock
 from dfqkern.quantize import calibrate_activations, quantize_model
+from model_helpers import randomize_bn
 
 IMAGE_SHAPE = (3, 8, 8)
 
@@ -29,21 +30,10 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-
-
 @pytest.fixture
 def teacher() -> nn.Module:
     torch.manual_seed(0)
-    model = TinyNet()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
+    return randomize_bn(TinyNet(), torch.Generator().manual_seed(1), weight=0.5, bias=0.1).eval()
 
 
 @pytest.fixture
