@@ -1,0 +1,162 @@
+"""Deployment latency: a packed CIFAR-10 ResNet-20 against its ONNX (onnxruntime) and .pt2 (AOTInductor) exports and fp32.
+
+One command::
+
+    python bench/deploy_latency_cifar10.py        # writes bench/results/deploy_latency_<cpu>.{json,md}
+
+For each setting (W8A8, W4A8; first / last layer 8-bit) the pretrained ResNet-20 is quantized with the
+MSE observer on 256 real training images (``dfqkern quantize``), packed, exported with ``dfqkern export``
+to ONNX QDQ and to ``.pt2``, then ``dfqkern bench``'s harness (:func:`dfqkern.benchmark.run_bench`)
+times, in one process and one run per setting: the packed model (dfqkern CPU kernels), the float model
+(torch eager, fp32), the ONNX file in onnxruntime (``dfqkern.export.onnx.onnxruntime_session``) and the
+``.pt2`` package, at each batch size (warm-up, then median and minimum of the repeats). Top-1 on the
+dev images of the packed model and of the ONNX file in onnxruntime is listed beside (issue 20: equal
+within 0.1 point). Latency depends on the machine and its load: the table names the CPU, its ISA and
+the 1-minute load average before and after each setting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (sets the OpenMP wait policy before torch)
+
+import torch  # noqa: E402
+
+from dfqkern.benchmark import run_bench  # noqa: E402
+from dfqkern.cli import main as dfqkern_cli  # noqa: E402
+from dfqkern.evaluation import evaluate_top1  # noqa: E402
+
+SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8)}
+MODEL, CHECKPOINT = "cifar10_resnet20", "resnet20-12fca82f.th"
+ROWS = ("packed", "onnxruntime", "pt2", "float")
+ROW_NAMES = {"packed": "dfqkern packed (CPU kernels)", "onnxruntime": "onnxruntime, exported QDQ",
+             "pt2": "AOTInductor .pt2 export", "float": "torch fp32 eager"}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
+
+
+def slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60] or "cpu"
+
+
+def cli(*args: str) -> None:
+    rc = dfqkern_cli([str(a) for a in args])
+    if rc:
+        raise SystemExit(f"dfqkern {' '.join(map(str, args))} failed with exit code {rc}")
+
+
+def onnx_top1(path: Path, dev) -> float:
+    from dfqkern.export.onnx import onnxruntime_session
+
+    sess = onnxruntime_session(path)
+    name = sess.get_inputs()[0].name
+    correct = total = 0
+    loader = torch.utils.data.DataLoader(dev, batch_size=common.EVAL_BATCH)
+    for x, y in loader:
+        logits = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    return round(100.0 * correct / total, 2)
+
+
+def run_setting(setting: str, args, data_dir: Path) -> dict:
+    wbits, abits = SETTINGS[setting]
+    work = args.work_dir / setting
+    ckpt, onnx, pt2 = work / "packed", work / "model.onnx", work / "model.pt2"
+    if not ckpt.is_dir():
+        cli("quantize", "--model", MODEL, "--checkpoint", data_dir / CHECKPOINT, "--calib-data",
+            data_dir / common.TRAIN_IMAGES, "--num-calib", 256, "--method", "observer", "--wbits", wbits,
+            "--abits", abits, "--out", ckpt, "--overwrite")
+    if not onnx.is_file():
+        cli("export", ckpt, "--format", "onnx", "--out", onnx, "--overwrite")
+    if not pt2.is_file():
+        cli("export", ckpt, "--format", "pt2", "--out", pt2, "--overwrite")
+    from dfqkern.io import load_quantized
+    from dfqkern.model_info import model_info
+
+    packed = load_quantized(ckpt)
+    dev = common.dev_set(data_dir, model_info(packed).input_spec)
+    with common.Timer() as t:
+        bench = run_bench(ckpt, float_model=MODEL, batch_sizes=args.batch_sizes, repeats=args.repeats,
+                          warmup=args.warmup, onnx=onnx, pt2=pt2, threads=args.threads, progress=args.progress)
+    return {"setting": setting, "bench": bench, "load": t.load, "top1_packed": common.top1(packed, dev),
+            "top1_onnxruntime": onnx_top1(onnx, dev), "finished": common.now()}
+
+
+def render_markdown(data: dict) -> str:
+    meta = data["meta"]
+    lines = [f"# Deployment latency: CIFAR-10 ResNet-20, packed vs its exports vs fp32 ({meta['cpu']})", "",
+             f"{common.generated_by(__file__)} CPU: {meta['cpu']}; dfqkern ISA {meta['isa']}; torch threads "
+             f"{meta['threads']} (onnxruntime intra-op threads the same); {meta['machine']}. Per setting one "
+             f"`dfqkern bench` run (`dfqkern.benchmark.run_bench`): inputs random, warm-up {meta['warmup']} calls "
+             f"(the first call excluded), then median / min of {meta['repeats']} calls, `torch.inference_mode`. "
+             f"Quantized with the MSE observer on 256 real training images, first / last layer 8-bit; top-1 on "
+             f"the {data.get('dev_images', 5000)} dev images. Latency depends on the load: the 1-minute load "
+             f"average before / after each setting is listed.", ""]
+    lines += common.table_head("setting", "batch", *[f"{ROW_NAMES[r]} ms (median / min)" for r in ROWS],
+                               "packed vs onnxruntime (median)", "top-1 packed / onnxruntime %", "load")
+    for setting in SETTINGS:
+        r = data["rows"].get(setting)
+        if r is None:
+            continue
+        by = {(x["model"], x["batch_size"]): x for x in r["bench"]["rows"]}
+        for b in r["bench"]["batch_sizes"]:
+            cells = []
+            for kind in ROWS:
+                x = by.get((kind, b))
+                cells.append("-" if x is None else (f"error: {x['error'][:60]}" if "error" in x else
+                                                    f"{x['median_ms']:.3f} / {x['min_ms']:.3f}"))
+            p, o = by.get(("packed", b), {}), by.get(("onnxruntime", b), {})
+            ratio = f"{o['median_ms'] / p['median_ms']:.2f}x" if "median_ms" in p and "median_ms" in o else "-"
+            load = "/".join(f"{v:.1f}" for v in r["load"])
+            lines.append(f"| {setting} | {b} | " + " | ".join(cells) +
+                         f" | {ratio} | {r['top1_packed']:.2f} / {r['top1_onnxruntime']:.2f} | {load} |")
+    lines += ["", "`packed vs onnxruntime` = onnxruntime median / packed median (> 1: dfqkern's packed model is "
+              "faster). Model sizes and peak memory per row are in the JSON beside this file."]
+    return common.document(lines, meta)
+
+
+def main(argv=None) -> int:
+    p = common.parser(__doc__)
+    p.add_argument("--batch-sizes", type=common.comma_list(item=int), default="1,8")
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    cpu_text = cpu_name()
+    common.add_run_flags(p, f"deploy_latency_{slug(cpu_text)}",
+                         work_dir=("the quantized checkpoints and exports are kept", "bench-deploy"))
+    args = p.parse_args(argv)
+    data_dir = common.cifar10_dir(args.data_dir)
+    for f in (CHECKPOINT, common.TRAIN_IMAGES, common.DEV_IMAGES):
+        if not (data_dir / f).is_file():
+            raise SystemExit(f"--data-dir: {data_dir / f} is missing")
+    torch.set_num_threads(args.threads)
+    from dfqkern.kernels import cpu
+
+    out = Path(args.out)
+    results = common.Results(out, render_markdown, fresh=args.fresh, empty={"rows": {}})
+    results.data["meta"] = common.run_meta(args.threads, cpu=cpu_text, isa=cpu.isa() if cpu.is_available() else
+                                           "none", repeats=args.repeats, warmup=args.warmup)
+    for setting in SETTINGS:
+        results.row(setting, lambda s=setting: run_setting(s, args, data_dir),
+                    lambda r: f"top-1 packed {r['top1_packed']:.2f}, onnxruntime {r['top1_onnxruntime']:.2f}")
+    results.save()
+    print(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
