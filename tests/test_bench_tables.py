@@ -85,9 +85,11 @@ def _edge_results(edge, tops: dict, data="real", setting="w4a4", kept=None, reve
             "commit": "abc"}
     rows = {}
     for method, top1 in tops.items():
-        rows[edge.row_key("shufflenetv2", data, setting, method, 512, 500, 0)] = {
+        rows[edge.row_key("shufflenetv2", data, setting, method, 512, 500, 0, 200)] = {
             "method": method, "top1": top1, "units_kept_start": (kept or {}).get(method, 0),
-            "reverted_to_observer": method in reverted}
+            "reverted_to_observer": method in reverted, "net": "shufflenetv2", "data": data, "setting": setting,
+            "calib_images": 512, "seed": 0, "iters": 0 if method == "observer" else 500,
+            "gen_iters": None if data == "real" else 200}
     return {"fp_top1": {"shufflenetv2": 71.0}, "dev_images": 5000, "rows": rows, "meta": meta}
 
 
@@ -110,6 +112,38 @@ def test_edge_table_checks_every_method_against_the_observer(edge):
     assert cells[-1] == "missed"
     cells = _edge_line(edge.render_markdown(_edge_results(edge, {"observer": 60.0, "qdrop": 66.0}, setting="w4a8")))
     assert cells[-1] == ""  # the QDrop target is a W4A4 target
+
+
+def test_edge_rows_of_other_budgets_get_their_own_table(edge):
+    """A longer budget (500 inversion iterations, 2000 reconstruction iterations) never mixes into the main
+    table's cells; it is listed below, against the observer of the same synthetic set."""
+    res = _edge_results(edge, {"observer": 65.0, "qdrop": 66.0}, data="dgh-mixup")
+    base = {"net": "shufflenetv2", "data": "dgh-mixup", "setting": "w4a4", "calib_images": 512, "seed": 0,
+            "gen_iters": 500, "units_kept_start": 0, "reverted_to_observer": False}
+    res["rows"][edge.row_key("shufflenetv2", "dgh-mixup", "w4a4", "observer", 512, 0, 0, 500)] = dict(
+        base, method="observer", iters=0, top1=64.0)
+    res["rows"][edge.row_key("shufflenetv2", "dgh-mixup", "w4a4", "qdrop", 512, 2000, 0, 500)] = dict(
+        base, method="qdrop", iters=2000, top1=68.5)
+    text = edge.render_markdown(res)
+    assert _edge_line(text)[4:] == ["65.00", "", "", "66.00", "yes", "5.00", "missed"]
+    other = [[c.strip() for c in x.strip("|").split("|")] for x in text.split("## Other budgets")[1].splitlines()
+             if x.startswith("| shufflenetv2 ")]
+    assert other == [["shufflenetv2", "71.00", "dgh-mixup", "w4a4", "512", "500", "observer", "0", "64.00", "", "",
+                      ""],
+                     ["shufflenetv2", "71.00", "dgh-mixup", "w4a4", "512", "500", "qdrop", "2000", "68.50", "+4.50",
+                      "2.50", "met"]]
+    assert "## Other budgets" not in edge.render_markdown(_edge_results(edge, {"observer": 65.0}))
+
+
+def test_edge_keys_of_older_runs_are_upgraded(edge):
+    """Rows written before the key named the inversion budget (all 200 iterations) keep resuming."""
+    old = {"rows": {"convmixer|dgh-mixup|w4a4|qdrop|512|500|0": {"data": "dgh-mixup", "top1": 81.0},
+                    "convmixer|real|w4a4|qdrop|512|500|0": {"data": "real", "top1": 84.0}}}
+    rows = edge.upgrade_keys(old)["rows"]
+    assert rows == {edge.row_key("convmixer", "dgh-mixup", "w4a4", "qdrop", 512, 500, 0, 200):
+                    {"data": "dgh-mixup", "top1": 81.0, "gen_iters": 200},
+                    edge.row_key("convmixer", "real", "w4a4", "qdrop", 512, 500, 0, 999):
+                    {"data": "real", "top1": 84.0, "gen_iters": None}}
 
 
 # ----------------------------------------------------------------------------- data-free options and filters
