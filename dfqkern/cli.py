@@ -180,22 +180,18 @@ def _input_shape(text: str) -> tuple[int, ...]:
 
 def cmd_export(args) -> int:
     """Load a packed checkpoint and write it as ONNX (QDQ) or as a torch.export / AOTInductor package."""
-    from pathlib import Path
-
     import torch
 
     if args.format != "onnx" and (args.opset is not None or args.target is not None):
         raise SystemExit("dfqkern export: --opset and --target apply to --format onnx only")
-    out = Path(args.out)
+    from .export.paths import check_out_file
+
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
-    if out.suffix.lower() != suffix:  # before the checkpoint is loaded
-        raise SystemExit(f"dfqkern export: --out must end in {suffix!r} for --format {args.format}, got {args.out!r}")
-    if out.is_dir():
-        raise SystemExit(f"dfqkern export: --out {args.out!r} is a directory; give a file path")
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"dfqkern export: --out {args.out!r} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise SystemExit(f"dfqkern export: the directory of --out {args.out!r} does not exist")
+    try:  # before the checkpoint is loaded
+        out = check_out_file(args.out, suffix, args.overwrite, why=f" for --format {args.format}", name="--out",
+                             overwrite_hint="pass --overwrite")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"dfqkern export: {e}") from None
     try:  # the optional dependency is checked before the checkpoint is loaded
         if args.format == "onnx":
             from .export.onnx import export_onnx, require_onnx
