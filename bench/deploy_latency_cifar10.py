@@ -16,15 +16,19 @@ the 1-minute load average before and after each setting.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (sets the OpenMP wait policy before torch)
+OMP_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY", "default")
 
-import torch  # noqa: E402
+# torch (and its OpenMP runtime) loads before bench/common.py sets OMP_WAIT_POLICY=PASSIVE for the
+# accuracy benchmarks: latency is measured under the OpenMP default a user gets (PASSIVE made every
+# row here 2-4x slower: sleeping workers wake late for each small parallel region).
+import torch  # noqa: E402,I001
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 from dfqkern.benchmark import run_bench  # noqa: E402
 from dfqkern.cli import main as dfqkern_cli  # noqa: E402
@@ -101,7 +105,8 @@ def render_markdown(data: dict) -> str:
     meta = data["meta"]
     lines = [f"# Deployment latency: CIFAR-10 ResNet-20, packed vs its exports vs fp32 ({meta['cpu']})", "",
              f"{common.generated_by(__file__)} CPU: {meta['cpu']}; dfqkern ISA {meta['isa']}; torch threads "
-             f"{meta['threads']} (onnxruntime intra-op threads the same); {meta['machine']}. Per setting one "
+             f"{meta['threads']} (onnxruntime intra-op threads the same), OpenMP wait policy "
+             f"{meta.get('omp_wait_policy', 'default')}; {meta['machine']}. Per setting one "
              f"`dfqkern bench` run (`dfqkern.benchmark.run_bench`): inputs random, warm-up {meta['warmup']} calls "
              f"(the first call excluded), then median / min of {meta['repeats']} calls, `torch.inference_mode`. "
              f"Quantized with the MSE observer on 256 real training images, first / last layer 8-bit; top-1 on "
@@ -150,6 +155,7 @@ def main(argv=None) -> int:
     results = common.Results(out, render_markdown, fresh=args.fresh, empty={"rows": {}})
     results.data["meta"] = common.run_meta(args.threads, cpu=cpu_text, isa=cpu.isa() if cpu.is_available() else
                                            "none", repeats=args.repeats, warmup=args.warmup)
+    results.data["meta"]["omp_wait_policy"] = OMP_POLICY_AT_START
     for setting in SETTINGS:
         results.row(setting, lambda s=setting: run_setting(s, args, data_dir),
                     lambda r: f"top-1 packed {r['top1_packed']:.2f}, onnxruntime {r['top1_onnxruntime']:.2f}")

@@ -53,10 +53,12 @@ enum class FType { f32 = 0, f16 = 1, bf16 = 2 };
 // Work estimates for the thread splitter, in "cost units" of about one int8 multiply-add of the GEMM
 // micro-kernels; a float element of a quantize / fake-quant pass or a packed byte costs ~kElementCost.
 constexpr int64_t kElementCost = 8;
-// Default least cost of one thread's share. Waking torch's OpenMP workers costs microseconds on an idle
-// machine and can cost milliseconds on a loaded one, so work below ~20 us of one core runs on the
-// calling thread (a batch-1 layer of a small CNN, a short quantize pass).
-constexpr int64_t kParallelMinCost = int64_t{1} << 20;
+// Default least cost of one thread's share: work below ~1-2 us of one core (a tiny layer, a short
+// quantize pass) runs on the calling thread, since waking torch's OpenMP workers costs about that on an
+// idle machine and far more on a loaded one. Measured (bench/test_bench_cpu.py shapes, 2 threads, Xeon
+// VNNI): 1 << 20 made conv3x3 64ch 56x56 25 % slower (its quantize pass ran serially); 1 << 16 is as
+// fast as splitting everything on every benchmark shape.
+constexpr int64_t kParallelMinCost = int64_t{1} << 16;
 int64_t parallel_min_cost();
 // Sets the least cost per thread (>= 1; tests use 1 to force splitting); returns the previous value.
 int64_t set_parallel_min_cost(int64_t cost);
