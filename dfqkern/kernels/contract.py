@@ -3,7 +3,8 @@
 A backend therefore receives arguments that satisfy the contract and only declines what its
 kernels do not cover, by raising :class:`Unsupported` (dispatch then tries the next backend).
 Every check here names the argument and what is allowed. The checks touch Python attributes and
-shapes only: no tensor reads, so no device synchronisation on the latency-bound packed ops.
+shapes only: no tensor reads, so no device synchronisation on the latency-bound packed ops (the one
+value read, a CPU conv's activation zero point, runs once per value: see :func:`cached`).
 
 Also here: the rounding constants every backend's kernels receive as arguments (one definition),
 and the small helpers backends share to decline what they do not implement (:func:`pair`,
@@ -122,15 +123,16 @@ def conv_output_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw_ - dw * (kw - 1) - 1) // sw + 1
 
 
-def check_conv_geometry(x_shape, pw: PackedWeight, stride, padding, dilation, groups) -> None:
+def conv_geometry(pw: PackedWeight, stride, padding, dilation, groups) -> tuple:
+    """Check the weight-and-geometry part of a convolution (no input needed) and return what the input
+    check needs: ``(in_channels, min_h, min_w)``, the smallest input height and width that give an output
+    (``0`` for string padding, which the reference resolves)."""
     check_weight(pw, conv=True)
     o, cg, kh, kw = pw.shape
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
     if o % groups:
         raise ValueError(f"groups={groups} must divide the {o} output channels")
-    if x_shape[1] != cg * groups:
-        raise ValueError(f"x has {x_shape[1]} channels, weight expects {cg * groups} (groups={groups})")
     s, d = pair(stride, "stride"), pair(dilation, "dilation")
     if min(s) < 1:
         raise ValueError(f"stride must be >= 1, got {stride!r}")
@@ -139,14 +141,65 @@ def check_conv_geometry(x_shape, pw: PackedWeight, stride, padding, dilation, gr
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
-        return
+        return cg * groups, 0, 0
     p = pair(padding, "padding")
     if min(p) < 0:
         raise ValueError(f"padding must be >= 0, got {padding!r}")
-    oh, ow = conv_output_size(x_shape[2], x_shape[3], kh, kw, s, p, d)
-    if oh < 1 or ow < 1:
+    # output size >= 1  <=>  input + 2 * pad >= dilated kernel (see conv_output_size)
+    return cg * groups, d[0] * (kh - 1) + 1 - 2 * p[0], d[1] * (kw - 1) + 1 - 2 * p[1]
+
+
+def check_conv_input(x_shape, geometry: tuple, pw: PackedWeight, stride, padding, dilation, groups) -> None:
+    """The per-call part: ``x_shape`` (NCHW) against what :func:`conv_geometry` returned."""
+    cin, min_h, min_w = geometry
+    if x_shape[1] != cin:
+        raise ValueError(f"x has {x_shape[1]} channels, weight expects {cin} (groups={groups})")
+    if x_shape[2] < min_h or x_shape[3] < min_w:
+        kh, kw = pw.shape[2:]
+        (dh, dw), p = pair(dilation, "dilation"), pair(padding, "padding")
         raise ValueError(f"x of {x_shape[2]}x{x_shape[3]} with padding {p} is smaller than the dilated kernel "
-                         f"{d[0] * (kh - 1) + 1}x{d[1] * (kw - 1) + 1}")
+                         f"{dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}")
+
+
+def check_conv_geometry(x_shape, pw: PackedWeight, stride, padding, dilation, groups) -> None:
+    check_conv_input(x_shape, conv_geometry(pw, stride, padding, dilation, groups), pw, stride, padding, dilation,
+                     groups)
+
+
+# ----------------------------------------------------------------------------- the static part, once
+# The packed layers call their op with one weight, one set of activation parameters and one geometry
+# at every forward; at batch 1 re-checking those costs as much as a small conv's kernel. So each op's
+# checks split into a static part (the weight, bias, activation parameters, geometry), run through
+# `cached` and stored in pw.cache["contract"], and a per-call part on the input, kept cheap. A
+# PackedWeight's own fields are fixed (re-packing a layer makes a new one, with an empty cache).
+
+def cached(cache: dict, slot, key, tensors, compute):
+    """``compute()``, reused while ``key`` (compared with ``==``) and ``tensors`` are unchanged.
+
+    A tensor counts as unchanged while it is the same object with the same ``_version`` (in-place
+    writes bump it) and ``data_ptr()`` (``.data =`` and ``Module.to`` swap the storage without
+    bumping it); the entry holds the tensors, so neither an id nor an address is reused while it is
+    stored. Writes through ``t.data`` escape both: clear ``pw.cache`` after those. One entry per
+    ``slot`` (a new key replaces it), so the cache stays bounded whatever the caller passes.
+    Inference-mode tensors keep no version counter: with one of those, ``compute()`` runs every call.
+    """
+    try:
+        tokens = [None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors]
+    except RuntimeError:
+        return compute()
+    e = cache.get(slot)
+    if e is not None and e[1] == tokens and e[0] == key:
+        return e[3]
+    r = compute()
+    cache[slot] = (key, tokens, tensors, r)
+    return r
+
+
+def _static(pw, op: str, key, tensors, compute):
+    c = pw.cache.get("contract")
+    if c is None:
+        c = pw.cache["contract"] = {}
+    return cached(c, op, key, tensors, compute)
 
 
 # ----------------------------------------------------------------------------- per-op contracts
@@ -227,14 +280,21 @@ def linear_int(pa, pw):
     check_same_device(activation=pa.data, weight=pw.data)
 
 
+def _linear_static(pw, bias, out_dtype):
+    check_bias(bias, pw.n)
+    check_out_dtype(out_dtype)
+    check_same_device(weight=pw.data, bias=bias)
+    return pw.data.device
+
+
 def linear(x, pw, bias=None, act=None, out_dtype=None):
     check_float("x", x)
     check_weight(pw)
     if x.dim() < 1 or x.shape[-1] != pw.k:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} input features, weight expects K={pw.k}")
-    check_bias(bias, pw.n)
-    check_out_dtype(out_dtype)
-    check_same_device(x=x, weight=pw.data, bias=bias)
+    device = _static(pw, "linear", out_dtype, (bias,), lambda: _linear_static(pw, bias, out_dtype))
+    if x.device != device:
+        check_same_device(x=x, weight=pw.data, bias=bias)
 
 
 def _check_act_zero_point(act) -> None:
@@ -257,18 +317,30 @@ def conv2d_int(x_codes, x_zero_point, pw, stride=1, padding=0, dilation=1, group
     check_same_device(x_codes=x_codes, x_zero_point=x_zero_point, weight=pw.data)
 
 
-def conv2d(x, pw, bias=None, act=None, stride=1, padding=0, dilation=1, groups=1, out_dtype=None):
-    check_float("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
-    check_conv_geometry(x.shape, pw, stride, padding, dilation, groups)
+def _conv2d_static(pw, bias, act, stride, padding, dilation, groups, out_dtype):
+    geometry = conv_geometry(pw, stride, padding, dilation, groups)
     check_bias(bias, pw.shape[0])
     check_out_dtype(out_dtype)
     if act is not None:
         if act.per_token:
             raise ValueError("act.per_token is not supported for conv2d; use per-tensor activation quantization")
         _check_act_zero_point(act)
-    check_same_device(x=x, weight=pw.data, bias=bias)
+    check_same_device(weight=pw.data, bias=bias)
+    return geometry, pw.data.device
+
+
+def conv2d(x, pw, bias=None, act=None, stride=1, padding=0, dilation=1, groups=1, out_dtype=None):
+    check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
+    check_weight(pw, conv=True)
+    zp = None if act is None else act.zero_point
+    key = (stride, padding, dilation, groups, out_dtype, None if act is None else (act.bits, act.per_token))
+    geometry, device = _static(pw, "conv2d", key, (bias, zp), lambda: _conv2d_static(
+        pw, bias, act, stride, padding, dilation, groups, out_dtype))
+    check_conv_input(x.shape, geometry, pw, stride, padding, dilation, groups)
+    if x.device != device:
+        check_same_device(x=x, weight=pw.data, bias=bias)
 
 
 # (a - za) @ (b - zb) of codes stays below 2**31 (int32 result) for 8-bit codes up to this K

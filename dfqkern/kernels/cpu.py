@@ -31,6 +31,8 @@ in place):
   8-bit weights keep the tile layout below the avx512vnni level (the AVX2 panel kernel is slower for them).
 * ``"dw"`` -> int16 ``[O, kh*kw]`` of ``code - zero_point`` for convolutions with one input channel
   per group (depthwise), run by a direct kernel.
+* ``"conv2d_args"``: the last conv call's geometry lists and activation scale / zero point as Python
+  numbers (:func:`~dfqkern.kernels.contract.cached`: redone when those tensors change).
 
 Threads: torch's intra-op threads (``torch.set_num_threads``).
 """
@@ -41,7 +43,7 @@ import contextlib
 import torch
 
 from ..formats import PackedActivation, PackedWeight
-from .contract import KERNEL_FLOATS, Unsupported, pair, require_float
+from .contract import KERNEL_FLOATS, Unsupported, cached, pair, require_float
 from .reference import ActQuant
 
 DEVICES = ("cpu",)
@@ -263,16 +265,25 @@ def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeig
                                   *_geometry(stride, padding, dilation), groups)
 
 
+def _conv_args(pw: PackedWeight, act: ActQuant, stride, padding, dilation):
+    """The kernel's Python arguments of a conv that depend on the weight, activation parameters and geometry
+    (the two one-element reads included), derived once per value (see :func:`conv2d`)."""
+    za = _int_zero_point(act.zero_point, "act.zero_point")
+    return (list(pw.shape), *_geometry(stride, padding, dilation), _scalar(act.scale), za)
+
+
 def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if act is None:
         raise Unsupported("weight-only packed conv2d (act=None) is not implemented by the CPU backend")
     require_float("x", x)
-    za = _int_zero_point(act.zero_point, "act.zero_point")
+    # a packed layer passes the same parameters every call: read them once per value, not per call
+    shape, s, p, d, scale, za = cached(pw.cache.setdefault("cpu", {}), "conv2d_args", (stride, padding, dilation),
+                                       (act.scale, act.zero_point),
+                                       lambda: _conv_args(pw, act, stride, padding, dilation))
     w, corr = _conv_weight(pw, groups)
     if _FAST is None:
         _load()
-    y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, list(pw.shape), *_geometry(stride, padding, dilation),
-                         groups, bias, _scalar(act.scale), za, act.bits)
+    y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, shape, s, p, d, groups, bias, scale, za, act.bits)
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)

@@ -80,14 +80,14 @@ def _runs_on(mod, device_type: str) -> bool:
     return device_type in getattr(mod, "DEVICES", ())
 
 
-def _candidates(device_type: str, backend) -> tuple[list[Backend], bool]:
+def _candidates(device_type: str, backend) -> tuple[tuple[Backend, ...], bool]:
     if backend is not None:
-        return [Backend.parse(backend)], True
-    order = list(_AUTO_ORDER.get(device_type, (Backend.REFERENCE,)))
+        return (Backend.parse(backend),), True
+    order = _AUTO_ORDER.get(device_type, (Backend.REFERENCE,))
     env = os.environ.get(ENV_VAR)
     if env:
         forced = Backend.parse(env)
-        order = [forced] + [b for b in order if b != forced]
+        order = (forced, *(b for b in order if b != forced))
     return order, False
 
 
@@ -107,7 +107,7 @@ def call(op: str, device_type: str, *args, backend: "str | Backend | None" = Non
     """Run ``op`` on the chosen backend for tensors on ``device_type``."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    contract.check(op, *args, **kwargs)
+    contract.CHECKS[op](*args, **kwargs)  # contract.check, one call level less (this runs per kernel call)
     order, strict = _candidates(device_type, backend)
     for b in order:
         mod = backend_module(b)
@@ -126,10 +126,20 @@ def call(op: str, device_type: str, *args, backend: "str | Backend | None" = Non
     raise RuntimeError(f"no backend implements {op} for {device_type} tensors with these arguments")
 
 
+def _device_type(args, kwargs) -> str:
+    """The device type of the first argument that has one (``"cpu"`` when none does)."""
+    for a in args:
+        if hasattr(a, "device"):
+            return a.device.type
+    for a in kwargs.values():
+        if hasattr(a, "device"):
+            return a.device.type
+    return "cpu"
+
+
 def _make_op(op: str):
     def run(*args, backend: "str | Backend | None" = None, **kwargs):
-        dev = next((a.device.type for a in list(args) + list(kwargs.values()) if hasattr(a, "device")), "cpu")
-        return call(op, dev, *args, backend=backend, **kwargs)
+        return call(op, _device_type(args, kwargs), *args, backend=backend, **kwargs)
 
     run.__name__ = op
     run.__doc__ = f"Dispatching wrapper of :func:`dfqkern.kernels.reference.{op}` (extra ``backend=`` argument)."

@@ -116,7 +116,12 @@ class QuantLayer(nn.Module):
             return {"backend": self.backend}
         if a.per_token:
             return {"abits": a.bits, "act_symmetric": a.symmetric, "per_token": True, "backend": self.backend}
-        return {"abits": a.bits, "act_symmetric": a.symmetric, "a_scale": a.scale.detach(), "a_zero": a.zero_point,
+        # the same tensor object every call (no per-call detach unless it is learnable): the kernels'
+        # static checks are cached per tensor (dfqkern.kernels.contract.cached)
+        scale = a.scale
+        if scale.requires_grad:
+            scale = scale.detach()
+        return {"abits": a.bits, "act_symmetric": a.symmetric, "a_scale": scale, "a_zero": a.zero_point,
                 "backend": self.backend}
 
     def extra_repr(self) -> str:

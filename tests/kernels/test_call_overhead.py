@@ -1,0 +1,135 @@
+"""The static part of the packed ops' contract (and the CPU backend's scalar arguments) runs once per
+weight / activation parameters / geometry, and is redone when any of those change."""
+import pytest
+import torch
+
+from dfqkern.formats import PackedWeight
+from dfqkern.kernels import contract, dispatch, reference
+from dfqkern.kernels.reference import ActQuant
+
+
+def _conv_pw(o=8, c=4, k=3, bits=4):
+    torch.manual_seed(0)
+    codes = torch.randint(0, 2 ** bits, (o, c * k * k))
+    return PackedWeight.from_codes(codes, torch.rand(o) + 0.1, torch.full((o,), 2 ** (bits - 1)), bits, (o, c, k, k))
+
+
+def _act():
+    return ActQuant(8, torch.tensor([0.05]), torch.tensor([128], dtype=torch.int32))
+
+
+def test_cached_reruns_on_in_place_write_new_storage_and_new_key():
+    calls = []
+    t = torch.zeros(1)
+    cache = {}
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    assert contract.cached(cache, "s", (1,), (t,), compute) == 1
+    assert contract.cached(cache, "s", (1,), (t,), compute) == 1  # reused
+    t.add_(1)  # in place: _version
+    assert contract.cached(cache, "s", (1,), (t,), compute) == 2
+    t.data = torch.ones(1)  # new storage, same object and version
+    assert contract.cached(cache, "s", (1,), (t,), compute) == 3
+    assert contract.cached(cache, "s", (2,), (t,), compute) == 4  # another key replaces the entry
+    assert contract.cached(cache, "s", (2,), (t.clone(),), compute) == 5  # another tensor
+    assert len(cache) == 1
+
+
+def test_cached_inference_tensors_recompute():
+    with torch.inference_mode():
+        t = torch.zeros(1)
+    n = []
+    for _ in range(2):
+        contract.cached({}, "s", (), (t,), lambda: n.append(1))
+    assert len(n) == 2
+
+
+def test_conv_act_zero_point_checked_again_after_in_place_change():
+    pw, act = _conv_pw(), _act()
+    x = torch.randn(1, 4, 6, 6)
+    dispatch.conv2d(x, pw, None, act, padding=1)
+    act.zero_point.fill_(300)  # outside [0, 255]: the cached "valid" must not survive
+    with pytest.raises(ValueError, match="act.zero_point"):
+        dispatch.conv2d(x, pw, None, act, padding=1)
+    act.zero_point.fill_(100)
+    dispatch.conv2d(x, pw, None, act, padding=1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_conv_result_follows_in_place_act_changes(backend):
+    if backend not in dispatch.available_backends():
+        pytest.skip(f"the {backend} backend is not available in this build")
+    pw, act = _conv_pw(), _act()
+    x = torch.randn(1, 4, 6, 6)
+    dispatch.conv2d(x, pw, None, act, padding=1, backend=backend)  # fills the caches
+    act.scale.mul_(2.0)
+    act.zero_point.fill_(120)
+    want = reference.conv2d(x, pw, None, ActQuant(8, act.scale.clone(), act.zero_point.clone()), padding=1)
+    torch.testing.assert_close(dispatch.conv2d(x, pw, None, act, padding=1, backend=backend), want)
+
+
+def test_conv_per_call_input_errors_after_cached_static_part():
+    pw, act = _conv_pw(), _act()
+    dispatch.conv2d(torch.randn(1, 4, 6, 6), pw, None, act, padding=1)
+    with pytest.raises(ValueError, match="x has 3 channels, weight expects 4"):
+        dispatch.conv2d(torch.randn(1, 3, 6, 6), pw, None, act, padding=1)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        dispatch.conv2d(torch.randn(1, 4, 2, 2), pw, None, act, padding=0)
+    with pytest.raises(ValueError, match="x must be NCHW"):
+        dispatch.conv2d(torch.randn(4, 6, 6), pw, None, act, padding=1)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        dispatch.conv2d(torch.zeros(1, 4, 6, 6, dtype=torch.int32), pw, None, act, padding=1)
+    # the static part is checked again when its arguments change
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        dispatch.conv2d(torch.randn(1, 4, 6, 6), pw, None, act, stride=0)
+    with pytest.raises(ValueError, match="bias must have 8 elements"):
+        dispatch.conv2d(torch.randn(1, 4, 6, 6), pw, torch.zeros(7), act, padding=1)
+
+
+def test_conv_bias_resized_through_data_is_checked_again():
+    pw, act = _conv_pw(), _act()
+    bias = torch.nn.Parameter(torch.zeros(8), requires_grad=False)
+    dispatch.conv2d(torch.randn(1, 4, 6, 6), pw, bias, act, padding=1)
+    bias.data = torch.zeros(5)  # what Module.to does to parameters: same object and _version
+    with pytest.raises(ValueError, match="bias must have 8 elements"):  # (the reference has no guard of its own)
+        dispatch.conv2d(torch.randn(1, 4, 6, 6), pw, bias, act, padding=1, backend="reference")
+
+
+def test_linear_per_call_and_static_errors():
+    torch.manual_seed(0)
+    pw = PackedWeight.from_codes(torch.randint(0, 16, (8, 32)), torch.rand(8) + 0.1, torch.full((8,), 8), 4)
+    act = ActQuant(8, per_token=True)
+    dispatch.linear(torch.randn(2, 32), pw, None, act)
+    with pytest.raises(ValueError, match="weight expects K=32"):
+        dispatch.linear(torch.randn(2, 31), pw, None, act)
+    with pytest.raises(ValueError, match="out_dtype"):
+        dispatch.linear(torch.randn(2, 32), pw, None, act, out_dtype=torch.int8)
+    bias = torch.zeros(8)
+    dispatch.linear(torch.randn(2, 32), pw, bias, act)
+    bias.data = torch.zeros(3)
+    with pytest.raises(ValueError, match="bias must have 8 elements"):
+        dispatch.linear(torch.randn(2, 32), pw, bias, act, backend="reference")
+
+
+def test_packed_layer_follows_in_place_act_param_changes():
+    from dfqkern import QuantConfig, calibrate_activations, pack_model, quantize_model
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1))
+    q = quantize_model(m, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax", act_observer="minmax"))
+    calibrate_activations(q, torch.randn(4, 3, 8, 8), progress=False)
+    pack_model(q)
+    layer = q[0]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        before = layer(x)
+        layer.a_quant.zero_point.fill_(400)  # in place, as load_state_dict writes buffers
+        with pytest.raises(ValueError, match="act.zero_point"):
+            layer(x)
+        layer.a_quant.zero_point.fill_(0)
+        layer.a_quant.scale.mul_(3.0)
+        after = layer(x)
+    assert not torch.equal(before, after)
