@@ -136,14 +136,25 @@ def adaround(base: Tensor, v: Tensor, scale: Tensor, zero_point: Tensor, bits: i
 # Registered as custom ops too, so torch.compile treats a packed layer as one opaque kernel call
 # instead of tracing into the Python dispatch. Inference only: their backward raises, saying so.
 
-_PACKED_VIEWS: dict[int, tuple] = {}  # id(data) -> (weakref to data, PackedWeight); tensors hash elementwise
+_PACKED_VIEWS: dict[int, tuple] = {}  # id(data) -> (weakref to data, PackedWeight, versions); tensors hash elementwise
+
+
+def _versions(*tensors) -> tuple:
+    """In-place write counters (``None`` for inference tensors, which keep none)."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return None
 
 
 def packed_weight_view(data: Tensor, scale: Tensor, zero: Tensor, bits: int, k: int, shape) -> PackedWeight:
     """The PackedWeight over these buffers, kept per ``data`` tensor so backend layouts
-    (``PackedWeight.cache``) are derived once, not per call."""
+    (``PackedWeight.cache``) are derived once, not per call. An in-place write to ``data`` or ``zero``
+    (``load_state_dict`` copies into the buffers) makes a new one, so no layout derived from the old
+    codes is served."""
     entry = _PACKED_VIEWS.get(id(data))
-    pw = entry[1] if entry is not None and entry[0]() is data else None
+    versions = _versions(data, zero)
+    pw = entry[1] if entry is not None and entry[0]() is data and entry[2] == versions else None
     if pw is None or pw.scale is not scale or pw.zero_point is not zero or pw.bits != bits or pw.k != k:
         pw = PackedWeight(data, scale, zero, bits, k, tuple(shape))
         key, views = id(data), _PACKED_VIEWS
@@ -152,7 +163,7 @@ def packed_weight_view(data: Tensor, scale: Tensor, zero: Tensor, bits: int, k: 
             if views.get(key, (None,))[0] is ref:
                 del views[key]
 
-        views[key] = (weakref.ref(data, forget), pw)
+        views[key] = (weakref.ref(data, forget), pw, versions)
     return pw
 
 

@@ -17,6 +17,14 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(autouse=True)
+def _triton_interpreted_without_gpu(monkeypatch):
+    """The triton rows run interpreted on a CPU machine; triton reads TRITON_INTERPRET at call time too,
+    so it must be set while they run (not only when the kernel suites imported triton)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def _cpu_backends():
     """Backends that serve CPU tensors here: 'reference' always, plus e.g. the compiled 'cpu' one when built."""
     from dfqkern.kernels import dispatch

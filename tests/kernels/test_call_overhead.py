@@ -3,6 +3,7 @@ weight / activation parameters / geometry, and is redone when any of those chang
 import pytest
 import torch
 
+import kernel_cases  # noqa: F401  (first: triton must be imported under TRITON_INTERPRET on a CPU machine)
 from dfqkern.formats import PackedWeight
 from dfqkern.kernels import contract, dispatch, reference
 from dfqkern.kernels.reference import ActQuant
@@ -133,3 +134,30 @@ def test_packed_layer_follows_in_place_act_param_changes():
         layer.a_quant.scale.mul_(3.0)
         after = layer(x)
     assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_load_state_dict_into_a_used_packed_model_serves_the_new_weights(backend, monkeypatch):
+    """Backend layouts derived from the old codes (PackedWeight.cache) must not survive load_state_dict,
+    which copies the new codes into the same buffers (found: the CPU tile cache served stale weights)."""
+    if backend == "cpu" and "cpu" not in dispatch.available_backends():
+        pytest.skip("dfqkern._C with CPU ops is not built")
+    monkeypatch.setenv("DFQKERN_BACKEND", backend)
+    from torch import nn
+
+    from dfqkern import QuantConfig, calibrate_activations, pack_model, quantize_model
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+        q = quantize_model(m, QuantConfig(weight_bits=4, act_bits=8))
+        calibrate_activations(q, torch.randn(16, 3, 8, 8), progress=False)
+        return pack_model(q).eval()
+
+    a, b = make(0), make(1)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a(x)  # derive and cache a's layouts
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), b(x))
