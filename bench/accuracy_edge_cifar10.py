@@ -123,7 +123,8 @@ def render_markdown(results: dict) -> str:
         f"iterations (the library default is 500; no real image). Weights per-channel, activations per-tensor, "
         f"MSE observers, first/last layer 8-bit; reconstruction {BUDGET['iters']} iterations per unit, batch 32. Within a (net, data, "
         f"setting) row every method starts from the same observer model with the same seed and images. "
-        f"torch threads {meta['threads']}; machine: {meta['machine']}.",
+        f"torch threads 2 for the main table (the last run, of the rows below: {meta['threads']}); machine: "
+        f"{meta['machine']}.",
         "",
         "`>= obs`: every method at or above the observer. Cell: top-1 % (units whose learning the guard "
         "undid, `R` = whole model returned to the observer start). Targets: QDrop W4A4 within "
