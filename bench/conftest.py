@@ -8,7 +8,11 @@ The tables are written to ``$DFQKERN_BENCH_DIR/<module>.md`` (default ``runs/``)
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  (torch-free: the timed runs keep their OpenMP setup)
 
 # (group prefix, dfqkern row prefix, kind, bound[, peer row prefix]): kind 'speedup' = primary baseline
 # (or the named peer row) / row >= bound, 'floor' = row / memory floor of the same weight width <= bound.
@@ -92,48 +96,13 @@ def _table(groups: dict) -> list[str]:
     return out
 
 
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def _caches() -> str:
-    """'L1d 48K, L2 2048K, L3 266240K' for cpu0 (sysfs), '' when unknown."""
-    out = []
-    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            level, kind, size = ((d / f).read_text().strip() for f in ("level", "type", "size"))
-        except OSError:
-            continue
-        if kind != "Instruction":
-            out.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
-    return ", ".join(out)
-
-
-def _cpu_isa() -> str:
-    try:
-        from dfqkern.kernels import cpu
-
-        return cpu.isa() if cpu.is_available() else "no dfqkern._C"
-    except ImportError:
-        return "unknown"
-
-
-def _slug(text: str) -> str:
-    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60] or "cpu"
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     collected = _collect(config)
     for module, groups in collected.items():
-        import platform
-
         import torch
 
-        cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), platform.machine())
-        lines = [f"## {module}", "", f"CPU: {cpu}; dfqkern ISA (auto): {_cpu_isa()}; caches: {_caches() or 'unknown'}; "
+        cpu, isa = machine.cpu_name(), machine.dfqkern_isa()
+        lines = [f"## {module}", "", f"CPU: {cpu}; dfqkern ISA (auto): {isa}; caches: {machine.describe_caches()}; "
                  f"{os.cpu_count()} logical CPUs; torch {torch.__version__}; threads: {torch.get_num_threads()}; "
                  f"fbgemm/oneDNN/MKL/onnxruntime use their own ISA choice"] + _table(groups)
         terminalreporter.write_sep("=", f"ratios: {module}")
@@ -147,7 +116,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tmp.replace(out_dir / f"{module}.md")
             if module == "test_bench_cpu" and os.environ.get("DFQKERN_BENCH_RESULTS"):
                 # results from different CPUs side by side: bench/results/cpu_latency_<cpu>.md
-                res = Path(os.environ["DFQKERN_BENCH_RESULTS"]) / f"cpu_latency_{_slug(cpu)}-{_cpu_isa()}.md"
+                res = Path(os.environ["DFQKERN_BENCH_RESULTS"]) / f"cpu_latency_{machine.slug(cpu)}-{isa}.md"
                 res.parent.mkdir(parents=True, exist_ok=True)
                 res.write_text("\n".join(lines) + "\n")
                 terminalreporter.write_line(f"wrote {res}")

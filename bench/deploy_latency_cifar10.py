@@ -29,10 +29,11 @@ import torch  # noqa: E402,I001
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import machine  # noqa: E402
+from onnx_agreement_cifar10 import compare_with_onnxruntime  # noqa: E402
 
 from dfqkern.benchmark import run_bench  # noqa: E402
 from dfqkern.cli import main as dfqkern_cli  # noqa: E402
-from dfqkern.evaluation import evaluate_top1  # noqa: E402
 
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8)}
 MODEL, CHECKPOINT = "cifar10_resnet20", "resnet20-12fca82f.th"
@@ -41,40 +42,10 @@ ROW_NAMES = {"packed": "dfqkern packed (CPU kernels)", "onnxruntime": "onnxrunti
              "pt2": "AOTInductor .pt2 export", "float": "torch fp32 eager"}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.machine()
-
-
-def slug(text: str) -> str:
-    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60] or "cpu"
-
-
 def cli(*args: str) -> None:
     rc = dfqkern_cli([str(a) for a in args])
     if rc:
         raise SystemExit(f"dfqkern {' '.join(map(str, args))} failed with exit code {rc}")
-
-
-def onnx_top1(path: Path, dev) -> float:
-    from dfqkern.export.onnx import onnxruntime_session
-
-    sess = onnxruntime_session(path)
-    name = sess.get_inputs()[0].name
-    correct = total = 0
-    loader = torch.utils.data.DataLoader(dev, batch_size=common.EVAL_BATCH)
-    for x, y in loader:
-        logits = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
-        correct += int((logits.argmax(1) == y).sum())
-        total += len(y)
-    return round(100.0 * correct / total, 2)
 
 
 def run_setting(setting: str, args, data_dir: Path) -> dict:
@@ -97,8 +68,9 @@ def run_setting(setting: str, args, data_dir: Path) -> dict:
     with common.Timer() as t:
         bench = run_bench(ckpt, float_model=MODEL, batch_sizes=args.batch_sizes, repeats=args.repeats,
                           warmup=args.warmup, onnx=onnx, pt2=pt2, threads=args.threads, progress=args.progress)
-    return {"setting": setting, "bench": bench, "load": t.load, "top1_packed": common.top1(packed, dev),
-            "top1_onnxruntime": onnx_top1(onnx, dev), "finished": common.now()}
+    agree = compare_with_onnxruntime(packed, onnx, dev)
+    return {"setting": setting, "bench": bench, "load": t.load, "top1_packed": agree["top1_packed"],
+            "top1_onnxruntime": agree["top1_onnxruntime"], "finished": common.now()}
 
 
 def render_markdown(data: dict) -> str:
@@ -140,8 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", type=common.comma_list(item=int), default="1,8")
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
-    cpu_text = cpu_name()
-    common.add_run_flags(p, f"deploy_latency_{slug(cpu_text)}",
+    cpu_text = machine.cpu_name()
+    common.add_run_flags(p, f"deploy_latency_{machine.slug(cpu_text)}",
                          work_dir=("the quantized checkpoints and exports are kept", "bench-deploy"))
     args = p.parse_args(argv)
     data_dir = common.cifar10_dir(args.data_dir)
@@ -149,12 +121,9 @@ def main(argv=None) -> int:
         if not (data_dir / f).is_file():
             raise SystemExit(f"--data-dir: {data_dir / f} is missing")
     torch.set_num_threads(args.threads)
-    from dfqkern.kernels import cpu
-
     out = Path(args.out)
     results = common.Results(out, render_markdown, fresh=args.fresh, empty={"rows": {}})
-    results.data["meta"] = common.run_meta(args.threads, cpu=cpu_text, isa=cpu.isa() if cpu.is_available() else
-                                           "none", repeats=args.repeats, warmup=args.warmup)
+    results.data["meta"] = common.run_meta(args.threads, cpu=cpu_text, isa=machine.dfqkern_isa(), repeats=args.repeats, warmup=args.warmup)
     results.data["meta"]["omp_wait_policy"] = OMP_POLICY_AT_START
     for setting in SETTINGS:
         results.row(setting, lambda s=setting: run_setting(s, args, data_dir),

@@ -35,7 +35,7 @@ TOP1_TOLERANCE = 0.1  # points (issue 20)
 def run_row(arch: str, checkpoint: Path, setting: str, data_dir: Path) -> dict:
     from dfqkern.config import QuantConfig
     from dfqkern.data import build_transform, calibration_tensor
-    from dfqkern.export.onnx import export_onnx, onnxruntime_session
+    from dfqkern.export.onnx import export_onnx
     from dfqkern.model_info import model_info
     from dfqkern.models import create_model
     from dfqkern.quantize import calibrate_activations, pack_model, quantize_model
@@ -52,23 +52,32 @@ def run_row(arch: str, checkpoint: Path, setting: str, data_dir: Path) -> dict:
     dev = common.dev_set(data_dir, spec)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(q, Path(tmp) / "model.onnx", (torch.randn(2, *spec.input_size),))
-        sess = onnxruntime_session(path)
-        name = sess.get_inputs()[0].name
-        same = correct_q = correct_o = total = 0
-        worst = 0.0
-        with torch.inference_mode():
-            for x, y in torch.utils.data.DataLoader(dev, batch_size=common.EVAL_BATCH):
-                lq = q(x).float()
-                lo = torch.from_numpy(sess.run(None, {name: x.numpy()})[0]).float()
-                rng = (lq.amax(1) - lq.amin(1)).clamp_min(1e-12)
-                worst = max(worst, float(((lq - lo).abs().amax(1) / rng).max()))
-                correct_q += int((lq.argmax(1) == y).sum())
-                correct_o += int((lo.argmax(1) == y).sum())
-                same += int((lq.argmax(1) == lo.argmax(1)).sum())
-                total += len(y)
-    return {"arch": arch, "setting": setting, "checkpoint": str(checkpoint), "images": total,
-            "top1_packed": round(100.0 * correct_q / total, 2), "top1_onnxruntime": round(100.0 * correct_o / total, 2),
-            "top1_differs": total - same, "max_logit_diff_rel": round(worst, 5), "finished": common.now()}
+        row = compare_with_onnxruntime(q, path, dev)
+    return {"arch": arch, "setting": setting, "checkpoint": str(checkpoint), **row, "finished": common.now()}
+
+
+def compare_with_onnxruntime(packed, onnx_path, dev) -> dict:
+    """Top-1 of ``packed`` and of ``onnx_path`` in onnxruntime on ``dev``, the images whose top-1 differs and
+    the largest per-image logit difference over that image's logit range."""
+    from dfqkern.export.onnx import onnxruntime_session
+
+    sess = onnxruntime_session(onnx_path)
+    name = sess.get_inputs()[0].name
+    same = correct_q = correct_o = total = 0
+    worst = 0.0
+    with torch.inference_mode():
+        for x, y in torch.utils.data.DataLoader(dev, batch_size=common.EVAL_BATCH):
+            lq = packed(x).float()
+            lo = torch.from_numpy(sess.run(None, {name: x.numpy()})[0]).float()
+            rng = (lq.amax(1) - lq.amin(1)).clamp_min(1e-12)
+            worst = max(worst, float(((lq - lo).abs().amax(1) / rng).max()))
+            correct_q += int((lq.argmax(1) == y).sum())
+            correct_o += int((lo.argmax(1) == y).sum())
+            same += int((lq.argmax(1) == lo.argmax(1)).sum())
+            total += len(y)
+    return {"images": total, "top1_packed": round(100.0 * correct_q / total, 2),
+            "top1_onnxruntime": round(100.0 * correct_o / total, 2), "top1_differs": total - same,
+            "max_logit_diff_rel": round(worst, 5)}
 
 
 def render_markdown(data: dict) -> str:

@@ -42,12 +42,12 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import machine  # bench/machine.py (pytest puts bench/ on the path through its conftest)
 from dfqkern.formats import PackedWeight
 from dfqkern.kernels import dispatch, reference as R
 from dfqkern.kernels.reference import ActQuant
@@ -89,16 +89,6 @@ def _ort_session(model_bytes: bytes):
     so.intra_op_num_threads = torch.get_num_threads()
     so.inter_op_num_threads = 1
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-
-
-def last_level_cache_bytes() -> int | None:
-    """Size of the largest cache cpu0 sees (sysfs), None when unknown."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        txt = f.read_text().strip()
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
-        sizes.append(int(txt.rstrip("KMG")) * mult)
-    return max(sizes) if sizes else None
 
 
 def _label(name: str, isa: str | None) -> str:
@@ -219,7 +209,7 @@ def test_linear_torch_int4pack(benchmark, group):
 
 def _dram_rows(wbits: int) -> int:
     """Rows of a K=4096 weight whose ``wbits`` packed bytes are at least twice the last-level cache."""
-    llc = last_level_cache_bytes() or 32 << 20
+    llc = machine.last_level_cache_bytes() or 32 << 20
     return -(-2 * llc // (4096 * wbits // 8) // 4096) * 4096
 
 
