@@ -45,6 +45,11 @@ cross-entropy) or ``mixup`` (k classes per image with Dirichlet or uniform weigh
 cross-entropy), dealt so every class is targeted equally often and weighted by ``ce_weight`` in
 every method (default per label mode). Prefer ``dgh`` for mixup labels. The measurements behind the defaults are in
 ``bench/results/bn_inversion_notes.md``.
+
+The ViT methods ``psaq`` and ``dfq-vit`` (no BatchNorm: patch-similarity entropy of the attention
+outputs, :mod:`~dfqkern.datagen.vit_inversion`) run through :func:`invert_bn` and
+:func:`generate_bn_inversion_set` too (same targets, shards, resume and manifest); their loss
+history is the mean patch-similarity entropy.
 """
 from __future__ import annotations
 
@@ -59,8 +64,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._version import __version__
-from .config import (AUTO_BATCH, DEFAULT_CE_WEIGHT, DEFAULT_LR, DEFAULT_SHARD_SIZE,  # noqa: F401
-                     DGH_MEMORY_FRACTION, LABEL_MODES, METHODS, WEIGHT_MODES, BNInversionConfig,
+from .config import (AUTO_BATCH, BN_METHODS, DEFAULT_CE_WEIGHT, DEFAULT_LR, DEFAULT_SHARD_SIZE,  # noqa: F401
+                     DGH_MEMORY_FRACTION, LABEL_MODES, METHODS, VIT_METHODS, WEIGHT_MODES, BNInversionConfig,
                      check_target_options)
 from .distributed import all_reduce_sums, is_collective, split_evenly
 from .prompts import (BN_SHARD_STREAM, BN_TARGET_STREAM, DGH_INIT_STREAM, balanced_class_groups, image_seed,
@@ -82,7 +87,8 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
               and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no BatchNorm2d layer with running statistics: "
-                         f"BN-statistics inversion and the BN-sensitivity filter need one")
+                         f"BN-statistics inversion and the BN-sensitivity filter need one (for a vision transformer "
+                         f"use method {' or '.join(VIT_METHODS)})")
     return layers
 
 
@@ -204,12 +210,15 @@ def soft_labels(classes: Sequence[Sequence[int]], weights: Sequence[Sequence[flo
     return out
 
 
-def _target_loss(logits: torch.Tensor, target: torch.Tensor, focal_gamma: "float | None") -> torch.Tensor:
+def target_loss(logits: torch.Tensor, target: torch.Tensor, focal_gamma: "float | None") -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=1)
     if focal_gamma is None:
         return -(target * logp).sum(dim=1).mean()
     weight = (1 - logp.exp()).pow(focal_gamma)  # HAST: hard (low-probability) targets weigh more
     return -(target * weight * logp).sum(dim=1).mean()
+
+
+_target_loss = target_loss  # its earlier name (tests/datagen/test_datagen_bn_inversion.py)
 
 
 def _stretch_loss(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -428,7 +437,10 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
             n_batches = len(dgh_batches(num_images, cfg.batch_size, *part))
         bar = tqdm(total=cfg.iters * n_batches, desc=f"bn-inversion ({cfg.method})", unit="it",
                    disable=not progress, leave=False)
-        with BNCapture(model) as cap, bar:
+        vit = cfg.method in VIT_METHODS
+        if vit:
+            from .vit_inversion import PatchCapture, invert_vit_batch
+        with (PatchCapture(model, cfg.patch_source, cfg.method) if vit else BNCapture(model)) as cap, bar:
             owned = None
             if cfg.method == "dgh":
                 images, history, owned = _invert_set(model, cap, labels, bar, run, part or (0, 1))
@@ -436,7 +448,8 @@ def invert_bn(model: nn.Module, num_images: int, method: "str | None" = None, la
                 images, sums = [], [0.0] * cfg.iters
                 for b in range(n_batches):
                     sl = slice(b * cfg.batch_size, min((b + 1) * cfg.batch_size, num_images))
-                    x, hist = _invert_batch(model, cap, labels[sl].to(device), image_seed(cfg.seed, b), bar, run)
+                    x, hist = (invert_vit_batch if vit else _invert_batch)(
+                        model, cap, labels[sl].to(device), image_seed(cfg.seed, b), bar, run)
                     images.append(x)
                     sums = [a + h for a, h in zip(sums, hist)]
                 images = torch.cat(images)
@@ -463,7 +476,7 @@ class _Run:
         if not weight:
             return 0.0
         focal = self.cfg.focal_gamma if self.cfg.method == "hast" else None
-        return weight * _target_loss(logits, target, focal)
+        return weight * target_loss(logits, target, focal)
 
     def model_input(self, img: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         return _augment(img, rng, self.cfg.effective_augment, self.cfg.jitter)
@@ -488,13 +501,15 @@ def input_prior(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (torch.linalg.vector_norm(xf.mean(dim=2), dim=1) + torch.linalg.vector_norm(std - 1, dim=1)).mean()
 
 
-def _prior_loss(x: torch.Tensor, cfg: BNInversionConfig, num_bn_layers: int) -> "torch.Tensor | float":
-    """Image priors: total variation (``tv_weight``) and ZeroQ's input prior, which is scaled like
-    one more BN layer of the layer-mean BN term."""
+def prior_loss(x: torch.Tensor, cfg: BNInversionConfig, num_bn_layers: int) -> "torch.Tensor | float":
+    """Image priors: total variation (``tv_weight``), L2 (``l2_weight``, mean squared pixel) and ZeroQ's
+    input prior, which is scaled like one more BN layer of the layer-mean BN term."""
     loss = 0.0
     if cfg.tv_weight > 0:
         tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
         loss = loss + cfg.tv_weight * tv
+    if cfg.l2_weight > 0:
+        loss = loss + cfg.l2_weight * x.float().pow(2).mean()
     if cfg.effective_input_prior_weight > 0:
         loss = loss + cfg.effective_input_prior_weight * input_prior(x) / num_bn_layers
     return loss
@@ -539,7 +554,7 @@ def _invert_batch(model, cap, target, batch_seed, bar, run: _Run):
             img = make()  # the generator (small) stays float32; the model runs at the configured precision
             logits = run.forward(model, run.model_input(img, rng))
             bn = cap.batch_loss()
-            loss = bn / len(cap.layers) + _prior_loss(img, cfg, len(cap.layers)) + run.target_loss(logits, target)
+            loss = bn / len(cap.layers) + prior_loss(img, cfg, len(cap.layers)) + run.target_loss(logits, target)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -658,7 +673,7 @@ def _invert_set(model, cap, labels, bar, run: _Run, part: "tuple[int, int]" = (0
             # A batch moves only its share (len(x) / n) of the set-level moments, so the BN term's
             # gradient shrinks with the set size while the per-batch target terms do not: scale it
             # back by n / len(x) (unscaled, larger sets ended at a much higher BN loss).
-            loss = (bn * (n / len(x)) / len(cap.layers) + _prior_loss(x, cfg, len(cap.layers))
+            loss = (bn * (n / len(x)) / len(cap.layers) + prior_loss(x, cfg, len(cap.layers))
                     + run.target_loss(logits, labels[ranges[b].start:ranges[b].stop].to(run.device)))
             if cfg.stretch_weight:
                 loss = loss + cfg.stretch_weight * _stretch_loss(logits)
@@ -909,6 +924,12 @@ def generate_bn_inversion_set(out_dir, model: nn.Module, config: "BNInversionCon
     if len(mean) != shape[0] or len(std) != shape[0] or any(float(s) <= 0 for s in std):
         raise ValueError(f"mean and std need {shape[0]} values each (std > 0), got {list(mean)} and {list(std)}")
     check_precision(cfg.precision, device)
+    if cfg.method in VIT_METHODS:  # the model must suit the method before the set directory is prepared
+        from .vit_inversion import attention_modules
+
+        attention_modules(model, f"method {cfg.method!r}")
+    else:
+        bn_layers(model)
     split = collective and cfg.method == "dgh"
     if cfg.method == "dgh" and world_size > 1 and not collective:
         import logging

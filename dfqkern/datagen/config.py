@@ -17,17 +17,27 @@ from typing import Any, Mapping
 # latents, swing convolution on the pretrained model's strided convs); genie-labels: dfqkern's
 # earlier conditional variant (label embedding, swing inside the generator), recorded as "genie"
 # by sets made before the split.
-METHODS = ("zeroq", "genie", "genie-labels", "hast", "dgh")
+# psaq / dfq-vit: the ViT methods (no BatchNorm; patch-similarity entropy of the attention outputs,
+# dfqkern.datagen.vit_inversion), run by the same set machinery as the BN methods.
+METHODS = ("zeroq", "genie", "genie-labels", "hast", "dgh", "psaq", "dfq-vit")
+VIT_METHODS = ("psaq", "dfq-vit")
+BN_METHODS = tuple(m for m in METHODS if m not in VIT_METHODS)  # the ones that invert BatchNorm statistics
+# Which token sequences the ViT methods measure patch similarity on: each self-attention module's output
+# (PSAQ-ViT's MHSA output) or the output of the block that holds it.
+PATCH_SOURCES = ("attention", "block")
 LABEL_MODES = ("single", "mixup", "none")
 WEIGHT_MODES = ("dirichlet", "uniform")
 # Augmentation of the images before the model during inversion: flip-shift = random flip + circular
 # shift by up to ``jitter`` pixels; dgh = DGH's pipeline (3x3 Gaussian smoothing, reflect-padded random
 # crop by up to ``jitter`` pixels, random flip), after Sony MCT's smoothing-and-augmentation.
 AUGMENTS = ("none", "flip-shift", "dgh")
-DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.25, "genie": 0.01, "genie-labels": 0.01}
+DEFAULT_LR = {"zeroq": 0.25, "hast": 0.25, "dgh": 0.25, "genie": 0.01, "genie-labels": 0.01, "psaq": 0.25,
+              "dfq-vit": 0.25}
 # ZeroQ and Genie optimize the BN loss alone (no labels); dgh defaults to mixup labels (measured:
 # bench/results/bn_inversion_notes.md); genie-labels does better with single labels than mixup.
-DEFAULT_LABEL_MODE = {"zeroq": "none", "genie": "none", "genie-labels": "single", "hast": "mixup", "dgh": "mixup"}
+# PSAQ-ViT and DFQ-ViT optimize toward one target class per image, as their papers do (mixup works too).
+DEFAULT_LABEL_MODE = {"zeroq": "none", "genie": "none", "genie-labels": "single", "hast": "mixup", "dgh": "mixup",
+                      "psaq": "single", "dfq-vit": "single"}
 # Soft (mixup) targets keep pulling against the BN term where one-hot targets saturate, so they get
 # half the weight; measurements in bench/results/bn_inversion_notes.md.
 DEFAULT_CE_WEIGHT = {"single": 1.0, "mixup": 0.5, "none": 0.0}
@@ -39,7 +49,7 @@ CONFIG_VERSION = 2
 LEGACY_CE_WEIGHT = 1.0
 # Recorded under "options" in the manifest; every other field is recorded at the top level.
 LOSS_OPTIONS = ("ce_weight", "focal_gamma", "stretch_weight", "tv_weight", "jitter", "latent_dim",
-                "input_prior_weight", "augment")
+                "input_prior_weight", "augment", "patch_weight", "patch_source", "kde_bandwidth", "l2_weight")
 # Images per shard of a BN-inversion set (a shard is inverted as one unit); dgh defaults to the whole
 # set (set-level statistics) when its pixels and Adam state fit in this fraction of the free memory.
 DEFAULT_SHARD_SIZE = 256
@@ -56,7 +66,8 @@ AUTO_BATCH_MAX = 256
 AUTO_BATCH_MULTIPLE = 8
 # Post-generation filters (GenQ): energy = -logsumexp(logits), keep the lowest; bn = leave-one-out
 # change of the set's BN loss, keep the images whose removal raises it most.
-FILTER_KINDS = ("energy", "bn")
+# patchsim (GenQ's ViT filter) = mean patch-similarity entropy of the attention outputs, keep the highest.
+FILTER_KINDS = ("energy", "bn", "patchsim")
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -101,7 +112,10 @@ class BNInversionConfig(_Options):
     ``input_prior_weight`` None: the method's (``DEFAULT_INPUT_PRIOR_WEIGHT``, 0 if absent);
     ``augment`` None: ``flip-shift`` when ``jitter`` > 0, else ``none`` (``AUGMENTS``). ``focal_gamma``
     is used by ``hast``, ``stretch_weight`` by ``dgh``, ``latent_dim`` by the genie methods;
-    ``jitter`` is the augmentation's max shift in pixels, ``tv_weight`` a total-variation prior.
+    ``jitter`` is the augmentation's max shift in pixels, ``tv_weight`` a total-variation prior,
+    ``l2_weight`` an L2 prior (mean squared pixel). The ViT methods (``VIT_METHODS``, no BatchNorm
+    needed) use ``patch_weight`` (the patch-similarity entropy term), ``patch_source`` (``PATCH_SOURCES``)
+    and ``kde_bandwidth`` (of its kernel density estimate); ``dfq-vit`` ramps ``focal_gamma``.
     ``precision`` (``PRECISIONS``) autocasts the model's forward (fp16 on CUDA only).
     The ``effective_*`` properties resolve the None defaults; ``to_dict`` records resolved values.
     """
@@ -125,12 +139,20 @@ class BNInversionConfig(_Options):
     input_prior_weight: "float | None" = None
     augment: "str | None" = None
     precision: str = "fp32"
+    patch_weight: float = 1.0
+    patch_source: str = "attention"
+    kde_bandwidth: float = 0.05
+    l2_weight: float = 0.0
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
         check_choice("precision", self.precision, PRECISIONS)
         check_target_options(self.effective_label_mode, self.weights, self.dirichlet_alpha)
         check_choice("augment", self.effective_augment, AUGMENTS)
+        check_choice("patch_source", self.patch_source, PATCH_SOURCES)
+        if not float(self.kde_bandwidth) > 0:
+            raise ValueError(f"kde_bandwidth must be > 0 (a kernel width in cosine similarity), "
+                             f"got {self.kde_bandwidth!r}")
         if self.effective_label_mode == "none" and self.effective_ce_weight:
             raise ValueError(f"ce_weight {self.ce_weight} needs targets: label_mode 'none' has none")
         if not isinstance(self.iters, int) or self.iters < 1:
@@ -140,7 +162,7 @@ class BNInversionConfig(_Options):
                              f"got {self.batch_size!r}")
         if not isinstance(self.jitter, int) or self.jitter < 0:
             raise ValueError(f"jitter must be an int >= 0 (max shift in pixels), got {self.jitter!r}")
-        for name in ("ce_weight", "stretch_weight", "tv_weight", "input_prior_weight"):
+        for name in ("ce_weight", "stretch_weight", "tv_weight", "input_prior_weight", "patch_weight", "l2_weight"):
             value = getattr(self, f"effective_{name}", getattr(self, name))  # None defaults resolved
             if not float(value) >= 0:  # also rejects NaN
                 raise ValueError(f"{name} must be a number >= 0 (a loss weight), got {value!r}")

@@ -9,6 +9,10 @@
   it is left out. The images whose removal raises it most are kept.
 * BN-deviation filter (per image, not GenQ's): how far the statistics one image induces on its own
   are from the running statistics; the least deviating images are kept.
+* Patch-similarity filter (GenQ's filter for ViTs, which have no BN statistics): the PSAQ-ViT
+  patch-similarity entropy of an image (:func:`~dfqkern.datagen.vit_inversion.patch_similarity_entropy`,
+  mean over the attention modules' outputs); diverse patch tokens mean a real-looking image to the
+  ViT, so the highest-entropy images are kept.
 
 The ``*_filter`` functions return the kept indices (ascending, ``torch.long``) so they compose with
 ``torch.utils.data.Subset``. Select with ``keep_fraction`` (keep the best ``ceil(f * N)``) or
@@ -25,8 +29,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .bn_inversion import BNCapture, bn_moment_loss, model_device
+from .bn_inversion import BNCapture, bn_layers, bn_moment_loss, model_device
 from .config import DEFAULT_SHARD_SIZE, FilterStep, parse_filters
+from .vit_inversion import attention_modules, image_patch_entropy
 
 
 def _batches(data, batch_size: int, transform) -> Iterator[torch.Tensor]:
@@ -144,6 +149,39 @@ def bn_deviation_scores(model: nn.Module, data, *, batch_size: int = 128,
     return torch.cat(out) if out else torch.empty(0)
 
 
+def patch_similarity_scores(model: nn.Module, data, *, batch_size: int = 128, source: str = "attention",
+                            transform: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
+    """Patch-similarity entropy per image (float32, CPU; higher = more diverse patch tokens), in eval
+    mode; a ValueError for a model without self-attention."""
+    check_filter_model(model, [FilterStep("patchsim", 1.0)])
+    device = model_device(model)
+    out = [image_patch_entropy(model, x.to(device), source=source) for x in _batches(data, batch_size, transform)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def patch_similarity_filter(model: nn.Module, data, *, keep_fraction: "float | None" = None,
+                            threshold: "float | None" = None, batch_size: int = 128,
+                            transform: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
+    """GenQ's ViT filter: indices of the highest patch-similarity entropy images (``threshold``:
+    those scoring ``>= threshold``)."""
+    _check_selection(keep_fraction, threshold)
+    scores = patch_similarity_scores(model, data, batch_size=batch_size, transform=transform)
+    return select_lowest(-scores, keep_fraction, None if threshold is None else -threshold)
+
+
+def check_filter_model(model: nn.Module, steps: Sequence["FilterStep | str"]) -> None:
+    """A ValueError naming the filter when ``model`` lacks what a step of ``steps`` scores (``bn``:
+    BatchNorm statistics, ``patchsim``: self-attention), so a chain fails before its pool is made."""
+    kinds = {(s if isinstance(s, FilterStep) else parse_filters([s])[0]).kind for s in steps}
+    if "bn" in kinds:
+        try:
+            bn_layers(model)
+        except ValueError as err:
+            raise ValueError(f"filter 'bn': {err}") from None
+    if "patchsim" in kinds:
+        attention_modules(model, "filter 'patchsim'")
+
+
 def _check_selection(keep_fraction, threshold) -> None:
     if (keep_fraction is None) == (threshold is None):
         raise ValueError("give exactly one of keep_fraction (0 < f <= 1) or threshold")
@@ -213,7 +251,8 @@ def filter_synthetic_set(source, out_dir, model: nn.Module, steps: Sequence["Fil
     new set in ``out_dir``; returns ``out_dir``.
 
     Each step scores the images the previous one kept (``energy``: lowest energy kept; ``bn``: GenQ's
-    leave-one-out score over the step's candidates, highest kept) and keeps ``ceil(keep_fraction * n)``
+    leave-one-out score over the step's candidates, highest kept; ``patchsim``: patch-similarity
+    entropy, highest kept) and keeps ``ceil(keep_fraction * n)``
     of them; with ``num_images`` the last step keeps exactly that many (generate a pool of
     :func:`~dfqkern.datagen.config.pool_size` images for it). ``transform`` maps the stored [0, 1]
     images to the model's input (default: the set's recorded normalization). Images are copied
@@ -227,6 +266,7 @@ def filter_synthetic_set(source, out_dir, model: nn.Module, steps: Sequence["Fil
     steps = [s if isinstance(s, FilterStep) else parse_filters([s])[0] for s in steps]
     if not steps:
         raise ValueError("filter_synthetic_set needs at least one filter step")
+    check_filter_model(model, steps)
     src = load_synthetic(source)
     to_input = transform if transform is not None else (lambda x: src.normalize(x))  # noqa: E731
     data = torch.utils.data.Subset(src, [])
@@ -246,6 +286,10 @@ def filter_synthetic_set(source, out_dir, model: nn.Module, steps: Sequence["Fil
             scores = energy_scores(model, data, batch_size=batch_size, transform=to_input)
             sel = lowest_k(scores, k)
             info["score"] = "energy = -logsumexp(logits), lowest kept"
+        elif step.kind == "patchsim":
+            scores = patch_similarity_scores(model, data, batch_size=batch_size, transform=to_input)
+            sel = lowest_k(-scores, k)
+            info["score"] = "patch-similarity entropy of the attention outputs (PSAQ-ViT), highest kept"
         else:
             moments = bn_image_moments(model, data, batch_size=batch_size, transform=to_input)
             scores = bn_sensitivity_scores(model, data, moments=moments)

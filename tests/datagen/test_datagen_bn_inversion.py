@@ -14,7 +14,7 @@ def _random_images(n, seed=0):
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method", B.METHODS)
+@pytest.mark.parametrize("method", B.BN_METHODS)
 @pytest.mark.parametrize("label_mode", B.LABEL_MODES)
 def test_inversion_lowers_bn_loss(tiny_bn_net, method, label_mode):
     before = B.bn_statistics_loss(tiny_bn_net, _random_images(16))
@@ -81,7 +81,7 @@ def test_model_left_untouched(tiny_bn_net):
 
 def test_deterministic_given_seed(tiny_bn_net):
     kw = dict(iters=5, batch_size=4, input_shape=SHAPE, progress=False)
-    for method in B.METHODS:
+    for method in B.BN_METHODS:
         a = B.invert_bn(tiny_bn_net, 6, method, "mixup", seed=3, **kw)
         b = B.invert_bn(tiny_bn_net, 6, method, "mixup", seed=3, **kw)
         c = B.invert_bn(tiny_bn_net, 6, method, "mixup", seed=4, **kw)
