@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
 #include "cpu/common.h"
 #include "cpu/kernels.h"
@@ -355,6 +356,38 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& w_corr, const Tens
   return cpu::conv2d(x, w, w_corr, w_scale, w_bits, g, bias, a_scale, a_zero_point, a_bits);
 }
 
+// A zero point of matmul_int: one element, or broadcastable to `shape` with size 1 along `free_dim`.
+void check_matmul_zero_point(const char* name, const Tensor& z, at::IntArrayRef shape, int64_t free_dim) {
+  check_cpu(name, z);
+  TORCH_CHECK_TYPE(!z.is_floating_point() && !z.is_complex() && z.scalar_type() != at::kBool, name,
+                   " must be an integer tensor, got ", z.scalar_type());
+  if (z.numel() == 1) return;
+  std::vector<int64_t> want(shape.begin(), shape.end());
+  want[want.size() + free_dim] = 1;
+  bool ok = z.dim() == static_cast<int64_t>(want.size());
+  for (int64_t i = 0; ok && i < z.dim(); ++i) ok = z.size(i) == 1 || z.size(i) == want[i];
+  TORCH_CHECK_VALUE(ok, name, " of shape ", z.sizes(), " must have one element or broadcast to ", at::IntArrayRef(want));
+}
+
+Tensor matmul_int(const Tensor& a, const Tensor& a_zero_point, const Tensor& b, const Tensor& b_zero_point) {
+  check_cpu("a", a);
+  check_cpu("b", b);
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kByte, "a must be a uint8 tensor of codes, got ", a.scalar_type());
+  TORCH_CHECK_TYPE(b.scalar_type() == at::kByte, "b must be a uint8 tensor of codes, got ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() >= 2 && b.dim() == a.dim(), "a and b must be [..., M, K] and [..., K, N] with one number "
+                    "of dims, got shapes ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.sizes().slice(0, a.dim() - 2) == b.sizes().slice(0, b.dim() - 2),
+                    "a and b must have one batch shape, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(-1) == b.size(-2), "a has K=", a.size(-1), " but b has K=", b.size(-2));
+  // (a - za)(b - zb) of 8-bit codes summed over K stays below 2^31 (contract.MATMUL_MAX_K)
+  constexpr int64_t kMaxK = (int64_t{1} << 31) / (255 * 255);
+  TORCH_CHECK_VALUE(a.size(-1) <= kMaxK, "K=", a.size(-1), " exceeds ", kMaxK,
+                    ", the largest K whose int32 result is exact");
+  check_matmul_zero_point("a_zero_point", a_zero_point, a.sizes(), -1);
+  check_matmul_zero_point("b_zero_point", b_zero_point, b.sizes(), -2);
+  return cpu::matmul_int(a, a_zero_point, b, b_zero_point);
+}
+
 }  // namespace
 }  // namespace dfqkern
 
@@ -385,6 +418,7 @@ TORCH_LIBRARY_FRAGMENT(dfqkern, m) {
         "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
   m.def("cpu_conv2d(Tensor x, Tensor w, Tensor w_corr, Tensor w_scale, int w_bits, int[] w_shape, int[] stride, "
         "int[] padding, int[] dilation, int groups, Tensor? bias, float a_scale, int a_zero_point, int a_bits) -> Tensor");
+  m.def("cpu_matmul_int(Tensor a, Tensor a_zero_point, Tensor b, Tensor b_zero_point) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dfqkern, CPU, m) {
@@ -402,6 +436,7 @@ TORCH_LIBRARY_IMPL(dfqkern, CPU, m) {
   m.impl("cpu_linear", &dfqkern::linear);
   m.impl("cpu_conv2d_int", &dfqkern::conv2d_int);
   m.impl("cpu_conv2d", &dfqkern::conv2d);
+  m.impl("cpu_matmul_int", &dfqkern::matmul_int);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -411,4 +446,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // direct call skips the dispatcher (about 7 us per call; same checks, same kernels).
   m.def("cpu_linear", &dfqkern::linear, "torch.ops.dfqkern.cpu_linear without the dispatcher");
   m.def("cpu_conv2d", &dfqkern::conv2d, "torch.ops.dfqkern.cpu_conv2d without the dispatcher");
+  m.def("cpu_matmul_int", &dfqkern::matmul_int, "torch.ops.dfqkern.cpu_matmul_int without the dispatcher");
 }

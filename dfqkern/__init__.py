@@ -14,6 +14,7 @@ from .io import checkpoint_summary, load_quantized, save_quantized
 from .kernels import available_backends
 from .nn import QuantConv2d, QuantLinear
 from .quantize import calibrate_activations, fold_batchnorm, pack_model, quantize_model
+from .runtime_compile import compile  # noqa: A001  (dfqkern.compile, not the builtin)
 
 _LAZY = {"calibrate": ("dfqkern.calib", "calibrate"), "CalibConfig": ("dfqkern.calib", "CalibConfig"),
          "create_model": ("dfqkern.models", "create_model")}
@@ -29,5 +30,5 @@ def __getattr__(name):  # calibration and the model registry load on first use
 
 
 __all__ = ["CalibConfig", "LayerRule", "PackedWeight", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantScheme",
-           "available_backends", "calibrate", "calibrate_activations", "checkpoint_summary", "create_model",
+           "available_backends", "calibrate", "calibrate_activations", "checkpoint_summary", "compile", "create_model",
            "fold_batchnorm", "load_quantized", "pack_model", "preset", "quantize_model", "save_quantized"]

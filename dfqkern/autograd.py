@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .formats import PackedWeight
-from .kernels import dispatch
+from .kernels import contract, dispatch
+from .kernels.contract import Unsupported
 from .kernels.reference import ActQuant
 
 
@@ -140,9 +141,10 @@ _PACKED_VIEWS: dict[int, tuple] = {}  # id(data) -> (weakref to data, PackedWeig
 
 
 def _versions(*tensors) -> tuple:
-    """In-place write counters (``None`` for inference tensors, which keep none)."""
+    """In-place write counters and storage addresses (``.data =`` and ``Module.to`` swap the storage without
+    a write); ``None`` for inference tensors, which keep no counter."""
     try:
-        return tuple(t._version for t in tensors)
+        return tuple((t._version, t.data_ptr()) for t in tensors)
     except RuntimeError:
         return None
 
@@ -150,8 +152,8 @@ def _versions(*tensors) -> tuple:
 def packed_weight_view(data: Tensor, scale: Tensor, zero: Tensor, bits: int, k: int, shape) -> PackedWeight:
     """The PackedWeight over these buffers, kept per ``data`` tensor so backend layouts
     (``PackedWeight.cache``) are derived once, not per call. An in-place write to ``data`` or ``zero``
-    (``load_state_dict`` copies into the buffers) makes a new one, so no layout derived from the old
-    codes is served."""
+    (``load_state_dict`` copies into the buffers) or a storage swap makes a new one, so no layout derived
+    from the old codes is served."""
     entry = _PACKED_VIEWS.get(id(data))
     versions = _versions(data, zero)
     pw = entry[1] if entry is not None and entry[0]() is data and entry[2] == versions else None
@@ -227,11 +229,54 @@ _packed_linear.register_autograd(_packed_backward)
 _packed_conv2d.register_autograd(_packed_backward)
 
 
+# ----------------------------------------------------------------------------- packed attention
+# A packed attention module's integer steps (operand codes, the two matmuls) as custom ops with fake
+# implementations, so torch.export / torch.compile record each as one call (the backend kernels read
+# raw tensor data, which fake tensors have not). Eager calls skip the custom-op wrapper.
+
+def _quantize_codes_impl(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, axis: Optional[int],
+                         backend: Optional[str]) -> Tensor:
+    return dispatch.quantize(x, scale, zero_point, bits, axis, backend=backend).contiguous()
+
+
+_quantize_codes = torch.library.custom_op("dfqkern::quantize_codes", mutates_args=())(_quantize_codes_impl)
+
+
+@_quantize_codes.register_fake
+def _(x, scale, zero_point, bits, axis, backend):
+    return torch.empty_like(x, dtype=torch.uint8, memory_format=torch.contiguous_format)
+
+
+def _matmul_int_impl(a: Tensor, a_zero_point: Tensor, b: Tensor, b_zero_point: Tensor,
+                     backend: Optional[str]) -> Tensor:
+    return dispatch.matmul_int(a, a_zero_point, b, b_zero_point, backend=backend).contiguous()
+
+
+_matmul_int = torch.library.custom_op("dfqkern::matmul_int", mutates_args=())(_matmul_int_impl)
+
+
+@_matmul_int.register_fake
+def _(a, a_zero_point, b, b_zero_point, backend):
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+def quantize_codes(x, scale, zero_point, bits, axis=None, backend=None) -> Tensor:
+    """Integer codes of ``x`` (dispatch.quantize) as one custom op when traced."""
+    op = _quantize_codes if torch.compiler.is_compiling() else _quantize_codes_impl
+    return op(x, scale, zero_point, bits, axis, backend)
+
+
+def matmul_int(a, a_zero_point, b, b_zero_point, backend=None) -> Tensor:
+    """Exact int32 ``(a - a_zp) @ (b - b_zp)`` of code tensors (dispatch.matmul_int) as one custom op when traced."""
+    op = _matmul_int if torch.compiler.is_compiling() else _matmul_int_impl
+    return op(a, a_zero_point, b, b_zero_point, backend)
+
+
 def packed_linear(x, data, w_scale, w_zero, wbits, k, bias=None, a_scale=None, a_zero=None, abits=None,
                   per_token=False, act_symmetric=False, backend=None):
     """Packed Linear through the dispatch, as one custom op (``abits=None``: weight-only)."""
     a_scale, a_zero = _act_tensors(x, a_scale, a_zero)
-    op = _packed_linear_impl if _eager_inference(x, bias) else _packed_linear
+    op = _packed_linear_impl if eager_inference(x, bias) else _packed_linear
     return op(x, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits or 0, per_token,
                           act_symmetric, backend)
 
@@ -240,12 +285,112 @@ def packed_conv2d(x, data, w_scale, w_zero, wbits, weight_shape, bias=None, a_sc
                   act_symmetric=False, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, backend=None):
     """Packed Conv2d through the dispatch, as one custom op (``abits=None``: weight-only)."""
     a_scale, a_zero = _act_tensors(x, a_scale, a_zero)
-    op = _packed_conv2d_impl if _eager_inference(x, bias) else _packed_conv2d
+    op = _packed_conv2d_impl if eager_inference(x, bias) else _packed_conv2d
     return op(x, data, w_scale, w_zero, wbits, list(weight_shape), bias, a_scale, a_zero, abits or 0,
                           act_symmetric, list(stride), list(padding), list(dilation), groups, backend)
 
 
-def _eager_inference(x, bias) -> bool:
+# ----------------------------------------------------------------------------- eager calls, resolved once
+# At batch 1 a small conv's kernel takes tens of microseconds, and re-deriving its arguments per call
+# (PackedWeight view, ActQuant, the contract's static part, the backend choice, list <-> tuple round
+# trips) cost about as much again. A packed layer keeps a PackedCall for its eager inference forward
+# (see nn.base.QuantLayer.packed_forward): per call only the input is checked and the backend function runs.
+
+def _tokens(tensors) -> list:
+    # contract.cached's rule: the same object, no in-place write (_version), no storage swap (.data =,
+    # Module.to); RuntimeError for inference-mode tensors, which keep no version counter
+    return [None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors]
+
+
+class PackedCall:
+    """A packed layer's eager inference call with everything but the input resolved; valid while
+    :meth:`matches` (``key``: what its caller read besides tensors, e.g. ``$DFQKERN_BACKEND``)."""
+
+    __slots__ = ("key", "tensors", "tokens", "run")
+
+    def __init__(self, key, tensors, tokens, run):
+        # holding the tensors keeps their ids from being reused while the tokens are compared
+        self.key, self.tensors, self.tokens, self.run = key, tensors, tokens, run
+
+    def matches(self, key, tensors) -> bool:
+        if key != self.key:
+            return False
+        try:
+            return _tokens(tensors) == self.tokens
+        except RuntimeError:
+            return False
+
+
+def _resolved(op: str, device, backend, direct, generic):
+    """``run(x)``: ``direct`` (the input checks, then the first backend's function) with dispatch's
+    fallback (``generic``) where that backend declines (``Unsupported``) or none is available."""
+    fn, strict = dispatch.first_function(op, device.type, backend)
+    if fn is None:
+        return generic
+
+    def run(x):
+        try:
+            return direct(fn, x)
+        except Unsupported:
+            if strict:
+                raise
+        return generic(x)
+
+    return run
+
+
+def packed_conv2d_call(key, data, w_scale, w_zero, wbits, weight_shape, bias, a_scale, a_zero, abits,
+                       act_symmetric, stride, padding, dilation, groups, backend) -> "PackedCall | None":
+    """The :class:`PackedCall` of :func:`packed_conv2d` with these arguments, or ``None`` where a tensor keeps
+    no version counter (inference mode). ``a_scale`` may be the layer's learnable parameter: it is matched as
+    given and detached for the kernels. Raises the contract's error for the arguments other than the input."""
+    tensors = (data, w_scale, w_zero, bias, a_scale, a_zero)
+    try:
+        tokens = _tokens(tensors)
+    except RuntimeError:
+        return None
+    weight_shape, stride, padding, dilation = tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation)
+    pw = packed_weight_view(data, w_scale, w_zero, wbits, weight_shape[1] * weight_shape[2] * weight_shape[3],
+                            weight_shape)
+    act = None if not abits else ActQuant(abits, a_scale.detach(), a_zero, symmetric=act_symmetric)
+    static = contract.conv2d_static(pw, bias, act, stride, padding, dilation, groups)
+    check_input = contract.conv2d_input
+
+    def direct(fn, x):
+        check_input(x, pw, bias, static, stride, padding, dilation, groups)
+        return fn(x, pw, bias, act, stride, padding, dilation, groups)
+
+    def generic(x):
+        return dispatch.conv2d(x, pw, bias, act, stride, padding, dilation, groups, backend=backend)
+
+    return PackedCall(key, tensors, tokens, _resolved("conv2d", data.device, backend, direct, generic))
+
+
+def packed_linear_call(key, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits, per_token,
+                       act_symmetric, backend) -> "PackedCall | None":
+    """:func:`packed_conv2d_call` for :func:`packed_linear` (``a_scale`` / ``a_zero`` ``None`` when per token)."""
+    tensors = (data, w_scale, w_zero, bias, a_scale, a_zero)
+    try:
+        tokens = _tokens(tensors)
+    except RuntimeError:
+        return None
+    pw = packed_weight_view(data, w_scale, w_zero, wbits, k, (data.shape[0], k))
+    act = (None if not abits else ActQuant(abits, per_token=True, symmetric=act_symmetric) if per_token else
+           ActQuant(abits, a_scale.detach(), a_zero, symmetric=act_symmetric))
+    static = contract.linear_static(pw, bias)
+    check_input = contract.linear_input
+
+    def direct(fn, x):
+        check_input(x, pw, bias, static)
+        return fn(x, pw, bias, act)
+
+    def generic(x):
+        return dispatch.linear(x, pw, bias, act, backend=backend)
+
+    return PackedCall(key, tensors, tokens, _resolved("linear", data.device, backend, direct, generic))
+
+
+def eager_inference(x, bias) -> bool:
     # Outside torch.compile and without autograd the custom-op wrapper only adds latency (~10-20 us
     # a call, as much as a small conv's kernel at batch 1): call the implementation directly. With
     # grad-requiring inputs the op keeps going through the custom op, as before.

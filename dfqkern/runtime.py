@@ -2,8 +2,9 @@
 
 Everything a deployment process needs to serve a checkpoint written by :func:`dfqkern.save_quantized`::
 
-    from dfqkern.runtime import load_quantized, model_info
+    from dfqkern.runtime import compile, load_quantized, model_info
     model = load_quantized("resnet20-w4a8/")   # verified, rebuilt, packed kernels underneath
+    model = compile(model)                     # optional: less Python per layer (batch-1 latency)
     spec = model_info(model).input_spec        # input size, mean / std the images need
     logits = model(images)
 
@@ -22,7 +23,8 @@ from .kernels import available_backends
 from .model_info import ModelInfo, model_info
 from .nn import QuantConv2d, QuantLayer, QuantLinear
 from .quantize import set_backend
+from .runtime_compile import compile  # noqa: A001
 
 __all__ = ["ACT_BITS", "PACK_LAYOUT", "WEIGHT_BITS", "CheckpointError", "InputSpec", "ModelInfo", "PackedWeight",
            "QuantConv2d", "QuantLayer", "QuantLinear", "QuantScheme", "available_backends", "checkpoint_summary",
-           "load_quantized", "model_info", "read_metadata", "set_backend"]
+           "compile", "load_quantized", "model_info", "read_metadata", "set_backend"]

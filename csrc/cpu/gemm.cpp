@@ -23,9 +23,6 @@ bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p
   return DFQKERN_AVX2_OR_PORTABLE(ew, quantize)(x, q, k, p);
 }
 
-namespace {
-
-// The micro-kernel family of the active ISA for one layout (tiles or panels).
 Kernel pick_kernel(Isa isa, bool panels) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -39,8 +36,6 @@ Kernel pick_kernel(Isa isa, bool panels) {
     default: return panels ? panels_portable : run_portable;
   }
 }
-
-}  // namespace
 
 void run(const Args& g, int64_t m, int64_t tiles) {
   if (m <= 0 || tiles <= 0) return;

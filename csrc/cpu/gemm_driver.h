@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common.h"
 #include "elementwise.h"
 #include "gemm.h"
 
@@ -26,6 +27,9 @@ inline int64_t weight_blocks(int64_t k, int wbits, int group_rows) {
 // Quantizes `k` fp32 values with (inv, zp, qmax) into unsigned codes (ISA-dispatched ew::quantize);
 // returns true when the values held a NaN or an Inf (detected in the same pass).
 bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p);
+
+// The micro-kernel family of `isa` for one layout (tiles or panels).
+Kernel pick_kernel(Isa isa, bool panels);
 
 // Runs g over rows [0, m) and tiles [0, tiles) on torch's threads.
 void run(const Args& g, int64_t m, int64_t tiles);

@@ -53,6 +53,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_tiles, const at::Tens
                   const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& a_zero_point,
                   int64_t a_bits, bool per_token, bool symmetric);
 
+// --------------------------------------------------------------------------- matmul (matmul.cpp)
+// Exact int32 batched (a - a_zp) @ (b - b_zp) of uint8 code tensors a [..., M, K], b [..., K, N] (any
+// strides); a_zp broadcastable to [..., M, 1], b_zp to [..., 1, N] (integer dtypes). Wrapping int32
+// arithmetic: exact whenever the true result fits in int32 (contract.MATMUL_MAX_K for 8-bit codes).
+at::Tensor matmul_int(const at::Tensor& a, const at::Tensor& a_zero_point, const at::Tensor& b,
+                      const at::Tensor& b_zero_point);
+
 // --------------------------------------------------------------------------- conv2d (conv.cpp)
 // Depthwise-style weights (C/groups == 1): int16 [O, kh*kw] holding code - zero_point.
 at::Tensor prepack_depthwise(const at::Tensor& data, const at::Tensor& zero_point, int64_t bits, int64_t k);

@@ -4,9 +4,10 @@
 //   * every variant this CPU runs (portable + avx2 / avx512vnni on x86, neon / dotprod on aarch64)
 //     over fixed awkward cases: packed GEMM in both layouts (odd K, K off the packing, M = 1, N off
 //     the tile / panel, W2/W3/W4/W8 x A4/A8, per-tensor / per-row and symmetric activation zero
-//     points, int32 and fp32 outputs, row- and channel-major stores, split row / tile ranges), and the
-//     element kernels that have SIMD variants (quantize, fake-quant forward / backward, per-row
-//     min / max, direct depthwise conv);
+//     points, int32 and fp32 outputs, row- and channel-major stores, split row / tile ranges), the
+//     activation x activation matmul on both GEMM layouts and (x86) the int16 layout (matmul.h:
+//     strided operands, extreme sums), and the element kernels that have SIMD variants (quantize,
+//     fake-quant forward / backward, per-row min / max, direct depthwise conv);
 //   * inputs come from splitmix64 seeded with the FNV-1a hash of the case name (integer arithmetic
 //     and exactly representable floats only), so every machine and tests/test_aarch64_kernels.py
 //     (in Python) draw the same numbers;
@@ -28,6 +29,7 @@
 #include "cpu/depthwise.h"
 #include "cpu/elementwise.h"
 #include "cpu/gemm.h"
+#include "cpu/matmul.h"
 
 namespace {
 
@@ -249,6 +251,96 @@ std::vector<GemmCase> gemm_cases() {
   return out;
 }
 
+// ---------------------------------------------------------------------------- activation x activation matmul
+
+// matmul::run (attention's q.k^T / attn.v) on every variant's tile and panel kernels: operands stored
+// row-major or transposed (strided reads), zero points per row / column or one, random codes or the
+// extremes at the largest exact K (|result| just below 2^31).
+struct MatmulCase {
+  int64_t m, k, n;
+  bool panels, a_t, b_t, z_vec;
+  int extreme;  // 0: random codes; 1: (255 - 0)(255 - 0) = max; 2: (255 - 0)(0 - 255) = min
+
+  std::string name() const {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "matmul_%s_m%lldk%lldn%lld_%s_%s_%s%s", panels ? "panel" : "tile",
+                  static_cast<long long>(m), static_cast<long long>(k), static_cast<long long>(n), a_t ? "at" : "an",
+                  b_t ? "bt" : "bn", z_vec ? "zvec" : "zone", extreme ? (extreme == 1 ? "_max" : "_min") : "");
+    return buf;
+  }
+};
+
+void run_matmul(const MatmulCase& c, const std::vector<Variant>& variants, matmul::Scratch& scratch) {
+  const std::string name = c.name();
+  Rng rng(name);
+  const int64_t m = c.m, k = c.k, n = c.n;
+  // draw order: A codes, B codes (storage order), A zero points, B zero points
+  std::vector<uint8_t> a(m * k), b(k * n);
+  for (auto& v : a) v = static_cast<uint8_t>(c.extreme ? 255 : rng.below(256));
+  for (auto& v : b) v = static_cast<uint8_t>(c.extreme == 1 ? 255 : (c.extreme ? 0 : rng.below(256)));
+  std::vector<int32_t> za(c.z_vec ? m : 1), zb(c.z_vec ? n : 1);
+  for (auto& v : za) v = c.extreme ? 0 : rng.below(256);
+  for (auto& v : zb) v = c.extreme == 1 ? 0 : (c.extreme ? 255 : rng.below(256));
+  matmul::Problem p{};
+  p.a = a.data();
+  p.a_sm = c.a_t ? 1 : k;  // transposed: A stored [k][m]
+  p.a_sk = c.a_t ? m : 1;
+  p.b = b.data();
+  p.b_sk = c.b_t ? 1 : n;  // transposed: B stored [n][k]
+  p.b_sn = c.b_t ? k : 1;
+  p.za = za.data();
+  p.za_step = c.z_vec ? 1 : 0;
+  p.zb = zb.data();
+  p.zb_step = c.z_vec ? 1 : 0;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  std::vector<int32_t> ref(m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t s = 0;
+      for (int64_t q = 0; q < k; ++q)
+        s += int64_t(a[i * p.a_sm + q * p.a_sk] - za[i * p.za_step]) * (b[q * p.b_sk + j * p.b_sn] - zb[j * p.zb_step]);
+      ref[i * n + j] = static_cast<int32_t>(s);
+    }
+  const uint64_t expect = digest(ref);
+  std::printf("%s reference %016llx\n", name.c_str(), static_cast<unsigned long long>(expect));
+  std::vector<std::pair<std::string, uint64_t>> got;
+  for (const Variant& v : variants) {
+    std::vector<int32_t> out(m * n, 0x7fbadbad);
+    p.out = out.data();
+    matmul::run(p, c.panels ? v.panels : v.tiles, c.panels ? gemm::kPanel : gemm::kTileRows, scratch);
+    got.emplace_back(v.name, digest(out));
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  if (!c.panels && cpu_has_avx2()) {  // the int16 layout's kernel (one layout: checked once per shape)
+    std::vector<int32_t> out(m * n, 0x7fbadbad);
+    p.out = out.data();
+    matmul::run_i16(p, matmul::i16_avx2, scratch);
+    got.emplace_back("avx2_i16", digest(out));
+  }
+#endif
+  report(name, got, expect, "the reference");
+}
+
+void run_matmuls(const std::vector<Variant>& variants) {
+  struct Shape {
+    int64_t m, k, n;
+  };
+  // attention (65 tokens, head dim 32, both matmuls), 1-sized dims, K and N off the chunk / tile / panel
+  const Shape shapes[] = {{65, 32, 65}, {65, 65, 32}, {1, 1, 1}, {1, 33, 17}, {7, 1, 3}, {3, 129, 5}, {17, 300, 20}};
+  matmul::Scratch scratch;  // shared by every call, as one thread's calls share it
+  int i = 0;
+  for (bool panels : {false, true}) {
+    for (const Shape& s : shapes) {
+      const int h = i++;
+      run_matmul({s.m, s.k, s.n, panels, (h & 1) != 0, (h & 2) != 0, (h & 4) == 0, 0}, variants, scratch);
+    }
+    for (int extreme : {1, 2})
+      run_matmul({2, (int64_t{1} << 31) / (255 * 255), 5, panels, false, true, extreme == 2, extreme}, variants, scratch);
+  }
+}
+
 // ---------------------------------------------------------------------------- element kernels
 
 struct EwVariant {
@@ -352,6 +444,7 @@ int main() {
   for (const auto& v : ev) std::printf(" %s", v.name.c_str());
   std::printf("\n");
   for (const GemmCase& c : gemm_cases()) run_gemm(c, gv);
+  run_matmuls(gv);
   run_elementwise(ev);
   run_depthwise(ev);
   std::printf("%s: %d mismatches\n", failures ? "FAILED" : "OK", failures);

@@ -287,14 +287,24 @@ def _linear_static(pw, bias, out_dtype):
     return pw.data.device
 
 
-def linear(x, pw, bias=None, act=None, out_dtype=None):
-    check_float("x", x)
+def linear_static(pw, bias=None, out_dtype=None):
+    """The part of :func:`linear` without the input (cached; see :func:`cached`): returns what
+    :func:`linear_input` takes as ``static``."""
     check_weight(pw)
+    return _static(pw, "linear", out_dtype, (bias,), lambda: _linear_static(pw, bias, out_dtype))
+
+
+def linear_input(x, pw, bias, static) -> None:
+    """The per-call part of :func:`linear`: the input against ``static`` (from :func:`linear_static`)."""
+    check_float("x", x)
     if x.dim() < 1 or x.shape[-1] != pw.k:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} input features, weight expects K={pw.k}")
-    device = _static(pw, "linear", out_dtype, (bias,), lambda: _linear_static(pw, bias, out_dtype))
-    if x.device != device:
+    if x.device != static:
         check_same_device(x=x, weight=pw.data, bias=bias)
+
+
+def linear(x, pw, bias=None, act=None, out_dtype=None):
+    linear_input(x, pw, bias, linear_static(pw, bias, out_dtype))
 
 
 def _check_act_zero_point(act) -> None:
@@ -329,18 +339,30 @@ def _conv2d_static(pw, bias, act, stride, padding, dilation, groups, out_dtype):
     return geometry, pw.data.device
 
 
-def conv2d(x, pw, bias=None, act=None, stride=1, padding=0, dilation=1, groups=1, out_dtype=None):
-    check_float("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
+def conv2d_static(pw, bias=None, act=None, stride=1, padding=0, dilation=1, groups=1, out_dtype=None):
+    """The part of :func:`conv2d` without the input (cached; see :func:`cached`): returns what
+    :func:`conv2d_input` takes as ``static``."""
     check_weight(pw, conv=True)
     zp = None if act is None else act.zero_point
     key = (stride, padding, dilation, groups, out_dtype, None if act is None else (act.bits, act.per_token))
-    geometry, device = _static(pw, "conv2d", key, (bias, zp), lambda: _conv2d_static(
+    return _static(pw, "conv2d", key, (bias, zp), lambda: _conv2d_static(
         pw, bias, act, stride, padding, dilation, groups, out_dtype))
+
+
+def conv2d_input(x, pw, bias, static, stride, padding, dilation, groups) -> None:
+    """The per-call part of :func:`conv2d`: the input against ``static`` (from :func:`conv2d_static`)."""
+    check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
+    geometry, device = static
     check_conv_input(x.shape, geometry, pw, stride, padding, dilation, groups)
     if x.device != device:
         check_same_device(x=x, weight=pw.data, bias=bias)
+
+
+def conv2d(x, pw, bias=None, act=None, stride=1, padding=0, dilation=1, groups=1, out_dtype=None):
+    conv2d_input(x, pw, bias, conv2d_static(pw, bias, act, stride, padding, dilation, groups, out_dtype), stride,
+                 padding, dilation, groups)
 
 
 # (a - za) @ (b - zb) of codes stays below 2**31 (int32 result) for 8-bit codes up to this K

@@ -34,6 +34,11 @@ in place):
 * ``"conv2d_args"``: the last conv call's geometry lists and activation scale / zero point as Python
   numbers (:func:`~dfqkern.kernels.contract.cached`: redone when those tensors change).
 
+``matmul_int`` (the attention matmuls, activation x activation) caches nothing: each call packs both
+operands (csrc/cpu/matmul.h): B^T as an 8-bit weight for the GEMM micro-kernels above (``cpu-panel-v1``
+on avx512vnni, ``cpu-tile-v1`` on portable / neon / dotprod), or on avx2 both as int16 for a vpmaddwd
+kernel (vpmaddubsw would saturate on two 8-bit codes); threads split the batch (the leading dims).
+
 Threads: torch's intra-op threads (``torch.set_num_threads``).
 """
 from __future__ import annotations
@@ -199,9 +204,16 @@ def linear_int(pa: PackedActivation, pw: PackedWeight) -> torch.Tensor:
     return _load().cpu_linear_int(pa.data, pa.zero_point, pa.bits, pa.k, tiles, corr, pw.bits, pw.n)
 
 
-# The attention matmuls (activation x activation) have no compiled kernel yet: the CPU backend serves
-# them with the reference's exact integer matmul, so a model forced onto "cpu" still runs them.
-from .reference import matmul_int  # noqa: E402,F401
+def matmul_int(a: torch.Tensor, a_zero_point: torch.Tensor, b: torch.Tensor,
+               b_zero_point: torch.Tensor) -> torch.Tensor:
+    # The attention matmuls (csrc/cpu/matmul.h). A layer makes three calls per forward: the direct
+    # binding skips the dispatcher.
+    if _FAST is None:
+        _load()
+    fn = getattr(_FAST, "cpu_matmul_int", None) or getattr(_OPS, "cpu_matmul_int", None)
+    if fn is None:
+        raise Unsupported("this build of dfqkern._C has no cpu_matmul_int (rebuild the extension)")
+    return fn(a, a_zero_point, b, b_zero_point)
 
 
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,

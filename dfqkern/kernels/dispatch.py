@@ -103,6 +103,20 @@ def first_backend(op: str, device_type: str, backend: "str | Backend | None" = N
     return None
 
 
+def env_backend() -> "str | None":
+    """``$DFQKERN_BACKEND`` as :func:`call` reads it now (part of what a cached selection depends on)."""
+    return os.environ.get(ENV_VAR)
+
+
+def first_function(op: str, device_type: str, backend: "str | Backend | None" = None):
+    """``(function, strict)``: the backend function :func:`call` tries first for ``op`` (``None`` when no
+    backend serves it) and whether a forced ``backend`` makes its :class:`Unsupported` an error. For callers
+    that cache the choice (a packed layer's eager call): they run :mod:`.contract` themselves, fall back to
+    :func:`call` on ``Unsupported`` unless strict, and choose again when :func:`env_backend` changes."""
+    name = first_backend(op, device_type, backend)
+    return (None if name is None else getattr(backend_module(Backend(name)), op)), backend is not None
+
+
 def call(op: str, device_type: str, *args, backend: "str | Backend | None" = None, **kwargs):
     """Run ``op`` on the chosen backend for tensors on ``device_type``."""
     if op not in OPS:

@@ -30,7 +30,8 @@ report lists):
   probabilities (see there for why this one).
 
 Packed mode (:meth:`QuantAttentionBase.pack`): the operands become codes with the same parameters
-and both matmuls run on the integer op ``dispatch.matmul_int`` (exact int32), scales applied after.
+and both matmuls run on the integer op ``dispatch.matmul_int`` (exact int32), scales applied after
+(through the custom ops ``dfqkern::quantize_codes`` / ``dfqkern::matmul_int``, which torch.export records).
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..autograd import matmul_int, quantize_codes
 from ..formats import ACT_BITS
-from ..kernels import dispatch
 from ..kernels import reference as R
 from .observers import RangeTracker
 from .quantizers import ActQuantizer
@@ -224,14 +225,14 @@ def _operand_codes(quant: ActQuantizer, x: torch.Tensor, backend):
         x2d = x.reshape(-1, x.shape[-1])
         scale, zp = R.token_qparams(x2d, quant.bits, quant.symmetric)
         scale, zp = scale.to(x.device), zp.to(x.device)
-        codes = dispatch.quantize(x2d, scale, zp, quant.bits, 0, backend=backend).reshape(x.shape)
+        codes = quantize_codes(x2d, scale, zp, quant.bits, 0, backend=backend).reshape(x.shape)
         shape = (*x.shape[:-1], 1)
         return codes, scale.reshape(shape), zp.reshape(shape)
     if isinstance(quant, HeadActQuantizer):
-        codes = dispatch.quantize(x, quant.scale.detach(), quant.zero_point, quant.bits, 1, backend=backend)
+        codes = quantize_codes(x, quant.scale.detach(), quant.zero_point, quant.bits, 1, backend=backend)
         shape = (1, -1, 1, 1)
         return codes, quant.scale.detach().reshape(shape), quant.zero_point.reshape(shape)
-    codes = dispatch.quantize(x, quant.scale.detach(), quant.zero_point, quant.bits, None, backend=backend)
+    codes = quantize_codes(x, quant.scale.detach(), quant.zero_point, quant.bits, None, backend=backend)
     return codes, quant.scale.detach().reshape(1, 1, 1, 1), quant.zero_point.reshape(1, 1, 1, 1)
 
 
@@ -321,7 +322,7 @@ class QuantAttentionBase(SwappedModule):
             vc, vs, vz = _transposed(*_operand_codes(self.v_quant, v.transpose(-2, -1).contiguous(), be))
         else:
             vc, vs, vz = _operand_codes(self.v_quant, v, be)
-        scores = dispatch.matmul_int(qc, qz, kc, kz, backend=be).float() * (qs * ks)
+        scores = matmul_int(qc, qz, kc, kz, backend=be).float() * (qs * ks)
         if bias is not None:
             scores = scores + bias
         probs = scores.softmax(dim=-1)
@@ -329,8 +330,8 @@ class QuantAttentionBase(SwappedModule):
         fine, coarse = fine.to(q.device), coarse.to(q.device)
         c_fine, c_coarse = self.attn_quant.codes(probs, fine, coarse)
         zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-        acc_fine = dispatch.matmul_int(c_fine, zero, vc, vz, backend=be).float()
-        acc_coarse = dispatch.matmul_int(c_coarse, zero, vc, vz, backend=be).float()
+        acc_fine = matmul_int(c_fine, zero, vc, vz, backend=be).float()
+        acc_coarse = matmul_int(c_coarse, zero, vc, vz, backend=be).float()
         out = (acc_fine * fine + acc_coarse * coarse) * vs
         bad = torch.isnan(probs).any(dim=-1, keepdim=True)  # a fully masked row stays NaN, as in float
         out = torch.where(bad, torch.full_like(out, math.nan), out).to(q.dtype)

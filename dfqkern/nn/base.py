@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ..config import LayerQuant, QuantConfig
-from ..autograd import packed_weight_view
+from ..autograd import PackedCall, eager_inference, packed_weight_view
+from ..kernels.dispatch import env_backend
 from ..formats import ACT_BITS, PackedWeight, packed_width
 from .quantizers import ActQuantizer, WeightQuantizer
 
@@ -123,6 +124,57 @@ class QuantLayer(nn.Module):
             scale = scale.detach()
         return {"abits": a.bits, "act_symmetric": a.symmetric, "a_scale": scale, "a_zero": a.zero_point,
                 "backend": self.backend}
+
+    # ------------------------------------------------------------------ the packed forward
+    _eager: PackedCall | None = None  # the eager inference call (see packed_forward); never saved or copied
+
+    def _packed_op(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed forward as the custom op (torch.compile / export, autograd's explaining error)."""
+        raise NotImplementedError
+
+    def _make_eager_call(self, key, tensors) -> PackedCall | None:
+        raise NotImplementedError
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed mode's forward. Without autograd and outside torch.compile it runs the layer's cached
+        :class:`~dfqkern.autograd.PackedCall`, rebuilt when a tensor it uses is written in place, swapped or
+        replaced, when ``$DFQKERN_BACKEND`` changes, or when an attribute of the layer is set (``backend``,
+        geometry: see ``__setattr__``); else the custom op."""
+        bias = self._parameters.get("bias")  # (the module dicts directly: this runs per call, at batch 1)
+        if eager_inference(x, bias):
+            a = self._modules.get("a_quant")
+            b = self._buffers
+            if a is None:
+                tensors = (b["packed_weight"], b["w_scale"], b["w_zero"], bias, None, None)
+                key = (env_backend(), None)
+            else:
+                tensors = (b["packed_weight"], b["w_scale"], b["w_zero"], bias,
+                           None if a.per_token else a._parameters["scale"], a._buffers["zero_point"])
+                key = (env_backend(), (a.per_token, a.symmetric))
+            call = self._eager
+            if call is None or not call.matches(key, tensors):
+                call = self._make_eager_call(key, tensors)  # None: inference-mode tensors
+                object.__setattr__(self, "_eager", call)
+            if call is not None:
+                return call.run(x)
+        return self._packed_op(x)
+
+    def __setattr__(self, name: str, value) -> None:
+        # any attribute the eager call was built from (backend, stride, lq, a_quant, ...) may change here
+        self.__dict__.pop("_eager", None)
+        super().__setattr__(name, value)
+
+    def _packed_act_args(self, tensors):
+        """``(a_scale, a_zero, abits, per_token, act_symmetric)`` of the custom ops from ``tensors[4:]``."""
+        a = self.a_quant
+        if a is None:
+            return None, None, 0, False, False
+        return tensors[4], tensors[5], a.bits, a.per_token, a.symmetric
+
+    def __getstate__(self):  # the eager call holds closures over this layer's tensors: rebuilt, not copied
+        state = super().__getstate__()
+        state.pop("_eager", None)
+        return state
 
     def extra_repr(self) -> str:
         return (f"w{self.lq.weight_bits}"

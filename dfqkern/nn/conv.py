@@ -8,7 +8,7 @@ from torch.nn.modules.utils import _pair
 
 from ..config import LayerQuant, QuantConfig
 from ..formats import conv_weight_to_matrix
-from ..autograd import packed_conv2d
+from ..autograd import packed_conv2d, packed_conv2d_call
 from .base import QuantLayer, check_finite
 
 
@@ -71,11 +71,20 @@ class QuantConv2d(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_packed:
-            return packed_conv2d(x, self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
-                                 self.weight_shape, self.bias, stride=self.stride, padding=self.padding,
-                                 dilation=self.dilation, groups=self.groups, **self.packed_act_kwargs())
+            return self.packed_forward(x)
         return F.conv2d(self.quant_input(x), self.quant_weight(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
+
+    def _packed_op(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_conv2d(x, self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits, self.weight_shape,
+                             self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                             groups=self.groups, **self.packed_act_kwargs())
+
+    def _make_eager_call(self, key, tensors):
+        a_scale, a_zero, abits, _, act_symmetric = self._packed_act_args(tensors)  # (conv: per tensor)
+        return packed_conv2d_call(key, *tensors[:3], self.lq.weight_bits, self.weight_shape, tensors[3], a_scale,
+                                  a_zero, abits, act_symmetric, self.stride, self.padding, self.dilation, self.groups,
+                                  self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerQuant, QuantConfig
-from ..autograd import packed_linear
+from ..autograd import packed_linear, packed_linear_call
 from .base import QuantLayer, check_finite
 
 
@@ -38,9 +38,16 @@ class QuantLinear(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_packed:
-            return packed_linear(x, self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
-                                 self.in_features, self.bias, **self.packed_act_kwargs())
+            return self.packed_forward(x)
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+    def _packed_op(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed_weight, self.w_scale, self.w_zero, self.lq.weight_bits,
+                             self.in_features, self.bias, **self.packed_act_kwargs())
+
+    def _make_eager_call(self, key, tensors):
+        return packed_linear_call(key, *tensors[:3], self.lq.weight_bits, self.in_features, tensors[3],
+                                  *self._packed_act_args(tensors), self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

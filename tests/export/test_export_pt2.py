@@ -135,6 +135,48 @@ def test_per_token_and_weight_only_linear(tmp_path, abits, per_token):
     _check_roundtrip(tmp_path, q, torch.randn(2, 5, 16), [torch.randn(b, 5, 16) for b in (1, 4)])
 
 
+# ----------------------------------------------------------------------------- packed attention
+
+def _packed_vit(variant: str, **cfg) -> tuple[nn.Module, torch.Tensor]:
+    from dfqkern.vit_nets import CifarViT
+
+    torch.manual_seed(0)
+    model = CifarViT(variant, dim=32, depth=2, num_heads=2).eval()
+    with torch.no_grad():  # larger weights than the init give the attention maps some structure
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    q = quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, first_last_bits=None, grid=20, **cfg))
+    calibrate_activations(q, x, progress=False)
+    return pack_model(q).eval(), x
+
+
+def _integer_attention_calls(model: nn.Module, x: torch.Tensor) -> int:
+    """torch.export the model; the exported program must give the eager packed output. Returns the
+    number of dfqkern::matmul_int calls in its graph."""
+    ep = torch.export.export(model, (x,))
+    with torch.inference_mode():
+        assert torch.equal(ep.module()(x), model(x))
+    return sum(n.target is torch.ops.dfqkern.matmul_int.default for n in ep.graph.nodes)
+
+
+@pytest.mark.parametrize("variant,cfg", [("qkv", {}), ("mha", {"attn_granularity": "per_head"}),
+                                         ("qkv", {"act_granularity": "per_token"})], ids=["qkv", "mha_head", "token"])
+def test_packed_vit_attention_exports_on_the_integer_op(variant, cfg):
+    """The packed attention's codes and matmuls are custom ops with fake implementations: torch.export
+    records them (q.k^T and two attn.v matmuls per block), and the program computes what eager does."""
+    model, x = _packed_vit(variant, **cfg)
+    assert _integer_attention_calls(model, x[:2]) == 3 * 2
+
+
+@pytest.mark.slow
+def test_packed_vit_runs_in_a_fresh_process(tmp_path):
+    """The tiny ViT through AOTInductor: the integer attention ops are called back in the loading process."""
+    model, x = _packed_vit("qkv")
+    _check_roundtrip(tmp_path, model, x[:2], [x[:1], x[2:5]])
+
+
 # ----------------------------------------------------------------------------- errors (no compile)
 
 @pytest.fixture(scope="module")

@@ -161,3 +161,162 @@ def test_load_state_dict_into_a_used_packed_model_serves_the_new_weights(backend
         a(x)  # derive and cache a's layouts
         a.load_state_dict(b.state_dict())
         assert torch.equal(a(x), b(x))
+
+
+# ----------------------------------------------------------------------------- a packed layer's eager call
+# Without autograd a packed layer runs a PackedCall resolved once (nn.base.QuantLayer.packed_forward); each
+# test changes one thing that call was built from and fails if the stale call were served.
+
+def _packed_net(seed=0):
+    from torch import nn
+
+    from dfqkern import QuantConfig, calibrate_activations, pack_model, quantize_model
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    q = quantize_model(m, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax", act_observer="minmax",
+                                      first_last_bits=None))
+    calibrate_activations(q, torch.randn(8, 3, 6, 6), progress=False)
+    return pack_model(q).eval()
+
+
+def _x():
+    return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def test_eager_call_is_built_once_and_skips_the_per_call_view(monkeypatch):
+    from dfqkern import autograd
+
+    q = _packed_net()
+    with torch.no_grad():
+        want = q(_x())
+        calls = q[0]._eager, q[3]._eager
+        assert all(c is not None for c in calls)
+        monkeypatch.setattr(autograd, "packed_weight_view", lambda *a: pytest.fail("per-call PackedWeight view"))
+        assert torch.equal(q(_x()), want)
+    assert (q[0]._eager, q[3]._eager) == calls
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+@pytest.mark.parametrize("change", ["in_place", "data_swap", "new_buffer"])
+def test_eager_call_follows_weight_changes(layer, change):
+    """Another net's weights written into a used packed layer three ways (load_state_dict's copy, Module.to's
+    storage swap, a new buffer): the layer must then compute what the other net's layer computes."""
+    q, other = _packed_net(0), _packed_net(1)
+    x = _x() if layer == 0 else torch.randn(2, 8 * 6 * 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = q[layer](x)  # builds the eager call and the backend layouts
+        want = other[layer](x)
+        assert not torch.equal(before, want)
+        src, dst = other[layer], q[layer]
+        for name in ("packed_weight", "w_scale", "w_zero"):
+            new = getattr(src, name).clone()
+            if change == "in_place":
+                getattr(dst, name).copy_(new)
+            elif change == "data_swap":  # what Module.to does to parameters: same object and _version
+                getattr(dst, name).data = new
+            else:
+                setattr(dst, name, new)
+        dst.bias.copy_(src.bias)
+        dst.a_quant.load_state_dict(src.a_quant.state_dict())
+        assert torch.equal(q[layer](x), want)
+
+
+def test_eager_call_follows_bias_resize_and_geometry():
+    q = _packed_net()
+    q[0].backend = "reference"  # (the CPU kernel's C++ wrapper checks the bias too)
+    with torch.no_grad():
+        q(_x())
+        q[0].bias.data = torch.zeros(5)  # storage swap: the contract's "bias must have 8 elements" must run again
+        with pytest.raises(ValueError, match="bias must have 8 elements"):
+            q[0](_x())
+        q[0].bias.data = torch.zeros(8)
+        assert q[0](_x()).shape == (2, 8, 6, 6)
+        q[0].padding = (0, 0)
+        assert q[0](_x()).shape == (2, 8, 4, 4)
+
+
+def test_eager_call_follows_the_backend_choice(monkeypatch):
+    from dfqkern.kernels import reference
+
+    if "cpu" not in dispatch.available_backends():
+        pytest.skip("dfqkern._C with CPU ops is not built: cpu and reference are the same choice")
+    q = _packed_net()
+    used = []
+
+    def counting(*a, **k):
+        used.append(1)
+        return real(*a, **k)
+
+    real = reference.conv2d
+    monkeypatch.setattr(reference, "conv2d", counting)
+    with torch.no_grad():
+        q(_x())
+        assert not used  # the CPU backend first
+        monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+        q(_x())
+        assert len(used) == 1
+        monkeypatch.delenv(dispatch.ENV_VAR)
+        q(_x())
+        assert len(used) == 1
+        q[0].backend = "reference"  # what dfqkern.quantize.set_backend writes
+        q(_x())
+        assert len(used) == 2
+        q[0].backend = "no-such-backend"
+        with pytest.raises(ValueError, match="backend must be one of"):
+            q(_x())
+
+
+def test_eager_call_is_neither_copied_nor_pickled(tmp_path):
+    import copy
+
+    q = _packed_net()
+    with torch.no_grad():
+        want = q(_x())
+        c = copy.deepcopy(q)
+        assert c[0]._eager is None  # rebuilt over the copy's own tensors
+        c[0].packed_weight.zero_()
+        assert torch.equal(q(_x()), want) and not torch.equal(c(_x()), want)
+        torch.save(q, tmp_path / "m.pt")  # a closure in the state would not pickle
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(_x()), want)
+
+
+def test_inference_mode_tensors_take_the_generic_path():
+    q = _packed_net()
+    with torch.inference_mode():
+        want = q(_x())
+        q[0].w_scale = q[0].w_scale * 2  # an inference tensor: no version counter to cache on
+        got = q(_x())
+        q[0].w_scale = q[0].w_scale * 2
+        again = q(_x())
+    assert not torch.equal(got, want) and not torch.equal(again, got)
+    assert q[0]._eager is None
+
+
+def test_grad_requiring_input_takes_the_custom_op():
+    q = _packed_net()
+    x = _x().requires_grad_()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q(x).sum().backward()
+
+
+@pytest.mark.parametrize("cfg", [dict(act_bits=None), dict(act_granularity="per_token", act_symmetric=True),
+                                 dict(weight_bits=8, act_bits=4)], ids=["weight-only", "per-token", "w8a4"])
+def test_eager_call_equals_the_per_call_path(cfg):
+    """The resolved eager call computes what the per-call implementation (the custom op's body) computes,
+    for the activation settings its ActQuant is built from."""
+    from torch import nn
+
+    from dfqkern import QuantConfig, calibrate_activations, pack_model, quantize_model
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    q = quantize_model(m, QuantConfig(weight_observer="minmax", act_observer="minmax", first_last_bits=None, **cfg))
+    calibrate_activations(q, torch.randn(8, 16), progress=False)
+    pack_model(q).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        h = q[0](x)
+        assert q[0]._eager is not None
+        assert torch.equal(h, q[0]._packed_op(x))
+        assert torch.equal(q[2](h.relu()), q[2]._packed_op(h.relu()))

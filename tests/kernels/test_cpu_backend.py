@@ -87,6 +87,11 @@ def _run_split_ops(gen_seed: int):
     s, z = rand_params(CPU, gen, x.shape, 1, 4)
     out.append(C.quantize(x, s, z, 4, 1))
     out.append(C.fake_quant_forward(x, s, z, 4, 1))
+    # attention matmul: batch elements split across threads, each thread with its own packing buffers
+    a = torch.randint(0, 256, (2, 3, 17, 40), generator=gen, dtype=torch.uint8)
+    b = torch.randint(0, 256, (2, 3, 19, 40), generator=gen, dtype=torch.uint8).transpose(-2, -1)
+    za = torch.randint(0, 256, (2, 3, 17, 1), generator=gen, dtype=torch.int32)
+    out.append(C.matmul_int(a, za, b, torch.tensor([9], dtype=torch.int32)))
     return out
 
 

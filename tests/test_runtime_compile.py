@@ -1,0 +1,147 @@
+"""dfqkern.compile: the captured graph computes what the eager packed model computes, follows weight writes,
+and says clearly (or falls back) when it cannot capture or compile."""
+import pytest
+import torch
+from torch import nn
+
+import dfqkern
+from dfqkern import QuantConfig, calibrate_activations, pack_model, quantize_model
+from dfqkern.model_info import model_info, set_info
+from dfqkern.nn.base import QuantLayer
+
+
+class TinyResNet(nn.Module):
+    """conv-BN-ReLU, a residual block, pooling and a linear head: the glue dfqkern.compile rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.relu2(x + y), 1), 1))
+
+
+def _packed(seed=0):
+    torch.manual_seed(seed)
+    m = TinyResNet().eval()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    q = quantize_model(m, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax", act_observer="minmax"))
+    calibrate_activations(q, torch.randn(8, 3, 8, 8), progress=False)
+    return pack_model(q).eval()
+
+
+def _x(n=2):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_graph_logits_equal_eager_packed_logits():
+    q = _packed()
+    set_info(q, arch="tiny")
+    c = dfqkern.compile(q, example_inputs=_x())
+    assert isinstance(c, dfqkern.runtime_compile.CompiledModel)
+    gm = c._run.__self__
+    # every packed layer is called directly and every folded BatchNorm (nn.Identity) is gone
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"], gm.code
+    with torch.no_grad():
+        for n in (1, 3):
+            assert torch.equal(c(_x(n)), q(_x(n)))
+    assert model_info(c).arch == "tiny"
+
+
+def test_graph_follows_weights_written_after_compile():
+    q, other = _packed(0), _packed(1)
+    c = dfqkern.compile(q)
+    with torch.no_grad():
+        before = c(_x())
+        q.load_state_dict(other.state_dict())
+        want = other(_x())
+        assert not torch.equal(before, want)
+        assert torch.equal(c(_x()), want)
+
+
+def test_graph_keeps_hooked_layers_as_module_calls():
+    q = _packed()
+    seen = []
+    q.conv1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    c = dfqkern.compile(q)
+    with torch.no_grad():
+        assert torch.equal(c(_x()), q(_x()))
+    assert len(seen) == 2  # once per forward, compiled and eager
+
+
+def test_graph_packed_layers_stay_inference_only():
+    c = dfqkern.compile(_packed())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        c(_x().requires_grad_()).sum().backward()
+
+
+def test_argument_errors_and_no_pickling():
+    q = _packed()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dfqkern.compile(q, mode="fast")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        dfqkern.compile(lambda x: x)
+    with pytest.raises(TypeError, match="example_inputs must be"):
+        dfqkern.compile(q, example_inputs=[_x()])
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        import copy
+
+        copy.deepcopy(dfqkern.compile(q))
+
+
+class DataDependent(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > 0 else -self.inner(x)  # torch.fx cannot capture this branch
+
+
+def test_capture_failure_falls_back_with_a_warning_or_raises():
+    m = DataDependent(_packed())
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        assert dfqkern.compile(m) is m
+    with pytest.raises(Exception, match="[Tt]race|symbolically"):
+        dfqkern.compile(m, fallback=False)
+
+
+def test_inductor_without_a_compiler_says_so(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    q = _packed()
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        dfqkern.compile(q, mode="inductor", fallback=False)
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        assert dfqkern.compile(q, mode="inductor") is q
+
+
+@pytest.mark.slow
+def test_inductor_logits_match_eager_packed_logits():
+    """Inductor recompiles the float glue (it may sum in another order): a few ulp of the logits."""
+    if dfqkern.runtime_compile._cxx_compiler() is None:
+        pytest.skip("Inductor on CPU needs a C++ compiler; none on PATH")
+    q = _packed()
+    c = dfqkern.compile(q, mode="inductor", example_inputs=_x(), fallback=False)
+    with torch.no_grad():
+        got, want = c(_x()), q(_x())
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert any(isinstance(m, QuantLayer) for m in c.modules())
+
+
+def test_loaded_checkpoint_compiles_through_the_runtime(tmp_path):
+    from dfqkern.runtime import compile, load_quantized  # noqa: A004
+
+    q = _packed()
+    dfqkern.save_quantized(q, tmp_path / "ckpt", arch="tiny")
+    c = compile(load_quantized(tmp_path / "ckpt", factory=TinyResNet))
+    with torch.no_grad():
+        assert torch.equal(c(_x()), q(_x()))
