@@ -46,6 +46,12 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn-granularity", choices=("per_tensor", "per_head"), default="per_tensor",
                    help="static scales of attention's q / k / v: one per tensor or one per head (default per_tensor)")
     g.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers in float")
+    g.add_argument("--vit-ln-reparam", action="store_true",
+                   help="RepQ-ViT: calibrate LayerNorm outputs per channel and fold the ranges into the LayerNorm and "
+                        "the Linear layers reading it, so their per-tensor quantizers act per channel (ViTs)")
+    g.add_argument("--gelu-abits", type=int, choices=(4, 8),
+                   help="activation bits of the Linear layers reading a GELU output (a ViT's fc2 / linear2; default: "
+                        "--abits); 8 with --abits 4 removes the largest W4A4 ViT error source")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -56,7 +62,8 @@ def _config(args):
                        act_granularity="per_token" if args.per_token else "per_tensor",
                        attn_granularity=args.attn_granularity,
                        weight_observer=args.weight_observer, act_observer=args.act_observer,
-                       first_last_bits=None if args.all_layers else 8, skip=tuple(args.skip), seed=args.seed)
+                       first_last_bits=None if args.all_layers else 8, skip=tuple(args.skip), seed=args.seed,
+                       ln_reparam=args.vit_ln_reparam, gelu_act_bits=args.gelu_abits)
 
 
 def _emit(result, json_out):
@@ -298,6 +305,10 @@ def cmd_generate(args) -> int:
 
         model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                              pretrained=args.pretrained).to(device)
+        if steps:  # a filter the model cannot score must fail before the pool is made
+            from .datagen.filters import check_filter_model
+
+            check_filter_model(model, steps)
     elif args.source == "bn-inversion" or steps:
         raise SystemExit(f"dfqkern generate: {'--filter' if steps else '--source bn-inversion'} needs --model")
     target, num = args.out, args.num_images
@@ -449,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pretrained", action="store_true", help="use the library's pretrained weights")
     q.add_argument("--num-classes", type=int)
     q.add_argument("--calib-data", required=True, help="image folder, tar(+labels csv), synthetic:DIR, or "
-                   "bn-inversion:METHOD[:single|mixup] (data-free: generated now from the model's BatchNorm statistics)")
+                   "bn-inversion:METHOD[:single|mixup] (data-free: generated now from the model's BatchNorm "
+                   "statistics; for a ViT METHOD psaq or dfq-vit)")
     q.add_argument("--num-calib", type=int, default=256, help="calibration images (default 256)")
     q.add_argument("--method", default="observer", choices=QUANT_METHODS)
     q.add_argument("--iters", type=int, help="reconstruction iterations per block / layer")
@@ -559,7 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Generation flags default to None: what is not given keeps the library's default (shown in the help).
     g = sub.add_parser("generate", help="make a synthetic calibration set (diffusion prompts or BN inversion)")
-    g.add_argument("--source", choices=("diffusion", "bn-inversion"), required=True)
+    g.add_argument("--source", choices=("diffusion", "bn-inversion"), required=True,
+                   type=lambda s: "bn-inversion" if s == "inversion" else s,  # the issue's name, same thing
+                   help="bn-inversion (also spelled inversion): every inversion --method, the ViT ones included")
     g.add_argument("--out", required=True, help="output directory (resumes an unfinished set)")
     g.add_argument("--num-images", type=int, default=256)
     g.add_argument("--seed", type=int, help=f"(default {BN.default('seed')})")
@@ -591,14 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--negative-prompt")
     gd.add_argument("--scheduler")
     gb = g.add_argument_group("bn-inversion")
-    gb.add_argument("--model", help="registry name, timm:NAME or torchvision:NAME (needs BatchNorm); with --filter "
+    gb.add_argument("--model", help="registry name, timm:NAME or torchvision:NAME (BatchNorm for the BN methods, "
+                    "self-attention for psaq / dfq-vit); with --filter "
                     "also the classifier that scores the images")
     gb.add_argument("--checkpoint")
     gb.add_argument("--pretrained", action="store_true")
     gb.add_argument("--num-classes", type=int)
     gb.add_argument("--method", choices=BN_METHODS,
                     help="zeroq, genie (the papers' methods: no labels, zeroq's input prior, genie's swing on the "
-                         "model's strided convs), genie-labels (dfqkern's conditional genie), hast, dgh "
+                         "model's strided convs), genie-labels (dfqkern's conditional genie), hast, dgh; "
+                         "for ViTs psaq (patch-similarity entropy), dfq-vit (psaq + easy-to-hard targets) "
                          f"(default {BN.default('method')})")
     gb.add_argument("--label-mode", choices=LABEL_MODES,
                     help="mixup: soft targets over --mixup-k classes (best with dgh; genie-labels does better with "

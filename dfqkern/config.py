@@ -101,9 +101,13 @@ class QuantConfig:
     attn.v) follow ``act_granularity``: per-token dynamic, or static with one scale per tensor or per
     head (``attn_granularity``). ``first_last_bits`` keeps the first and the last
     quantizable layer at that many bits (weights and activations); ``None`` quantizes every layer
-    alike. ``rules`` override bits by name glob or module type (last match wins); ``skip`` lists
-    name globs left in float. Observers: ``minmax`` or ``mse`` (Lp grid search over clipping
-    ratios with norm ``lp``, ``grid`` candidates down to ``min_clip`` of the range: see
+    alike. ``ln_reparam``: calibration folds per-channel ranges of LayerNorm outputs into the LayerNorm
+    and the Linear layers reading them, so their per-tensor quantizers act per channel (RepQ-ViT;
+    :mod:`dfqkern.calib.ln_reparam`). ``rules`` override bits by name glob or module type (last match
+    wins); ``gelu_act_bits`` raises the activation bits of Linear layers that read a GELU output (a
+    ViT's fc2: at A4 the largest error source; see ``dfqkern.quantize.post_gelu_linears``), before
+    rules apply. ``skip`` lists name globs left in float. Observers: ``minmax`` or ``mse`` (Lp grid
+    search over clipping ratios with norm ``lp``, ``grid`` candidates down to ``min_clip`` of the range: see
     :class:`ObserverSpec`, which owns their defaults).
     """
 
@@ -120,6 +124,8 @@ class QuantConfig:
     min_clip: float = DEFAULT_OBSERVER.min_clip
     first_last_bits: int | None = 8
     fold_bn: bool = True
+    ln_reparam: bool = False  # RepQ-ViT per-channel -> per-tensor folding of LayerNorm outputs (calib/ln_reparam.py)
+    gelu_act_bits: int | None = None  # activation bits of Linear layers reading a GELU output (None: act_bits)
     rules: tuple[LayerRule, ...] = ()
     skip: tuple[str, ...] = ()
     seed: int = 0
@@ -135,6 +141,10 @@ class QuantConfig:
         _check_choice(self.act_observer, OBSERVERS, "act_observer")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, (4, 8), "first_last_bits")
+        if type(self.ln_reparam) is not bool:
+            raise ValueError(f"ln_reparam must be true or false, got {self.ln_reparam!r}")
+        if self.gelu_act_bits is not None:
+            check_bits(self.gelu_act_bits, FAKE_QUANT_ACT_BITS, "gelu_act_bits")
         self.observer_spec  # validates lp / grid / min_clip
         if self.version != CONFIG_VERSION:
             raise ValueError(f"QuantConfig version {self.version} is not supported (this dfqkern reads {CONFIG_VERSION})")
@@ -155,12 +165,14 @@ class QuantConfig:
     def is_skipped(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
 
-    def resolve(self, name: str, module, is_first: bool, is_last: bool) -> LayerQuant:
-        """Bits for one layer: base, then first/last, then rules (last match wins)."""
+    def resolve(self, name: str, module, is_first: bool, is_last: bool, post_gelu: bool = False) -> LayerQuant:
+        """Bits for one layer: base, then first/last and post-GELU, then rules (last match wins)."""
         wb, ab = self.weight_bits, self.act_bits
         if self.first_last_bits is not None and (is_first or is_last):
             wb = max(wb, self.first_last_bits)
             ab = None if ab is None else max(ab, self.first_last_bits)
+        if post_gelu and self.gelu_act_bits is not None and ab is not None:
+            ab = max(ab, self.gelu_act_bits)
         for rule in self.rules:
             if rule.matches(name, module):
                 wb = rule.weight_bits if rule.weight_bits is not None else wb

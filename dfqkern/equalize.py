@@ -24,6 +24,15 @@ policy and only when the first layer has a BatchNorm: its output is taken to sta
 A channel whose bound reaches 6 keeps scale 1; another gets ``s_i >= bound_i / 6`` so neither the old
 nor the new clip is ever reached. This is exact whenever the pre-activation stays under its bound.
 
+Guard (``guard_bits``): the paper's pair scale maximises the product of the two layers' per-tensor
+precisions, and a layer coupled to two pairs (the depthwise conv of conv -> dw -> conv) takes the spread
+of both neighbours. On a net whose channel ranges are already even that trades the depthwise layer's
+precision for its neighbours' and costs accuracy (CIFAR MobileNetV2-x0.35: depthwise per-tensor 4-bit
+weight SQNR 20 -> 15 dB in the last blocks, W4 per-tensor top-1 68.3 -> 57.7 with activations in
+float). So each chain of coupled pairs is kept only when it lowers the chain's weight-quantization
+noise (:func:`weight_noise`, summed over its BatchNorm-folded layers, at ``guard_bits`` bits on a
+per-tensor grid: what CLE exists for); otherwise it is restored and reported. ``guard_bits=None`` keeps every chain (the paper).
+
 High-bias absorption (optional): a BatchNorm output ``y_i`` is taken to stay above
 ``c_i = max(0, beta_i - k|gamma_i|)``, so ``relu(y) = relu(y - c) + c``; ``c`` leaves the first layer's
 beta and enters the second layer's bias as ``W2 c``. Only into a layer without zero padding (at a
@@ -40,6 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import QuantConfig
+from .formats import WEIGHT_BITS, check_bits
+
 log = logging.getLogger(__name__)
 
 RELU6_POLICIES = ("bounded", "skip")
@@ -53,6 +65,8 @@ class EqualizeConfig:
     pairs); stops early once no scale moves by more than ``tolerance`` (relative). ``relu6``: see the
     module docstring. ``bound_sigmas``: ``k`` of the BatchNorm bound ``beta +- k|gamma|``.
     ``absorb_bias``: high-bias absorption after equalization. ``equalize``: False runs only absorption.
+    ``guard_bits``: keep a chain of coupled pairs only if it lowers the chain's weight-quantization
+    noise at this width (module docstring; ``None``: keep all, as the paper).
     """
 
     equalize: bool = True
@@ -61,6 +75,7 @@ class EqualizeConfig:
     bound_sigmas: float = 3.0
     sweeps: int = 100
     tolerance: float = 1e-6
+    guard_bits: int | None = QuantConfig.weight_bits
 
     def __post_init__(self):
         if self.relu6 not in RELU6_POLICIES:
@@ -72,6 +87,8 @@ class EqualizeConfig:
             raise ValueError(f"sweeps must be a positive int, got {self.sweeps!r}")
         if not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance!r}")
+        if self.guard_bits is not None:
+            check_bits(self.guard_bits, WEIGHT_BITS, "guard_bits")
 
 
 @dataclass
@@ -103,11 +120,12 @@ class EqualizeReport:
     clipped_channels: dict[str, int] = field(default_factory=dict)
     absorbed: dict[str, int] = field(default_factory=dict)
     sweeps: int = 0
+    reverted: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"equalized": list(self.equalized), "skipped": dict(self.skipped),
                 "clipped_channels": dict(self.clipped_channels), "absorbed": dict(self.absorbed),
-                "sweeps": self.sweeps}
+                "sweeps": self.sweeps, "reverted": dict(self.reverted)}
 
 
 # ----------------------------------------------------------------------------- graph: what a node does
@@ -365,6 +383,61 @@ def apply_scales(model: nn.Module, pair: LayerPair, s: torch.Tensor) -> None:
     m2.weight.mul_(mult.reshape(*mult.shape, *([1] * (m2.weight.dim() - 2))))
 
 
+# ----------------------------------------------------------------------------- guard
+
+def chains(pairs: list[LayerPair]) -> list[list[LayerPair]]:
+    """Pairs grouped by shared layers (connected components): scales of one chain are coupled."""
+    parent: dict[str, str] = {}
+
+    def root(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            a = parent[a]
+        return a
+
+    for p in pairs:
+        parent[root(p.first)] = root(p.second)
+    groups: dict[str, list[LayerPair]] = {}
+    for p in pairs:
+        groups.setdefault(root(p.first), []).append(p)
+    return list(groups.values())
+
+
+def chain_state(model: nn.Module, chain: list[LayerPair]) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of every tensor equalization may change in the chain's layers and BatchNorms."""
+    names = {n for p in chain for n in (p.first, p.second, p.bn, p.second_bn) if n}
+    return {n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()} for n in names}
+
+
+def weight_noise(w: torch.Tensor, bits: int) -> float:
+    """Mean over output channels of ``||w_c - Q(w_c)||^2 / ||w_c||^2``, ``Q`` one per-tensor asymmetric
+    min-max grid of ``bits`` bits. Channels count alike (not by energy): a channel with a small range is
+    what per-tensor quantization loses and what CLE is for, however little energy it holds."""
+    lo, hi = float(w.min()), float(w.max())
+    if hi <= lo:
+        return 0.0
+    step = (hi - lo) / (2 ** bits - 1)
+    q = torch.round((w - lo) / step) * step + lo
+    flat, err = w.reshape(w.shape[0], -1), (w - q).reshape(w.shape[0], -1)
+    energy = flat.pow(2).sum(1)
+    live = energy > 0
+    return float((err.pow(2).sum(1)[live] / energy[live]).mean()) if bool(live.any()) else 0.0
+
+
+def chain_noise(model: nn.Module, chain: list[LayerPair], bits: int) -> float:
+    """Summed relative weight-quantization noise of the chain's BatchNorm-folded layers."""
+    bn_of = {}
+    for p in chain:
+        bn_of[p.first] = p.bn
+        bn_of[p.second] = p.second_bn
+    total = 0.0
+    for name, bn_name in bn_of.items():
+        m = model.get_submodule(name)
+        w = m.weight.detach()
+        f = fold_factor(model.get_submodule(bn_name) if bn_name else None, w.shape[0], w)
+        total += weight_noise(w * f.reshape(-1, *([1] * (w.dim() - 1))), bits)
+    return total
+
+
 # ----------------------------------------------------------------------------- absorption
 
 def _zero_padded(m: nn.Module) -> bool:
@@ -431,6 +504,9 @@ def equalize_model(model: nn.Module, config: EqualizeConfig | None = None, inpla
     with torch.no_grad():
         bounds = preactivation_bounds(model, pairs, cfg.bound_sigmas, data)
         if cfg.equalize and pairs:
+            groups = chains(pairs)
+            saved = [(chain_state(model, c), chain_noise(model, c, cfg.guard_bits) if cfg.guard_bits else 0.0,
+                      {p.name: bounds[p.name].clone() for p in c if p.name in bounds}) for c in groups]
             for sweep in range(1, cfg.sweeps + 1):
                 moved = 0.0
                 for pair in pairs:
@@ -443,7 +519,20 @@ def equalize_model(model: nn.Module, config: EqualizeConfig | None = None, inpla
                 report.sweeps = sweep
                 if moved <= cfg.tolerance:
                     break
-            report.equalized = [p.name for p in pairs]
+            kept = set()
+            for chain, (state, before, chain_bounds) in zip(groups, saved):
+                after = chain_noise(model, chain, cfg.guard_bits) if cfg.guard_bits else 0.0
+                if cfg.guard_bits and after > before:
+                    for name, tensors in state.items():
+                        model.get_submodule(name).load_state_dict(tensors, strict=False)
+                    bounds.update(chain_bounds)
+                    for p in chain:
+                        report.clipped_channels.pop(p.name, None)
+                    report.reverted[" , ".join(p.name for p in chain)] = (
+                        f"{cfg.guard_bits}-bit per-tensor weight noise would rise {before:.4g} -> {after:.4g}")
+                else:
+                    kept.update(p.name for p in chain)
+            report.equalized = [p.name for p in pairs if p.name in kept]
         if cfg.absorb_bias:
             for pair in pairs:
                 n, why = absorb_high_bias(model, pair, cfg.bound_sigmas, bounds.get(pair.name))
@@ -453,5 +542,7 @@ def equalize_model(model: nn.Module, config: EqualizeConfig | None = None, inpla
                     report.absorbed[pair.name] = n
     for name, why in report.skipped.items():
         log.info("equalization skipped %s: %s", name, why)
+    for name, why in report.reverted.items():
+        log.info("equalization reverted %s: %s", name, why)
     model.dfqkern_equalize_report = report
     return model

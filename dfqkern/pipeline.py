@@ -76,7 +76,8 @@ class QuantizeJob:
             path = spec[len(SYNTHETIC_PREFIX):] if spec.startswith(SYNTHETIC_PREFIX) else spec
             if spec and not spec.startswith(BN_INVERSION_PREFIX) and not os.path.exists(path):
                 raise ValueError(f"{name} {spec!r} does not exist")
-        act_widths = {self.config.act_bits} | {r.act_bits for r in self.config.rules if isinstance(r.act_bits, int)}
+        act_widths = {self.config.act_bits, self.config.gelu_act_bits} | {r.act_bits for r in self.config.rules
+                                                                           if isinstance(r.act_bits, int)}
         unpackable = sorted(b for b in act_widths if b is not None and b not in ACT_BITS)
         if unpackable:  # the job ends by packing: refuse before any work
             raise ValueError(f"act_bits {unpackable[0]} has no packed kernel (packed activation widths: {ACT_BITS}); "
@@ -93,7 +94,8 @@ class QuantizeJob:
                 raise ValueError("equalize_relu6 needs equalize or absorb_bias")
             return None
         kw = {} if self.equalize_relu6 is None else {"relu6": self.equalize_relu6}
-        return EqualizeConfig(equalize=self.equalize, absorb_bias=self.absorb_bias, **kw)
+        return EqualizeConfig(equalize=self.equalize, absorb_bias=self.absorb_bias,
+                              guard_bits=self.config.weight_bits, **kw)  # the guard judges at the bits used
 
 
 BN_INVERSION_PREFIX = "bn-inversion:"
@@ -275,6 +277,8 @@ def _run_quantize(job: QuantizeJob) -> dict:
     summary = {"model": job.model, "scheme": job.config.scheme_name, "method": job.method, "out": job.out,
                "calib_images": len(calib), "seconds_quantize": round(time.time() - t0, 1),
                "unhandled": model_info(q).report.unhandled}
+    if job.config.ln_reparam:  # which LayerNorms were folded (dfqkern.calib.ln_reparam), and why others were not
+        summary["ln_reparam"] = model_info(q).report.ln_reparam
     if src is not fp:
         summary["equalize"] = src.dfqkern_equalize_report.to_dict()
     if job.bias_correction != "none":

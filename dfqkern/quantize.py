@@ -37,11 +37,12 @@ class QuantReport:
     folded_bn: dict[str, str] = field(default_factory=dict)  # bn name -> conv name
     unhandled: dict[str, str] = field(default_factory=dict)  # module name -> reason
     attention: dict[str, str] = field(default_factory=dict)  # swapped module name -> kind (ATTENTION_KINDS)
+    ln_reparam: dict[str, str] = field(default_factory=dict)  # LayerNorm -> readers folded into, or "skipped: why"
 
     def to_dict(self) -> dict:
         return {"layers": {k: {"weight_bits": v.weight_bits, "act_bits": v.act_bits} for k, v in self.layers.items()},
                 "folded_bn": dict(self.folded_bn), "unhandled": dict(self.unhandled),
-                "attention": dict(self.attention)}
+                "attention": dict(self.attention), "ln_reparam": dict(self.ln_reparam)}
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -180,6 +181,35 @@ def attach_attention_quantizers(model: nn.Module) -> int:
                if isinstance(m, QuantAttentionBase) and m.bits is not None and n not in before)
 
 
+_PASS_THROUGH = (nn.Dropout, nn.Identity)  # modules between a GELU and the Linear reading its output
+
+
+def post_gelu_linears(model: nn.Module) -> set[str]:
+    """Names of the Linear layers whose input is a GELU output, found by structure: the child registered
+    right before the Linear in its parent (dropout / identity skipped) is an ``nn.GELU`` (timm / dfqkern
+    ``Mlp``'s fc2, torchvision ``MLPBlock[3]``), or the Linear is the ``linear2`` of a (swapped)
+    ``nn.TransformerEncoderLayer`` with GELU activation."""
+    import torch.nn.functional as F
+
+    from .nn.attention import QuantTransformerEncoderLayer
+
+    found = set()
+    for pname, parent in model.named_modules():
+        prefix = f"{pname}." if pname else ""
+        if isinstance(parent, (nn.TransformerEncoderLayer, QuantTransformerEncoderLayer)):
+            act = parent.activation
+            if act is F.gelu or isinstance(act, nn.GELU):
+                found.add(prefix + "linear2")
+            continue
+        before = None
+        for cname, child in parent.named_children():
+            if isinstance(child, nn.Linear) and isinstance(before, nn.GELU):
+                found.add(prefix + cname)
+            if not isinstance(child, _PASS_THROUGH):
+                before = child
+    return found
+
+
 def _candidates(model: nn.Module, cfg: QuantConfig, report: QuantReport) -> list[tuple[str, nn.Module]]:
     """Quantizable (name, module) pairs in execution-ish (registration) order; records what is skipped."""
     inside_mha = set()
@@ -231,8 +261,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, inplace:
         report.folded_bn = fold_batchnorm(qmodel)
     swap_attention(qmodel, report, cfg)
     cands = _candidates(qmodel, cfg, report)
+    post_gelu = post_gelu_linears(qmodel) if cfg.gelu_act_bits is not None else set()
     for i, (name, m) in enumerate(cands):
-        lq = cfg.resolve(name, m, is_first=i == 0, is_last=i == len(cands) - 1)
+        lq = cfg.resolve(name, m, is_first=i == 0, is_last=i == len(cands) - 1, post_gelu=name in post_gelu)
         set_module(qmodel, name, HANDLERS[type(m)](m, lq, cfg, name))
         report.layers[name] = lq
     init_attention_quantizers(qmodel, cfg, report)
@@ -249,8 +280,15 @@ def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayer]]:
 
 
 def calibrate_activations(model: nn.Module, data, batch_size: int = 32, device=None, progress: bool = True) -> nn.Module:
-    """Observer calibration: run ``data`` (a tensor of inputs or an iterable of batches) and set activation ranges."""
-    return observe_activations(model, batches_of(data, batch_size), device, progress)
+    """Observer calibration: run ``data`` (a tensor of inputs or an iterable of batches) and set activation ranges.
+
+    With ``QuantConfig.ln_reparam`` the LayerNorm outputs are reparameterized first
+    (:mod:`dfqkern.calib.ln_reparam`), so their ranges are observed on the folded model."""
+    from .calib.ln_reparam import apply_configured  # calib sits beside quantize and imports it
+
+    batches = batches_of(data, batch_size)
+    apply_configured(model, batches, batch_size, device)
+    return observe_activations(model, batches, device, progress)
 
 
 def set_backend(model: nn.Module, backend: str | None) -> nn.Module:

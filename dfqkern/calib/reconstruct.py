@@ -38,6 +38,7 @@ from ..nn.observe import batches_of, observe_activations
 from .capture import ActivationStore, capture, quantization_disabled
 from .config import CalibConfig
 from .guard import QuantizerState, heldout_count, heldout_split
+from .ln_reparam import apply_configured as apply_ln_reparam
 from .losses import reconstruction_loss
 from .report import CalibReport, UnitReport
 from .unit_training import UnitTraining, derived_seed, eval_loss
@@ -244,6 +245,7 @@ def _calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, cfg: CalibCo
 
     t0 = time.perf_counter()
     obs = x if cfg.observe_samples is None else x[:cfg.observe_samples]
+    apply_ln_reparam(qmodel, batches_of(obs, cfg.batch_size), cfg.batch_size, device)  # QuantConfig.ln_reparam
     observe_activations(qmodel, batches_of(obs, cfg.batch_size), device, cfg.progress)
     report.observe_seconds = time.perf_counter() - t0
     if cfg.method == "observer":
