@@ -282,7 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen-iters", type=int, help="inversion iterations of psaq / dfq-vit (default: the library's)")
     p.add_argument("--gelu-abits", type=int, choices=(4, 8), help="activation bits of the post-GELU Linear layers "
                    "(fc2; QuantConfig.gelu_act_bits; default: the setting's)")
-    p.add_argument("--dev-limit", type=int, help="evaluate on the first N dev images only (smoke runs)")
+    p.add_argument("--dev-limit", type=int, help="evaluate on N dev images spread evenly over the set (smoke runs; "
+                   "the dev set is ordered by class, so the first N would be a few classes)")
     add_choices(p, "--latency", LATENCY_KINDS, "latency rows (empty: none) ")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=50)
@@ -299,12 +300,14 @@ def main(argv=None) -> int:
     spec = model_info(fp_model).input_spec
     dev = dev_set(data_dir, spec)
     if args.dev_limit:
-        dev = torch.utils.data.Subset(dev, range(min(args.dev_limit, len(dev))))
+        n = min(args.dev_limit, len(dev))
+        dev = torch.utils.data.Subset(dev, [i * len(dev) // n for i in range(n)])
     train = train_set(data_dir, spec)
 
     table = Results(args.out, render_markdown, fresh=args.fresh, empty={"rows": {}})
     results = table.data
-    command = "python bench/vit_cifar10.py" + (" " + " ".join(argv) if argv else "")
+    given = sys.argv[1:] if argv is None else argv
+    command = "python bench/vit_cifar10.py" + (" " + " ".join(given) if given else "")
     results.update(dev_images=len(dev))
     results["meta"] = run_meta(args.threads, model=model_name(args.variant), weights=args.weights or "pretrained",
                                calib_images=args.calib_images, iters=args.iters, batch_size=args.batch_size,

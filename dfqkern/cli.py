@@ -92,7 +92,7 @@ def cmd_quantize(args) -> int:
                       eval_data=args.eval_data, eval_limit=args.eval_limit, overwrite=args.overwrite,
                       device=args.device, resume=not args.no_resume, backend=args.backend,
                       equalize=args.equalize, absorb_bias=args.absorb_bias, equalize_relu6=args.equalize_relu6,
-                      bias_correction=args.bias_correction)
+                      bias_correction=args.bias_correction, act_correction=args.act_correction)
     _emit(run_quantize(job), args.json_out)
     return 0
 
@@ -483,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--bias-correction", choices=BIAS_CORRECTION_MODES, default="none",
                     help="after observer calibration, remove each layer's mean output shift: analytic (from the "
                          "preceding BatchNorm) or empirical (on the calibration images)")
+    from .calib.act_correction import MODES as ACT_CORRECTION_MODES
+
+    qp.add_argument("--act-correction", choices=ACT_CORRECTION_MODES, default="none",
+                    help="after calibration, DFQ-ViT's activation correction: each corrected layer's output channels "
+                         "get the float model's mean (shift) or mean and std (affine) on the calibration images, "
+                         "folded into the layer (packs as before)")
     _add_quant_flags(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -44,6 +44,7 @@ class QuantizeJob:
     absorb_bias: bool = False  # high-bias absorption of the float model first (dfqkern.equalize)
     equalize_relu6: str | None = None  # ReLU6 policy of equalization (None: EqualizeConfig's default)
     bias_correction: str = "none"  # after observer calibration: none / analytic / empirical
+    act_correction: str = "none"  # after calibration: DFQ-ViT's per-channel correction, none / shift / affine
 
     def __post_init__(self):
         """Every argument and the output location, before any work (a long calibration must not
@@ -56,6 +57,10 @@ class QuantizeJob:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         from .calib.bias_correction import BIAS_CORRECTION_MODES
 
+        from .calib.act_correction import MODES as ACT_CORRECTION_MODES
+
+        if self.act_correction not in ACT_CORRECTION_MODES:
+            raise ValueError(f"act_correction must be one of {ACT_CORRECTION_MODES}, got {self.act_correction!r}")
         if self.bias_correction not in BIAS_CORRECTION_MODES:
             raise ValueError(f"bias_correction must be one of {BIAS_CORRECTION_MODES}, got {self.bias_correction!r}")
         if self.bias_correction != "none" and self.method != "observer":
@@ -269,6 +274,12 @@ def _run_quantize(job: QuantizeJob) -> dict:
 
         partial = _partial_dir(job, src, calib)
         q = calibrate(q, src, calib, job.calib_config.replace(checkpoint_dir=str(partial)))
+    act_report = None
+    if job.act_correction != "none":
+        from .calib.act_correction import correct_activations
+
+        act_report = correct_activations(q, calib, scale=job.act_correction == "affine", batch_size=job.batch_size,
+                                         device=job.device)
     pack_model(q)
     kwargs = {"num_classes": job.num_classes} if job.num_classes else {}
     save_quantized(q, job.out, overwrite=job.overwrite, arch=job.model, arch_kwargs=kwargs)
@@ -281,6 +292,8 @@ def _run_quantize(job: QuantizeJob) -> dict:
         summary["ln_reparam"] = model_info(q).report.ln_reparam
     if src is not fp:
         summary["equalize"] = src.dfqkern_equalize_report.to_dict()
+    if act_report is not None:
+        summary["act_correction"] = act_report.to_dict()
     if job.bias_correction != "none":
         summary["bias_correction"] = q.dfqkern_bias_correction_report.to_dict()
     report = model_info(q).calib_report

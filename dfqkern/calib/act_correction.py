@@ -32,6 +32,7 @@ from ..nn import ActQuantizer, QuantConv2d, QuantLayer
 from ..nn.observe import batches_of
 from .capture import quantization_disabled
 
+MODES = ("none", "shift", "affine")  # the CLI's --act-correction: off, b only (a = 1), a and b
 SCALE_LIMIT = 4.0  # a correction that would rescale a channel by more is clamped (too few images to trust it)
 SIGMA_FLOOR = 1e-8
 

@@ -113,3 +113,38 @@ def test_errors():
     pack_model(q)
     with pytest.raises(ValueError, match="packed; correct the activations before pack_model"):
         A.correct_activations(q, x)
+
+
+def test_cli_act_correction_runs_and_is_reported(tiny_tar_dataset, tmp_path, capsys):
+    """`dfqkern quantize --act-correction`: corrected after calibration, folded before packing, reported in
+    the summary; the checkpoints reload, and none / shift / affine give three different models."""
+    from cli_helpers import json_block, run_cli
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for mode in ("none", "shift", "affine"):
+        out = tmp_path / mode
+        rc, stdout, err = run_cli(capsys, "quantize", "--model", "cifar10_vit_qkv", "--calib-data",
+                                  tiny_tar_dataset["tar"], "--num-calib", 4, "--batch-size", 2, "--out", out,
+                                  "--weight-observer", "minmax", "--act-observer", "minmax", "--act-correction", mode)
+        assert rc == 0, err
+        summary = json_block(stdout)
+        if mode == "none":
+            assert "act_correction" not in summary
+        else:
+            report = summary["act_correction"]
+            assert report["corrected"] >= 1 and report["scale"] == (mode == "affine")
+        with torch.no_grad():
+            logits[mode] = load_quantized(out)(x)
+        assert torch.isfinite(logits[mode]).all()
+    assert not torch.equal(logits["none"], logits["shift"]) and not torch.equal(logits["shift"], logits["affine"])
+
+
+def test_cli_act_correction_bad_value_is_refused_before_work(tiny_tar_dataset, tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "quantize", "--model", "cifar10_vit_qkv", "--calib-data", tiny_tar_dataset["tar"],
+                "--out", tmp_path / "q", "--act-correction", "full")
+    assert "--act-correction" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
