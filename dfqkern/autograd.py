@@ -137,7 +137,10 @@ def adaround(base: Tensor, v: Tensor, scale: Tensor, zero_point: Tensor, bits: i
 # Registered as custom ops too, so torch.compile treats a packed layer as one opaque kernel call
 # instead of tracing into the Python dispatch. Inference only: their backward raises, saying so.
 
-_PACKED_VIEWS: dict[int, tuple] = {}  # id(data) -> (weakref to data, PackedWeight, versions); tensors hash elementwise
+# id(data) -> (weakref to data, versions, scale, zero, bits, k, the backend-layout cache). Not the
+# PackedWeight itself: it holds ``data``, and a global holding that would keep every packed weight alive
+# for the whole process. Tensors hash elementwise, hence the id key.
+_PACKED_VIEWS: dict[int, tuple] = {}
 
 
 def _versions(*tensors) -> tuple:
@@ -150,23 +153,22 @@ def _versions(*tensors) -> tuple:
 
 
 def packed_weight_view(data: Tensor, scale: Tensor, zero: Tensor, bits: int, k: int, shape) -> PackedWeight:
-    """The PackedWeight over these buffers, kept per ``data`` tensor so backend layouts
-    (``PackedWeight.cache``) are derived once, not per call. An in-place write to ``data`` or ``zero``
+    """A PackedWeight over these buffers whose backend layouts (``PackedWeight.cache``) are kept per ``data``
+    tensor, so they are derived once, not per call. An in-place write to ``data`` or ``zero``
     (``load_state_dict`` copies into the buffers) or a storage swap makes a new one, so no layout derived
     from the old codes is served."""
     entry = _PACKED_VIEWS.get(id(data))
     versions = _versions(data, zero)
-    pw = entry[1] if entry is not None and entry[0]() is data and entry[2] == versions else None
-    if pw is None or pw.scale is not scale or pw.zero_point is not zero or pw.bits != bits or pw.k != k:
-        pw = PackedWeight(data, scale, zero, bits, k, tuple(shape))
+    if entry is None or entry[0]() is not data or entry[1] != versions or entry[2] is not scale \
+            or entry[3] is not zero or entry[4] != bits or entry[5] != k:
         key, views = id(data), _PACKED_VIEWS
 
         def forget(ref):  # drop the entry when its tensor dies (unless the id was reused since)
             if views.get(key, (None,))[0] is ref:
                 del views[key]
 
-        views[key] = (weakref.ref(data, forget), pw, versions)
-    return pw
+        entry = views[key] = (weakref.ref(data, forget), versions, scale, zero, bits, k, {})
+    return PackedWeight(data, scale, zero, bits, k, tuple(shape), cache=entry[6])
 
 
 def _act(a_scale, a_zero, abits, per_token, symmetric):

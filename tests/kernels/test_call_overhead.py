@@ -320,3 +320,30 @@ def test_eager_call_equals_the_per_call_path(cfg):
         assert q[0]._eager is not None
         assert torch.equal(h, q[0]._packed_op(x))
         assert torch.equal(q[2](h.relu()), q[2]._packed_op(h.relu()))
+
+
+@pytest.mark.parametrize("path", ["eager", "custom-op", "inference-mode"])
+def test_a_dropped_packed_model_frees_its_weights(path):
+    """The per-weight layout cache must not keep a packed model's codes alive after the model is gone
+    (it once held every PackedWeight, and with it the codes, for the whole process)."""
+    import gc
+    import weakref
+
+    from dfqkern import autograd
+
+    q = _packed_net()
+    codes = weakref.ref(q[0].packed_weight)
+    x = _x()
+    if path == "eager":
+        with torch.no_grad():
+            q(x)
+    elif path == "custom-op":
+        x.requires_grad_()
+        q(x)  # the custom op's per-call view (inference-only: no backward)
+    else:
+        with torch.inference_mode():
+            q(x)
+    assert id(q[0].packed_weight) in autograd._PACKED_VIEWS or path == "eager"
+    del q
+    gc.collect()
+    assert codes() is None
