@@ -1,4 +1,4 @@
-"""What a latency table says about the machine it ran on: CPU name, dfqkern's ISA, cache sizes.
+"""What a latency table says about the machine it ran on: CPU name, its best ISA, dfqkern's ISA, cache sizes.
 
 Imports no torch and sets no environment, so the pytest benchmark plugin (bench/conftest.py) and the
 latency scripts can read it without changing the OpenMP setup they time under.
@@ -26,6 +26,26 @@ def cpu_name() -> str:
 def slug(text: str) -> str:
     """``text`` as a file-name part: lower-case words joined by '-'."""
     return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60] or "cpu"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty if unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def best_isa(flags: set[str] | None = None) -> str:
+    """The best x86 SIMD level the CPU offers, in dfqkern's level names ("avx512vnni", "avx512", "avx2"), else the
+    architecture: the level fbgemm, oneDNN, MKL and onnxruntime pick for themselves when nothing caps them."""
+    flags = cpu_flags() if flags is None else flags
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "avx512vnni" if "avx512_vnni" in flags else "avx512"
+    return "avx2" if "avx2" in flags else platform.machine()
 
 
 def dfqkern_isa() -> str:

@@ -35,7 +35,13 @@ Cases (targets from issue 4, on a 2-core AVX2 machine):
   timing, not in the smoke run): dfqkern W4A8 / W2A8 against the DRAM copy floor of the same bytes.
 
 dfqkern rows are measured at every ISA level this CPU supports (``[avx512vnni]``, ``[avx2]``);
-the plain ``dfqkern`` row uses the automatic choice.
+the plain ``dfqkern`` row uses the automatic choice. The peers choose their kernels once per process,
+from the CPU's best, so the peers that can be capped (fbgemm, oneDNN, MKL, ATen: the fp32 / fbgemm
+Linear, torch int4pack, fp32 conv, fp32 eager models, eager fake-quant and AdaRound rows) also run in
+one child process with their caps set to each lower dfqkern level (bench/forced_peers.py; rows
+``... [avx2]``), and a forced dfqkern row's ratio is taken against the peer at the same ISA
+(bench/conftest.py). onnxruntime (MLAS) cannot be capped: its rows are always at its own choice and
+forced dfqkern rows are not judged against them.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import forced_peers  # bench/forced_peers.py
 import machine  # bench/machine.py (pytest puts bench/ on the path through its conftest)
 from dfqkern.formats import PackedWeight
 from dfqkern.kernels import dispatch, reference as R
@@ -75,6 +82,11 @@ def _isas() -> list[str]:
 
 ISAS = _isas()
 IMPL_ISAS = [None] + ISAS  # None: automatic choice
+OWN_ISA = machine.best_isa()  # the level the peers pick for themselves
+FORCED_HERE = forced_peers.forced_here()  # in the child: the level its peers are capped to
+# Forcible peer tests run once in process (None: own choice) and once per level in a child process.
+PEER_ISAS = pytest.mark.parametrize(forced_peers.PARAM, [None] + forced_peers.levels_to_force(ISAS, OWN_ISA),
+                                    ids=lambda lv: f"forced-{lv}" if lv else "own-isa")
 
 
 def _ort():
@@ -95,12 +107,32 @@ def _label(name: str, isa: str | None) -> str:
     return name if isa is None else f"{name} [{isa}]"
 
 
+def _in_child(request, peer_isa) -> bool:
+    """True when this peer row is measured by the child process forced to ``peer_isa`` (in the parent): its row
+    is then taken from there. False when it runs here: at the peers' own ISA, or inside that child."""
+    if peer_isa == FORCED_HERE:
+        return False
+    if FORCED_HERE:
+        pytest.skip(f"this child process measures only peers forced to {FORCED_HERE}")
+    forced_peers.record_child_row(request, peer_isa, torch.get_num_threads())
+    return True
+
+
 def run(benchmark, group: str, name: str, fn, role: str, isa: str | None = None, **meta):
     """Benchmark ``fn`` as row ``name`` of ``group``; ``role`` is 'baseline', 'dfqkern' or 'floor'.
 
     ``isa`` forces the CPU kernels' instruction set for the whole measurement (set once, outside
-    the timed calls)."""
+    the timed calls). Each row records the ISA it ran at and whether that was forced: a dfqkern row
+    is forced by ``isa`` (or ``DFQKERN_CPU_ISA``), a baseline by running in a forced child."""
     benchmark.group = group
+    if role == "dfqkern":
+        env_forced = os.environ.get("DFQKERN_CPU_ISA", "auto") not in ("", "auto")
+        meta.update(isa=isa or C.isa(), forced=bool(isa) or env_forced)
+    elif role == "baseline":
+        if FORCED_HERE and forced_peers.unforceable(name):
+            pytest.skip(f"{name}: {forced_peers.unforceable(name)}")
+        meta.update(isa=FORCED_HERE or OWN_ISA, forced=FORCED_HERE is not None)
+        isa, name = None, _label(name, FORCED_HERE)
     benchmark.extra_info.update(row=_label(name, isa), role=role, **meta)
     with torch.no_grad(), (C.use_isa(isa) if isa else _nothing()):
         fn()  # warm-up: prepacked layouts, allocator, thread pool
@@ -137,9 +169,12 @@ def _fbgemm_linear(k: int, n: int, bias):
     return q
 
 
+@PEER_ISAS
 @pytest.mark.parametrize("group", list(LINEAR))
 @pytest.mark.parametrize("impl", ["fp32 F.linear", "fbgemm int8 dynamic"])
-def test_linear_baselines(benchmark, group, impl):
+def test_linear_baselines(benchmark, group, impl, peer_isa, request):
+    if _in_child(request, peer_isa):
+        return
     m, k, n = LINEAR[group]
     x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.02, torch.randn(n)
     if impl == "fp32 F.linear":
@@ -192,8 +227,11 @@ def test_linear_onnxruntime_matmulnbits(benchmark, group, wbits):
         "baseline", weight_bytes=nbytes, wbits=wbits)
 
 
+@PEER_ISAS
 @pytest.mark.parametrize("group", list(LINEAR))
-def test_linear_torch_int4pack(benchmark, group):
+def test_linear_torch_int4pack(benchmark, group, peer_isa, request):
+    if _in_child(request, peer_isa):
+        return
     m, k, n = LINEAR[group]
     op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
     if op is None:
@@ -258,8 +296,11 @@ def test_linear_memory_floor(benchmark, wbits):
 CONV = {f"conv3x3 {c}ch {h}x{h} b1": (c, h) for c, h in ((64, 56), (128, 28), (256, 14), (512, 7))}
 
 
+@PEER_ISAS
 @pytest.mark.parametrize("group", list(CONV))
-def test_conv_fp32(benchmark, group):
+def test_conv_fp32(benchmark, group, peer_isa, request):
+    if _in_child(request, peer_isa):
+        return
     c, h = CONV[group]
     x, w, b = torch.randn(1, c, h, h), torch.randn(c, c, 3, 3) * 0.05, torch.randn(c)
     run(benchmark, group, "fp32 F.conv2d", lambda: F.conv2d(x, w, b, 1, 1), "baseline", primary=True)
@@ -289,7 +330,10 @@ def _weight():
     return w, s, torch.full((512,), 8, dtype=torch.int32), torch.randn(w.shape, generator=g)
 
 
-def test_fake_quant_torch(benchmark):
+@PEER_ISAS
+def test_fake_quant_torch(benchmark, peer_isa, request):
+    if _in_child(request, peer_isa):
+        return
     w, s, z, g = _weight()
     zf = z.float()
 
@@ -313,7 +357,10 @@ def test_fake_quant_dfqkern(benchmark):
     run(benchmark, FQ_GROUP, "dfqkern fused fwd + bwd", step, "dfqkern")
 
 
-def test_adaround_eager(benchmark):
+@PEER_ISAS
+def test_adaround_eager(benchmark, peer_isa, request):
+    if _in_child(request, peer_isa):
+        return
     w, s, z, g = _weight()
     base, v = R.adaround_base(w, s), R.adaround_init_v(w, s)
 
@@ -370,9 +417,12 @@ def packed_models():
     return out
 
 
+@PEER_ISAS
 @pytest.mark.parametrize("group", list(MODELS))
-def test_model_fp32(benchmark, group, packed_models):
-    fm, _, x = packed_models[group]
+def test_model_fp32(benchmark, group, peer_isa, request):
+    if _in_child(request, peer_isa):
+        return
+    fm, _, x = request.getfixturevalue("packed_models")[group]
     run(benchmark, group, "fp32 eager", lambda: fm(x), "baseline", primary=True)
 
 
