@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, Results, Timer, add_choices, add_run_flags, cifar10_dir, dev_set, document,  # noqa: E402
-                    generated_by, join_key, now, parser, run_meta, table_head, top1, train_set)
+from common import (Results, Timer, add_choices, add_run_flags, cifar10_dir, dev_set, document,  # noqa: E402
+                    generated_by, join_key, now, open_net, parser, run_meta, table_head, top1, train_set)
 
 import torch  # noqa: E402
 
@@ -32,18 +32,11 @@ from dfqkern.calib import CalibConfig, calibrate  # noqa: E402
 from dfqkern.config import QuantConfig  # noqa: E402
 from dfqkern.data import build_transform, calibration_tensor  # noqa: E402
 from dfqkern.datagen import generate_bn_inversion_set, load_synthetic  # noqa: E402
-from dfqkern.models import create_model  # noqa: E402
 from dfqkern.pipeline import tensor_transform  # noqa: E402
 from dfqkern.quantize import quantize_model  # noqa: E402
 from dfqkern.model_info import model_info  # noqa: E402
 
-WEIGHTS = ROOT / "bench" / "weights"
-# name -> (registry arch, checkpoint path relative to the data dir's parent or absolute)
-NETS = {
-    "shufflenetv2": ("cifar10_shufflenetv2_x0_5", WEIGHTS / "cifar10_shufflenetv2_x0_5.safetensors"),
-    "mobilenetv2": ("cifar10_mobilenetv2_x0_35", WEIGHTS / "cifar10_mobilenetv2_x0_35.safetensors"),
-    "convmixer": ("cifar10_convmixer_256_8", Path("models/convmixer_256_8/convmixer-256-8-p4-cifar10.pth")),
-}
+NETS = ("shufflenetv2", "mobilenetv2", "convmixer")  # the table's nets, in its order (weights: common.NETS)
 SETTINGS = {"w4a8": (4, 8), "w4a4": (4, 4)}
 METHODS = ("observer", "adaround", "brecq", "qdrop")
 DATA = ("real", "dgh-mixup")
@@ -51,14 +44,6 @@ QDROP_W4A4_MAX_DROP = {"real": 3.0, "dgh-mixup": 4.0}  # the issue's targets (po
 # The main table's budget (and the flags' defaults); rows run with other budgets (e.g. the library's
 # default 500 inversion iterations, longer reconstruction) are listed in a second table.
 BUDGET = {"calib_images": 512, "seed": 0, "iters": 500, "gen_iters": 200}
-
-
-def open_net(name: str, data_dir: Path):
-    arch, ckpt = NETS[name]
-    ckpt = ckpt if ckpt.is_absolute() else data_dir.parent / ckpt
-    if not ckpt.is_file():
-        raise SystemExit(f"{name}: checkpoint {ckpt} is missing (train it with bench/train_edge_cifar10.py)")
-    return create_model(arch, checkpoint=ckpt)
 
 
 def calibration_images(kind: str, fp_model, train, n: int, seed: int, work_dir: Path, gen_iters: int,
@@ -194,7 +179,7 @@ def _other_budgets(results: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__, "ConvMixer is read from its sibling models/")
+    p = parser(__doc__, "ConvMixer's pretrained weights: dfqkern.assets")
     for flag, allowed in (("--nets", NETS), ("--data", DATA), ("--settings", SETTINGS), ("--methods", METHODS)):
         add_choices(p, flag, allowed)
     p.add_argument("--iters", type=int, default=BUDGET["iters"], help="reconstruction iterations per unit")
@@ -214,7 +199,7 @@ def main(argv=None) -> int:
                                gen_iters=args.gen_iters)
     train = None
     for net in args.nets:
-        fp_model = open_net(net, data_dir)
+        fp_model = open_net(net)
         spec = model_info(fp_model).input_spec
         dev = dev_set(data_dir, spec)
         results["dev_images"] = len(dev)

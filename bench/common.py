@@ -29,8 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from dfqkern.data import build_transform, default_cifar10_dir, open_dataset  # noqa: E402
 from dfqkern.evaluation import evaluate_top1  # noqa: E402
+from dfqkern.models import create_model  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
+WEIGHTS_DIR = ROOT / "bench" / "weights"
 # The CIFAR-10 files of the shared data folder (``--data-dir``).
 DEV_IMAGES, DEV_LABELS = "cifar10_test_dev_jpeg.tar.gz", "cifar10_test_dev_labels.csv"
 TRAIN_IMAGES = "cifar10_train_jpeg.tar.gz"
@@ -96,6 +98,28 @@ def cifar10_dir(data_dir: "str | None") -> Path:
 def dev_set(data_dir: Path, spec):
     """The labelled dev test images, preprocessed for a model with input spec ``spec``."""
     return open_dataset(data_dir / DEV_IMAGES, build_transform(spec), labels_csv=data_dir / DEV_LABELS)
+
+
+# The pretrained CIFAR-10 nets the benchmarks measure: name -> (registry arch, ``create_model`` keywords).
+# ``pretrained`` weights are found by dfqkern.assets (the shared data folder); the edge nets are trained
+# by bench/train_edge_cifar10.py into bench/weights/.
+NETS = {
+    "resnet20": ("cifar10_resnet20", {"pretrained": True}),
+    "shufflenetv2": ("cifar10_shufflenetv2_x0_5",
+                     {"checkpoint": WEIGHTS_DIR / "cifar10_shufflenetv2_x0_5.safetensors"}),
+    "mobilenetv2": ("cifar10_mobilenetv2_x0_35",
+                    {"checkpoint": WEIGHTS_DIR / "cifar10_mobilenetv2_x0_35.safetensors"}),
+    "convmixer": ("cifar10_convmixer_256_8", {"pretrained": True}),
+}
+
+
+def open_net(name: str):
+    """Net ``name`` of :data:`NETS` in eval mode; a missing trained checkpoint stops the script, naming it."""
+    arch, kwargs = NETS[name]
+    ckpt = kwargs.get("checkpoint")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise SystemExit(f"{name}: checkpoint {ckpt} is missing (train it with bench/train_edge_cifar10.py)")
+    return create_model(arch, **kwargs).eval()
 
 
 def train_set(data_dir: Path, spec=None):

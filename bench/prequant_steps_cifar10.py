@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, Results, add_choices, add_run_flags, cifar10_dir, dev_set, document,  # noqa: E402
-                    generated_by, join_key, now, parser, run_meta, table_head, train_set)
+from common import (Results, add_choices, add_run_flags, cifar10_dir, dev_set, document,  # noqa: E402
+                    generated_by, join_key, now, open_net, parser, run_meta, table_head, train_set)
 
 import torch  # noqa: E402
 
@@ -34,16 +34,11 @@ from dfqkern.calib.bias_correction import BIAS_CORRECTION_MODES, correct_bias  #
 from dfqkern.config import QuantConfig  # noqa: E402
 from dfqkern.data import build_transform, calibration_tensor  # noqa: E402
 from dfqkern.equalize import EqualizeConfig, equalize_model  # noqa: E402
-from dfqkern.models import create_model  # noqa: E402
 from dfqkern.nn.observers import mse_qparams  # noqa: E402
 from dfqkern.quantize import calibrate_activations, quant_layers, quantize_model  # noqa: E402
 from dfqkern.model_info import model_info  # noqa: E402
 
-NETS = {
-    "mobilenetv2": ("cifar10_mobilenetv2_x0_35", {"checkpoint": ROOT / "bench" / "weights" /
-                                                  "cifar10_mobilenetv2_x0_35.safetensors"}),
-    "convmixer": ("cifar10_convmixer_256_8", {"pretrained": True}),
-}
+NETS = ("mobilenetv2", "convmixer")  # the table's nets, in its order (weights: common.NETS)
 SETTINGS = {"w4a8": (4, 8), "w4a4": (4, 4)}
 WEIGHTS = ("per_channel", "per_tensor")
 CLE = ("off", "on")
@@ -147,8 +142,7 @@ def main(argv=None) -> int:
     results["meta"] = run_meta(args.threads, calib_images=args.calib_images, seed=args.seed)
     train = train_set(data_dir)
     for net in args.nets:
-        arch, kw = NETS[net]
-        fp = create_model(arch, **kw).eval()
+        fp = open_net(net)
         spec = model_info(fp).input_spec
         dev_ds = dev_set(data_dir, spec)
         dev = dev_tensors(dev_ds)
