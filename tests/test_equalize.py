@@ -315,3 +315,50 @@ def test_cli_refuses_bias_correction_with_reconstruction_before_work(tmp_path, t
     with pytest.raises(SystemExit):
         _run(capsys, "quantize", "--model", "m", "--calib-data", "d", "--out", "o", "--bias-correction", "magic")
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- the chain guard
+
+def _even_chain():
+    """conv1x1 -> ReLU -> dw3x3 -> ReLU -> conv1x1 with every channel range in [0.5, 1]: nothing for CLE to fix."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                      nn.Conv2d(8, 6, 1)).eval()
+    with torch.no_grad():
+        for c in (m[0], m[2], m[4]):
+            c.weight.copy_(torch.randn_like(c.weight).sign() * torch.empty_like(c.weight).uniform_(0.5, 1.0))
+    return m
+
+
+def _noise(w: torch.Tensor, bits: int = 4) -> float:
+    """Mean over output channels of the relative error of one per-tensor min-max grid, written out."""
+    lo, hi = w.min(), w.max()
+    step = (hi - lo) / (2 ** bits - 1)
+    err = w - (torch.round((w - lo) / step) * step + lo)
+    return float(torch.stack([err[c].pow(2).sum() / w[c].pow(2).sum() for c in range(w.shape[0])]).mean())
+
+
+def test_guard_leaves_a_chain_cle_would_make_noisier_and_reports_it():
+    model = _even_chain()
+    paper = equalize_model(model, EqualizeConfig(guard_bits=None))
+    assert paper.dfqkern_equalize_report.equalized == ["0 -> 2", "2 -> 4"]
+    noise = {name: sum(_noise(m[i].weight.detach()) for i in (0, 2, 4)) for name, m in (("before", model),
+                                                                                       ("paper", paper))}
+    assert noise["paper"] > noise["before"]  # what the guard must see
+
+    guarded = equalize_model(model)  # guard_bits defaults to the library's weight bits (4)
+    rep = guarded.dfqkern_equalize_report
+    assert rep.equalized == [] and list(rep.reverted) == ["0 -> 2 , 2 -> 4"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in guarded.state_dict().items())
+    assert "reverted" in rep.to_dict()
+
+
+def test_guard_keeps_chains_that_cle_fixes():
+    model, x = _stack()  # 3 decades of channel-range spread: CLE lowers the noise
+    rep = equalize_model(model, data=x).dfqkern_equalize_report
+    assert rep.reverted == {} and len(rep.equalized) == 5
+
+
+def test_guard_bits_are_checked():
+    with pytest.raises(ValueError, match="guard_bits"):
+        EqualizeConfig(guard_bits=5)
