@@ -30,7 +30,7 @@ from torch import nn
 
 from ..nn import ActQuantizer, QuantConv2d, QuantLayer
 from ..nn.observe import batches_of
-from .capture import quantization_disabled
+from .capture import quantization_disabled, run_with_output_hooks
 
 MODES = ("none", "shift", "affine")  # the CLI's --act-correction: off, b only (a = 1), a and b
 SCALE_LIMIT = 4.0  # a correction that would rescale a channel by more is clamped (too few images to trust it)
@@ -77,15 +77,8 @@ class _Moments:
 def _moments(model: nn.Module, layers: dict[str, nn.Module], batches, device) -> dict[str, _Moments]:
     """Output moments of ``layers`` over ``batches`` (layers that never ran are absent)."""
     acc: dict[str, _Moments] = {}
-    handles = [m.register_forward_hook(
-        lambda mod, args, out, name=name: acc.setdefault(name, _Moments()).add(_channels_last(out, mod)))
-        for name, m in layers.items()]
-    try:
-        for x in batches:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_output_hooks(model, {m: lambda mod, out, name=name: acc.setdefault(name, _Moments()).add(
+        _channels_last(out, mod)) for name, m in layers.items()}, batches, device)
     return acc
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..nn import ActQuantizer, QuantConv2d, QuantLayer, QuantLinear
 from ..nn.observe import batches_of
-from .capture import quantization_disabled
+from .capture import quantization_disabled, run_with_output_hooks
 
 BIAS_CORRECTION_MODES = ("none", "analytic", "empirical")
 
@@ -223,7 +223,7 @@ def _count(y: torch.Tensor) -> int:
 @torch.no_grad()
 def _float_means(qmodel, layers, batches, device) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Mean output per channel of every layer with quantization off, and the layers' call order."""
-    sums, counts, calls, order, handles = {}, {}, {}, [], []
+    sums, counts, calls, order = {}, {}, {}, []
 
     def hook(mod, args, out, name):
         if name not in sums:
@@ -233,15 +233,8 @@ def _float_means(qmodel, layers, batches, device) -> tuple[dict[str, torch.Tenso
         counts[name] += _count(out)
         calls[name] += 1
 
-    for name, m in layers:
-        handles.append(m.register_forward_hook(lambda mod, a, o, name=name: hook(mod, a, o, name)))
-    try:
-        with quantization_disabled(qmodel):
-            for x in batches:
-                qmodel(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_output_hooks(qmodel, {m: lambda mod, o, name=name: hook(mod, None, o, name) for name, m in layers},
+                          batches, device, float_model=True)
     once = [n for n in order if calls[n] == len(batches)]  # a shared layer has no single output to correct
     return {n: sums[n] / counts[n] for n in once}, order
 

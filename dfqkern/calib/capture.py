@@ -207,3 +207,18 @@ def quantization_disabled(model: nn.Module):
             m.enabled = enabled
         for m, mode in a_state:
             m.mode = mode
+
+
+@torch.no_grad()
+def run_with_output_hooks(model: nn.Module, hooks: dict[nn.Module, "callable"], batches, device,
+                          float_model: bool = False) -> None:
+    """Run ``model`` over ``batches`` with ``hooks[module](module, output)`` called on each output of
+    those modules (removed afterwards, even on error); ``float_model``: with quantization off."""
+    handles = [m.register_forward_hook(lambda mod, args, out, f=f: f(mod, out)) for m, f in hooks.items()]
+    try:
+        with quantization_disabled(model) if float_model else contextlib.nullcontext():
+            for x in batches:
+                model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()

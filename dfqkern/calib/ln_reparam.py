@@ -34,7 +34,7 @@ from ..kernels import reference as R
 from ..model_info import model_info
 from ..nn import QuantLinear
 from ..nn.observers import mse_qparams
-from .capture import quantization_disabled
+from .capture import quantization_disabled, run_with_output_hooks
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,8 @@ class _ChannelStats:
 def _channel_qparams(model: nn.Module, lns: dict[str, object], batches, device, seed: int):
     """Per-channel (scale, zero point) of each named LayerNorm's output, at its quantizer's settings."""
     stats = {name: _ChannelStats(seed + i) for i, name in enumerate(lns)}
-    handles = [model.get_submodule(name).register_forward_hook(lambda m, a, out, s=s: s.update(out))
-               for name, s in stats.items()]
-    try:
-        with quantization_disabled(model):
-            for x in batches:
-                model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_output_hooks(model, {model.get_submodule(name): lambda m, out, s=s: s.update(out)
+                                  for name, s in stats.items()}, batches, device, float_model=True)
     return {name: stats[name].qparams(quant) for name, quant in lns.items()}
 
 
