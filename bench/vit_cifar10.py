@@ -212,7 +212,7 @@ def render_markdown(data: dict) -> str:
         f"{generated_by(__file__)} Exact command of the last run: `{meta['command']}`.", "",
         f"Model `{meta['model']}` ({meta['weights']}), FP top-1 **{fp:.2f} %** on the {data['dev_images']} dev test "
         f"images. Calibration: {meta['calib_images']} images per row (real: random training images; psaq / dfq-vit: "
-        f"generated from the float model, {meta['gen_iters'] or 'the library default'} inversion iterations); "
+        f"generated from the float model; `psaq@N`: N inversion iterations, `@default`: the library's); "
         f"reconstruction {meta['iters']} iterations per unit, batch {meta['batch_size']}. First and last layer 8-bit; "
         f"weights per-channel, activations and attention operands per-tensor (MSE observers), softmax two-range "
         f"uniform (`post-GELU`: activation bits of fc2, `QuantConfig.gelu_act_bits`, when not the setting's). "
@@ -226,13 +226,14 @@ def render_markdown(data: dict) -> str:
     ]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["setting"], r["data"], r["method"], r["ln_reparam"], r.get("gelu_act_bits")), []).append(r)
+        source = r["data"] if r["data"] == "real" else f"{r['data']}@{r.get('gen_iters') or 'default'}"
+        groups.setdefault((r["setting"], source, r["method"], r["ln_reparam"], r.get("gelu_act_bits")), []).append(r)
     real = _real_reference(rows)
     for (setting, source, method, ln, gelu), rs in groups.items():
         accs = [r["top1"] for r in rs]
         mean = statistics.mean(accs)
         std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        target = TARGET_DROP.get((setting, source))
+        target = TARGET_DROP.get((setting, source.split("@")[0]))
         target = "" if target is None or (setting == "w8a8" and method != "observer") else f"<= {target}"
         lines.append(f"| {setting} | {source} | {method} | {'on' if ln else 'off'} | {f'a{gelu}' if gelu else ''} | "
                      f"{','.join(str(r['seed']) for r in rs)} | {mean:.2f} | {std} | {fp - mean:.2f} | {target} | "
@@ -242,9 +243,11 @@ def render_markdown(data: dict) -> str:
         lines += ["", "Data sources not run:", ""] + [f"- `{k}`: {v}" for k, v in sorted(skipped.items())]
     sets = data.get("datasets", {})
     if sets:
-        lines += ["", "## Generated calibration sets", "", *table_head("data", "seed", "images", "generation wall s")]
+        lines += ["", "## Generated calibration sets", "",
+                  *table_head("data", "inversion iterations", "seed", "images", "generation wall s")]
         for k, s in sorted(sets.items()):
-            lines.append(f"| {s['data']} | {s['seed']} | {s['images']} | {s.get('gen_wall_s', '')} |")
+            lines.append(f"| {s['data']} | {s.get('gen_iters') or 'default'} | {s['seed']} | {s['images']} | "
+                         f"{s.get('gen_wall_s', '')} |")
     lat = data.get("latency")
     if lat:
         t = lat["timings"]
@@ -352,8 +355,10 @@ def main(argv=None) -> int:
                         if key not in table.rows and calib is None:
                             calib, cost = calibration_images(source, fp_model, train, args.calib_images, seed, args)
                             if cost:
-                                results["datasets"][join_key(source, seed, args.calib_images)] = {
-                                    "data": source, "seed": seed, "images": len(calib), **cost}
+                                results["datasets"][join_key(source, seed, args.calib_images,
+                                                             args.gen_iters or "default")] = {
+                                    "data": source, "seed": seed, "images": len(calib), "gen_iters": args.gen_iters,
+                                    **cost}
                         table.row(key, lambda: run_row(fp_model, dev, calib, setting, method, source, ln_on, seed,
                                                        args, save_to),
                                   lambda r: f"top-1 {r['top1']:.2f} (drop {results['fp_top1'] - r['top1']:.2f}) "
