@@ -72,6 +72,20 @@ from dfqkern.kernels.contract import Unsupported  # noqa: E402
 ISAS = ("portable", "avx2", "avx512vnni")
 
 
+def supported_isas() -> tuple[str, ...]:
+    """The ISAS this CPU runs (AVX2-only machines exist: AMD Zen 2/3); the others are reported as skips."""
+    from dfqkern.kernels import cpu
+
+    ok = []
+    for isa in ISAS:
+        try:
+            with cpu.use_isa(isa):
+                ok.append(isa)
+        except ValueError:
+            continue
+    return tuple(ok)
+
+
 @dataclass(frozen=True)
 class Row:
     """One backend row of an op suite: the backend, the device its tensors live on, the CPU ISA level."""
