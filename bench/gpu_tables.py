@@ -49,6 +49,7 @@ SECTIONS = {  # table order and titles
     "fake-quant fwd": "Fused fake-quant, forward (per-channel, 8-bit)",
     "fake-quant fwd+bwd": "Fused fake-quant, forward + LSQ backward",
     "adaround fwd+bwd": "Fused AdaRound, forward + backward (4-bit)",
+    "attention": "Exact int32 attention matmul (matmul_int, ViT-B q.k^T and attn.v) vs fp16 torch.matmul",
     "model": "Whole models (random weights), packed W4A8 vs fp16",
     "memory": "GPU memory of the model",
 }

@@ -17,6 +17,9 @@ a sanity check against the torch reference:
   1, 16, 64, 197, 1024; A4 rows also vs the A8 row of the same backend and weight width;
 * implicit-GEMM Conv2d W4A8 vs fp16 ``F.conv2d`` (cuDNN, channels-last, benchmark mode) on
   ResNet-50's 3x3 convs at batch 1 and 8;
+* exact int32 attention matmul (``matmul_int``: q.k^T and attn.v of uint8 codes, zero point per row of
+  q / per column of k^T) vs fp16 ``torch.matmul`` of the same shape, ViT-B/16 at batch 1 and 8
+  (section ``attention``);
 * fused fake-quant forward vs ``torch.fake_quantize_per_channel_affine``; forward + LSQ backward vs
   ``torch._fake_quantize_learnable_per_channel_affine`` + autograd; fused AdaRound forward +
   backward vs the same step in eager autograd.
@@ -202,6 +205,53 @@ def test_fused_step(rec, kernels, make, name, section, baseline, tol, backend):
 
     rec.measure(step, section=section, case=name, impl=f"{backend} fused", vs=[baseline], backend=backend,
                 check=_close(lambda: step()[0], lambda: reference_backward()[0], **tol))
+
+
+# ----------------------------------------------------------------------------- attention matmul
+
+MATMULS = {  # ViT-B/16: 12 heads, 197 tokens, head dim 64; (batch dims, M, K, N, b is a transposed view as k^T)
+    "ViT-B q.k^T [12, 197, 64] x [12, 64, 197]": ((12,), 197, 64, 197, True),
+    "ViT-B attn.v [12, 197, 197] x [12, 197, 64]": ((12,), 197, 197, 64, False),
+}
+MATMUL_BATCHES = (1, 8)
+MATMUL_FP16 = "fp16 torch.matmul"
+
+
+def matmul_case(name: str, batch: int) -> str:
+    return f"{name}, batch {batch}"
+
+
+def _matmul_inputs(name, batch):
+    heads, m, k, n, b_transposed = MATMULS[name]
+    a = torch.randint(0, 256, (batch, *heads, m, k), device=CUDA, dtype=torch.uint8)
+    if b_transposed:
+        b = torch.randint(0, 256, (batch, *heads, n, k), device=CUDA, dtype=torch.uint8).transpose(-2, -1)
+    else:
+        b = torch.randint(0, 256, (batch, *heads, k, n), device=CUDA, dtype=torch.uint8)
+    za = torch.randint(0, 256, (batch, *heads, m, 1), device=CUDA, dtype=torch.int32)  # per token
+    zb = torch.randint(0, 256, (batch, *heads, 1, n), device=CUDA, dtype=torch.int32)
+    return a, za, b, zb
+
+
+@pytest.mark.parametrize("batch", MATMUL_BATCHES)
+@pytest.mark.parametrize("name", list(MATMULS))
+def test_matmul_int_baseline(rec, name, batch):
+    a, _, b, _ = _matmul_inputs(name, batch)
+    a16, b16 = a.half(), b.half()  # b16 keeps b's strides (k^T stays a transposed view)
+    rec.measure(lambda: torch.matmul(a16, b16), section="attention", case=matmul_case(name, batch), impl=MATMUL_FP16,
+                role="baseline", batch=batch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", MATMUL_BATCHES)
+@pytest.mark.parametrize("name", list(MATMULS))
+def test_matmul_int(rec, kernels, name, batch, backend):
+    mod = kernels(backend)
+    a, za, b, zb = _matmul_inputs(name, batch)
+    fn = lambda: mod.matmul_int(a, za, b, zb)  # noqa: E731
+    rec.measure(fn, section="attention", case=matmul_case(name, batch), impl=f"{backend} int32 exact",
+                check=_close(fn, lambda: R.matmul_int(a, za, b, zb), rtol=0, atol=0), vs=[MATMUL_FP16], batch=batch,
+                backend=backend)
 
 
 # ----------------------------------------------------------------------------- implicit-GEMM conv

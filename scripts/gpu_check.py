@@ -99,6 +99,7 @@ def stages(quick: bool, build: bool, python: str, out_dir: Path) -> list[Stage]:
         pytest_stage("test-build", ["tests/test_cuda_build.py"], 60, 15, 60),
         pytest_stage("test-cuda", ["tests/kernels/test_cuda_backend.py"], 120, 30, 90),
         pytest_stage("test-triton", ["tests/kernels/test_triton_backend.py"], 150, 30, 90),
+        pytest_stage("test-matmul-int", ["tests/kernels/test_matmul_int.py"], 90, 20, 60),
         pytest_stage("test-e2e", ["tests/test_gpu_end_to_end.py"], 120, 30, 90),
     ]
     if not quick:

@@ -132,3 +132,11 @@ def test_cuda_ops_are_registered(cuda_extension):
     assert not missing, f"ops without a CUDA kernel: {missing}"
     assert cuda.extension_has_ops()
     assert cuda.is_available() == torch.cuda.is_available()
+
+
+def test_cuda_matmul_op_is_registered(cuda_extension):
+    """matmul_int's op is looked up apart from OP_NAMES (an older build keeps the other ops); this build has it."""
+    from dfqkern.kernels import cuda
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dfqkern::{cuda.MATMUL_OP}", "CUDA")
+    assert cuda.extension_has_matmul()

@@ -84,7 +84,7 @@ def test_dry_run_full_plan_defaults():
     plan = _plan()
     names = [s["name"] for s in plan["stages"]]
     assert plan["mode"] == "full" and plan["budget_s"] == 470 and plan["out_dir"] == str(ROOT / "runs" / "gpu")
-    assert names == ["build", "test-build", "test-cuda", "test-triton", "test-e2e", "bench-cuda", "bench-triton",
+    assert names == ["build", "test-build", "test-cuda", "test-triton", "test-matmul-int", "test-e2e", "bench-cuda", "bench-triton",
                      "bench-models", "tables"]
     assert plan["stages"][0]["cmd"][1:] == ["setup.py", "build_ext", "--inplace"]
     # every file a stage names exists (a renamed test or bench file must break this, not the GPU run)
@@ -105,7 +105,7 @@ def test_dry_run_full_plan_defaults():
 def test_dry_run_quick_and_output_dir(tmp_path):
     plan = _plan("--quick", str(tmp_path / "out"), "--no-build")
     assert plan["mode"] == "quick" and plan["budget_s"] == 230 and plan["out_dir"] == str(tmp_path / "out")
-    assert [s["name"] for s in plan["stages"]] == ["test-build", "test-cuda", "test-triton", "test-e2e"]
+    assert [s["name"] for s in plan["stages"]] == ["test-build", "test-cuda", "test-triton", "test-matmul-int", "test-e2e"]
     assert _plan("--quick", "rel/dir", "--budget", "100")["out_dir"] == str(ROOT / "rel" / "dir")
     assert _plan("--quick")["stages"][0]["name"] == "build"
 

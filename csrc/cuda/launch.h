@@ -150,4 +150,24 @@ struct AdaRoundArgs {
 cudaError_t launch_adaround_forward(const AdaRoundArgs& args, cudaStream_t stream);
 cudaError_t launch_adaround_backward(const AdaRoundArgs& args, cudaStream_t stream);
 
+// Exact int32 batched matmul of uint8 codes, out[b] = (a[b] - za[b]) @ (b[b] - zb[b]) (attention).
+// a [batch, M, K] and b [batch, K, N] are read through element strides (any, including 0); za [batch, M]
+// and zb [batch, N] int32 likewise; out is contiguous [batch, M, N]. a_k_fast / b_n_fast: which index
+// has the unit stride (the staging loads follow it so they coalesce).
+struct MatmulIntArgs {
+  const uint8_t* a = nullptr;
+  const uint8_t* b = nullptr;
+  const int32_t* za = nullptr;
+  const int32_t* zb = nullptr;
+  int32_t* out = nullptr;
+  int64_t batch = 0;
+  int M = 0, N = 0, K = 0;
+  int64_t stride_ab = 0, stride_am = 0, stride_ak = 0, stride_bb = 0, stride_bk = 0, stride_bn = 0;
+  int64_t stride_zab = 0, stride_zam = 0, stride_zbb = 0, stride_zbn = 0;
+  int a_k_fast = 1, b_n_fast = 1;
+};
+// Thread blocks launch_matmul_int starts (one grid axis: the caller checks it fits in 2^31 - 1).
+int64_t matmul_int_blocks(int64_t batch, int M, int N);
+cudaError_t launch_matmul_int(const MatmulIntArgs& args, cudaStream_t stream);
+
 }  // namespace dfqkern::cuda

@@ -518,6 +518,64 @@ std::tuple<Tensor, Tensor> adaround_backward(const Tensor& grad, const Tensor& b
   return {gv, gs};
 }
 
+// Exact int32 attention matmul on [batch, M, K] x [batch, K, N] codes (dfqkern/kernels/cuda.py flattens the
+// leading dims and broadcasts the zero points to [batch, M] / [batch, N] views; any strides are read).
+Tensor matmul_int(const Tensor& a, const Tensor& a_zp, const Tensor& b, const Tensor& b_zp) {
+  const char* op = "dfqkern::cuda_matmul_int";
+  check_cuda(a, op, "a");
+  check_cuda(b, op, "b");
+  check_cuda(a_zp, op, "a_zp");
+  check_cuda(b_zp, op, "b_zp");
+  TORCH_CHECK(a.scalar_type() == at::kByte && b.scalar_type() == at::kByte, op, ": a and b must be uint8 codes, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a_zp.scalar_type() == at::kInt && b_zp.scalar_type() == at::kInt, op,
+              ": a_zp and b_zp must be int32, got ", a_zp.scalar_type(), " and ", b_zp.scalar_type());
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, op, ": a and b must be [batch, M, K] and [batch, K, N], got ", a.sizes(),
+              " and ", b.sizes());
+  const int64_t batch = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+  TORCH_CHECK(b.size(0) == batch && b.size(1) == K, op, ": b must be [", batch, ", ", K, ", N], got ", b.sizes());
+  TORCH_CHECK(a_zp.dim() == 2 && a_zp.size(0) == batch && a_zp.size(1) == M, op, ": a_zp must be [", batch, ", ", M,
+              "], got ", a_zp.sizes());
+  TORCH_CHECK(b_zp.dim() == 2 && b_zp.size(0) == batch && b_zp.size(1) == N, op, ": b_zp must be [", batch, ", ", N,
+              "], got ", b_zp.sizes());
+  TORCH_CHECK(b.device() == a.device() && a_zp.device() == a.device() && b_zp.device() == a.device(), op,
+              ": a, b, a_zp and b_zp must be on one device");
+  // (a - za)(b - zb) of 8-bit codes summed over K stays below 2^31 (contract.MATMUL_MAX_K)
+  constexpr int64_t kMaxK = (int64_t{1} << 31) / (255 * 255);
+  TORCH_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", the largest K whose int32 result is exact");
+  TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX, op, ": M and N must fit in int32");
+  c10::cuda::CUDAGuard guard(a.device());
+  Tensor out = at::empty({batch, M, N}, a.options().dtype(at::kInt));
+  if (out.numel() == 0) return out;
+  if (K == 0) return out.zero_();  // every sum is empty
+  TORCH_CHECK(matmul_int_blocks(batch, int(M), int(N)) <= INT32_MAX, op, ": batch ", batch, " x ", M, " x ", N,
+              " needs more thread blocks than one launch takes");
+  MatmulIntArgs p;
+  p.a = a.data_ptr<uint8_t>();
+  p.b = b.data_ptr<uint8_t>();
+  p.za = a_zp.data_ptr<int32_t>();
+  p.zb = b_zp.data_ptr<int32_t>();
+  p.out = out.data_ptr<int32_t>();
+  p.batch = batch;
+  p.M = int(M);
+  p.N = int(N);
+  p.K = int(K);
+  p.stride_ab = a.stride(0);
+  p.stride_am = a.stride(1);
+  p.stride_ak = a.stride(2);
+  p.stride_bb = b.stride(0);
+  p.stride_bk = b.stride(1);
+  p.stride_bn = b.stride(2);
+  p.stride_zab = a_zp.stride(0);
+  p.stride_zam = a_zp.stride(1);
+  p.stride_zbb = b_zp.stride(0);
+  p.stride_zbn = b_zp.stride(1);
+  p.a_k_fast = a.stride(2) == 1 || a.stride(1) != 1;
+  p.b_n_fast = b.stride(2) == 1 || b.stride(1) != 1;
+  check_launch(launch_matmul_int(p, current_stream()), op);
+  return out;
+}
+
 }  // namespace
 }  // namespace dfqkern::cuda
 
@@ -543,6 +601,7 @@ TORCH_LIBRARY_FRAGMENT(dfqkern, m) {
         "int inner, float beta, bool hard) -> (Tensor, Tensor)");
   m.def("cuda_adaround_backward(Tensor grad, Tensor base, Tensor v, Tensor scale, Tensor zero_point, int bits, "
         "int channels, int inner, float beta, float reg_grad) -> (Tensor, Tensor)");
+  m.def("cuda_matmul_int(Tensor a, Tensor a_zp, Tensor b, Tensor b_zp) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dfqkern, CUDA, m) {
@@ -556,4 +615,5 @@ TORCH_LIBRARY_IMPL(dfqkern, CUDA, m) {
   m.impl("cuda_fake_quant_backward", &fake_quant_backward);
   m.impl("cuda_adaround_forward", &adaround_forward);
   m.impl("cuda_adaround_backward", &adaround_backward);
+  m.impl("cuda_matmul_int", &matmul_int);
 }

@@ -17,6 +17,9 @@ slot order given by :func:`slot_k_offsets` (and explained in ``csrc/cuda/gemm.cu
 unpacking on sm_90+). Conv weights ``[O, C, kh, kw]`` use the same layout over ``K = kh*kw*Cp``
 with the channels padded to ``Cp`` (16 for A8, 32 for A4) so a 16-byte load never straddles a tap.
 
+``matmul_int`` (attention's activation x activation products) is a plain tiled int32 kernel
+(``csrc/cuda/matmul_int.cu``); an extension built before it declines the op (:func:`extension_has_matmul`).
+
 ``DFQKERN_CUDA_A4_PATH=int4|int8`` overrides the A4 instruction choice (to benchmark both).
 """
 from __future__ import annotations
@@ -373,6 +376,50 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
                                 cw.n, cw.k_chunks, cw.slot_bits, _gemm_path(act.bits, dev), geom, cp, out_dtype,
                                 marks)
     return _nchw(y)
+
+
+# ----------------------------------------------------------------------------- attention matmul
+
+MATMUL_OP = "cuda_matmul_int"  # looked up on its own: an extension built before it keeps the other ops
+
+
+@functools.lru_cache(maxsize=None)
+def extension_has_matmul() -> bool:
+    """True when ``dfqkern._C`` registers a CUDA kernel for :data:`MATMUL_OP`."""
+    try:
+        return extension_has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key(f"dfqkern::{MATMUL_OP}", "CUDA")
+    except Exception:  # an extension that never defined the op
+        return False
+
+
+def batched_operands(a: torch.Tensor, a_zero_point: torch.Tensor, b: torch.Tensor, b_zero_point: torch.Tensor):
+    """Contract-checked :func:`reference.matmul_int` operands with their leading dims flattened into one batch:
+    ``(a [B, M, K], za [B, M], b [B, K, N], zb [B, N])``. Codes are views where their strides allow (copies
+    otherwise); zero points are int32 views, stride 0 where they broadcast. Shared with the Triton backend."""
+    lead = a.shape[:-2]
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = math.prod(lead)
+
+    def vectors(z: torch.Tensor, size: int, free_dim: int) -> torch.Tensor:
+        z = z.to(torch.int32)
+        if z.numel() == 1:
+            return z.reshape(1, 1).expand(batch, size)
+        full = [*lead, size, size]
+        full[free_dim] = 1  # a's zero point is [..., M, 1], b's [..., 1, N]
+        return z.expand(full).reshape(batch, size)
+
+    return (a.reshape(batch, m, k), vectors(a_zero_point, m, -1), b.reshape(batch, k, n),
+            vectors(b_zero_point, n, -2))
+
+
+def matmul_int(a: torch.Tensor, a_zero_point: torch.Tensor, b: torch.Tensor,
+               b_zero_point: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``(a - za) @ (b - zb)`` (``csrc/cuda/matmul_int.cu``: one launch for every batch element)."""
+    _require_cuda(a)
+    if not extension_has_matmul():
+        raise Unsupported(f"this build of dfqkern._C has no {MATMUL_OP} (rebuild the extension)")
+    out = _ops().cuda_matmul_int(*batched_operands(a, a_zero_point, b, b_zero_point))
+    return out.reshape(*a.shape[:-1], b.shape[-1])
 
 
 # ----------------------------------------------------------------------------- fake-quant / AdaRound

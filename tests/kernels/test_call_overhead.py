@@ -59,6 +59,27 @@ def test_conv_act_zero_point_checked_again_after_in_place_change():
     dispatch.conv2d(x, pw, None, act, padding=1)
 
 
+def test_static_part_reused_for_fresh_tensor_objects_with_the_same_contents(monkeypatch):
+    """AOTInductor's proxy executor passes new tensor objects over the same constants at every call: the
+    static part is keyed by what it reads (bias dtype / shape / device, the zero point's value), not by
+    tensor identity, so those calls reuse it (identity keys recomputed it at every call)."""
+    pw, act = _conv_pw(), _act()
+    bias = torch.randn(8)
+    x = torch.randn(1, 4, 6, 6)
+    calls = []
+    real = contract._conv2d_static
+    monkeypatch.setattr(contract, "_conv2d_static", lambda *a: calls.append(1) or real(*a))
+    want = dispatch.conv2d(x, pw, bias, act, padding=1)
+    for _ in range(3):
+        fresh = ActQuant(8, act.scale.clone(), act.zero_point.clone())
+        assert torch.equal(dispatch.conv2d(x, pw, bias.clone(), fresh, padding=1), want)
+    assert len(calls) == 1
+    dispatch.conv2d(x, pw, bias.clone(), ActQuant(8, act.scale, torch.tensor([100], dtype=torch.int32)), padding=1)
+    assert len(calls) == 2  # another zero point value: checked again
+    with pytest.raises(ValueError, match="bias must have 8 elements"):
+        dispatch.conv2d(x, pw, torch.randn(7), act, padding=1)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_conv_result_follows_in_place_act_changes(backend):
     if backend not in dispatch.available_backends():

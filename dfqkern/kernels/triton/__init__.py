@@ -51,3 +51,6 @@ if _HAVE_TRITON:
     from .adaround import adaround_backward, adaround_forward
 
     __all__ += ["adaround_backward", "adaround_forward"]
+    from .matmul import matmul_int
+
+    __all__ += ["matmul_int"]
