@@ -41,8 +41,12 @@ TIME_LIMIT_S = 30 * 60  # per row, 2 cores
 DOUBLE_SETTING = "w3a3"
 
 
-def row_key(setting: str, method: str, seed: int, epochs: int, iters: int) -> str:
-    return join_key(setting, method, seed, f"{epochs}x{iters}")
+STARTS = ("observer", "qdrop")  # what a QAT row fine-tunes: the observer-initialized or the QDrop-calibrated model
+
+
+def row_key(setting: str, method: str, seed: int, epochs: int, iters: int, start: str = "observer") -> str:
+    # observer-start keys keep their original form, so rows written before --start existed still match
+    return join_key(setting, method, seed, f"{epochs}x{iters}", *(() if start == "observer" else (f"from-{start}",)))
 
 
 def open_dev(data_dir: "str | None", limit: "int | None" = None):
@@ -94,15 +98,20 @@ def run_ptq_row(fp, dev, calib, setting, method, seed, args) -> dict:
             "top1": top1(q, dev, args.progress)}
 
 
-def run_qat_row(fp, dev, calib, setting, method, seed, epochs, start_top1, args) -> dict:
+def run_qat_row(fp, dev, calib, setting, method, seed, epochs, start_top1, args, start="observer") -> dict:
+    from dfqkern.calib import CalibConfig, calibrate
+
     cfg = QATConfig(method=method, epochs=epochs, iters=args.iters, batch_size=args.batch_size,
                     warmup_epochs=args.warmup_epochs, generator_width=args.generator_width, seed=seed,
                     progress=args.progress)
     with Timer() as t:
         q = observer_start(fp, setting, calib)
+        if start == "qdrop":  # the same calibration as the QDrop PTQ row of this setting and seed
+            calibrate(q, fp, calib, CalibConfig(method="qdrop", iters=args.calib_iters, seed=seed,
+                                                progress=args.progress))
         finetune(q, fp, cfg)
     acc = top1(q, dev, args.progress)
-    return {"kind": "qat", "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
+    return {"kind": "qat", "start": start, "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
             "warmup_epochs": args.warmup_epochs, "top1": acc, "start_top1": start_top1,
             "gain": round(acc - start_top1, 2), "wall_s": round(t.wall, 1), "cpu_s": round(t.cpu, 1),
             "load_avg_1min": t.load,
@@ -148,7 +157,8 @@ def render_markdown(results: dict) -> str:
         f"evaluated in fake-quant (no packed kernel runs A3). torch threads: {meta['threads']}; machine: "
         f"{meta['machine']}.",
         "",
-        "`gain`: top-1 minus the observer start's. `within target`: W3A3 QAT rows must beat their start; W3A3 "
+        "`gain`: top-1 minus the start's (the observer-initialized model, or for rows marked *from qdrop* the "
+        "QDrop-calibrated model of the same setting and seed: QAT from a PTQ result). `within target`: W3A3 QAT rows must beat their start; W3A3 "
         "(first/last 8-bit) and W4A4-all must be within 1.0 point of FP; every row within 30 minutes wall.",
         "",
         *table_head("setting", "method", "seed", "budget", "top-1 %", "drop (pts)", "start top-1", "gain", "wall s",
@@ -156,6 +166,7 @@ def render_markdown(results: dict) -> str:
     ]
     order = list(PTQ_METHODS) + list(QAT_METHODS)
     rows = sorted(results["rows"].values(), key=lambda r: (list(SETTINGS).index(r["setting"]),
+                                                           STARTS.index(r.get("start", "observer")),
                                                            order.index(r["method"]), r.get("epochs", 0), r["seed"]))
     for r in rows:
         if r["kind"] == "qat":
@@ -164,7 +175,8 @@ def render_markdown(results: dict) -> str:
         else:
             budget = f"{r['iters']} it/unit" if r["iters"] else "-"
             start = gain = ""
-        lines.append(f"| {r['setting']} | {r['method']} | {r['seed']} | {budget} | {r['top1']:.2f} | "
+        method = r["method"] + (f" (from {r['start']})" if r.get("start", "observer") != "observer" else "")
+        lines.append(f"| {r['setting']} | {method} | {r['seed']} | {budget} | {r['top1']:.2f} | "
                      f"{fp - r['top1']:.2f} | {start} | {gain} | {r['wall_s']:.0f} | {_loss_trend(r)} | "
                      f"{_verdict(r, fp)} |")
     return document(lines, meta)
@@ -180,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--multi-seeds", default="0,1,2", type=comma_list(item=int))
     add_choices(p, "--double-budget-method", QAT_METHODS, default="",
                 help=f"also run this QAT method at 2x epochs on {DOUBLE_SETTING}")
+    add_choices(p, "--starts", STARTS, default="observer",
+                help="what the QAT rows fine-tune: the observer start and/or the QDrop-calibrated model (its PTQ row "
+                     "is run first and is the row's start top-1)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters", type=int, default=200, help="QAT iterations per epoch")
     p.add_argument("--batch-size", type=int, default=32)
@@ -207,18 +222,20 @@ def main(argv=None) -> int:
     if "fp_top1" not in results:
         results["fp_top1"] = top1(fp, dev, args.progress)
 
-    jobs = []  # (setting, method, seed, epochs)
+    jobs = []  # (setting, method, seed, epochs, start)
     for setting in args.settings:
         for method in args.methods:
             qat = method in QAT_METHODS
             for seed in sorted(set(args.seeds) | (set(args.multi_seeds) if method in args.multi_seed_methods else set())):
-                jobs.append((setting, method, seed, args.epochs if qat else 0))
+                for start in (args.starts if qat else ("observer",)):
+                    jobs.append((setting, method, seed, args.epochs if qat else 0, start))
     for method in args.double_budget_method:
-        jobs.append((DOUBLE_SETTING, method, args.seeds[0], 2 * args.epochs))
+        for start in args.starts:
+            jobs.append((DOUBLE_SETTING, method, args.seeds[0], 2 * args.epochs, start))
     calib = None
-    for setting, method, seed, epochs in jobs:
+    for setting, method, seed, epochs, start in jobs:
         key = row_key(setting, method, seed, epochs,
-                      args.iters if epochs else args.calib_iters if method == "qdrop" else 0)
+                      args.iters if epochs else args.calib_iters if method == "qdrop" else 0, start)
         if key in table.rows:
             print(f"skip {key}", flush=True)
             continue
@@ -230,10 +247,10 @@ def main(argv=None) -> int:
             row = run_ptq_row(fp, dev, calib, setting, method, seed, args)
             return {**row, "setting": setting, "method": method, "seed": seed, "finished": now()}
 
-        def qat_row():  # after the observer start of the same setting and seed (its top-1 is the row's start)
-            start_key = row_key(setting, "observer", seed, 0, 0)
-            start = table.rows.get(start_key) or table.row(start_key, lambda: ptq("observer"))
-            row = run_qat_row(fp, dev, calib, setting, method, seed, epochs, start["top1"], args)
+        def qat_row():  # after the PTQ row it starts from (same setting and seed: its top-1 is the row's start)
+            start_key = row_key(setting, start, seed, 0, args.calib_iters if start == "qdrop" else 0)
+            first = table.rows.get(start_key) or table.row(start_key, lambda: ptq(start))
+            row = run_qat_row(fp, dev, calib, setting, method, seed, epochs, first["top1"], args, start)
             return {**row, "setting": setting, "method": method, "seed": seed, "finished": now()}
 
         table.row(key, qat_row if method in QAT_METHODS else lambda: ptq(method),

@@ -72,3 +72,19 @@ def test_bad_budget_is_refused_before_work(bench, monkeypatch):
         bench.main(["--epochs", "1", "--warmup-epochs", "1"])
     with pytest.raises(SystemExit):
         bench.main(["--methods", "nope"])
+
+
+def test_rows_from_a_qdrop_start_have_their_own_key_and_label(bench):
+    assert bench.row_key("w3a3", "gdfq", 0, 4, 200) == "w3a3|gdfq|0|4x200"  # observer start: the old key
+    assert bench.row_key("w3a3", "gdfq", 0, 4, 200, "qdrop") == "w3a3|gdfq|0|4x200|from-qdrop"
+    rows = {"o": _qat("w3a3", "gdfq", 72.0, 70.0),
+            "q": {**_qat("w3a3", "gdfq", 80.5, 79.0), "start": "qdrop"},
+            "p": {"kind": "ptq", "setting": "w3a3", "method": "qdrop", "seed": 0, "iters": 1000, "top1": 79.0,
+                  "wall_s": 90.0}}
+    res = {"fp_top1": 81.0, "dev_images": 5000, "rows": rows,
+           "meta": {"epochs": 4, "iters": 200, "batch_size": 32, "warmup_epochs": 1, "start_images": 512,
+                    "gen_iters": 200, "calib_iters": 1000, "threads": 2, "machine": "x", "commit": "abc"}}
+    table = [line for line in bench.render_markdown(res).splitlines() if line.startswith("| w")]
+    # observer-start rows (and PTQ rows) first, then the rows fine-tuned from QDrop
+    assert [line.split(" | ")[1] for line in table] == ["qdrop", "gdfq", "gdfq (from qdrop)"]
+    assert "| 79.00 | +1.50 |" in table[2] and table[2].endswith("| yes |")
