@@ -7,7 +7,8 @@ One command::
 For each setting (W8A8, W4A8; first / last layer 8-bit) the pretrained ResNet-20 is quantized with the
 MSE observer on 256 real training images (``dfqkern quantize``), packed, exported with ``dfqkern export``
 to ONNX QDQ and to ``.pt2``, then ``dfqkern bench``'s harness (:func:`dfqkern.benchmark.run_bench`)
-times, in one process and one run per setting: the packed model (dfqkern CPU kernels), the float model
+times, in one process and one run per setting: the packed model (dfqkern CPU kernels), the same model
+through ``dfqkern.compile`` (graph mode, ``dfqkern bench --compile``), the float model
 (torch eager, fp32), the ONNX file in onnxruntime (``dfqkern.export.onnx.onnxruntime_session``) and the
 ``.pt2`` package, at each batch size (warm-up, then median and minimum of the repeats). Top-1 on the
 dev images of the packed model and of the ONNX file in onnxruntime is listed beside (issue 20: equal
@@ -32,14 +33,16 @@ import common  # noqa: E402
 import machine  # noqa: E402
 from onnx_agreement_cifar10 import compare_with_onnxruntime  # noqa: E402
 
-from dfqkern.benchmark import run_bench  # noqa: E402
+from dfqkern.benchmark import COMPILED, run_bench  # noqa: E402
 from dfqkern.cli import main as dfqkern_cli  # noqa: E402
 
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8)}
 MODEL, CHECKPOINT = "cifar10_resnet20", "resnet20-12fca82f.th"
-ROWS = ("packed", "onnxruntime", "pt2", "float")
-ROW_NAMES = {"packed": "dfqkern packed (CPU kernels)", "onnxruntime": "onnxruntime, exported QDQ",
-             "pt2": "AOTInductor .pt2 export", "float": "torch fp32 eager"}
+ROWS = ("packed", COMPILED, "onnxruntime", "pt2", "float")
+ROW_NAMES = {"packed": "dfqkern packed (CPU kernels)", COMPILED: "dfqkern packed, dfqkern.compile (graph)",
+             "onnxruntime": "onnxruntime, exported QDQ", "pt2": "AOTInductor .pt2 export", "float": "torch fp32 eager"}
+VS_ORT = ("packed", COMPILED)  # the rows compared with onnxruntime in their own column
+NOT_RUN = "not run"  # a row this setting's run did not time (runs older than the row)
 
 
 def cli(*args: str) -> None:
@@ -67,10 +70,38 @@ def run_setting(setting: str, args, data_dir: Path) -> dict:
     dev = common.dev_set(data_dir, model_info(packed).input_spec)
     with common.Timer() as t:
         bench = run_bench(ckpt, float_model=MODEL, batch_sizes=args.batch_sizes, repeats=args.repeats,
-                          warmup=args.warmup, onnx=onnx, pt2=pt2, threads=args.threads, progress=args.progress)
+                          warmup=args.warmup, onnx=onnx, pt2=pt2, threads=args.threads, progress=args.progress,
+                          compile=True)
     agree = compare_with_onnxruntime(packed, onnx, dev)
     return {"setting": setting, "bench": bench, "load": t.load, "top1_packed": agree["top1_packed"],
             "top1_onnxruntime": agree["top1_onnxruntime"], "finished": common.now()}
+
+
+def missing_rows(row: dict) -> list[str]:
+    """The rows of ROWS a stored setting was timed without (runs before --compile lack the compiled one)."""
+    timed = {x["model"] for x in row["bench"]["rows"]}
+    return [kind for kind in ROWS if kind not in timed]
+
+
+def _cell(x: dict | None) -> str:
+    if x is None:
+        return NOT_RUN
+    return f"error: {x['error'][:60]}" if "error" in x else f"{x['median_ms']:.3f} / {x['min_ms']:.3f}"
+
+
+def _vs_ort(by: dict, kind: str, b: int) -> str:
+    """onnxruntime median / ``kind`` median at batch ``b``; blank where either is missing."""
+    x, o = by.get((kind, b), {}), by.get(("onnxruntime", b), {})
+    return f"{o['median_ms'] / x['median_ms']:.2f}x" if "median_ms" in x and "median_ms" in o else "-"
+
+
+def _compiled_note(data: dict) -> str:
+    diffs = [x["max_abs_diff_vs_packed"] for r in data["rows"].values() for x in r["bench"]["rows"]
+             if x["model"] == COMPILED and "max_abs_diff_vs_packed" in x]
+    if not diffs:
+        return f"`{ROW_NAMES[COMPILED]}`: {NOT_RUN} in these runs (they predate it)."
+    return (f"`{ROW_NAMES[COMPILED]}`: the packed model's layers called from one captured `torch.fx` graph; its "
+            f"logits differ from the packed row's by at most {max(diffs):g} (the same kernels in the same order).")
 
 
 def render_markdown(data: dict) -> str:
@@ -85,25 +116,21 @@ def render_markdown(data: dict) -> str:
              f"the {data.get('dev_images', 5000)} dev images. Latency depends on the load: the 1-minute load "
              f"average before / after each setting is listed.", ""]
     lines += common.table_head("setting", "batch", *[f"{ROW_NAMES[r]} ms (median / min)" for r in ROWS],
-                               "packed vs onnxruntime (median)", "top-1 packed / onnxruntime %", "load")
+                               *[f"{'compiled' if k == COMPILED else k} vs onnxruntime (median)" for k in VS_ORT],
+                               "top-1 packed / onnxruntime %", "load")
     for setting in SETTINGS:
         r = data["rows"].get(setting)
         if r is None:
             continue
         by = {(x["model"], x["batch_size"]): x for x in r["bench"]["rows"]}
         for b in r["bench"]["batch_sizes"]:
-            cells = []
-            for kind in ROWS:
-                x = by.get((kind, b))
-                cells.append("-" if x is None else (f"error: {x['error'][:60]}" if "error" in x else
-                                                    f"{x['median_ms']:.3f} / {x['min_ms']:.3f}"))
-            p, o = by.get(("packed", b), {}), by.get(("onnxruntime", b), {})
-            ratio = f"{o['median_ms'] / p['median_ms']:.2f}x" if "median_ms" in p and "median_ms" in o else "-"
+            cells = [_cell(by.get((kind, b))) for kind in ROWS] + [_vs_ort(by, kind, b) for kind in VS_ORT]
             load = "/".join(f"{v:.1f}" for v in r["load"])
             lines.append(f"| {setting} | {b} | " + " | ".join(cells) +
-                         f" | {ratio} | {r['top1_packed']:.2f} / {r['top1_onnxruntime']:.2f} | {load} |")
+                         f" | {r['top1_packed']:.2f} / {r['top1_onnxruntime']:.2f} | {load} |")
     lines += ["", "`packed vs onnxruntime` = onnxruntime median / packed median (> 1: dfqkern's packed model is "
-              "faster). Model sizes and peak memory per row are in the JSON beside this file."]
+              "faster); `compiled vs onnxruntime` the same for the `dfqkern.compile` row. "
+              + _compiled_note(data) + " Model sizes and peak memory per row are in the JSON beside this file."]
     return common.document(lines, meta)
 
 
@@ -126,6 +153,10 @@ def main(argv=None) -> int:
     results.data["meta"] = common.run_meta(args.threads, cpu=cpu_text, isa=machine.dfqkern_isa(), repeats=args.repeats, warmup=args.warmup)
     results.data["meta"]["omp_wait_policy"] = OMP_POLICY_AT_START
     for setting in SETTINGS:
+        missing = missing_rows(results.rows[setting]) if setting in results.rows else []
+        if missing:  # resuming keeps only settings timed with every row; this one is timed again
+            print(f"re-run {setting}: it was timed without {', '.join(missing)}", flush=True)
+            del results.rows[setting]
         results.row(setting, lambda s=setting: run_setting(s, args, data_dir),
                     lambda r: f"top-1 packed {r['top1_packed']:.2f}, onnxruntime {r['top1_onnxruntime']:.2f}")
     results.save()

@@ -24,7 +24,8 @@ Cases (targets from issue 4, on a 2-core AVX2 machine):
 * Fused AdaRound forward + backward + regularizer, same weight: >= 10x the eager chain (the reference
   ops under autograd, as a user writes AdaRound in PyTorch).
 * Whole models at batch 1 (CIFAR ResNet-20, ResNet-18 224x224, random weights): W4A8 packed
-  (``quantize_model`` -> ``calibrate_activations`` -> ``pack_model``) vs fp32 eager.
+  (``quantize_model`` -> ``calibrate_activations`` -> ``pack_model``), eager and through
+  ``dfqkern.compile`` (graph mode, captured before the timing), vs fp32 eager and onnxruntime.
 * Peers (optional extras; skipped with the reason when absent): onnxruntime ``MatMulNBits`` (block 128,
   ``accuracy_level`` 4 = int8 compute, W4 and W2) in the Linear groups, torch's
   ``_weight_int4pack_mm_for_cpu`` (bf16 activations, group 128) for W4, and onnxruntime fp32 and
@@ -468,3 +469,16 @@ def test_model_onnxruntime(benchmark, group, impl, packed_models, tmp_path):
 def test_model_packed(benchmark, group, isa, packed_models):
     _, q, x = packed_models[group]
     run(benchmark, group, "dfqkern W4A8 packed", lambda: q(x), "dfqkern", isa)
+
+
+@pytest.mark.parametrize("group", list(MODELS))
+@pytest.mark.parametrize("isa", IMPL_ISAS)
+def test_model_packed_compiled(benchmark, group, isa, packed_models):
+    """The packed model as one captured graph of direct packed calls; its logits are the eager packed model's."""
+    import dfqkern
+
+    _, q, x = packed_models[group]
+    compiled = dfqkern.compile(q, fallback=False)  # captured once, outside the timed calls; a failure fails here
+    with torch.no_grad(), (C.use_isa(isa) if isa else _nothing()):
+        assert torch.equal(compiled(x), q(x))  # the same kernels in the same order
+    run(benchmark, group, "dfqkern W4A8 packed compiled", lambda: compiled(x), "dfqkern", isa)

@@ -28,7 +28,7 @@ from torch import nn
 from .model_info import model_info
 
 __all__ = ["Timing", "measure", "memory_probe", "parse_batch_sizes", "check_bench_args", "run_bench",
-           "format_table", "FLOAT_SAME", "FLOAT_NONE"]
+           "format_table", "FLOAT_SAME", "FLOAT_NONE", "COMPILED"]
 
 FLOAT_SAME, FLOAT_NONE = "same", "none"  # --float: the checkpoint's own architecture, or no float row
 DEFAULT_REPEATS, DEFAULT_WARMUP = 30, 5
@@ -228,17 +228,39 @@ def _pt2_runner(path):
     return run
 
 
+COMPILED, COMPILED_MODE = "packed-compiled", "graph"  # the --compile row: dfqkern.compile(packed, mode="graph")
+
+
+def _compiled_runner(packed: nn.Module):
+    """``dfqkern.compile(packed)``, or, where it cannot capture the model, a runner that raises why, so the row
+    records the error as an exported file's row does (fallback=False: a silent eager fallback would time the
+    packed model twice under the compiled row's name)."""
+    from .runtime_compile import compile as compile_model
+
+    try:
+        return compile_model(packed, mode=COMPILED_MODE, fallback=False)
+    except Exception as e:  # noqa: BLE001 - any capture failure is this row's result
+        why = f"dfqkern.compile(mode={COMPILED_MODE!r}) failed: {type(e).__name__}: {e}"
+
+        def failed(x):
+            raise RuntimeError(why)
+
+        return failed
+
+
 def _nbytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def run_bench(checkpoint, float_model: str | None = FLOAT_SAME, batch_sizes=(1, 8), repeats: int = DEFAULT_REPEATS,
               warmup: int = DEFAULT_WARMUP, device: str = "cpu", onnx=None, pt2=None, threads: int | None = None,
-              progress: bool = True, trust_unverified: bool = False, seed: int = 0) -> dict:
+              progress: bool = True, trust_unverified: bool = False, seed: int = 0, compile: bool = False) -> dict:
     """Latency and memory of the packed ``checkpoint`` and, in the same run, of the float model
     (``float_model``: ``"same"`` = the checkpoint's recorded architecture rebuilt by
     :func:`dfqkern.models.create_model` with random weights, a model name, or ``"none"``/None), an
-    onnxruntime session of ``onnx`` and a ``pt2`` package, at each batch size. Returns the JSON dict."""
+    onnxruntime session of ``onnx``, a ``pt2`` package and, with ``compile``, ``dfqkern.compile(packed)``
+    (captured before any timing; its outputs are checked against the packed row's), at each batch size.
+    Returns the JSON dict."""
     from .io import load_quantized
 
     batch_sizes = tuple(batch_sizes)
@@ -251,6 +273,8 @@ def run_bench(checkpoint, float_model: str | None = FLOAT_SAME, batch_sizes=(1, 
         raise ValueError(f"CHECKPOINT_DIR {str(checkpoint)!r} records no input_spec, so the input size is unknown")
     rows: list[tuple[str, str, Callable, int]] = [
         ("packed", str(checkpoint), packed, _nbytes(packed))]
+    if compile:  # the same tensors as the packed model: same model_bytes
+        rows.append((COMPILED, f"dfqkern.compile({COMPILED_MODE})", _compiled_runner(packed), _nbytes(packed)))
     fname = None if float_model is None or str(float_model).lower() == FLOAT_NONE else str(float_model)
     if fname is not None:
         from .models import create_model
@@ -328,19 +352,20 @@ def _mib(n) -> str:
 
 def format_table(result: dict) -> str:
     """The small table ``dfqkern bench`` prints."""
+    w = max([12] + [len(r["model"]) for r in result["rows"]])  # "packed-compiled" is wider than the rest
     lines = [f"{result['checkpoint']}: {result['arch']} {result['scheme']} on {result['device']}, "
              f"{result['threads']} thread(s); warm-up {result['warmup']} (first call excluded), median / min of "
              f"{result['repeats']}",
-             f"{'model':12} {'batch':>5} {'median ms':>10} {'min ms':>9} {'1st call ms':>11} {'vs float':>8} "
+             f"{'model':{w}} {'batch':>5} {'median ms':>10} {'min ms':>9} {'1st call ms':>11} {'vs float':>8} "
              f"{'peak MiB':>9} {'model MiB':>11}"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"{r['model']:12} {r['batch_size']:>5}  error: {r['error']}")
+            lines.append(f"{r['model']:{w}} {r['batch_size']:>5}  error: {r['error']}")
             continue
         speed = f"{r['speedup_vs_float']:.2f}x" if "speedup_vs_float" in r else "-"
-        lines.append(f"{r['model']:12} {r['batch_size']:>5} {r['median_ms']:10.3f} {r['min_ms']:9.3f} "
+        lines.append(f"{r['model']:{w}} {r['batch_size']:>5} {r['median_ms']:10.3f} {r['min_ms']:9.3f} "
                      f"{r['first_call_ms']:11.3f} {speed:>8} {_mib(r['peak_mem_bytes']):>9} "
                      f"{_mib(r['model_bytes']):>11}")
     lines.append(f"peak: {result['mem_method']}, above the process before each row's calls; model: its tensors "
-                 f"(packed, float) or its file (onnxruntime, pt2)")
+                 f"(packed and {COMPILED}, float) or its file (onnxruntime, pt2)")
     return "\n".join(lines)

@@ -381,7 +381,7 @@ def cmd_bench(args) -> int:
     _check_json_out(args)
     res = run_bench(args.checkpoint, float_model=args.float, batch_sizes=args.batch_sizes, repeats=args.repeats,
                     warmup=args.warmup, device=args.device, onnx=args.onnx, pt2=args.pt2, threads=args.threads,
-                    progress=not args.quiet, trust_unverified=args.trust_unverified)
+                    progress=not args.quiet, trust_unverified=args.trust_unverified, compile=args.compile)
     print(format_table(res))
     if args.json_out:
         from .pipeline import write_json
@@ -692,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch (and onnxruntime) threads (default: torch's)")
     b.add_argument("--onnx", help="also time this ONNX file in onnxruntime (CPU)")
     b.add_argument("--pt2", help="also time this AOTInductor package (dfqkern export --format pt2; CPU)")
+    b.add_argument("--compile", action="store_true", help="also time dfqkern.compile(model), row packed-compiled")
     b.add_argument("--trust-unverified", action="store_true", help=TRUST_HELP)
     b.add_argument("--json-out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -157,3 +157,24 @@ def test_child_outcomes_reach_the_parent(tmp_path):
     with pytest.raises(pytest.fail.Exception, match="did not run"):
         peers.record_child_row(request("bench/test_bench_cpu.py::test_x[never-forced-avx2]"), "avx2", 2)
     assert len(config.stash[peers.ROWS]) == 1
+
+
+def test_compiled_model_row_is_judged_against_fp32_and_onnxruntime_int8(conftest):
+    """The whole-model targets (bench/conftest.py TARGETS, 'dfqkern W4A8 packed' rows) judge the compiled row as
+    well as the eager packed one: against fp32 eager (primary) and onnxruntime int8 QDQ, on minima."""
+    group = "model CIFAR ResNet-20 b1"
+    fp32, qdq, eager, compiled = (1800, 1700), (1200, 1000), (1250, 1150), (1100, 950)
+    rows = [_row("fp32 eager", "baseline", *fp32, "avx2", primary=True),
+            _row("onnxruntime int8 QDQ static", "baseline", *qdq, "avx2"),
+            _row("dfqkern W4A8 packed", "dfqkern", *eager, "avx2"),
+            _row("dfqkern W4A8 packed compiled", "dfqkern", *compiled, "avx2")]
+    lines = conftest._table({group: rows})
+    assert _cells(lines, "dfqkern W4A8 packed compiled")[4] == _ratio(fp32, compiled)
+    verdicts = [x for x in lines if x.startswith(f"- {group} / dfqkern W4A8 packed compiled:")]
+    assert verdicts == [
+        f"- {group} / dfqkern W4A8 packed compiled: speed-up over fp32 eager {fp32[0] / compiled[0]:.2f} (median), "
+        f"{fp32[1] / compiled[1]:.2f} (min); target >= 1.0: met",
+        f"- {group} / dfqkern W4A8 packed compiled: speed-up over onnxruntime int8 QDQ static "
+        f"{qdq[0] / compiled[0]:.2f} (median), {qdq[1] / compiled[1]:.2f} (min); target >= 1.0: met"]
+    eager_vs_qdq = next(x for x in lines if x.startswith(f"- {group} / dfqkern W4A8 packed: speed-up over onnx"))
+    assert eager_vs_qdq.endswith("target >= 1.0: MISSED")  # 1000 / 1150 on minima: the verdict reads each row

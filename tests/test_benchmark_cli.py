@@ -215,3 +215,72 @@ def test_onnx_without_onnxruntime_is_a_clear_error(tmp_path, digits_ckpt, capsys
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     rc, _, err = run_cli(capsys, "bench", digits_ckpt, "--onnx", tmp_path / "m.onnx")
     assert rc == 2 and "--onnx needs onnxruntime" in err
+
+
+# ----------------------------------------------------------------------------- --compile
+
+def test_bench_compiled_row_matches_packed(digits_ckpt, tmp_path, capsys, monkeypatch):
+    """--compile times dfqkern.compile(packed) beside the packed model: the same kernels in the same order give
+    the packed logits exactly; the row runs the captured graph (the root module is never called through
+    nn.Module.__call__), not the eager model under another name."""
+    import dfqkern.io
+
+    real_load, root_calls = dfqkern.io.load_quantized, []
+
+    def load_counting_root_calls(*a, **k):
+        model = real_load(*a, **k)
+        model.register_forward_pre_hook(lambda module, args: root_calls.append(args[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(dfqkern.io, "load_quantized", load_counting_root_calls)
+    rc, out, err = run_cli(capsys, "bench", digits_ckpt, "--compile", "--batch-sizes", "1,3", "--repeats", 3,
+                           "--warmup", 2, "--threads", 1, "--quiet", "--json-out", tmp_path / "b.json")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "b.json").read_text())
+    rows = {(r["model"], r["batch_size"]): r for r in res["rows"]}
+    assert [r["model"] for r in res["rows"]] == ["packed", "packed", benchmark.COMPILED, benchmark.COMPILED,
+                                                 "float", "float"]
+    # the packed row: first call + 1 more warm-up + 3 repeats, + 1 reference call, per batch size; none compiled
+    assert root_calls == [1] * 6 + [3] * 6
+    width = len(benchmark.COMPILED)
+    for b in (1, 3):
+        r = rows[(benchmark.COMPILED, b)]
+        assert r["source"] == "dfqkern.compile(graph)" and r["repeats"] == 3 and "error" not in r
+        assert r["max_abs_diff_vs_packed"] == 0.0
+        assert r["model_bytes"] == rows[("packed", b)]["model_bytes"]
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        assert r["speedup_vs_float"] == pytest.approx(rows[("float", b)]["median_ms"] / r["median_ms"])
+        for kind in ("packed", benchmark.COMPILED, "float"):  # one column width for every row
+            x = rows[(kind, b)]
+            assert f"\n{kind:{width}} {b:>5} {x['median_ms']:10.3f} {x['min_ms']:9.3f}" in out
+    assert "max_abs_diff_vs_packed" not in rows[("float", 1)]
+
+
+def test_bench_compile_failure_is_a_row(digits_ckpt, tmp_path, capsys, monkeypatch):
+    """A model torch.fx cannot trace: the compiled row records why; the packed row is timed as usual."""
+    from torch.fx.proxy import TraceError
+
+    import dfqkern.runtime_compile
+
+    def untraceable(self, root, *a, **k):
+        raise TraceError("symbolically traced variables cannot be used as inputs to control flow")
+
+    monkeypatch.setattr(dfqkern.runtime_compile._Tracer, "trace", untraceable)
+    rc, out, err = run_cli(capsys, "bench", digits_ckpt, "--compile", "--float", "none", "--batch-sizes", "1,2",
+                           "--repeats", 1, "--warmup", 1, "--quiet", "--json-out", tmp_path / "b.json")
+    assert rc == 0, err
+    rows = {(r["model"], r["batch_size"]): r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert sorted(rows) == [("packed", 1), ("packed", 2), (benchmark.COMPILED, 1), (benchmark.COMPILED, 2)]
+    assert "median_ms" in rows[("packed", 2)]
+    for b in (1, 2):
+        r = rows[(benchmark.COMPILED, b)]
+        assert "median_ms" not in r and "max_abs_diff_vs_packed" not in r
+        assert r["error"] == ("RuntimeError: dfqkern.compile(mode='graph') failed: TraceError: symbolically traced "
+                              "variables cannot be used as inputs to control flow")
+        assert f"{benchmark.COMPILED} {b:>5}  error: {r['error']}" in out
+
+
+def test_bench_without_compile_has_no_compiled_row(digits_ckpt):
+    res = benchmark.run_bench(digits_ckpt, float_model="none", batch_sizes=(1,), repeats=1, warmup=1, progress=False)
+    assert [r["model"] for r in res["rows"]] == ["packed"]
+    assert not [line for line in benchmark.format_table(res).splitlines() if line.startswith(benchmark.COMPILED)]
