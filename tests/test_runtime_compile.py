@@ -145,3 +145,26 @@ def test_loaded_checkpoint_compiles_through_the_runtime(tmp_path):
     c = compile(load_quantized(tmp_path / "ckpt", factory=TinyResNet))
     with torch.no_grad():
         assert torch.equal(c(_x()), q(_x()))
+
+
+def test_graph_captures_a_packed_vit_with_quantized_attention():
+    """The CIFAR ViT (dfqkern.vit_nets) traces: attention modules stay leaf module calls (their packed forward
+    runs the cached eager call inside), the packed Linears outside them become direct calls; same logits."""
+    from dfqkern.nn.attention import QuantAttentionBase
+    from dfqkern.vit_nets import CifarViT
+
+    torch.manual_seed(0)
+    fp = CifarViT("qkv", dim=32, depth=2, num_heads=2).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=8, first_last_bits=8))
+    calibrate_activations(q, x, progress=False)
+    pack_model(q)
+    c = dfqkern.compile(q, example_inputs=x[:1], fallback=False)
+    gm = c._run.__self__
+    mods = dict(gm.named_modules())
+    called = [mods[n.target] for n in gm.graph.nodes if n.op == "call_module"]
+    assert sum(isinstance(m, QuantAttentionBase) for m in called) == 2
+    assert not [m for m in called if isinstance(m, QuantLayer)], gm.code
+    with torch.no_grad():
+        for n in (1, 3):
+            assert torch.equal(c(x[:n]), q(x[:n]))

@@ -32,6 +32,8 @@ report lists):
 Packed mode (:meth:`QuantAttentionBase.pack`): the operands become codes with the same parameters
 and both matmuls run on the integer op ``dispatch.matmul_int`` (exact int32), scales applied after
 (through the custom ops ``dfqkern::quantize_codes`` / ``dfqkern::matmul_int``, which torch.export records).
+Eager inference with static operand quantizers runs the same steps through a cached
+:class:`~dfqkern.nn.packed_attention.AttentionCall` (batch-1 latency; exact, see there).
 """
 from __future__ import annotations
 
@@ -45,10 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..autograd import matmul_int, quantize_codes
+from ..autograd import eager_inference, matmul_int, quantize_codes
 from ..formats import ACT_BITS
 from ..kernels import reference as R
+from ..kernels.dispatch import env_backend
 from .observers import RangeTracker
+from .packed_attention import AttentionCall
 from .quantizers import ActQuantizer
 
 MAX_SOFTMAX_SHIFT = 8  # the fine softmax step is the coarse one / 2**shift, shift searched in [0, this]
@@ -314,7 +318,42 @@ class QuantAttentionBase(SwappedModule):
             probs = self.attn_quant(probs)
         return probs @ v, probs if need_probs else None
 
+    _eager: AttentionCall | None = None  # the cached eager inference call (see _eager_call); never saved or copied
+
+    def _eager_call(self, x: torch.Tensor, fused_scale: "float | None" = None) -> AttentionCall | None:
+        """The module's :class:`AttentionCall` for an eager inference forward on ``x``, rebuilt when a quantizer
+        tensor is written in place or replaced, ``$DFQKERN_BACKEND`` changes or an attribute of the module is
+        set (``backend``, ...: see ``__setattr__``); ``None`` where the general path runs (autograd or tracing,
+        dynamic per-token operands, quantizer tensors made under ``torch.inference_mode``). ``fused_scale``:
+        the q scaling of a fused-qkv caller (:meth:`AttentionCall.attend_qkv`)."""
+        if not eager_inference(x, None) or torch.jit.is_tracing():
+            return None
+        q = self._modules["q_quant"]
+        if q.per_token:
+            return None
+        per_head = isinstance(q, HeadActQuantizer)
+        key = (env_backend(), self.bits, per_head, fused_scale)
+        tensors = AttentionCall.quantizer_tensors(self)
+        call = self._eager
+        if call is None or not call.matches(key, tensors):
+            call = AttentionCall.build(self, key, tensors, per_head, fused_scale)
+            object.__setattr__(self, "_eager", call)
+        return call
+
+    def __setattr__(self, name: str, value) -> None:
+        # any attribute the eager call was built from (backend, quantizers, bits, ...) may change here
+        self.__dict__.pop("_eager", None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self):  # the eager call holds this module's tensors: rebuilt, not copied
+        state = super().__getstate__()
+        state.pop("_eager", None)
+        return state
+
     def _attend_packed(self, q, k, v, bias, need_probs):
+        call = self._eager_call(q)
+        if call is not None:
+            return call.attend(q, k, v, bias, need_probs)
         be = self.backend
         qc, qs, qz = _operand_codes(self.q_quant, q, be)
         kc, ks, kz = _transposed(*_operand_codes(self.k_quant, k, be))
@@ -360,14 +399,30 @@ class QuantTimmAttention(QuantAttentionBase):
     def input_projection(self) -> nn.Module:
         return self.qkv
 
+    def _fused_call(self, qkv: torch.Tensor) -> AttentionCall | None:
+        """The eager call quantizing q, k and v straight from ``qkv`` (the general ``attend`` otherwise: not
+        packed, q / k normalized in between, a non-float32 output, whose ``q * scale`` the fused float32
+        multiply would round differently, or ``attend`` replaced on the instance, as the ONNX export and the
+        tests' spies do)."""
+        m = self._modules
+        if not self.is_packed or "attend" in self.__dict__ or qkv.dtype != torch.float32 \
+                or type(m["q_norm"]) is not nn.Identity or type(m["k_norm"]) is not nn.Identity:
+            return None
+        return self._eager_call(qkv, float(self.scale))
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv(x)
         bias = _sdpa_bias(attn_mask, is_causal, N, N, x)
-        p = getattr(self.attn_drop, "p", 0.0)
-        out, _ = self.attend(q * self.scale, k, v, bias, dropout_p=p)
+        call = self._fused_call(qkv)
+        if call is not None:  # the three operands quantized in one call on the projection's output
+            out, _ = call.attend_qkv(qkv, self.num_heads, bias, False)
+        else:
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            p = getattr(self.attn_drop, "p", 0.0)
+            out, _ = self.attend(q * self.scale, k, v, bias, dropout_p=p)
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             out = out * gate

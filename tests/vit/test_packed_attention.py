@@ -55,17 +55,23 @@ def _attend_inputs(model, x):
     return seen
 
 
+def _backends_with_matmul():
+    """The kernel backend modules serving ``matmul_int`` here: the packed paths call them through dispatch
+    (general path) or resolved once (the cached eager call, dfqkern.nn.packed_attention)."""
+    mods = (dispatch.backend_module(b) for b in dispatch.Backend)
+    return [m for m in mods if m is not None and hasattr(m, "matmul_int")]
+
+
 @pytest.fixture
 def spy(monkeypatch):
-    """Records every dispatch.matmul_int call (operand dtypes and shapes), then runs the real op."""
+    """Records every backend matmul_int call (operand dtypes and shapes), then runs the real kernel."""
     calls = []
-    real = dispatch.matmul_int
+    for mod in _backends_with_matmul():
+        def record(a, a_zp, b, b_zp, _real=mod.matmul_int):
+            calls.append((a.dtype, b.dtype, tuple(a.shape), tuple(b.shape)))
+            return _real(a, a_zp, b, b_zp)
 
-    def record(a, a_zp, b, b_zp, backend=None):
-        calls.append((a.dtype, b.dtype, tuple(a.shape), tuple(b.shape)))
-        return real(a, a_zp, b, b_zp, backend=backend)
-
-    monkeypatch.setattr(dispatch, "matmul_int", record)
+        monkeypatch.setattr(mod, "matmul_int", record)
     return calls
 
 
@@ -84,8 +90,12 @@ def test_packed_attention_runs_on_integer_op_and_equals_fake_quant(name, setting
             want = fq_mod.attend(*args, **kwargs)[0]
             assert not spy  # fake-quant: float matmuls on fake-quantized operands
             got = pk_mod.attend(*args, **kwargs)[0]
-        # q.k^T, then attn.v once per softmax range, all on uint8 codes
-        assert len(spy) == 3 and all(a == b == torch.uint8 for a, b, _, _ in spy), spy
+        # q.k^T, then attn.v for both softmax ranges (two calls, or one on the ranges' codes stacked along the
+        # rows: the cached eager call), all on uint8 codes
+        calls = 3 if SETTINGS[setting][1].get("act_granularity") == "per_token" else 2  # per token: general path
+        assert len(spy) == calls and all(a == b == torch.uint8 for a, b, _, _ in spy), spy
+        rows = spy[0][2][-2]
+        assert sum(a_shape[-2] for _, _, a_shape, _ in spy[1:]) == 2 * rows, spy
         assert torch.isfinite(got).all()
         diff, scale = (got - want).abs(), want.abs().max().item()
         _, coarse = pk_mod.attn_quant.steps()
@@ -106,6 +116,8 @@ def test_packed_forward_needs_the_integer_op(monkeypatch):
         raise RuntimeError("matmul_int unavailable")
 
     monkeypatch.setattr(dispatch, "matmul_int", gone)
+    for mod in _backends_with_matmul():
+        monkeypatch.setattr(mod, "matmul_int", gone)
     with torch.no_grad(), pytest.raises(RuntimeError, match="matmul_int unavailable"):
         q(x[:2])
 
