@@ -142,13 +142,31 @@ def _inputs(shape, n: int = 64, seed: int = 2) -> torch.Tensor:
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _q_type(graph, node) -> int:
+    """The element type of a QuantizeLinear's output: its zero point's (uint8 for target onnxruntime, int8
+    for tensorrt)."""
+    zp = next((t for t in graph.initializer if t.name == node.input[2]), None)
+    if zp is None:
+        const = next(n for n in graph.node if n.op_type == "Constant" and n.output[0] == node.input[2])
+        zp = const.attribute[0].t
+    return zp.data_type
+
+
+def _int8_view(codes):
+    """Q/DQ codes as the int8 values of the int8 encoding (a uint8 export holds them + 128)."""
+    a = np.asarray(codes)
+    shift = 128 if a.dtype == np.uint8 else 0  # else int8, or int4 weight zero points (ml_dtypes)
+    return torch.tensor(a.astype(np.int32)) - shift
+
+
 def _with_quantize_outputs(path) -> tuple[bytes, int]:
-    """The exported model with every QuantizeLinear's float input and int8 output as graph outputs."""
+    """The exported model with every QuantizeLinear's float input and code output as graph outputs."""
     model = onnx.load(str(path))
     nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     for node in nodes:
         model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
-        model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.INT8, None))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], _q_type(model.graph, node),
+                                                                     None))
     return model.SerializeToString(), len(nodes)
 
 
@@ -164,7 +182,7 @@ def _compare(q, path, shape, n: int = 64) -> float:
     assert n_q == len(quantizers), "one QuantizeLinear per quantized layer with activations"
     for i, a in enumerate(quantizers):
         # each layer's grid, applied to the very input onnxruntime quantized: dfqkern's codes (shifted to int8)
-        x_in, codes = torch.from_numpy(pairs[2 * i]), torch.from_numpy(pairs[2 * i + 1]).to(torch.int32)
+        x_in, codes = torch.from_numpy(pairs[2 * i]), _int8_view(pairs[2 * i + 1])
         mine = R.quantize(x_in, a.scale, a.zero_point, 8).to(torch.int32) - 128
         diff = (codes - mine).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() <= CODE_TIE_FRACTION, \
@@ -233,7 +251,7 @@ def test_weight_only_layers_and_symmetric_zero_points(tmp_path):
     assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == n_act
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     zps = [inits[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert zps and all((z == 0).all() for z in zps)
+    assert zps and all((_int8_view(z) == 0).all() for z in zps)  # 128 in the uint8 encoding
     _compare(q, path, shape)
 
 
@@ -381,14 +399,15 @@ def _check_attention(q, path, x) -> float:
     for i, f in enumerate(found):
         for key in ("q", "k_t", "v", "fine", "coarse"):
             wanted += [(i, f"{key}_in", f[key].input[0], onnx.TensorProto.FLOAT),
-                       (i, key, f[key].output[0], onnx.TensorProto.INT8)]
+                       (i, key, f[key].output[0], _q_type(model.graph, f[key]))]
         wanted += [(i, key, f[key], onnx.TensorProto.FLOAT) for key in ("p", "fine_mm", "coarse_mm")]
     for _, _, name, dtype in wanted:
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
     values = onnxruntime_session(model.SerializeToString()).run(None, {"input": x.numpy()})[1:]
     coarse_codes = total = 0
     for i, attn in enumerate(attns):
-        got = {key: torch.from_numpy(v.copy()) for (j, key, _, _), v in zip(wanted, values) if j == i}
+        got = {key: _int8_view(v) if dtype != onnx.TensorProto.FLOAT else torch.from_numpy(v.copy())
+               for (j, key, _, dtype), v in zip(wanted, values) if j == i}
         for key, quant in (("q", attn.q_quant), ("k_t", attn.k_quant), ("v", attn.v_quant)):
             mine = R.quantize(got[f"{key}_in"], quant.scale.detach(), quant.zero_point, 8)
             _assert_codes(got[key], mine.to(torch.int32) - 128, f"attention #{i} {key}")
