@@ -304,15 +304,15 @@ def _tokens(tensors) -> list:
     return [None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors]
 
 
-class PackedCall:
-    """A packed layer's eager inference call with everything but the input resolved; valid while
-    :meth:`matches` (``key``: what its caller read besides tensors, e.g. ``$DFQKERN_BACKEND``)."""
+class ResolvedCall:
+    """A call built once from some tensors and ``key`` (what its caller read besides tensors, e.g.
+    ``$DFQKERN_BACKEND``); valid while :meth:`matches`. Shared by packed layers and packed attention."""
 
-    __slots__ = ("key", "tensors", "tokens", "run")
+    __slots__ = ("key", "tensors", "tokens")
 
-    def __init__(self, key, tensors, tokens, run):
+    def __init__(self, key, tensors, tokens):
         # holding the tensors keeps their ids from being reused while the tokens are compared
-        self.key, self.tensors, self.tokens, self.run = key, tensors, tokens, run
+        self.key, self.tensors, self.tokens = key, tensors, tokens
 
     def matches(self, key, tensors) -> bool:
         if key != self.key:
@@ -321,6 +321,16 @@ class PackedCall:
             return _tokens(tensors) == self.tokens
         except RuntimeError:
             return False
+
+
+class PackedCall(ResolvedCall):
+    """A packed layer's eager inference call with everything but the input resolved."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, key, tensors, tokens, run):
+        super().__init__(key, tensors, tokens)
+        self.run = run
 
 
 def _resolved(op: str, device, backend, direct, generic):

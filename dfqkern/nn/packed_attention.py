@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ..autograd import _tokens
+from ..autograd import ResolvedCall, _tokens
 from ..kernels import dispatch
 from ..kernels.contract import Unsupported
 
@@ -65,16 +65,12 @@ def _operand(quant, per_head: bool):
     return scale, zp, None, scale.reshape(1, 1, 1, 1), zp.reshape(1, 1, 1, 1)
 
 
-class AttentionCall:
+class AttentionCall(ResolvedCall):
     """The packed attention of one module with its quantizer tensors resolved (see the module docstring).
 
     Built by :meth:`build`; ``key``: what the module read besides those tensors (``$DFQKERN_BACKEND``, the
     operand width, per head or not, the fused q scaling); the module drops its call when an attribute of it is
     set (``backend``, a quantizer replaced)."""
-
-    def __init__(self, key, tensors, tokens):
-        # holding the tensors keeps their ids from being reused while the tokens are compared
-        self.key, self.tensors, self.tokens = key, tensors, tokens
 
     @staticmethod
     def quantizer_tensors(module) -> tuple:
@@ -83,14 +79,6 @@ class AttentionCall:
         q, k, v, s = m["q_quant"], m["k_quant"], m["v_quant"], m["attn_quant"]
         return (q._parameters["scale"], q._buffers["zero_point"], k._parameters["scale"], k._buffers["zero_point"],
                 v._parameters["scale"], v._buffers["zero_point"], s._parameters["scale"], s._buffers["shift"])
-
-    def matches(self, key, tensors) -> bool:
-        if key != self.key:
-            return False
-        try:
-            return _tokens(tensors) == self.tokens
-        except RuntimeError:
-            return False
 
     @classmethod
     def build(cls, module, key, tensors, per_head: bool, fused_scale: "float | None") -> "AttentionCall | None":
