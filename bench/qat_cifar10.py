@@ -44,9 +44,11 @@ DOUBLE_SETTING = "w3a3"
 STARTS = ("observer", "qdrop")  # what a QAT row fine-tunes: the observer-initialized or the QDrop-calibrated model
 
 
-def row_key(setting: str, method: str, seed: int, epochs: int, iters: int, start: str = "observer") -> str:
-    # observer-start keys keep their original form, so rows written before --start existed still match
-    return join_key(setting, method, seed, f"{epochs}x{iters}", *(() if start == "observer" else (f"from-{start}",)))
+def row_key(setting: str, method: str, seed: int, epochs: int, iters: int, start: str = "observer",
+            replay: float = 0.0) -> str:
+    # observer-start, no-replay keys keep their original form, so rows written before those flags still match
+    return join_key(setting, method, seed, f"{epochs}x{iters}", *(() if start == "observer" else (f"from-{start}",)),
+                    *((f"replay{replay:g}",) if replay else ()))
 
 
 def open_dev(data_dir: "str | None", limit: "int | None" = None):
@@ -103,15 +105,15 @@ def run_qat_row(fp, dev, calib, setting, method, seed, epochs, start_top1, args,
 
     cfg = QATConfig(method=method, epochs=epochs, iters=args.iters, batch_size=args.batch_size,
                     warmup_epochs=args.warmup_epochs, generator_width=args.generator_width, seed=seed,
-                    progress=args.progress)
+                    replay_weight=args.replay_weight, progress=args.progress)
     with Timer() as t:
         q = observer_start(fp, setting, calib)
         if start == "qdrop":  # the same calibration as the QDrop PTQ row of this setting and seed
             calibrate(q, fp, calib, CalibConfig(method="qdrop", iters=args.calib_iters, seed=seed,
                                                 progress=args.progress))
-        finetune(q, fp, cfg)
+        finetune(q, fp, cfg, replay=calib if args.replay_weight else None)
     acc = top1(q, dev, args.progress)
-    return {"kind": "qat", "start": start, "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
+    return {"kind": "qat", "start": start, "replay_weight": args.replay_weight, "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
             "warmup_epochs": args.warmup_epochs, "top1": acc, "start_top1": start_top1,
             "gain": round(acc - start_top1, 2), "wall_s": round(t.wall, 1), "cpu_s": round(t.cpu, 1),
             "load_avg_1min": t.load,
@@ -158,7 +160,8 @@ def render_markdown(results: dict) -> str:
         f"{meta['machine']}.",
         "",
         "`gain`: top-1 minus the start's (the observer-initialized model, or for rows marked *from qdrop* the "
-        "QDrop-calibrated model of the same setting and seed: QAT from a PTQ result). `within target`: W3A3 QAT rows must beat their start; W3A3 "
+        "QDrop-calibrated model of the same setting and seed: QAT from a PTQ result). *replay W*: each student step "
+        "also distils on a batch of the start's dgh calibration images, weight W (`QATConfig.replay_weight`). `within target`: W3A3 QAT rows must beat their start; W3A3 "
         "(first/last 8-bit) and W4A4-all must be within 1.0 point of FP; every row within 30 minutes wall.",
         "",
         *table_head("setting", "method", "seed", "budget", "top-1 %", "drop (pts)", "start top-1", "gain", "wall s",
@@ -166,7 +169,7 @@ def render_markdown(results: dict) -> str:
     ]
     order = list(PTQ_METHODS) + list(QAT_METHODS)
     rows = sorted(results["rows"].values(), key=lambda r: (list(SETTINGS).index(r["setting"]),
-                                                           STARTS.index(r.get("start", "observer")),
+                                                           STARTS.index(r.get("start", "observer")), r.get("replay_weight", 0),
                                                            order.index(r["method"]), r.get("epochs", 0), r["seed"]))
     for r in rows:
         if r["kind"] == "qat":
@@ -175,7 +178,9 @@ def render_markdown(results: dict) -> str:
         else:
             budget = f"{r['iters']} it/unit" if r["iters"] else "-"
             start = gain = ""
-        method = r["method"] + (f" (from {r['start']})" if r.get("start", "observer") != "observer" else "")
+        notes = ([f"from {r['start']}"] if r.get("start", "observer") != "observer" else []) + \
+            ([f"replay {r['replay_weight']:g}"] if r.get("replay_weight") else [])
+        method = r["method"] + (f" ({', '.join(notes)})" if notes else "")
         lines.append(f"| {r['setting']} | {method} | {r['seed']} | {budget} | {r['top1']:.2f} | "
                      f"{fp - r['top1']:.2f} | {start} | {gain} | {r['wall_s']:.0f} | {_loss_trend(r)} | "
                      f"{_verdict(r, fp)} |")
@@ -195,6 +200,9 @@ def main(argv=None) -> int:
     add_choices(p, "--starts", STARTS, default="observer",
                 help="what the QAT rows fine-tune: the observer start and/or the QDrop-calibrated model (its PTQ row "
                      "is run first and is the row's start top-1)")
+    p.add_argument("--replay-weight", type=float, default=0.0,
+                   help="QAT rows also distil on the start's dgh calibration images at this weight "
+                        "(QATConfig.replay_weight; own row key and label)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters", type=int, default=200, help="QAT iterations per epoch")
     p.add_argument("--batch-size", type=int, default=32)
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
     add_run_flags(p, "cifar10_qat", work_dir=("the dgh set is kept, shared with datafree_cifar10", "bench-datafree"))
     args = p.parse_args(argv)
     QATConfig(epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
-              generator_width=args.generator_width)  # a bad budget fails before any work
+              generator_width=args.generator_width, replay_weight=args.replay_weight)  # a bad budget fails before any work
     torch.set_num_threads(args.threads)
 
     fp, dev = open_dev(args.data_dir, args.eval_limit)
@@ -235,7 +243,8 @@ def main(argv=None) -> int:
     calib = None
     for setting, method, seed, epochs, start in jobs:
         key = row_key(setting, method, seed, epochs,
-                      args.iters if epochs else args.calib_iters if method == "qdrop" else 0, start)
+                      args.iters if epochs else args.calib_iters if method == "qdrop" else 0, start,
+                      args.replay_weight if method in QAT_METHODS else 0.0)
         if key in table.rows:
             print(f"skip {key}", flush=True)
             continue

@@ -298,7 +298,7 @@ def packed_conv2d(x, data, w_scale, w_zero, wbits, weight_shape, bias=None, a_sc
 # trips) cost about as much again. A packed layer keeps a PackedCall for its eager inference forward
 # (see nn.base.QuantLayer.packed_forward): per call only the input is checked and the backend function runs.
 
-def _tokens(tensors) -> list:
+def tensor_tokens(tensors) -> list:
     # contract.cached's rule: the same object, no in-place write (_version), no storage swap (.data =,
     # Module.to); RuntimeError for inference-mode tensors, which keep no version counter
     return [None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors]
@@ -318,7 +318,7 @@ class ResolvedCall:
         if key != self.key:
             return False
         try:
-            return _tokens(tensors) == self.tokens
+            return tensor_tokens(tensors) == self.tokens
         except RuntimeError:
             return False
 
@@ -358,7 +358,7 @@ def packed_conv2d_call(key, data, w_scale, w_zero, wbits, weight_shape, bias, a_
     given and detached for the kernels. Raises the contract's error for the arguments other than the input."""
     tensors = (data, w_scale, w_zero, bias, a_scale, a_zero)
     try:
-        tokens = _tokens(tensors)
+        tokens = tensor_tokens(tensors)
     except RuntimeError:
         return None
     weight_shape, stride, padding, dilation = tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation)
@@ -383,7 +383,7 @@ def packed_linear_call(key, data, w_scale, w_zero, wbits, k, bias, a_scale, a_ze
     """:func:`packed_conv2d_call` for :func:`packed_linear` (``a_scale`` / ``a_zero`` ``None`` when per token)."""
     tensors = (data, w_scale, w_zero, bias, a_scale, a_zero)
     try:
-        tokens = _tokens(tensors)
+        tokens = tensor_tokens(tensors)
     except RuntimeError:
         return None
     pw = packed_weight_view(data, w_scale, w_zero, wbits, k, (data.shape[0], k))

@@ -116,7 +116,8 @@ def cmd_finetune(args) -> int:
            "warmup_epochs": args.warmup_epochs, "schedule": args.schedule, "seed": args.seed,
            "options": _key_values(args.set, "--set")}
     qat.update({k: v for k, v in (("student_lr", args.lr), ("generator_lr", args.generator_lr),
-                                  ("temperature", args.temperature)) if v is not None})
+                                  ("temperature", args.temperature), ("replay_weight", args.replay_weight))
+                if v is not None})
     job = FinetuneJob(model=args.model, calib_data=args.calib_data, out=args.out, config=_config(args),
                       qat=QATConfig(**qat), checkpoint=args.checkpoint, pretrained=args.pretrained,
                       num_classes=args.num_classes, num_calib=args.num_calib, start=args.start,
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, help=f"student weight lr (default {QATConfig.student_lr:g})")
     ft.add_argument("--generator-lr", type=float, help=f"(default {QATConfig.generator_lr:g})")
     ft.add_argument("--temperature", type=float, help=f"distillation temperature (default {QATConfig.temperature:g})")
+    ft.add_argument("--replay-weight", type=float,
+                    help=f"also distil on the start's calibration images at this weight (default "
+                         f"{QATConfig.replay_weight:g}: generated images only; helps from a --start qdrop)")
     ft.add_argument("--samples-out", help="also store generated images as a synthetic set in this directory")
     ft.add_argument("--num-samples", type=int, default=256)
     ft.add_argument("--eval-data", help="also report FP, start and final top-1 on this labelled data")

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ..autograd import ResolvedCall, _tokens
+from ..autograd import ResolvedCall, tensor_tokens
 from ..kernels import dispatch
 from ..kernels.contract import Unsupported
 
@@ -89,7 +89,7 @@ class AttentionCall(ResolvedCall):
         if len({(type(q), q.bits, q.per_token) for q in operands}) != 1 or operands[0].per_token:
             return None
         try:
-            tokens = _tokens(tensors)
+            tokens = tensor_tokens(tensors)
         except RuntimeError:
             return None
         self = cls(key, tensors, tokens)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_optimizer_state, load_state, optimizer_state, save_state
 from .config import QATConfig
+from .losses import kd_kl
 from .features import FeatureTap, default_feature_names
 from .methods import TeacherOutput, method_class, method_options
 from .student import freeze_student, keep_scales_positive, prepare_student
@@ -89,14 +90,17 @@ def _infer_shapes(teacher: nn.Module, num_classes, image_shape, device):
 
 def finetune(student: nn.Module, teacher: nn.Module, config: QATConfig | None = None, *, num_classes: int | None = None,
              image_shape=None, checkpoint_dir: str | None = None, resume: bool = True,
+             replay: torch.Tensor | None = None,
              on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None) -> nn.Module:
-    """Fine-tune the calibrated fake-quant ``student`` from the float ``teacher`` on generated images only.
+    """Fine-tune the calibrated fake-quant ``student`` from the float ``teacher`` on generated images.
 
     ``student``: from :func:`dfqkern.quantize_model` and an observer (``calibrate_activations``) or
     reconstruction (``calibrate``) start; trained in place and returned, still packable. ``teacher``:
     the float model the student was made from (left unchanged). ``checkpoint_dir``: state after every
     epoch; with ``resume`` a run with the same config, teacher and student start continues after the
-    last finished epoch. ``on_epoch_end(epoch, student, record)`` is called after each epoch's
+    last finished epoch. ``replay``: the start's calibration images ([N, C, H, W], model input space),
+    distilled on beside the generated ones when ``config.replay_weight`` > 0. ``on_epoch_end(epoch, student,
+    record)`` is called after each epoch's
     checkpoint (``record``: that epoch's mean losses). The report is ``student.dfqkern_qat_report``.
     """
     cfg = config or QATConfig()
@@ -104,6 +108,13 @@ def finetune(student: nn.Module, teacher: nn.Module, config: QATConfig | None = 
         raise TypeError(f"config must be a QATConfig, got {type(cfg).__name__}")
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    if cfg.replay_weight > 0 and replay is None:
+        raise ValueError("config.replay_weight > 0 needs replay images (the start's calibration set): "
+                         "finetune(..., replay=images)")
+    if replay is not None and (not isinstance(replay, torch.Tensor) or replay.dim() != 4 or len(replay) < 1
+                               or not replay.is_floating_point()):
+        raise ValueError(f"replay must be a float [N, C, H, W] tensor of images, got "
+                         f"{tuple(replay.shape) if isinstance(replay, torch.Tensor) else type(replay).__name__}")
     params = prepare_student(student)
     device = _model_device(student)
     teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
@@ -116,6 +127,7 @@ def finetune(student: nn.Module, teacher: nn.Module, config: QATConfig | None = 
     tap = None
     try:
         num_classes, image_shape = _infer_shapes(teacher, num_classes, image_shape, device)
+        replay_set = _replay_set(teacher, replay, image_shape, device) if cfg.replay_weight > 0 else None
         method = method_class(cfg.method)(cfg, method_options(cfg.method, cfg.options), num_classes, image_shape)
         features = default_feature_names(student) if method.uses_features else []
         need_bn = method.needs_bn()
@@ -135,7 +147,10 @@ def finetune(student: nn.Module, teacher: nn.Module, config: QATConfig | None = 
             generator = method.build_generator(teacher).to(device)
         latent = generator.latent_dim
         rng = torch.Generator().manual_seed(cfg.seed)
-        fingerprint = _fingerprint(cfg, teacher, student, {"num_classes": num_classes, "image_shape": image_shape})
+        extra = {"num_classes": num_classes, "image_shape": image_shape}
+        if replay_set is not None:
+            extra["replay"] = [len(replay_set[0]), round(float(replay_set[0].double().sum()), 3)]
+        fingerprint = _fingerprint(cfg, teacher, student, extra)
 
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.generator_lr, betas=(0.5, 0.999))
         for g in opt_g.param_groups:
@@ -169,7 +184,7 @@ def finetune(student: nn.Module, teacher: nn.Module, config: QATConfig | None = 
 
         for epoch in range(start_epoch, cfg.epochs):
             record = _run_epoch(epoch, cfg, method, generator, student, tap, view, params, optimizers, rng, latent,
-                                device)
+                                device, replay_set)
             history.append(record)
             if checkpoint_dir:
                 _checkpoint(checkpoint_dir, epoch + 1, fingerprint, history, student, generator, method,
@@ -193,6 +208,16 @@ def finetune(student: nn.Module, teacher: nn.Module, config: QATConfig | None = 
     return student
 
 
+@torch.no_grad()
+def _replay_set(teacher: nn.Module, images: torch.Tensor, image_shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, teacher logits), kept on the CPU; the teacher runs once per image, before any hook is set."""
+    if tuple(images.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"replay images are {tuple(images.shape[1:])}, the teacher takes {tuple(image_shape)}")
+    images = images.detach().float().cpu()
+    logits = torch.cat([teacher(images[i:i + 128].to(device)).float().cpu() for i in range(0, len(images), 128)])
+    return images, logits
+
+
 def _set_lrs(optimizers: dict, factor: float) -> None:
     for opt in optimizers.values():
         for g in opt.param_groups:
@@ -205,7 +230,8 @@ def _finite(name: str, value: torch.Tensor, step: int) -> None:
                                  f"rates")
 
 
-def _run_epoch(epoch, cfg, method, generator, student, tap, teacher, params, optimizers, rng, latent, device) -> dict:
+def _run_epoch(epoch, cfg, method, generator, student, tap, teacher, params, optimizers, rng, latent, device,
+               replay_set=None) -> dict:
     opt_g, opt_w, opt_s = optimizers["opt_g"], optimizers["opt_w"], optimizers.get("opt_s")
     train_student = epoch >= cfg.warmup_epochs
     sums: dict[str, float] = {}
@@ -229,6 +255,12 @@ def _run_epoch(epoch, cfg, method, generator, student, tap, teacher, params, opt
                 sb = method.student_batch(batch, images, t, rng)
                 logits = student(sb.inputs)
                 s_loss, s_logs = method.student_loss(sb, logits, tap.features() if tap else None)
+                if replay_set is not None:  # after the method read the tap: this forward overwrites it
+                    idx = torch.randint(len(replay_set[0]), (cfg.batch_size,), generator=rng)
+                    r_kl = kd_kl(student(replay_set[0][idx].to(device)), replay_set[1][idx].to(device),
+                                 cfg.temperature)
+                    s_loss = s_loss + cfg.replay_weight * r_kl
+                    s_logs["replay_kl"] = r_kl.item()
                 _finite("student", s_loss, step)
                 opt_w.zero_grad(set_to_none=True)
                 if opt_s is not None:

@@ -3,8 +3,8 @@
 The PTQ start is the quantize job's own (:class:`dfqkern.pipeline.QuantizeJob` checks every shared
 argument and the output location): observer ranges, or a reconstruction method such as QDrop, on
 ``calib_data`` (for a data-free run a synthetic set or ``bn-inversion:dgh:mixup``). QAT then sees
-generated images only. The training state is kept in ``<out>.qat/`` after every epoch and removed
-on success; rerunning the same command after a kill recomputes the (deterministic) start and
+generated images, and with ``replay_weight`` > 0 also that calibration set. The training state is
+kept in ``<out>.qat/`` after every epoch and removed on success; rerunning the same command after a kill recomputes the (deterministic) start and
 resumes after the last finished epoch.
 """
 from __future__ import annotations
@@ -104,7 +104,8 @@ def _run(job: FinetuneJob) -> dict:
         summary["start_top1"] = evaluate_on(q, job.eval_data, job.eval_limit, device=job.device)["top1"]
     if not job.resume:
         clear_state(job.state_dir)
-    finetune(q, fp, job.qat, checkpoint_dir=job.state_dir, resume=job.resume)
+    finetune(q, fp, job.qat, checkpoint_dir=job.state_dir, resume=job.resume,
+             replay=calib if job.qat.replay_weight > 0 else None)
     report = q.dfqkern_qat_report
     summary.update(seconds_qat=report["seconds"], epochs_resumed=report["epochs_resumed"], history=report["history"])
     if job.eval_data:

@@ -96,6 +96,7 @@ def test_finetune_resumes_after_a_kill(digits_folder, tmp_path, capsys, monkeypa
     (["--warmup-epochs", 1], "warmup_epochs (1) must be below epochs (1)"),
     (["--abits", 3], "act_bits 3 has no packed kernel"),
     (["--start", "qdrop", "--start-iters", 0], "iters must be"),
+    (["--replay-weight", -1], "replay_weight must be"),
 ])
 def test_finetune_checks_arguments_before_work(digits_folder, tmp_path, capsys, monkeypatch, extra, msg):
     import dfqkern.models
@@ -113,3 +114,9 @@ def test_finetune_refuses_an_existing_out(digits_folder, tmp_path, capsys):
     (tmp_path / "ck" / "x").write_text("not ours")
     rc, _, err = run(capsys, *finetune_args(digits_folder, tmp_path / "ck"))
     assert rc == 2 and "exists; pass --overwrite" in err
+
+
+def test_finetune_replay_weight_reaches_the_training(digits_folder, tmp_path, capsys):
+    rc, stdout, err = run(capsys, *finetune_args(digits_folder, tmp_path / "ck", "--replay-weight", 0.5))
+    assert rc == 0, err
+    assert "replay_kl" in _summary(stdout)["history"][0]  # the replay term ran on the calibration images
