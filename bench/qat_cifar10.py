@@ -45,10 +45,34 @@ STARTS = ("observer", "qdrop")  # what a QAT row fine-tunes: the observer-initia
 
 
 def row_key(setting: str, method: str, seed: int, epochs: int, iters: int, start: str = "observer",
-            replay: float = 0.0) -> str:
-    # observer-start, no-replay keys keep their original form, so rows written before those flags still match
+            replay: float = 0.0, qat_set: "dict | None" = None) -> str:
+    # observer-start keys without replay or --qat-set keep their original form, so older rows still match
     return join_key(setting, method, seed, f"{epochs}x{iters}", *(() if start == "observer" else (f"from-{start}",)),
-                    *((f"replay{replay:g}",) if replay else ()))
+                    *((f"replay{replay:g}",) if replay else ()), *((set_label(qat_set),) if qat_set else ()))
+
+
+def set_label(qat_set: dict) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(qat_set.items()))
+
+
+def parse_qat_set(items: list) -> dict:
+    """``--qat-set FIELD=VALUE`` items -> QATConfig fields typed as their defaults (checked by QATConfig)."""
+    import dataclasses
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(QATConfig) if f.default is not dataclasses.MISSING}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in kinds or kinds[key] not in (int, float, str):
+            raise ValueError(f"--qat-set takes FIELD=VALUE with FIELD a number or text field of QATConfig, got {item!r}")
+        if key in ("method", "epochs", "iters", "batch_size", "warmup_epochs", "generator_width", "seed",
+                   "replay_weight", "progress"):
+            raise ValueError(f"--qat-set {key}: use the script's own flag for it")
+        try:
+            out[key] = kinds[key](value)
+        except ValueError:
+            raise ValueError(f"--qat-set {key} takes a {kinds[key].__name__}, got {value!r}") from None
+    return out
 
 
 def open_dev(data_dir: "str | None", limit: "int | None" = None):
@@ -105,7 +129,7 @@ def run_qat_row(fp, dev, calib, setting, method, seed, epochs, start_top1, args,
 
     cfg = QATConfig(method=method, epochs=epochs, iters=args.iters, batch_size=args.batch_size,
                     warmup_epochs=args.warmup_epochs, generator_width=args.generator_width, seed=seed,
-                    replay_weight=args.replay_weight, progress=args.progress)
+                    replay_weight=args.replay_weight, progress=args.progress, **args.qat_set)
     with Timer() as t:
         q = observer_start(fp, setting, calib)
         if start == "qdrop":  # the same calibration as the QDrop PTQ row of this setting and seed
@@ -113,7 +137,8 @@ def run_qat_row(fp, dev, calib, setting, method, seed, epochs, start_top1, args,
                                                 progress=args.progress))
         finetune(q, fp, cfg, replay=calib if args.replay_weight else None)
     acc = top1(q, dev, args.progress)
-    return {"kind": "qat", "start": start, "replay_weight": args.replay_weight, "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
+    return {"kind": "qat", "start": start, "replay_weight": args.replay_weight, "qat_set": args.qat_set,
+            "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
             "warmup_epochs": args.warmup_epochs, "top1": acc, "start_top1": start_top1,
             "gain": round(acc - start_top1, 2), "wall_s": round(t.wall, 1), "cpu_s": round(t.cpu, 1),
             "load_avg_1min": t.load,
@@ -170,6 +195,7 @@ def render_markdown(results: dict) -> str:
     order = list(PTQ_METHODS) + list(QAT_METHODS)
     rows = sorted(results["rows"].values(), key=lambda r: (list(SETTINGS).index(r["setting"]),
                                                            STARTS.index(r.get("start", "observer")), r.get("replay_weight", 0),
+                                                           set_label(r.get("qat_set") or {}),
                                                            order.index(r["method"]), r.get("epochs", 0), r["seed"]))
     for r in rows:
         if r["kind"] == "qat":
@@ -179,7 +205,8 @@ def render_markdown(results: dict) -> str:
             budget = f"{r['iters']} it/unit" if r["iters"] else "-"
             start = gain = ""
         notes = ([f"from {r['start']}"] if r.get("start", "observer") != "observer" else []) + \
-            ([f"replay {r['replay_weight']:g}"] if r.get("replay_weight") else [])
+            ([f"replay {r['replay_weight']:g}"] if r.get("replay_weight") else []) + \
+            ([set_label(r["qat_set"])] if r.get("qat_set") else [])
         method = r["method"] + (f" ({', '.join(notes)})" if notes else "")
         lines.append(f"| {r['setting']} | {method} | {r['seed']} | {budget} | {r['top1']:.2f} | "
                      f"{fp - r['top1']:.2f} | {start} | {gain} | {r['wall_s']:.0f} | {_loss_trend(r)} | "
@@ -203,6 +230,9 @@ def main(argv=None) -> int:
     p.add_argument("--replay-weight", type=float, default=0.0,
                    help="QAT rows also distil on the start's dgh calibration images at this weight "
                         "(QATConfig.replay_weight; own row key and label)")
+    p.add_argument("--qat-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="another QATConfig field for the QAT rows, e.g. weight_scale_lr=0 (repeatable; own row key "
+                        "and label)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters", type=int, default=200, help="QAT iterations per epoch")
     p.add_argument("--batch-size", type=int, default=32)
@@ -216,8 +246,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on N random dev images (smoke runs)")
     add_run_flags(p, "cifar10_qat", work_dir=("the dgh set is kept, shared with datafree_cifar10", "bench-datafree"))
     args = p.parse_args(argv)
-    QATConfig(epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
-              generator_width=args.generator_width, replay_weight=args.replay_weight)  # a bad budget fails before any work
+    try:  # a bad budget or field fails before any work
+        args.qat_set = parse_qat_set(args.qat_set)
+        QATConfig(epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
+                  generator_width=args.generator_width, replay_weight=args.replay_weight, **args.qat_set)
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
 
     fp, dev = open_dev(args.data_dir, args.eval_limit)
@@ -244,7 +278,7 @@ def main(argv=None) -> int:
     for setting, method, seed, epochs, start in jobs:
         key = row_key(setting, method, seed, epochs,
                       args.iters if epochs else args.calib_iters if method == "qdrop" else 0, start,
-                      args.replay_weight if method in QAT_METHODS else 0.0)
+                      *((args.replay_weight, args.qat_set) if method in QAT_METHODS else ()))
         if key in table.rows:
             print(f"skip {key}", flush=True)
             continue

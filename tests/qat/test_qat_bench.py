@@ -66,12 +66,21 @@ def test_row_keys_separate_budgets_and_seeds(bench):
     assert bench.row_key("w3a3", "observer", 0, 0, 0) == "w3a3|observer|0|0x0"
 
 
-def test_bad_budget_is_refused_before_work(bench, monkeypatch):
+@pytest.mark.parametrize("argv, msg", [
+    (["--epochs", "1", "--warmup-epochs", "1"], "warmup_epochs"),
+    (["--methods", "nope"], "nope"),
+    (["--qat-set", "weight_scale_lr"], "--qat-set takes FIELD=VALUE"),
+    (["--qat-set", "nope=1"], "--qat-set takes FIELD=VALUE"),
+    (["--qat-set", "weight_scale_lr=x"], "weight_scale_lr takes a float"),
+    (["--qat-set", "weight_scale_lr=-1"], "weight_scale_lr must be"),
+    (["--qat-set", "epochs=2"], "use the script's own flag"),
+    (["--replay-weight", "-1"], "replay_weight must be"),
+])
+def test_bad_arguments_are_refused_before_work(bench, monkeypatch, capsys, argv, msg):
     monkeypatch.setattr(bench, "open_dev", lambda *a, **k: pytest.fail("data opened before the arguments were checked"))
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        bench.main(["--epochs", "1", "--warmup-epochs", "1"])
     with pytest.raises(SystemExit):
-        bench.main(["--methods", "nope"])
+        bench.main(argv)
+    assert msg in capsys.readouterr().err
 
 
 def test_rows_from_a_qdrop_start_have_their_own_key_and_label(bench):
@@ -88,3 +97,17 @@ def test_rows_from_a_qdrop_start_have_their_own_key_and_label(bench):
     # observer-start rows (and PTQ rows) first, then the rows fine-tuned from QDrop
     assert [line.split(" | ")[1] for line in table] == ["qdrop", "gdfq", "gdfq (from qdrop)"]
     assert "| 79.00 | +1.50 |" in table[2] and table[2].endswith("| yes |")
+
+
+def test_replay_and_qat_set_rows_have_their_own_key_and_label(bench):
+    base = bench.row_key("w3a3", "acq", 0, 4, 200, "qdrop")
+    replay = bench.row_key("w3a3", "acq", 0, 4, 200, "qdrop", 1.0)
+    both = bench.row_key("w3a3", "acq", 0, 4, 200, "qdrop", 1.0, {"weight_scale_lr": 0.0})
+    assert len({base, replay, both}) == 3 and replay == base + "|replay1"
+    rows = {"r": {**_qat("w3a3", "acq", 80.0, 79.0), "start": "qdrop", "replay_weight": 1.0,
+                  "qat_set": {"weight_scale_lr": 0.0, "student_lr": 1e-05}}}
+    res = {"fp_top1": 81.0, "dev_images": 5000, "rows": rows,
+           "meta": {"epochs": 4, "iters": 200, "batch_size": 32, "warmup_epochs": 1, "start_images": 512,
+                    "gen_iters": 200, "calib_iters": 1000, "threads": 2, "machine": "x", "commit": "abc"}}
+    line = [x for x in bench.render_markdown(res).splitlines() if x.startswith("| w")][0]
+    assert "| acq (from qdrop, replay 1, student_lr=1e-05,weight_scale_lr=0) |" in line
