@@ -9,6 +9,7 @@ Import this module before ``torch``: it sets the OpenMP wait policy the timings 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -198,15 +199,37 @@ class Results:
             print(f"skip {key} (already measured)", flush=True)
             return self.rows[key]
         print(f"run {key}", flush=True)
-        row = self.rows[key] = compute()
-        self.save()
+        row = compute()
+        with self._locked():  # another process may have written rows of the same table meanwhile: keep them
+            path = self.out.with_suffix(".json")
+            if path.exists():
+                for k, v in json.loads(path.read_text()).get("rows", {}).items():
+                    self.rows.setdefault(k, v)
+            self.rows[key] = row
+            self._write()
         if summary is not None:
             print(f"  {summary(row)}", flush=True)
         return row
 
     def save(self) -> None:
         """Write ``out``.json and the markdown table rendered from it, each atomically."""
+        with self._locked():
+            self._write()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive lock on ``out``.lock: two runs filling one table (e.g. one per core) take turns."""
+        import fcntl
+
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out.with_suffix(".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _write(self) -> None:
         text_md = self.render(self.data)
         for suffix, text in ((".json", json.dumps(self.data, indent=1, sort_keys=True)), (".md", text_md)):
             tmp = self.out.with_suffix(suffix + ".tmp")

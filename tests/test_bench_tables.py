@@ -302,3 +302,31 @@ def test_deploy_table_with_the_compiled_row(deploy):
     assert deploy.missing_rows(data["rows"]["w4a8"]) == []
     text = deploy.render_markdown(data)
     assert "compiled vs onnxruntime (median)" in text and "differ from the packed row's by at most 0 " in text
+
+
+def _fill(out: str, key: str, started, go) -> None:
+    """Open the table, say so, wait for ``go`` (both processes hold a stale copy), then add one row."""
+    common = _bench_module("common")
+    table = common.Results(out, lambda data: f"{len(data['rows'])} rows", fresh=False, empty={"rows": {}})
+    started.put(key)
+    go.wait(30)
+    table.row(key, lambda: {"top1": 1.0})
+
+
+def test_two_processes_filling_one_table_keep_each_others_rows(tmp_path):
+    """Each run read the table before the other wrote: the last writer must not drop the other's row."""
+    import json
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out, started, go = str(tmp_path / "table"), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_fill, args=(out, k, started, go)) for k in ("a", "b")]
+    for p in procs:
+        p.start()
+    assert {started.get(timeout=60), started.get(timeout=60)} == {"a", "b"}
+    go.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(json.loads((tmp_path / "table.json").read_text())["rows"]) == ["a", "b"]
+    assert (tmp_path / "table.md").read_text().strip() == "2 rows"
