@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common.h"
+#include "conv_layout.h"
 #include "depthwise.h"
 #include "float_io.h"
 #include "gemm_driver.h"
@@ -97,13 +98,99 @@ inline void copy_run(const int8_t* src, int64_t n, int8_t* dst) {
   for (; j < n; ++j) dst[j] = src[j];
 }
 
+// One kernel row (n = kw * C bytes, all taps inside the image) for `cnt` output pixels, in whole
+// 16-byte pieces: the destination bytes past n are written again later and the source is readable
+// that far (the NHWC buffer has 16 bytes of slack). N pieces per pixel (fixed: inlined moves).
+template <int N>
+void copy_rows16(const int8_t* src, int64_t sstep, int8_t* dst, int64_t dstep, int64_t cnt) {
+  for (int64_t x = 0; x < cnt; ++x, src += sstep, dst += dstep)
+    for (int j = 0; j < N; ++j) std::memcpy(dst + 16 * j, src + 16 * j, 16);
+}
+
+// im2col of one image and group into GEMM rows (kp bytes each; see conv_gemm step 2).
+struct Im2col {
+  const int8_t* x;     // the group's first channel of the image's NHWC pixel 0
+  const int32_t* hsum; // [h][ow] horizontal sums of kw pixel sums
+  int64_t cs, h, w, ow, cg, kh, kw, sh, sw, ph, pw, dh, dw, k, kp;
+  int64_t ox_lo, ox_hi;  // output columns whose kernel taps are all inside the image
+  bool row_runs;         // a kernel row inside the image is one contiguous run (groups = 1, dw = 1)
+  int32_t pad_tap;       // row-sum contribution of a padded tap: za * cg
+  int8_t pad8;           // a padded tap's element: the zero point's code - 128
+};
+
+// GEMM rows of output rows [oy0, oy1) into rows, their code sums into rs. Per output row: kernel row
+// i of every output pixel, then the next i, so that a run copied in whole 16-byte pieces may spill
+// into kernel row i + 1 or the K padding (both written after) when the spill stays in the GEMM row.
+// Parameters are copied into locals: the int8 stores could alias the struct's fields.
+void im2col_rows(const Im2col& c, int64_t oy0, int64_t oy1, int8_t* rows, int32_t* rs) {
+  const int8_t* const x = c.x;
+  const int32_t* const hsum = c.hsum;
+  const int64_t cs = c.cs, h = c.h, w = c.w, ow = c.ow, cg = c.cg, kh = c.kh, kw = c.kw, sh = c.sh, sw = c.sw;
+  const int64_t ph = c.ph, pw = c.pw, dh = c.dh, dw = c.dw, k = c.k, kp = c.kp, ox_lo = c.ox_lo, ox_hi = c.ox_hi;
+  const bool row_runs = c.row_runs;
+  const int32_t pad_tap = c.pad_tap;
+  const int8_t pad8 = c.pad8;
+  const int64_t run = kw * cg, pieces = (run + 15) / 16;
+  std::fill(rs, rs + (oy1 - oy0) * ow, 0);
+  for (int64_t oy = oy0; oy < oy1; ++oy, rows += ow * kp, rs += ow) {
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t iy = oy * sh - ph + i * dh;
+      int8_t* base = rows + i * run;
+      if (iy < 0 || iy >= h) {  // whole kernel row in the padding
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          std::fill_n(base + ox * kp, run, pad8);
+          rs[ox] += pad_tap * static_cast<int32_t>(kw);
+        }
+        continue;
+      }
+      const int32_t* hrow = hsum + iy * ow;
+      for (int64_t ox = 0; ox < ow; ++ox) rs[ox] += hrow[ox];
+      const int8_t* srow = x + iy * w * cs;
+      const auto taps = [&](int64_t ox) {  // one by one, padded taps filled
+        int8_t* dst = base + ox * kp;
+        for (int64_t j = 0; j < kw; ++j, dst += cg) {
+          const int64_t ix = ox * sw - pw + j * dw;
+          if (ix >= 0 && ix < w) copy_run(srow + ix * cs, cg, dst);
+          else std::fill_n(dst, cg, pad8);
+        }
+      };
+      if (!row_runs) {
+        for (int64_t ox = 0; ox < ow; ++ox) taps(ox);
+        continue;
+      }
+      for (int64_t ox = 0; ox < ox_lo; ++ox) taps(ox);
+      const int8_t* s0 = srow + (ox_lo * sw - pw) * cs;
+      int8_t* d0 = base + ox_lo * kp;
+      const int64_t cnt = ox_hi - ox_lo, sstep = sw * cs;
+      if (i * run + pieces * 16 > kp) {  // the spill would leave the row: exact copies
+        for (int64_t ox = 0; ox < cnt; ++ox) copy_run(s0 + ox * sstep, run, d0 + ox * kp);
+      } else if (pieces == 1) {
+        copy_rows16<1>(s0, sstep, d0, kp, cnt);
+      } else if (pieces == 2) {
+        copy_rows16<2>(s0, sstep, d0, kp, cnt);
+      } else if (pieces == 3) {
+        copy_rows16<3>(s0, sstep, d0, kp, cnt);
+      } else if (pieces == 4) {
+        copy_rows16<4>(s0, sstep, d0, kp, cnt);
+      } else {
+        for (int64_t ox = 0; ox < cnt; ++ox)
+          for (int64_t j = 0; j < run; j += 16) std::memcpy(d0 + ox * kp + j, s0 + ox * sstep + j, 16);
+      }
+      for (int64_t ox = ox_hi; ox < ow; ++ox) taps(ox);
+    }
+    if (kp > k)
+      for (int64_t ox = 0; ox < ow; ++ox) std::fill(rows + ox * kp + k, rows + (ox + 1) * kp, int8_t(-128));
+  }
+}
+
 void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w_tiles,
                const at::Tensor& w_corr, int64_t w_bits, const Epilogue& ep) {
   const int wb = static_cast<int>(w_bits == 3 ? 4 : w_bits);
   const int rows_per = gemm::layout_rows(w_corr);  // 4: cpu-tile-v1, 16: cpu-panel-v1
   const int64_t cg = g.in_per_group, og = g.out_ch / g.groups, tpg = (og + rows_per - 1) / rows_per;
-  const int64_t k = g.kh * g.kw * cg, kp = gemm::num_chunks(k, wb) * gemm::chunk_k(wb);
-  const int64_t nchunks = gemm::weight_blocks(k, wb, rows_per);
+  const int64_t k = g.kh * g.kw * cg, nchunks = gemm::weight_blocks(k, wb, rows_per);
+  // GEMM row length: the K the kernels read (whole chunks for tiles, whole K blocks for panels)
+  const int64_t kp = nchunks * (rows_per == gemm::kPanel ? gemm::panel_k(wb) : gemm::chunk_k(wb));
   const int64_t wbytes = rows_per == kTileRows ? kTileRows * gemm::kChunkBytes : gemm::kBlockBytes;
   const int64_t hw = d.h * d.w, p = d.oh * d.ow;
   const bool direct = g.groups == 1 && g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 &&
@@ -111,42 +198,48 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
   const int64_t cs = direct ? kp : d.c;  // NHWC pixel stride (elements)
   const int8_t pad8 = static_cast<int8_t>(static_cast<uint8_t>(za) ^ 0x80);
 
-  // 1. quantize NCHW -> NHWC kernel elements + per-pixel per-group code sums
-  std::unique_ptr<uint8_t[]> xs(new uint8_t[static_cast<size_t>(d.b * hw * cs)]);
-  std::vector<int32_t> pixsum(static_cast<size_t>(d.b * hw * g.groups), 0);
+  // 1. quantize NCHW -> NHWC kernel elements + per-pixel per-group code sums: a block of pixels is
+  // quantized channel by channel, then transposed (cl::to_nhwc). 16 bytes of slack: im2col's
+  // copy_rows16 may read past the last pixel.
+  std::unique_ptr<uint8_t[]> xs(new uint8_t[static_cast<size_t>(d.b * hw * cs + 16)]);
+  std::vector<int32_t> pixsum(static_cast<size_t>(d.b * hw * g.groups));
   // Input pixels holding NaN / Inf in any channel (float input only; written only when some are).
   std::vector<uint8_t> badpix(src.x ? static_cast<size_t>(d.b * hw) : 0, 0);
   std::atomic<bool> any_bad{false};
-  constexpr int64_t kPix = 64;
+  constexpr int64_t kPix = 64;  // a multiple of 16 (cl::NhwcBlock::ld)
   const int64_t pblocks = (hw + kPix - 1) / kPix;
+  const auto to_nhwc = DFQKERN_AVX2_OR_PORTABLE(cl, to_nhwc);
   parallel_for(d.b * pblocks, std::min(kPix, hw) * d.c * kElementCost, [&](int64_t bgn, int64_t end) {
-    uint8_t codes[kPix];
+    std::vector<uint8_t> codes(static_cast<size_t>(d.c * kPix));  // [channel][pixel of the block]
     float fbuf[kPix];
     for (int64_t it = bgn; it < end; ++it) {
       const int64_t b = it / pblocks, p0 = (it % pblocks) * kPix, n = std::min(kPix, hw - p0);
-      for (int64_t c = 0; c < d.c; ++c) {
-        if (src.get((b * d.c + c) * hw + p0, n, codes, fbuf, src.x ? badpix.data() + b * hw + p0 : nullptr))
+      for (int64_t c = 0; c < d.c; ++c)
+        if (src.get((b * d.c + c) * hw + p0, n, codes.data() + c * kPix, fbuf,
+                    src.x ? badpix.data() + b * hw + p0 : nullptr))
           any_bad.store(true, std::memory_order_relaxed);
-        int32_t* ps = pixsum.data() + (b * hw + p0) * g.groups + c / cg;
-        int8_t* dst = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0) * cs + c;
-        for (int64_t i = 0; i < n; ++i) dst[i * cs] = static_cast<int8_t>(codes[i] ^ 0x80);
-        for (int64_t i = 0; i < n; ++i) ps[i * g.groups] += codes[i];
-      }
-      if (direct && kp > d.c) {  // K padding of the rows used in place: code 0
-        for (int64_t i = 0; i < n; ++i) {
-          int8_t* row = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0 + i) * cs;
-          std::fill(row + d.c, row + kp, int8_t(-128));
-        }
-      }
+      int8_t* dst = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0) * cs;
+      to_nhwc(cl::NhwcBlock{codes.data(), kPix, d.c, n, g.groups, dst, cs, pixsum.data() + (b * hw + p0) * g.groups});
+      if (direct && kp > d.c)  // K padding of the rows used in place: code 0
+        for (int64_t i = 0; i < n; ++i) std::fill(dst + i * cs + d.c, dst + (i + 1) * cs, int8_t(-128));
     }
   });
 
-  // 2. per image and group: im2col rows, then the GEMM writing NCHW output
-  std::unique_ptr<uint8_t[]> cols(direct ? nullptr : new uint8_t[static_cast<size_t>(p * kp)]);
-  std::vector<int32_t> rowsum(p);
+  // 2. per image and group: the GEMM writing NCHW output, on the NHWC rows in place (direct) or on
+  // im2col rows built chunk by chunk (a few output rows at a time, so the rows the GEMM reads are still
+  // in L1 / L2: one im2col buffer for the whole image costs a pass through memory).
+  std::vector<int32_t> rowsum(direct ? p : 0);
+  std::vector<int32_t> hsum(direct ? 0 : static_cast<size_t>(d.h * d.ow));  // per input row, see im2col
   const int32_t zp_vec[1] = {za};
   const float as_vec[1] = {ep.a_scale};
   std::vector<float> row_scale;  // per output pixel, only for an image with non-finite input pixels
+  // im2col chunks: whole output rows, about kIm2colBytes of GEMM rows
+  constexpr int64_t kIm2colBytes = 16 << 10;
+  const int64_t crows = std::max<int64_t>(1, kIm2colBytes / kp / d.ow), nchunk = (d.oh + crows - 1) / crows;
+  // Work items: a chunk x blocks of 4 panels (as gemm::run), so that a layer with few output pixels
+  // still splits across threads; a thread's consecutive items share a chunk and build it once.
+  const int64_t ppi = std::min<int64_t>(tpg, 4), npb = (tpg + ppi - 1) / ppi;
+  const gemm::Kernel kernel = gemm::pick_kernel(active_isa(), rows_per == gemm::kPanel);
   for (int64_t b = 0; b < d.b; ++b) {
     bool image_bad = false;
     if (any_bad.load() && ep.out_f) {
@@ -160,54 +253,8 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       }
     }
     for (int64_t grp = 0; grp < g.groups; ++grp) {
-      if (direct) {
-        for (int64_t m = 0; m < p; ++m) rowsum[m] = pixsum[b * hw + m];
-      } else {
-        // A kernel row (fixed i) of a dense conv (groups = 1, dilation_w = 1) whose taps are all inside
-        // the image is kw * C contiguous NHWC bytes, copied at once; other taps go one by one.
-        const bool row_runs = g.groups == 1 && g.dil_w == 1;
-        const int8_t* xb = reinterpret_cast<const int8_t*>(xs.get());
-        parallel_for(p, kp * kElementCost, [&](int64_t bgn, int64_t end) {
-          for (int64_t m = bgn; m < end; ++m) {
-            const int64_t oy = m / d.ow, ox = m % d.ow, ix0 = ox * g.stride_w - g.pad_w;
-            const bool cols_inside = ix0 >= 0 && ix0 + (g.kw - 1) * g.dil_w < d.w;
-            int8_t* row = reinterpret_cast<int8_t*>(cols.get()) + m * kp;
-            int32_t s = 0;
-            for (int64_t i = 0; i < g.kh; ++i) {
-              const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
-              int8_t* dst = row + i * g.kw * cg;
-              if (iy < 0 || iy >= d.h) {  // whole kernel row in the padding
-                std::fill_n(dst, g.kw * cg, pad8);
-                s += za * static_cast<int32_t>(g.kw * cg);
-                continue;
-              }
-              const int64_t pix0 = b * hw + iy * d.w + ix0;
-              if (row_runs && cols_inside) {
-                copy_run(xb + pix0 * cs, g.kw * cg, dst);
-                for (int64_t j = 0; j < g.kw; ++j) s += pixsum[pix0 + j];
-                continue;
-              }
-              for (int64_t j = 0; j < g.kw; ++j, dst += cg) {
-                const int64_t ix = ix0 + j * g.dil_w;
-                if (ix >= 0 && ix < d.w) {
-                  const int64_t pix = pix0 + j * g.dil_w;
-                  s += pixsum[pix * g.groups + grp];
-                  copy_run(xb + pix * cs + grp * cg, cg, dst);
-                } else {
-                  s += za * static_cast<int32_t>(cg);
-                  std::fill_n(dst, cg, pad8);
-                }
-              }
-            }
-            std::fill(row + k, row + kp, int8_t(-128));
-            rowsum[m] = s;
-          }
-        });
-      }
       gemm::Args a{};
-      a.a = reinterpret_cast<const int8_t*>(direct ? xs.get() + b * hw * cs : cols.get());
       a.lda = kp;
-      a.a_sum = rowsum.data();
       a.a_zp = zp_vec;
       a.a_zp_step = 0;
       a.a_scale = image_bad ? row_scale.data() : as_vec;
@@ -225,7 +272,63 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       a.out_f = ep.out_f ? ep.out_f + out_off : nullptr;
       a.ldo_m = 1;
       a.ldo_n = p;
-      gemm::run(a, p, tpg);
+      if (direct) {
+        for (int64_t m = 0; m < p; ++m) rowsum[m] = pixsum[b * hw + m];
+        a.a = reinterpret_cast<const int8_t*>(xs.get() + b * hw * cs);
+        a.a_sum = rowsum.data();
+        gemm::run(a, p, tpg);
+        continue;
+      }
+      // Row sums add kh horizontal sums of kw pixel sums (hsum, one per input row).
+      const int64_t ox_lo = std::min(d.ow, (g.pad_w + g.stride_w - 1) / g.stride_w);  // first ix0 >= 0
+      const int64_t last = d.w - 1 + g.pad_w - (g.kw - 1) * g.dil_w;  // ox * stride_w <= last: taps inside
+      const int64_t ox_hi = last < 0 ? ox_lo : std::max(ox_lo, std::min(d.ow, last / g.stride_w + 1));
+      const int32_t pad_tap = za * static_cast<int32_t>(cg);
+      const int32_t* psb = pixsum.data() + b * hw * g.groups + grp;
+      parallel_for(d.h, d.ow * g.kw * 2, [&](int64_t y0, int64_t y1) {
+        for (int64_t iy = y0; iy < y1; ++iy) {
+          const int32_t* prow = psb + iy * d.w * g.groups;
+          int32_t* hrow = hsum.data() + iy * d.ow;
+          for (int64_t ox = 0; ox < d.ow; ++ox) {
+            const int64_t ix0 = ox * g.stride_w - g.pad_w;
+            int32_t s = 0;
+            if (ox >= ox_lo && ox < ox_hi) {
+              for (int64_t j = 0; j < g.kw; ++j) s += prow[(ix0 + j * g.dil_w) * g.groups];
+            } else {
+              for (int64_t j = 0; j < g.kw; ++j) {
+                const int64_t ix = ix0 + j * g.dil_w;
+                s += ix >= 0 && ix < d.w ? prow[ix * g.groups] : pad_tap;
+              }
+            }
+            hrow[ox] = s;
+          }
+        }
+      });
+      const Im2col ic{.x = reinterpret_cast<const int8_t*>(xs.get()) + b * hw * cs + grp * cg, .hsum = hsum.data(),
+                      .cs = cs, .h = d.h, .w = d.w, .ow = d.ow, .cg = cg, .kh = g.kh, .kw = g.kw,
+                      .sh = g.stride_h, .sw = g.stride_w, .ph = g.pad_h, .pw = g.pad_w, .dh = g.dil_h, .dw = g.dil_w,
+                      .k = k, .kp = kp, .ox_lo = ox_lo, .ox_hi = ox_hi, .row_runs = g.groups == 1 && g.dil_w == 1,
+                      .pad_tap = pad_tap, .pad8 = pad8};
+      const int64_t item_cost = crows * d.ow * (kp * kElementCost + ppi * rows_per * kp);
+      parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
+        const int64_t cap = std::min(crows, d.oh) * d.ow;
+        std::unique_ptr<int8_t[]> rows(new int8_t[static_cast<size_t>(cap * kp)]);
+        std::vector<int32_t> rs(static_cast<size_t>(cap));
+        int64_t built = -1;
+        for (int64_t it = bgn; it < end; ++it) {
+          const int64_t c = it / npb, pb = it % npb;
+          const int64_t oy0 = c * crows, oy1 = std::min(d.oh, oy0 + crows), m0 = oy0 * d.ow;
+          if (c != built) im2col_rows(ic, oy0, oy1, rows.get(), rs.data());
+          built = c;
+          gemm::Args ac = a;
+          ac.a = rows.get();
+          ac.a_sum = rs.data();
+          if (image_bad) ac.a_scale = row_scale.data() + m0;
+          if (ac.out_i) ac.out_i += m0;
+          if (ac.out_f) ac.out_f += m0;
+          kernel(ac, 0, (oy1 - oy0) * d.ow, pb * ppi, std::min(tpg, (pb + 1) * ppi));
+        }
+      });
     }
   }
 }

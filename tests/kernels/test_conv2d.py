@@ -34,6 +34,13 @@ CONV_CASES = [
     CC(2, 16, 8, 7, 33, 3, 3, 2, 1, 1, 1, "16 channels, 33 outputs"),
     CC(2, 64, 7, 7, 64, 1, 1, 1, 0, 1, 1, "64 channels 1x1"),
     CC(1, 5, 6, 10, 3, 1, 3, (2, 1), (0, 1), (1, 2), 1, "1x3 kernel, mixed stride / dilation"),
+    # the CPU layout step transposes 16-channel x 16-pixel blocks (the partial channel block first) and
+    # im2col builds a few output rows at a time (~16 KiB of GEMM rows): partial blocks, several chunks
+    CC(1, 24, 7, 9, 16, 3, 3, 1, 1, 1, 1, "24 channels: a whole and a partial 16-channel block"),
+    CC(1, 3, 20, 35, 16, 3, 3, 1, 1, 1, 1, "3x3 stem, C = 3, rows of 35 pixels, several im2col chunks"),
+    CC(1, 36, 6, 7, 12, 3, 3, 1, 1, 1, 2, "grouped, 2 groups of 18 channels"),
+    CC(1, 64, 8, 6, 16, 3, 3, 1, 1, 1, 1, "64 channels 3x3, several im2col chunks"),
+    CC(1, 16, 23, 23, 20, 3, 3, 2, 1, 1, 1, "16 channels, stride 2, odd size, several im2col chunks"),
 ]
 
 
