@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--temperature", type=float, help=f"distillation temperature (default {QATConfig.temperature:g})")
     ft.add_argument("--replay-weight", type=float,
                     help=f"also distil on the start's calibration images at this weight (default "
-                         f"{QATConfig.replay_weight:g}: generated images only; helps from a --start qdrop)")
+                         f"{QATConfig.replay_weight:g}: generated images only)")
     ft.add_argument("--samples-out", help="also store generated images as a synthetic set in this directory")
     ft.add_argument("--num-samples", type=int, default=256)
     ft.add_argument("--eval-data", help="also report FP, start and final top-1 on this labelled data")
