@@ -19,6 +19,7 @@ to ``bench/results/cifar10_qat.json`` at once and the markdown table is regenera
 """
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -193,11 +194,13 @@ def render_markdown(results: dict) -> str:
                     "student loss first -> last epoch", "within target"),
     ]
     order = list(PTQ_METHODS) + list(QAT_METHODS)
-    rows = sorted(results["rows"].values(), key=lambda r: (list(SETTINGS).index(r["setting"]),
-                                                           STARTS.index(r.get("start", "observer")), r.get("replay_weight", 0),
-                                                           set_label(r.get("qat_set") or {}),
-                                                           order.index(r["method"]), r.get("epochs", 0), r["seed"]))
-    for r in rows:
+    def order_key(r):
+        return (list(SETTINGS).index(r["setting"]), STARTS.index(r.get("start", "observer")),
+                r.get("replay_weight", 0), set_label(r.get("qat_set") or {}), order.index(r["method"]),
+                r.get("epochs", 0), r.get("iters", 0), r["seed"])
+
+    seeds: dict = {}  # (setting, method label, budget) -> [(top-1, gain)]
+    for r in sorted(results["rows"].values(), key=order_key):
         if r["kind"] == "qat":
             budget = f"{r['epochs']}x{r['iters']}"
             start, gain = f"{r['start_top1']:.2f}", f"{r['gain']:+.2f}"
@@ -208,9 +211,22 @@ def render_markdown(results: dict) -> str:
             ([f"replay {r['replay_weight']:g}"] if r.get("replay_weight") else []) + \
             ([set_label(r["qat_set"])] if r.get("qat_set") else [])
         method = r["method"] + (f" ({', '.join(notes)})" if notes else "")
+        seeds.setdefault((r["setting"], method, budget), []).append((r["top1"], r.get("gain")))
         lines.append(f"| {r['setting']} | {method} | {r['seed']} | {budget} | {r['top1']:.2f} | "
                      f"{fp - r['top1']:.2f} | {start} | {gain} | {r['wall_s']:.0f} | {_loss_trend(r)} | "
                      f"{_verdict(r, fp)} |")
+    multi = {k: v for k, v in seeds.items() if len(v) > 1 and k[1] != "observer"}  # the observer has no seed
+    if multi:
+        lines += ["", "Rows run with several seeds (QAT seeds change the generator, the draws and the student's "
+                  "updates; the start is the same): mean ± sample standard deviation.", "",
+                  *table_head("setting", "method", "budget", "seeds", "top-1 %", "drop (pts)", "gain")]
+        for (setting, method, budget), v in multi.items():
+            top = [t for t, _ in v]
+            gains = [g for _, g in v if g is not None]
+            sd = statistics.stdev(top)
+            gain = f"{statistics.fmean(gains):+.2f}" if len(gains) == len(v) else ""
+            lines.append(f"| {setting} | {method} | {budget} | {len(v)} | {statistics.fmean(top):.2f} ± {sd:.2f} | "
+                         f"{fp - statistics.fmean(top):.2f} | {gain} |")
     return document(lines, meta)
 
 

@@ -111,3 +111,15 @@ def test_replay_and_qat_set_rows_have_their_own_key_and_label(bench):
                     "gen_iters": 200, "calib_iters": 1000, "threads": 2, "machine": "x", "commit": "abc"}}
     line = [x for x in bench.render_markdown(res).splitlines() if x.startswith("| w")][0]
     assert "| acq (from qdrop, replay 1, student_lr=1e-05,weight_scale_lr=0) |" in line
+
+
+def test_methods_run_with_several_seeds_get_a_mean_and_deviation(bench):
+    rows = {f"a{s}": _qat("w3a3", "acq", t, 66.0, seed=s) for s, t in ((0, 74.0), (1, 72.0), (2, 73.0))}
+    rows["one"] = _qat("w3a3", "akt", 73.0, 66.0)  # one seed: no summary line
+    rows["q"] = {**_qat("w3a3", "acq", 78.0, 79.0), "start": "qdrop"}  # another start: its own group
+    res = {"fp_top1": 81.0, "dev_images": 5000, "rows": rows,
+           "meta": {"epochs": 4, "iters": 200, "batch_size": 32, "warmup_epochs": 1, "start_images": 512,
+                    "gen_iters": 200, "calib_iters": 1000, "threads": 2, "machine": "x", "commit": "abc"}}
+    md = bench.render_markdown(res)
+    summary = md[md.index("Rows run with several seeds"):].splitlines()
+    assert [x for x in summary if x.startswith("| w3a3")] == ["| w3a3 | acq | 4x200 | 3 | 73.00 ± 1.00 | 8.00 | +7.00 |"]
