@@ -38,6 +38,7 @@ from dfqkern.model_info import model_info  # noqa: E402
 SETTINGS = {"w4a4": (4, 4, 8), "w3a3": (3, 3, 8), "w4a4-all": (4, 4, None), "w3a3-all": (3, 3, None)}
 PTQ_METHODS = ("observer", "qdrop")
 TARGET_DROP = {"w3a3": 1.0, "w4a4-all": 1.0}  # the goals for the best data-free row
+CALIB_ITERS = 1000  # QDrop iterations per unit: the PTQ rows and the start of QAT rows from qdrop
 TIME_LIMIT_S = 30 * 60  # per row, 2 cores
 DOUBLE_SETTING = "w3a3"
 
@@ -139,6 +140,7 @@ def run_qat_row(fp, dev, calib, setting, method, seed, epochs, start_top1, args,
         finetune(q, fp, cfg, replay=calib if args.replay_weight else None)
     acc = top1(q, dev, args.progress)
     return {"kind": "qat", "start": start, "replay_weight": args.replay_weight, "qat_set": args.qat_set,
+            **({"start_iters": args.calib_iters} if start == "qdrop" else {}),
             "epochs": epochs, "iters": args.iters, "batch_size": args.batch_size,
             "warmup_epochs": args.warmup_epochs, "top1": acc, "start_top1": start_top1,
             "gain": round(acc - start_top1, 2), "wall_s": round(t.wall, 1), "cpu_s": round(t.cpu, 1),
@@ -180,8 +182,9 @@ def render_markdown(results: dict) -> str:
         f"({meta['gen_iters']} iterations); QAT then trains a generator and the quantized model on generated images "
         f"only (`dfqkern.qat.finetune`). Budget: {meta['epochs']} epochs x {meta['iters']} iterations x batch "
         f"{meta['batch_size']} ({meta['warmup_epochs']} generator-only warm-up epochs, generator width "
-        f"{meta.get('generator_width', 128)}); QDrop "
-        f"{meta['calib_iters']} iterations per unit. `-all`: every layer quantized, else first/last 8-bit. A3 is "
+        f"{meta.get('generator_width', 128)}); QDrop: iterations per unit as each row's budget says (rows *from "
+        f"qdrop* start from the {CALIB_ITERS} it/unit QDrop row unless their `start_iters` in the JSON says "
+        f"otherwise). `-all`: every layer quantized, else first/last 8-bit. A3 is "
         f"evaluated in fake-quant (no packed kernel runs A3). torch threads: {meta['threads']}; machine: "
         f"{meta['machine']}.",
         "",
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
                         "per step, so the reduced CPU budget halves it)")
     p.add_argument("--start-images", type=int, default=512, help="dgh mixup images of the observer start and QDrop")
     p.add_argument("--gen-iters", type=int, default=200, help="BN-inversion iterations of that set")
-    p.add_argument("--calib-iters", type=int, default=1000, help="QDrop iterations per unit")
+    p.add_argument("--calib-iters", type=int, default=CALIB_ITERS, help="QDrop iterations per unit")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on N random dev images (smoke runs)")
     add_run_flags(p, "cifar10_qat", work_dir=("the dgh set is kept, shared with datafree_cifar10", "bench-datafree"))
     args = p.parse_args(argv)
