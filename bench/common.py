@@ -184,6 +184,8 @@ class Results:
         self.out, self.render = Path(out), render
         path = self.out.with_suffix(".json")
         data = json.loads(path.read_text()) if path.exists() and not fresh else None
+        # --fresh: the rows on disk now are stale; the merge in row() must not bring them back
+        self._stale = set(json.loads(path.read_text()).get("rows", {})) if fresh and path.exists() else set()
         if data is not None and upgrade is not None:
             data = upgrade(data)  # rows of older runs, renamed to today's keys
         self.data = data or empty
@@ -204,7 +206,8 @@ class Results:
             path = self.out.with_suffix(".json")
             if path.exists():
                 for k, v in json.loads(path.read_text()).get("rows", {}).items():
-                    self.rows.setdefault(k, v)
+                    if k not in self._stale:
+                        self.rows.setdefault(k, v)
             self.rows[key] = row
             self._write()
         if summary is not None:

@@ -330,3 +330,15 @@ def test_two_processes_filling_one_table_keep_each_others_rows(tmp_path):
         assert p.exitcode == 0
     assert sorted(json.loads((tmp_path / "table.json").read_text())["rows"]) == ["a", "b"]
     assert (tmp_path / "table.md").read_text().strip() == "2 rows"
+
+
+def test_fresh_run_does_not_bring_back_the_rows_it_discarded(tmp_path):
+    common = _bench_module("common")
+    out = str(tmp_path / "table")
+    old = common.Results(out, lambda data: "", fresh=False, empty={"rows": {}})
+    old.row("a", lambda: {"v": 1})
+    old.row("b", lambda: {"v": 1})
+    new = common.Results(out, lambda data: "", fresh=True, empty={"rows": {}})
+    new.row("a", lambda: {"v": 2})
+    assert "b" not in new.rows  # else the fresh run would skip recomputing b
+    assert new.rows == {"a": {"v": 2}}
