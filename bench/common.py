@@ -183,9 +183,10 @@ class Results:
     def __init__(self, out, render, *, fresh: bool, empty: dict, upgrade=None):
         self.out, self.render = Path(out), render
         path = self.out.with_suffix(".json")
-        data = json.loads(path.read_text()) if path.exists() and not fresh else None
+        disk = json.loads(path.read_text()) if path.exists() else None
+        data = None if fresh else disk
         # --fresh: the rows on disk now are stale; the merge in row() must not bring them back
-        self._stale = set(json.loads(path.read_text()).get("rows", {})) if fresh and path.exists() else set()
+        self._stale = set(disk.get("rows", {})) if fresh and disk else set()
         if data is not None and upgrade is not None:
             data = upgrade(data)  # rows of older runs, renamed to today's keys
         self.data = data or empty

@@ -99,9 +99,9 @@ def finetune(student: nn.Module, teacher: nn.Module, config: QATConfig | None = 
     the float model the student was made from (left unchanged). ``checkpoint_dir``: state after every
     epoch; with ``resume`` a run with the same config, teacher and student start continues after the
     last finished epoch. ``replay``: the start's calibration images ([N, C, H, W], model input space),
-    distilled on beside the generated ones when ``config.replay_weight`` > 0. ``on_epoch_end(epoch, student,
-    record)`` is called after each epoch's
-    checkpoint (``record``: that epoch's mean losses). The report is ``student.dfqkern_qat_report``.
+    distilled on beside the generated ones when ``config.replay_weight`` > 0. ``on_epoch_end(epoch,
+    student, record)`` is called after each epoch's checkpoint (``record``: that epoch's mean losses).
+    The report is ``student.dfqkern_qat_report``.
     """
     cfg = config or QATConfig()
     if not isinstance(cfg, QATConfig):
