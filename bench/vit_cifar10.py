@@ -30,11 +30,16 @@ import sys
 from pathlib import Path
 
 OMP_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY")  # before bench/common.py sets PASSIVE: the latency child's
+if sys.argv[1:2] == ["--latency-child"]:
+    # torch's OpenMP runtime reads OMP_WAIT_POLICY once, when it loads: the child loads it before bench/common.py
+    # sets PASSIVE, so it times under the policy its parent passed (PASSIVE made every row here 2-4x slower)
+    import torch  # noqa: E402,F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, Results, Timer, add_choices, add_run_flags, cifar10_dir, comma_list, dev_set,  # noqa: E402
-                    document, generated_by, join_key, now, parser, run_meta, table_head, top1, train_set)
+                    document, generated_by, git_commit, join_key, now, parser, run_meta, table_head, top1, train_set)
 
+from machine import cpu_name, dfqkern_isa  # noqa: E402
 import torch  # noqa: E402
 
 from dfqkern.calib import CalibConfig, calibrate  # noqa: E402
@@ -173,7 +178,8 @@ def run_latency(args, packed: dict) -> dict:
         raise RuntimeError(f"latency child failed:\n{r.stderr[-3000:]}")
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("@@"))
     return {"timings": json.loads(line[2:]), "threads": args.threads, "load_avg_1min": t.load,
-            "omp_wait_policy": OMP_POLICY_AT_START or "default", "finished": now()}
+            "omp_wait_policy": OMP_POLICY_AT_START or "default", "finished": now(), "cpu": cpu_name(),
+            "isa": dfqkern_isa(), "commit": git_commit()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -213,7 +219,7 @@ def render_markdown(data: dict) -> str:
         f"Model `{meta['model']}` ({meta['weights']}), FP top-1 **{fp:.2f} %** on the {data['dev_images']} dev test "
         f"images. Calibration: {meta['calib_images']} images per row (real: random training images; psaq / dfq-vit: "
         f"generated from the float model; `psaq@N`: N inversion iterations, `@default`: the library's); "
-        f"reconstruction {meta['iters']} iterations per unit, batch {meta['batch_size']}. First and last layer 8-bit; "
+        f"reconstruction batch {meta['batch_size']} (`iters/unit`: iterations per unit of the row). First and last layer 8-bit; "
         f"weights per-channel, activations and attention operands per-tensor (MSE observers), softmax two-range "
         f"uniform (`post-GELU`: activation bits of fc2, `QuantConfig.gelu_act_bits`, when not the setting's). "
         f"Top-1 of the packed model. torch threads {meta['threads']} (OMP_WAIT_POLICY="
@@ -221,21 +227,22 @@ def render_markdown(data: dict) -> str:
         "Targets (issue 19): W8A8 observer drop <= 0.3 (real data); data-free W4A8 drop <= 1.5 and W4A4 drop <= 4, "
         "each within 1 point of the real-data row of the same method. `top-1` is the mean over the seeds listed.",
         "",
-        *table_head("setting", "data", "method", "LN reparam", "post-GELU", "seeds", "top-1 %", "std", "drop (pts)",
+        *table_head("setting", "data", "method", "iters/unit", "LN reparam", "post-GELU", "seeds", "top-1 %", "std", "drop (pts)",
                     "target", "calib wall s", "within target"),
     ]
     groups: dict = {}
     for r in rows:
         source = r["data"] if r["data"] == "real" else f"{r['data']}@{r.get('gen_iters') or 'default'}"
-        groups.setdefault((r["setting"], source, r["method"], r["ln_reparam"], r.get("gelu_act_bits")), []).append(r)
+        groups.setdefault((r["setting"], source, r["method"], r.get("iters", 0), r["ln_reparam"], r.get("gelu_act_bits")),
+                          []).append(r)
     real = _real_reference(rows)
-    for (setting, source, method, ln, gelu), rs in groups.items():
+    for (setting, source, method, iters, ln, gelu), rs in groups.items():
         accs = [r["top1"] for r in rs]
         mean = statistics.mean(accs)
         std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         target = TARGET_DROP.get((setting, source.split("@")[0]))
         target = "" if target is None or (setting == "w8a8" and method != "observer") else f"<= {target}"
-        lines.append(f"| {setting} | {source} | {method} | {'on' if ln else 'off'} | {f'a{gelu}' if gelu else ''} | "
+        lines.append(f"| {setting} | {source} | {method} | {iters or ''} | {'on' if ln else 'off'} | {f'a{gelu}' if gelu else ''} | "
                      f"{','.join(str(r['seed']) for r in rs)} | {mean:.2f} | {std} | {fp - mean:.2f} | {target} | "
                      f"{statistics.mean(r['calib_wall_s'] for r in rs):.0f} | {_verdict(rs[0], mean, fp, real)} |")
     skipped = data.get("skipped", {})
@@ -253,7 +260,8 @@ def render_markdown(data: dict) -> str:
         t = lat["timings"]
         base = t.get("eager", {}).get("median_ms")
         lines += ["", "## CPU latency, batch 1", "",
-                  f"torch threads {lat['threads']}, OpenMP wait policy {lat['omp_wait_policy']} (child process); "
+                  f"CPU {lat.get('cpu', 'not recorded')} (dfqkern ISA {lat.get('isa', '?')}), package commit "
+                  f"{lat.get('commit', '?')}; torch threads {lat['threads']}, OpenMP wait policy {lat['omp_wait_policy']} (child process); "
                   f"load average before/after {lat['load_avg_1min'][0]:.1f} / {lat['load_avg_1min'][1]:.1f}. "
                   f"Packed rows: the real-data observer models of this table (LN reparam {lat.get('ln_reparam')}).",
                   "", *table_head("model", "median ms", "min ms", "first call ms", "speed-up vs fp32 eager")]
@@ -363,7 +371,10 @@ def main(argv=None) -> int:
                                                        args, save_to),
                                   lambda r: f"top-1 {r['top1']:.2f} (drop {results['fp_top1'] - r['top1']:.2f}) "
                                             f"calib {r['calib_wall_s']:.0f}s")
-    if args.latency and ("latency" not in results or results["latency"].get("kinds") != args.latency):
+    stored = results.get("latency") or {}
+    # a stored timing is kept only if it timed the same rows on this CPU at this package commit
+    if args.latency and (stored.get("kinds") != args.latency or stored.get("cpu") != cpu_name()
+                         or stored.get("commit") != git_commit()):
         results["latency"] = {**run_latency(args, packed), "kinds": args.latency, "ln_reparam": latency_ln}
     table.save()
     return 0

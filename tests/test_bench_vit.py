@@ -44,12 +44,20 @@ def test_tiny_run_rows_skips_latency_and_resume(vit_bench, tiny_tar_dataset, tmp
     md = out.with_suffix(".md").read_text()
     assert md == vit_bench.render_markdown(res) + "\n"  # generated from the JSON, not typed
     assert "python bench/vit_cifar10.py --data-dir" in md and "`dfq-vit`: dfq-vit is not here yet" in md
-    assert "| w8a8 | real | qdrop | off |  | 0,1 |" in md
+    assert "| w8a8 | real | qdrop | 2 | off |  | 0,1 |" in md  # iterations per unit: a column, not the header's
+    assert "package commit" in md and res["latency"]["cpu"]  # a timing names its machine and commit
 
     def refuse(*a, **k):
         raise AssertionError("a finished row was computed again")
 
     monkeypatch.setattr(vit_bench, "run_row", refuse)
     monkeypatch.setattr(vit_bench, "run_latency", refuse)
-    assert vit_bench.main(argv) == 0  # resumes: every row and the latency are in the JSON
-    assert sorted(json.loads(out.with_suffix(".json").read_text())["rows"]) == keys
+    assert vit_bench.main(argv) == 0  # resumes: every row and the latency (same CPU, same commit) are in the JSON
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(again["rows"]) == keys and again["latency"] == res["latency"]
+    again["latency"]["commit"] = "another"  # a timing of other code is not kept
+    out.with_suffix(".json").write_text(json.dumps(again))
+    timed = []
+    monkeypatch.setattr(vit_bench, "run_latency", lambda args, packed: timed.append(sorted(packed)) or res["latency"])
+    assert vit_bench.main(argv) == 0  # timed again; the rows still resume
+    assert timed == [["w8a8"]]
