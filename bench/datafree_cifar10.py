@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from dfqkern.data import calibration_tensor  # noqa: E402
 from dfqkern.datagen import filter_synthetic_set, generate_bn_inversion_set, load_synthetic  # noqa: E402
 from dfqkern.datagen.bn_inversion import DEFAULT_CE_WEIGHT  # noqa: E402
-from dfqkern.datagen.config import BNInversionConfig, parse_filters, pool_size  # noqa: E402
+from dfqkern.datagen.config import PRECISIONS, BNInversionConfig, parse_filters, pool_size  # noqa: E402
 from dfqkern.pipeline import tensor_transform  # noqa: E402
 from dfqkern.model_info import model_info  # noqa: E402
 
@@ -65,12 +65,16 @@ REAL_RESULTS = RESULTS_DIR / "cifar10_real.json"
 EDGE_RESULTS = RESULTS_DIR / "cifar10_edge.json"
 
 
-def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str, filters: str = "") -> str:
+def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str, filters: str = "",
+                 precision: str = "fp32") -> str:
     """The inversion options a set was made with, as a short tag: 'ce0.5', 'ce1-a0.5' (mixup Dirichlet alpha),
-    'ce0.5-energy0.5' (GenQ filter chain ``filters``, e.g. 'energy:0.5+bn:0.5'; '' or 'none': unfiltered)."""
+    'ce0.5-bf16' (the model's forward autocast to bf16 during inversion), 'ce0.5-energy0.5' (GenQ filter chain
+    ``filters``, e.g. 'energy:0.5+bn:0.5'; '' or 'none': unfiltered)."""
     tags = [f"ce{ce_weight:g}"]
     if label_mode == "mixup" and dirichlet_alpha != 1.0:
         tags.append(f"a{dirichlet_alpha:g}")
+    if precision != "fp32":
+        tags.append(precision)
     tags += [f"{s.kind}{s.keep_fraction:g}" for s in filter_steps(filters)]
     return "-".join(tags)
 
@@ -120,7 +124,7 @@ def migrate(results: dict) -> dict:
 
 def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, images: int, gen_iters: int,
              progress: bool, ce_weight: float = 1.0, dirichlet_alpha: float = 1.0,
-             filters: str = "", model: str = "resnet20") -> tuple[Path, dict]:
+             filters: str = "", model: str = "resnet20", precision: str = "fp32") -> tuple[Path, dict]:
     """The synthetic set (generated now, or resumed / reused from ``work_dir``), its timing and the options
     it was made with. ``method`` is the table's source name (``INVERSION_METHOD``). With ``filters`` a pool
     of images / (product of keep fractions) is generated and filtered down to ``images``. ``model``: its name in
@@ -129,11 +133,11 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
     steps = filter_steps(filters)
     pool = pool_size(images, steps)
     prefix = "" if model == "resnet20" else f"{model}-"
-    variant = variant_name(ce_weight, dirichlet_alpha, label_mode)
+    variant = variant_name(ce_weight, dirichlet_alpha, label_mode, precision=precision)
     base = f"{prefix}{method}-{label_mode}-n{{}}-it{gen_iters}-s{seed}-{variant}"
     pool_dir = work_dir / base.format(pool)
     options = dict(method=INVERSION_METHOD[method], label_mode=label_mode, iters=gen_iters, seed=seed,
-                   ce_weight=ce_weight, dirichlet_alpha=dirichlet_alpha)
+                   ce_weight=ce_weight, dirichlet_alpha=dirichlet_alpha, precision=precision)
     out, chain = pool_dir, None
     with Timer() as timer:
         # shard_size = the set: dgh matches the statistics of the whole set, not of one shard.
@@ -141,7 +145,7 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
                                   std=spec.std, shard_size=pool, model_id=NETS[model][0], progress=progress,
                                   **options)
         if steps:
-            out = work_dir / f"{base.format(images)}-{variant_name(ce_weight, dirichlet_alpha, label_mode, filters)}"
+            out = work_dir / f"{base.format(images)}-{variant_name(ce_weight, dirichlet_alpha, label_mode, filters, precision)}"
             filter_synthetic_set(pool_dir, out, fp_model, steps, num_images=images, progress=progress,
                                  transform=tensor_transform(spec))
             chain = load_synthetic(out, verify=False).manifest["filter"]["chain"]
@@ -149,7 +153,7 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
     used = {"method": cfg["method"], "label_mode": cfg["label_mode"], "ce_weight": cfg["options"]["ce_weight"],
             "dirichlet_alpha": dirichlet_alpha if label_mode == "mixup" else None, "iters": gen_iters,
             "shard_size": pool, "augment": cfg["options"]["augment"],
-            "input_prior_weight": cfg["options"]["input_prior_weight"], "pool_images": pool,
+            "input_prior_weight": cfg["options"]["input_prior_weight"], "pool_images": pool, "precision": precision,
             "filter": [{k: c[k] for k in ("kind", "keep_fraction", "candidates", "kept")} for c in chain or []]}
     if chain and chain[-1]["kind"] == "bn":
         used["filter_bn_loss"] = chain[-1]["set_bn_loss"]
@@ -179,6 +183,8 @@ def options_text(o: dict) -> str:
     parts.append(f"augment {o['augment']}")
     if o["input_prior_weight"]:
         parts.append(f"input prior {o['input_prior_weight']:g}")
+    if o.get("precision", "fp32") != "fp32":
+        parts.append(f"forward in {o['precision']} (autocast)")
     chain = " then ".join(f"{f['kind']} keeps {f['kept']} of {f['candidates']}" for f in o["filter"])
     parts.append(f"filter: {chain}" if chain else "no filter")
     return ", ".join(parts)
@@ -352,6 +358,8 @@ def parse_args(argv=None):
     p.add_argument("--filter-chains", default="none",
                    help="comma list of GenQ filter chains, steps joined by '+' ('none,energy:0.5,energy:0.5+bn:0.5'): "
                         "each generates IMAGES / (product of keep fractions) images and keeps IMAGES")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="arithmetic of the model's forward during inversion (bf16: autocast; own set and row keys)")
     p.add_argument("--calib-method", default="qdrop", choices=("brecq", "qdrop", "genie"))
     p.add_argument("--calib-iters", type=int, default=1000, help="reconstruction iterations per unit")
     add_run_flags(p, "cifar10_datafree", work_dir=("synthetic sets are kept", "bench-datafree"))
@@ -399,7 +407,7 @@ def main(argv=None) -> int:
     jobs = [(seed, source, ce, mode, chain) for seed in args.seeds for source in args.sources
             for ce in args.ce_weights for mode in args.label_modes for chain in chains]
     for seed, source, ce, mode, chain in jobs:
-        variant = variant_name(ce, args.dirichlet_alpha, mode, chain)
+        variant = variant_name(ce, args.dirichlet_alpha, mode, chain, args.precision)
         dkey = dataset_key(model, source, mode, seed, args.images, args.gen_iters, variant)
         pending = [s for s in args.settings
                    if row_key(s, dkey, args.calib_method, args.calib_iters) not in results["rows"]]
@@ -408,7 +416,7 @@ def main(argv=None) -> int:
             continue
         print(f"data {dkey}", flush=True)
         set_dir, timing = generate(fp_model, args.work_dir, source, mode, seed, args.images, args.gen_iters,
-                                   args.progress, ce, args.dirichlet_alpha, chain, model)
+                                   args.progress, ce, args.dirichlet_alpha, chain, model, args.precision)
         synthetic = load_synthetic(set_dir, transform=tensor_transform(model_info(fp_model).input_spec))
         if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
             results["datasets"][dkey] = {**timing, **target_agreement(fp_model, synthetic), "path": str(set_dir)}
