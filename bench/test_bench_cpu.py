@@ -29,9 +29,10 @@ Cases (targets from issue 4, on a 2-core AVX2 machine):
 * Peers (optional extras; skipped with the reason when absent): onnxruntime ``MatMulNBits`` (block 128,
   ``accuracy_level`` 4 = int8 compute, W4 and W2) in the Linear groups, torch's
   ``_weight_int4pack_mm_for_cpu`` (bf16 activations, group 128) for W4, and onnxruntime fp32 and
-  static int8 QDQ (``onnxruntime.quantization.quantize_static``, per-channel weights, MinMax on the
-  same random images) for the whole models. onnxruntime runs with ``intra_op_num_threads`` = torch's
-  thread count.
+  static int8 QDQ for the whole models: onnxruntime's own flow on the float export (``quant_pre_process``,
+  then ``quantize_static``: per-channel int8 weights, uint8 activations, MinMax on the images the packed
+  model is calibrated on), checked to run every Conv as a ``QLinearConv`` (``_ort_int8_qdq``: without the
+  pre-processing none did). onnxruntime runs with ``intra_op_num_threads`` = torch's thread count.
 * Linear M=1 with a weight larger than the last-level cache (``linear M=1 ... > L3``; only when
   timing, not in the smoke run): dfqkern W4A8 / W2A8 against the DRAM copy floor of the same bytes.
 
@@ -96,11 +97,14 @@ def _ort():
                                                      "pip install dfqkern[export]")
 
 
-def _ort_session(model_bytes: bytes):
+def _ort_session(model_bytes: bytes, optimized_path=None):
+    """A CPU session with torch's thread count; ``optimized_path``: where onnxruntime writes the graph it runs."""
     ort = _ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     so.inter_op_num_threads = 1
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
@@ -400,6 +404,11 @@ def _float_model(name: str):
     return create_model(name).eval()
 
 
+def _calibration_images(size: int) -> torch.Tensor:
+    """The random images both quantized models (dfqkern's packed, onnxruntime's static int8) are calibrated on."""
+    return torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="module")
 def packed_models():
     """W4A8 packed models (first / last layer 8-bit, the QuantConfig default), built once."""
@@ -412,7 +421,7 @@ def packed_models():
         fm = _float_model(name)
         q = quantize.quantize_model(fm, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax",
                                                     act_observer="minmax"))
-        quantize.calibrate_activations(q, torch.randn(8, 3, size, size), progress=False)
+        quantize.calibrate_activations(q, _calibration_images(size), progress=False)
         quantize.pack_model(q)
         out[group] = (fm, q.eval(), torch.randn(1, 3, size, size))
     return out
@@ -437,31 +446,56 @@ def _onnx_float_model(fm, x) -> bytes:
     return buf.getvalue()
 
 
+def _ort_int8_qdq(model: bytes, x: torch.Tensor, tmp_path):
+    """onnxruntime's own static int8 flow on the float export: its pre-processing (``quant_pre_process``: shape
+    inference and graph optimization), then ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
+    MinMax on :func:`_calibration_images`). Returns the session and (int8 convs, all convs) after onnxruntime's
+    graph optimization, read from the optimized model it writes.
+
+    Both choices decide whether onnxruntime runs int8 at all (CIFAR ResNet-20 b1, 1 thread, Xeon VNNI):
+    without the pre-processing the random-init export shares its identical zero conv biases through Identity
+    nodes, quantize_static leaves every bias unquantized and onnxruntime fuses no Conv (0 of 19 int8: fp32 convs
+    plus Q/DQ, slower than onnxruntime fp32); with int8 activations its x86 fusions take 9 of 19 Convs and no Add
+    (~870 us); uint8 activations (the U8S8 kernels MLAS has on x86; dfqkern's activations are uint8 codes too)
+    make every Conv a QLinearConv and every Add a QLinearAdd (~290 us)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": im[None].numpy()} for im in _calibration_images(x.shape[-1])])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    src, pre, dst, opt = (tmp_path / f for f in ("fp32.onnx", "pre.onnx", "int8.onnx", "int8.opt.onnx"))
+    src.write_bytes(model)
+    quant_pre_process(str(src), str(pre))
+    quantize_static(str(pre), str(dst), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    sess = _ort_session(dst.read_bytes(), optimized_path=opt)
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    int8 = ops.count("QLinearConv")
+    return sess, (int8, int8 + ops.count("Conv") + ops.count("FusedConv") + ops.count("NhwcFusedConv"))
+
+
 @pytest.mark.parametrize("group", list(MODELS))
 @pytest.mark.parametrize("impl", ["fp32", "int8 QDQ static"])
 def test_model_onnxruntime(benchmark, group, impl, packed_models, tmp_path):
     _ort()
     pytest.importorskip("onnx", reason="exporting the float model needs onnx (pip install dfqkern[export])")
     fm, _, x = packed_models[group]
-    model = _onnx_float_model(fm, x)
-    if impl != "fp32":
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-        class Images(CalibrationDataReader):  # the same random images the packed model was calibrated on
-            def __init__(self):
-                g = torch.Generator().manual_seed(0)
-                self.batches = iter([{"x": torch.randn(1, *x.shape[1:], generator=g).numpy()} for _ in range(8)])
-
-            def get_next(self):
-                return next(self.batches, None)
-
-        src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
-        src.write_bytes(model)
-        quantize_static(str(src), str(dst), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-        model = dst.read_bytes()
-    sess, feed = _ort_session(model), {"x": x.numpy()}
-    run(benchmark, group, f"onnxruntime {impl}", lambda: sess.run(None, feed), "baseline")
+    model, meta = _onnx_float_model(fm, x), {}
+    if impl == "fp32":
+        sess = _ort_session(model)
+    else:
+        sess, (int8, convs) = _ort_int8_qdq(model, x, tmp_path)
+        if int8 < convs:  # a row named int8 must run int8 kernels (it silently ran fp32 convs before)
+            pytest.fail(f"onnxruntime fused only {int8} of {convs} Convs into QLinearConv: not an int8 peer")
+        meta["int8_convs"] = int8
+    feed = {"x": x.numpy()}
+    run(benchmark, group, f"onnxruntime {impl}", lambda: sess.run(None, feed), "baseline", **meta)
 
 
 @pytest.mark.parametrize("group", list(MODELS))

@@ -178,3 +178,26 @@ def test_compiled_model_row_is_judged_against_fp32_and_onnxruntime_int8(conftest
         f"{qdq[0] / compiled[0]:.2f} (median), {qdq[1] / compiled[1]:.2f} (min); target >= 1.0: met"]
     eager_vs_qdq = next(x for x in lines if x.startswith(f"- {group} / dfqkern W4A8 packed: speed-up over onnx"))
     assert eager_vs_qdq.endswith("target >= 1.0: MISSED")  # 1000 / 1150 on minima: the verdict reads each row
+
+
+def test_onnxruntime_int8_peer_runs_every_conv_in_int8(tmp_path):
+    """The 'onnxruntime int8 QDQ static' whole-model row is onnxruntime's int8 path, not fp32 convs between Q/DQ:
+    a random-init conv net whose folded BatchNorms give identical zero biases (the exporter then shares them
+    through Identity nodes, which quantize_static alone leaves unquantized: no QLinearConv at all) comes out of
+    bench/test_bench_cpu.py's onnxruntime flow with every Conv fused into a QLinearConv."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import torch
+    from torch import nn
+
+    cpu_bench = _bench_module("test_bench_cpu")
+    torch.manual_seed(0)
+    layers = []
+    for cin in (3, 8, 8):
+        layers += [nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+    net = nn.Sequential(*layers).eval()
+    x = torch.randn(1, 3, 16, 16)
+    model = cpu_bench._onnx_float_model(net, x)
+    sess, (int8, convs) = cpu_bench._ort_int8_qdq(model, x, tmp_path)
+    assert (int8, convs) == (3, 3)
+    assert sess.run(None, {"x": x.numpy()})[0].shape == (1, 8, 16, 16)

@@ -182,6 +182,10 @@ def test_committed_datafree_rows_migrate_to_resnet20_keys(datafree):
     import json
 
     old = json.loads((BENCH / "results" / "cifar10_datafree.json").read_text())
+    if "models" in old:  # written by a run since --model: already in today's form, which migrate keeps as it is
+        assert datafree.migrate(json.loads(json.dumps(old))) == old
+        assert all(k.split("|")[1] == r["model"] in datafree.MODELS for k, r in old["rows"].items())
+        return
     res = datafree.migrate(json.loads(json.dumps(old)))
     assert set(res["rows"]) == {_old_key_to_new(k) for k in old["rows"]}
     assert all(r["model"] == "resnet20" and r["dataset"] in res["datasets"] for r in res["rows"].values())
