@@ -31,6 +31,7 @@ import torch  # noqa: E402,I001
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import machine  # noqa: E402
+import ort_int8  # noqa: E402
 from onnx_agreement_cifar10 import compare_with_onnxruntime  # noqa: E402
 
 from dfqkern.benchmark import COMPILED, run_bench  # noqa: E402
@@ -38,10 +39,13 @@ from dfqkern.cli import main as dfqkern_cli  # noqa: E402
 
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8)}
 MODEL, CHECKPOINT = "cifar10_resnet20", "resnet20-12fca82f.th"
-ROWS = ("packed", COMPILED, "onnxruntime", "pt2", "float")
+ORT_INT8 = "onnxruntime-int8"
+ROWS = ("packed", COMPILED, ORT_INT8, "onnxruntime", "pt2", "float")
 ROW_NAMES = {"packed": "dfqkern packed (CPU kernels)", COMPILED: "dfqkern packed, dfqkern.compile (graph)",
-             "onnxruntime": "onnxruntime, exported QDQ", "pt2": "AOTInductor .pt2 export", "float": "torch fp32 eager"}
-VS_ORT = ("packed", COMPILED)  # the rows compared with onnxruntime in their own column
+             ORT_INT8: "onnxruntime int8 (its own quantize_static of the fp32 model)",
+             "onnxruntime": "onnxruntime running dfqkern's QDQ export", "pt2": "AOTInductor .pt2 export",
+             "float": "torch fp32 eager"}
+VS_ORT = ("packed", COMPILED)  # the rows compared with onnxruntime's own int8 model in their own column
 NOT_RUN = "not run"  # a row this setting's run did not time (runs older than the row)
 
 
@@ -72,9 +76,37 @@ def run_setting(setting: str, args, data_dir: Path) -> dict:
         bench = run_bench(ckpt, float_model=MODEL, batch_sizes=args.batch_sizes, repeats=args.repeats,
                           warmup=args.warmup, onnx=onnx, pt2=pt2, threads=args.threads, progress=args.progress,
                           compile=True)
+        peer = time_ort_int8(args, data_dir, work, dev)
+    bench["rows"] += peer.pop("rows")
     agree = compare_with_onnxruntime(packed, onnx, dev)
     return {"setting": setting, "bench": bench, "load": t.load, "top1_packed": agree["top1_packed"],
-            "top1_onnxruntime": agree["top1_onnxruntime"], "finished": common.now()}
+            "top1_onnxruntime": agree["top1_onnxruntime"], **peer, "finished": common.now()}
+
+
+def time_ort_int8(args, data_dir: Path, work: Path, dev) -> dict:
+    """onnxruntime's own int8 model of the fp32 ResNet-20 (bench/ort_int8.py: quant_pre_process + quantize_static,
+    MinMax on 256 random real training images), timed like the other rows at each batch size, with its top-1."""
+    from dfqkern.benchmark import measure
+    from dfqkern.data import calibration_tensor
+    from dfqkern.model_info import model_info
+
+    fp = common.open_net("resnet20")
+    spec = model_info(fp).input_spec
+    calib = calibration_tensor(common.train_set(data_dir, spec), 256, seed=0)
+    model = ort_int8.float_onnx(fp, calib[:1], dynamic_batch=True)
+    sess, int8, convs = ort_int8.quantize_int8(model, calib, work / "ort-int8", args.threads)
+    if int8 < convs:
+        raise SystemExit(f"onnxruntime ran only {int8} of {convs} Convs as QLinearConv: not an int8 peer")
+    rows = []
+    for b in args.batch_sizes:
+        x = torch.randn(b, *spec.input_size, generator=torch.Generator().manual_seed(b)).numpy()
+        timing = measure(lambda: sess.run(None, {"x": x}), warmup=args.warmup, repeats=args.repeats)
+        rows.append({"model": ORT_INT8, "batch_size": b, **timing.to_dict()})
+    correct = total = 0
+    for x, y in torch.utils.data.DataLoader(dev, batch_size=common.EVAL_BATCH):
+        correct += int((torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]).argmax(1) == y).sum())
+        total += len(y)
+    return {"rows": rows, "top1_ort_int8": round(100.0 * correct / total, 2), "ort_int8_convs": [int8, convs]}
 
 
 def missing_rows(row: dict) -> list[str]:
@@ -90,8 +122,8 @@ def _cell(x: dict | None) -> str:
 
 
 def _vs_ort(by: dict, kind: str, b: int) -> str:
-    """onnxruntime median / ``kind`` median at batch ``b``; blank where either is missing."""
-    x, o = by.get((kind, b), {}), by.get(("onnxruntime", b), {})
+    """onnxruntime int8 median / ``kind`` median at batch ``b``; blank where either is missing."""
+    x, o = by.get((kind, b), {}), by.get((ORT_INT8, b), {})
     return f"{o['median_ms'] / x['median_ms']:.2f}x" if "median_ms" in x and "median_ms" in o else "-"
 
 
@@ -116,8 +148,8 @@ def render_markdown(data: dict) -> str:
              f"the {data.get('dev_images', 5000)} dev images. Latency depends on the load: the 1-minute load "
              f"average before / after each setting is listed.", ""]
     lines += common.table_head("setting", "batch", *[f"{ROW_NAMES[r]} ms (median / min)" for r in ROWS],
-                               *[f"{'compiled' if k == COMPILED else k} vs onnxruntime (median)" for k in VS_ORT],
-                               "top-1 packed / onnxruntime %", "load")
+                               *[f"{'compiled' if k == COMPILED else k} vs onnxruntime int8 (median)" for k in VS_ORT],
+                               "top-1 packed / onnxruntime int8 / onnxruntime on the export %", "load")
     for setting in SETTINGS:
         r = data["rows"].get(setting)
         if r is None:
@@ -127,9 +159,14 @@ def render_markdown(data: dict) -> str:
             cells = [_cell(by.get((kind, b))) for kind in ROWS] + [_vs_ort(by, kind, b) for kind in VS_ORT]
             load = "/".join(f"{v:.1f}" for v in r["load"])
             lines.append(f"| {setting} | {b} | " + " | ".join(cells) +
-                         f" | {r['top1_packed']:.2f} / {r['top1_onnxruntime']:.2f} | {load} |")
-    lines += ["", "`packed vs onnxruntime` = onnxruntime median / packed median (> 1: dfqkern's packed model is "
-              "faster); `compiled vs onnxruntime` the same for the `dfqkern.compile` row. "
+                         f" | {r['top1_packed']:.2f} / {r.get('top1_ort_int8', '-')} / {r['top1_onnxruntime']:.2f} "
+                         f"| {load} |")
+    lines += ["", "`packed vs onnxruntime int8` = onnxruntime int8 median / packed median (> 1: dfqkern's packed "
+              "model is faster); `compiled vs onnxruntime int8` the same for the `dfqkern.compile` row. The onnxruntime "
+              "int8 peer is onnxruntime's own flow on the fp32 model (`quant_pre_process`, `quantize_static`: QDQ, "
+              "per-channel int8 weights, uint8 activations, MinMax on 256 random real training images; checked to run "
+              "every Conv as a QLinearConv, bench/ort_int8.py). `onnxruntime running dfqkern's QDQ export` runs the "
+              "packed model's own export (its weights dequantized to float convs: not an int8 peer). "
               + _compiled_note(data) + " Model sizes and peak memory per row are in the JSON beside this file."]
     return common.document(lines, meta)
 

@@ -31,7 +31,7 @@ Cases (targets from issue 4, on a 2-core AVX2 machine):
   ``_weight_int4pack_mm_for_cpu`` (bf16 activations, group 128) for W4, and onnxruntime fp32 and
   static int8 QDQ for the whole models: onnxruntime's own flow on the float export (``quant_pre_process``,
   then ``quantize_static``: per-channel int8 weights, uint8 activations, MinMax on the images the packed
-  model is calibrated on), checked to run every Conv as a ``QLinearConv`` (``_ort_int8_qdq``: without the
+  model is calibrated on), checked to run every Conv as a ``QLinearConv`` (bench/ort_int8.py: without the
   pre-processing none did). onnxruntime runs with ``intra_op_num_threads`` = torch's thread count.
 * Linear M=1 with a weight larger than the last-level cache (``linear M=1 ... > L3``; only when
   timing, not in the smoke run): dfqkern W4A8 / W2A8 against the DRAM copy floor of the same bytes.
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 import forced_peers  # bench/forced_peers.py
 import machine  # bench/machine.py (pytest puts bench/ on the path through its conftest)
+import ort_int8  # bench/ort_int8.py: onnxruntime's own static int8 flow, the whole-model peer
 from dfqkern.formats import PackedWeight
 from dfqkern.kernels import dispatch, reference as R
 from dfqkern.kernels.reference import ActQuant
@@ -97,15 +98,10 @@ def _ort():
                                                      "pip install dfqkern[export]")
 
 
-def _ort_session(model_bytes: bytes, optimized_path=None):
-    """A CPU session with torch's thread count; ``optimized_path``: where onnxruntime writes the graph it runs."""
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+def _ort_session(model_bytes: bytes):
+    """A CPU session with torch's thread count."""
+    _ort()
+    return ort_int8.session(model_bytes, torch.get_num_threads())
 
 
 def _label(name: str, isa: str | None) -> str:
@@ -436,61 +432,18 @@ def test_model_fp32(benchmark, group, peer_isa, request):
     run(benchmark, group, "fp32 eager", lambda: fm(x), "baseline", primary=True)
 
 
-def _onnx_float_model(fm, x) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(fm, (x,), buf, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
-    return buf.getvalue()
-
-
-def _ort_int8_qdq(model: bytes, x: torch.Tensor, tmp_path):
-    """onnxruntime's own static int8 flow on the float export: its pre-processing (``quant_pre_process``: shape
-    inference and graph optimization), then ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
-    MinMax on :func:`_calibration_images`). Returns the session and (int8 convs, all convs) after onnxruntime's
-    graph optimization, read from the optimized model it writes.
-
-    Both choices decide whether onnxruntime runs int8 at all (CIFAR ResNet-20 b1, 1 thread, Xeon VNNI):
-    without the pre-processing the random-init export shares its identical zero conv biases through Identity
-    nodes, quantize_static leaves every bias unquantized and onnxruntime fuses no Conv (0 of 19 int8: fp32 convs
-    plus Q/DQ, slower than onnxruntime fp32); with int8 activations its x86 fusions take 9 of 19 Convs and no Add
-    (~870 us); uint8 activations (the U8S8 kernels MLAS has on x86; dfqkern's activations are uint8 codes too)
-    make every Conv a QLinearConv and every Add a QLinearAdd (~290 us)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Images(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"x": im[None].numpy()} for im in _calibration_images(x.shape[-1])])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    src, pre, dst, opt = (tmp_path / f for f in ("fp32.onnx", "pre.onnx", "int8.onnx", "int8.opt.onnx"))
-    src.write_bytes(model)
-    quant_pre_process(str(src), str(pre))
-    quantize_static(str(pre), str(dst), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    sess = _ort_session(dst.read_bytes(), optimized_path=opt)
-    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
-    int8 = ops.count("QLinearConv")
-    return sess, (int8, int8 + ops.count("Conv") + ops.count("FusedConv") + ops.count("NhwcFusedConv"))
-
-
 @pytest.mark.parametrize("group", list(MODELS))
 @pytest.mark.parametrize("impl", ["fp32", "int8 QDQ static"])
 def test_model_onnxruntime(benchmark, group, impl, packed_models, tmp_path):
     _ort()
     pytest.importorskip("onnx", reason="exporting the float model needs onnx (pip install dfqkern[export])")
     fm, _, x = packed_models[group]
-    model, meta = _onnx_float_model(fm, x), {}
+    model, meta = ort_int8.float_onnx(fm, x), {}
     if impl == "fp32":
         sess = _ort_session(model)
     else:
-        sess, (int8, convs) = _ort_int8_qdq(model, x, tmp_path)
+        sess, int8, convs = ort_int8.quantize_int8(model, _calibration_images(x.shape[-1]), tmp_path,
+                                                   torch.get_num_threads())
         if int8 < convs:  # a row named int8 must run int8 kernels (it silently ran fp32 convs before)
             pytest.fail(f"onnxruntime fused only {int8} of {convs} Convs into QLinearConv: not an int8 peer")
         meta["int8_convs"] = int8

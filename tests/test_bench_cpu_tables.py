@@ -190,14 +190,14 @@ def test_onnxruntime_int8_peer_runs_every_conv_in_int8(tmp_path):
     import torch
     from torch import nn
 
-    cpu_bench = _bench_module("test_bench_cpu")
+    ort_int8 = _bench_module("ort_int8")
     torch.manual_seed(0)
     layers = []
     for cin in (3, 8, 8):
         layers += [nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
     net = nn.Sequential(*layers).eval()
     x = torch.randn(1, 3, 16, 16)
-    model = cpu_bench._onnx_float_model(net, x)
-    sess, (int8, convs) = cpu_bench._ort_int8_qdq(model, x, tmp_path)
+    model = ort_int8.float_onnx(net, x)
+    sess, int8, convs = ort_int8.quantize_int8(model, torch.randn(4, 3, 16, 16), tmp_path, 1)
     assert (int8, convs) == (3, 3)
     assert sess.run(None, {"x": x.numpy()})[0].shape == (1, 8, 16, 16)

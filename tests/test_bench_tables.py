@@ -270,11 +270,17 @@ def _bench_row(model, b, median, minimum, **extra):
     return dict(model=model, batch_size=b, median_ms=median, min_ms=minimum, **extra)
 
 
-def test_deploy_table_of_a_run_before_the_compiled_row(deploy):
-    """The committed JSON (timed before `dfqkern bench --compile`) still renders: the compiled cells say so."""
+def test_deploy_table_of_a_run_before_the_newer_rows(deploy):
+    """A run timed before `dfqkern bench --compile` and the onnxruntime int8 peer (the committed JSON with those
+    rows taken out) still renders: their cells say so, the ratio columns stay blank, and a resumed run times
+    the setting again."""
     import json
 
     data = json.loads((BENCH / "results" / "deploy_latency_intel-r-xeon-r-processor.json").read_text())
+    newer = (deploy.COMPILED, deploy.ORT_INT8)
+    for r in data["rows"].values():
+        r["bench"]["rows"] = [x for x in r["bench"]["rows"] if x["model"] not in newer]
+        r.pop("top1_ort_int8", None)
     lines = _deploy_lines(deploy, data)
     assert set(lines) == {(s, b) for s in data["rows"] for b in data["rows"][s]["bench"]["batch_sizes"]}
     col = {kind: 2 + i for i, kind in enumerate(deploy.ROWS)}
@@ -282,30 +288,31 @@ def test_deploy_table_of_a_run_before_the_compiled_row(deploy):
         r = data["rows"][setting]
         by = {x["model"]: x for x in r["bench"]["rows"] if x["batch_size"] == b}
         assert cells[col["packed"]] == f"{by['packed']['median_ms']:.3f} / {by['packed']['min_ms']:.3f}"
-        assert cells[col[deploy.COMPILED]] == deploy.NOT_RUN
-        ratios = cells[2 + len(deploy.ROWS):4 + len(deploy.ROWS)]
-        assert ratios == [f"{by['onnxruntime']['median_ms'] / by['packed']['median_ms']:.2f}x", "-"]
-        assert deploy.missing_rows(r) == [deploy.COMPILED]  # so a resumed run times this setting again
+        assert cells[col[deploy.COMPILED]] == cells[col[deploy.ORT_INT8]] == deploy.NOT_RUN
+        assert cells[2 + len(deploy.ROWS):4 + len(deploy.ROWS)] == ["-", "-"]
+        assert deploy.missing_rows(r) == list(newer)  # so a resumed run times this setting again
     assert "not run in these runs" in deploy.render_markdown(data)
 
 
-def test_deploy_table_with_the_compiled_row(deploy):
+def test_deploy_table_with_the_compiled_and_onnxruntime_int8_rows(deploy):
     rows = [_bench_row("packed", 1, 1.2, 1.1), _bench_row(deploy.COMPILED, 1, 0.9, 0.8, max_abs_diff_vs_packed=0.0),
-            _bench_row("onnxruntime", 1, 1.35, 1.3), _bench_row("pt2", 1, 2.0, 1.9), _bench_row("float", 1, 1.8, 1.7),
+            _bench_row(deploy.ORT_INT8, 1, 0.3, 0.28), _bench_row("onnxruntime", 1, 1.35, 1.3),
+            _bench_row("pt2", 1, 2.0, 1.9), _bench_row("float", 1, 1.8, 1.7),
             _bench_row("packed", 8, 5.0, 4.5), dict(model=deploy.COMPILED, batch_size=8, error="RuntimeError: boom"),
-            _bench_row("onnxruntime", 8, 6.0, 5.5), _bench_row("pt2", 8, 6.1, 5.6), _bench_row("float", 8, 5.5, 5.2)]
+            _bench_row(deploy.ORT_INT8, 8, 2.0, 1.9), _bench_row("onnxruntime", 8, 6.0, 5.5),
+            _bench_row("pt2", 8, 6.1, 5.6), _bench_row("float", 8, 5.5, 5.2)]
     data = {"meta": {"cpu": "test", "isa": "avx2", "threads": 1, "machine": "test", "warmup": 1, "repeats": 2,
                      "commit": "abc"},
             "rows": {"w4a8": {"bench": {"batch_sizes": [1, 8], "rows": rows}, "load": [1.0, 1.5],
-                              "top1_packed": 79.8, "top1_onnxruntime": 79.78}}}
+                              "top1_packed": 79.8, "top1_onnxruntime": 79.78, "top1_ort_int8": 80.1}}}
     lines = _deploy_lines(deploy, data)
-    assert lines[("w4a8", 1)][2:] == ["1.200 / 1.100", "0.900 / 0.800", "1.350 / 1.300", "2.000 / 1.900",
-                                      "1.800 / 1.700", f"{1.35 / 1.2:.2f}x", f"{1.35 / 0.9:.2f}x", "79.80 / 79.78",
-                                      "1.0/1.5"]
-    assert lines[("w4a8", 8)][3] == "error: RuntimeError: boom" and lines[("w4a8", 8)][8] == "-"
+    assert lines[("w4a8", 1)][2:] == ["1.200 / 1.100", "0.900 / 0.800", "0.300 / 0.280", "1.350 / 1.300",
+                                      "2.000 / 1.900", "1.800 / 1.700", f"{0.3 / 1.2:.2f}x", f"{0.3 / 0.9:.2f}x",
+                                      "79.80 / 80.1 / 79.78", "1.0/1.5"]
+    assert lines[("w4a8", 8)][3] == "error: RuntimeError: boom" and lines[("w4a8", 8)][9] == "-"
     assert deploy.missing_rows(data["rows"]["w4a8"]) == []
     text = deploy.render_markdown(data)
-    assert "compiled vs onnxruntime (median)" in text and "differ from the packed row's by at most 0 " in text
+    assert "compiled vs onnxruntime int8 (median)" in text and "differ from the packed row's by at most 0 " in text
 
 
 def _fill(out: str, key: str, started, go) -> None:
