@@ -5,6 +5,7 @@
 // values) before calling dfqkern::cpu::*; no kernel ever sees an unchecked tensor.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -388,6 +389,32 @@ Tensor matmul_int(const Tensor& a, const Tensor& a_zero_point, const Tensor& b, 
   return cpu::matmul_int(a, a_zero_point, b, b_zero_point);
 }
 
+Tensor attention_qkv(const Tensor& qkv, int64_t heads, double q_mult, const Tensor& scale, const Tensor& zero_point,
+                     int64_t bits, double fine, double coarse, int64_t levels) {
+  check_cpu("qkv", qkv);
+  TORCH_CHECK_TYPE(qkv.scalar_type() == at::kFloat, "qkv must be float32, got ", qkv.scalar_type());
+  TORCH_CHECK_VALUE(heads >= 1, "heads must be >= 1, got ", heads);
+  TORCH_CHECK_VALUE(qkv.dim() == 3 && qkv.size(2) % (3 * heads) == 0 && qkv.size(2) > 0,
+                    "qkv must be [B, N, 3 * heads * head_dim] with heads=", heads, ", got shape ", qkv.sizes());
+  constexpr int64_t kMaxK = (int64_t{1} << 31) / (255 * 255);  // as matmul_int: exact int32 sums
+  TORCH_CHECK_VALUE(qkv.size(1) <= kMaxK && qkv.size(2) / (3 * heads) <= kMaxK, "tokens and head_dim must be at most ",
+                    kMaxK, " (exact int32 matmuls), got shape ", qkv.sizes(), " with heads=", heads);
+  check_bits("bits", bits, {2, 3, 4, 8});
+  check_cpu("scale", scale);
+  check_cpu("zero_point", zero_point);
+  TORCH_CHECK_TYPE(scale.is_floating_point(), "scale must be a floating-point tensor, got ", scale.scalar_type());
+  TORCH_CHECK_TYPE(!zero_point.is_floating_point() && !zero_point.is_complex() && zero_point.scalar_type() != at::kBool,
+                   "zero_point must be an integer tensor, got ", zero_point.scalar_type());
+  TORCH_CHECK_VALUE((scale.numel() == 3 || scale.numel() == 3 * heads) && zero_point.numel() == scale.numel(),
+                    "scale and zero_point must have 3 (per tensor) or 3 * heads = ", 3 * heads,
+                    " (per head) elements, got ", scale.numel(), " and ", zero_point.numel());
+  TORCH_CHECK_VALUE(std::isfinite(q_mult), "q_mult must be finite, got ", q_mult);
+  TORCH_CHECK_VALUE(fine > 0 && coarse > 0 && std::isfinite(fine) && std::isfinite(coarse),
+                    "fine and coarse must be finite and > 0, got ", fine, " and ", coarse);
+  TORCH_CHECK_VALUE(levels >= 1 && levels <= 255, "levels must be in [1, 255], got ", levels);
+  return cpu::attention_qkv(qkv, heads, q_mult, scale, zero_point, bits, fine, coarse, levels);
+}
+
 }  // namespace
 }  // namespace dfqkern
 
@@ -419,6 +446,8 @@ TORCH_LIBRARY_FRAGMENT(dfqkern, m) {
   m.def("cpu_conv2d(Tensor x, Tensor w, Tensor w_corr, Tensor w_scale, int w_bits, int[] w_shape, int[] stride, "
         "int[] padding, int[] dilation, int groups, Tensor? bias, float a_scale, int a_zero_point, int a_bits) -> Tensor");
   m.def("cpu_matmul_int(Tensor a, Tensor a_zero_point, Tensor b, Tensor b_zero_point) -> Tensor");
+  m.def("cpu_attention_qkv(Tensor qkv, int heads, float q_mult, Tensor scale, Tensor zero_point, int bits, "
+        "float fine, float coarse, int levels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dfqkern, CPU, m) {
@@ -437,14 +466,17 @@ TORCH_LIBRARY_IMPL(dfqkern, CPU, m) {
   m.impl("cpu_conv2d_int", &dfqkern::conv2d_int);
   m.impl("cpu_conv2d", &dfqkern::conv2d);
   m.impl("cpu_matmul_int", &dfqkern::matmul_int);
+  m.impl("cpu_attention_qkv", &dfqkern::attention_qkv);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dfqkern compiled kernels (CPU; CUDA when built with it)";
   m.def("build_info", &dfqkern::build_info, "Which parts this build of the extension contains");
+  m.def("cpu_isa", &dfqkern::isa, "torch.ops.dfqkern.cpu_isa without the dispatcher (read per packed Linear call)");
   // The packed Linear / Conv2d again as plain functions: batch-1 inference is latency-bound and a
   // direct call skips the dispatcher (about 7 us per call; same checks, same kernels).
   m.def("cpu_linear", &dfqkern::linear, "torch.ops.dfqkern.cpu_linear without the dispatcher");
   m.def("cpu_conv2d", &dfqkern::conv2d, "torch.ops.dfqkern.cpu_conv2d without the dispatcher");
   m.def("cpu_matmul_int", &dfqkern::matmul_int, "torch.ops.dfqkern.cpu_matmul_int without the dispatcher");
+  m.def("cpu_attention_qkv", &dfqkern::attention_qkv, "torch.ops.dfqkern.cpu_attention_qkv without the dispatcher");
 }

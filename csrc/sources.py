@@ -20,7 +20,7 @@ ROOT = os.path.dirname(HERE)
 VERSION = "0.1.0"
 
 # csrc/cpu files that use ATen (tensors, torch's thread pool, TORCH_CHECK).
-ATEN_DRIVERS = ("conv.cpp", "elementwise.cpp", "gemm.cpp", "isa.cpp", "matmul.cpp")
+ATEN_DRIVERS = ("attention.cpp", "conv.cpp", "elementwise.cpp", "gemm.cpp", "isa.cpp", "matmul.cpp")
 _ARCH_SUFFIXES = {"x86": ("_avx2.cpp", "_vnni.cpp"), "aarch64": ("_neon.cpp", "_neon_dot.cpp")}
 
 

@@ -5,7 +5,8 @@
 //                   rest of the library stays baseline x86-64;
 //   *_portable.cpp  plain C++ (what runs on CPUs without AVX2, and what tests compare against).
 //   gemm_vnni.cpp   the GEMM micro-kernels with AVX512-VNNI vpdpbusd on 256-bit registers, where
-//                   the CPU has it (the other kernels then use their AVX2 versions).
+//                   the CPU has it; elementwise_vnni.cpp the AdaRound kernels in 512-bit registers
+//                   (the other kernels then use their AVX2 versions).
 //   gemm_neon*.cpp  aarch64 only: the GEMM micro-kernels with NEON widening multiplies (neon) or the
 //                   dot-product instruction sdot (dotprod); the other kernels use their portable
 //                   versions there (compiled for the aarch64 baseline, which includes NEON).
@@ -23,7 +24,7 @@
 
 namespace dfqkern::cpu {
 
-// x86: avx512vnni = AVX2 kernels + VNNI GEMM; aarch64: dotprod = neon + sdot GEMM.
+// x86: avx512vnni = AVX2 kernels + VNNI GEMM + AVX-512 AdaRound; aarch64: dotprod = neon + sdot GEMM.
 enum class Isa { portable = 0, avx2 = 1, avx512vnni = 2, neon = 3, dotprod = 4 };
 
 Isa active_isa();

@@ -181,6 +181,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
 
 namespace {
 
+// The AdaRound kernels of the active ISA: AVX-512 ones on the avx512vnni level (x86 only).
+using ArForward = void (*)(const float*, const float*, float*, int64_t, const ArParams&, double&);
+using ArBackward = void (*)(const float*, const float*, const float*, float*, int64_t, const ArParams&, double&);
+
+ArForward ar_forward_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (active_isa() == Isa::avx512vnni) return ew::ar_forward_vnni;
+#endif
+  return DFQKERN_AVX2_OR_PORTABLE(ew, ar_forward);
+}
+
+ArBackward ar_backward_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (active_isa() == Isa::avx512vnni) return ew::ar_backward_vnni;
+#endif
+  return DFQKERN_AVX2_OR_PORTABLE(ew, ar_backward);
+}
+
 ArParams ar_params(const ChannelParams& P, int64_t c, int64_t bits, double beta, double reg_grad, bool hard) {
   return ArParams{P.scale[c], P.zp[c], static_cast<float>((1 << bits) - 1), static_cast<float>(beta),
                   static_cast<float>(beta - 1.0), static_cast<float>(reg_grad), hard};
@@ -199,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_forward(const at::Tensor& base_in, c
   const In vin(v), bin(base);
   const Out wout(w);
   std::vector<double> partial(L.items, 0.0);
-  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, ar_forward);
+  const ArForward fn = ar_forward_kernel();
   parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float vb[kChunk], bb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {
@@ -226,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward(const at::Tensor& grad_in, 
   const In vin(v), bin(base), gin(g);
   const Out gout(gv);
   std::vector<double> partial(L.items, 0.0);
-  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, ar_backward);
+  const ArBackward fn = ar_backward_kernel();
   parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float vb[kChunk], bb[kChunk], gb[kChunk], ob[kChunk];
     for (int64_t it = b; it < e; ++it) {

@@ -33,6 +33,13 @@ struct ArParams {
   bool hard;
 };
 
+// Two-range softmax codes (dfqkern.nn.attention.SoftmaxQuantizer.codes): lo = round_half_even(p * inv_fine),
+// fine = lo where lo <= levels (clamped at 0), else coarse = clamp(round_half_even(p * inv_coarse), 0, levels);
+// the other code 0; NaN gives 0 and 0. inv_* are 1/step in fp32, by the caller; levels as a float.
+struct SoftmaxCodeParams {
+  float inv_fine, inv_coarse, levels;
+};
+
 // Per-run partial sums (double so long runs stay accurate).
 struct Sums2 {
   double a = 0, b = 0;
@@ -52,10 +59,19 @@ struct Sums2 {
                         double& reg);                                                                         \
   /* gs += sum(g * (c - zp)) */                                                                               \
   void ar_backward_##isa(const float* g, const float* base, const float* v, float* gv, int64_t n,            \
-                         const ArParams& p, double& gs);
+                         const ArParams& p, double& gs);                                                     \
+  /* fine / coarse codes of n probabilities; true when p held a NaN */                                       \
+  bool softmax_codes_##isa(const float* p, uint8_t* fine, uint8_t* coarse, int64_t n,                        \
+                           const SoftmaxCodeParams& s);
 
 DFQ_EW_DECLARE(portable)
 DFQ_EW_DECLARE(avx2)
 #undef DFQ_EW_DECLARE
+
+// The avx512vnni level's AdaRound kernels (elementwise_vnni.cpp, x86 only); its other elementwise
+// kernels are the AVX2 ones.
+void ar_forward_vnni(const float* base, const float* v, float* w, int64_t n, const ArParams& p, double& reg);
+void ar_backward_vnni(const float* g, const float* base, const float* v, float* gv, int64_t n, const ArParams& p,
+                      double& gs);
 
 }  // namespace dfqkern::cpu::ew

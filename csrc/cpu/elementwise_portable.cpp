@@ -37,4 +37,10 @@ void ar_backward_portable(const float* g, const float* base, const float* v, flo
   gs += s;
 }
 
+bool softmax_codes_portable(const float* p, uint8_t* fine, uint8_t* coarse, int64_t n, const SoftmaxCodeParams& s) {
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) nan |= softmax_code_of(p[i], s, fine[i], coarse[i]);
+  return nan;
+}
+
 }  // namespace dfqkern::cpu::ew

@@ -93,4 +93,21 @@ inline float ar_backward_one(float g, float base, float v, const ArParams& p, do
   return g * p.scale * (inside ? 1.f : 0.f) * dh_dv + p.reg_grad * dreg_dh * dh_dv;
 }
 
+// One probability's (fine, coarse) codes (see SoftmaxCodeParams); returns true for NaN.
+inline bool softmax_code_of(float p, const SoftmaxCodeParams& s, uint8_t& fine, uint8_t& coarse) {
+  const float lo = std::nearbyint(p * s.inv_fine);
+  if (lo <= s.levels) {  // false for NaN
+    fine = static_cast<uint8_t>(clampf(lo, 0.f, s.levels));
+    coarse = 0;
+    return false;
+  }
+  fine = 0;
+  if (std::isnan(p)) {
+    coarse = 0;
+    return true;
+  }
+  coarse = static_cast<uint8_t>(clampf(std::nearbyint(p * s.inv_coarse), 0.f, s.levels));
+  return false;
+}
+
 }  // namespace dfqkern::cpu::ew

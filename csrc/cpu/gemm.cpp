@@ -316,7 +316,11 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_tiles, const at::T
                   const at::Tensor& w_scale_in, int64_t w_bits, int64_t n, int64_t k, const std::optional<at::Tensor>& bias_in,
                   const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& a_zero_point,
                   int64_t a_bits, bool per_token, bool symmetric) {
-  const at::Tensor x = x_in.reshape({-1, k}).contiguous();
+  // At batch 1 this is latency-bound: tensors already in the kernels' form skip the ATen calls (a no-op
+  // .to() / .contiguous() / reshape still costs a dispatcher round trip each).
+  const at::Tensor x = x_in.dim() == 2 && x_in.is_contiguous() ? x_in
+                       : x_in.is_contiguous()                  ? x_in.view({-1, k})
+                                                               : x_in.reshape({-1, k}).contiguous();
   const int64_t m = x.size(0);
   float s = 1.f;
   int32_t z = 0;
@@ -325,10 +329,16 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_tiles, const at::T
     z = scalar_i32(*a_zero_point);
   }
   ActRows r = quantize_rows(x, a_bits, per_token, symmetric, s, z, kernel_bits(w_bits), nullptr);
-  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
+  const auto f32 = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+  };
+  const at::Tensor w_scale = f32(w_scale_in);
   at::Tensor bias;
-  if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (bias_in) bias = f32(*bias_in);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());  // x's leading dims, then n
+  if (shape.empty()) shape.push_back(1);
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
   gemm::Args g = make_args(r, w_tiles, w_corr, w_bits, n, k);
   g.w_scale = w_scale.data_ptr<float>();
   g.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation(const at::Ten
 // Exact int32 (a - a_zp) @ (w - w_zp)^T from packed activations [M, packed K] and a prepacked weight.
 at::Tensor linear_int(const at::Tensor& a_data, const at::Tensor& a_zero_point, int64_t a_bits, int64_t k,
                       const at::Tensor& w_tiles, const at::Tensor& w_corr, int64_t w_bits, int64_t n);
-// Packed Linear with activations quantized on the fly; fp32 [M, N] output.
+// Packed Linear with activations quantized on the fly; fp32 output [*x.shape[:-1], N] (1-D x: [N]).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w_tiles, const at::Tensor& w_corr, const at::Tensor& w_scale,
                   int64_t w_bits, int64_t n, int64_t k, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& a_zero_point,
@@ -59,6 +59,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_tiles, const at::Tens
 // arithmetic: exact whenever the true result fits in int32 (contract.MATMUL_MAX_K for 8-bit codes).
 at::Tensor matmul_int(const at::Tensor& a, const at::Tensor& a_zero_point, const at::Tensor& b,
                       const at::Tensor& b_zero_point);
+
+// --------------------------------------------------------------------------- attention (attention.cpp)
+// Packed attention core on a fused projection's fp32 output qkv [B, N, 3 * heads * d] (q unscaled): q * q_mult,
+// k and v quantized with scale / zero_point ([3] per tensor or [3 * heads] per head, q k v order), softmax of
+// the int32 q.k^T * (qs * ks), two-range softmax codes (steps fine / coarse, top code levels) against v, fp32
+// [B, N, heads * d]. The same values as dfqkern.kernels.reference.attention_qkv, bit for bit.
+at::Tensor attention_qkv(const at::Tensor& qkv, int64_t heads, double q_mult, const at::Tensor& scale,
+                         const at::Tensor& zero_point, int64_t bits, double fine, double coarse, int64_t levels);
 
 // --------------------------------------------------------------------------- conv2d (conv.cpp)
 // Depthwise-style weights (C/groups == 1): int16 [O, kh*kw] holding code - zero_point.

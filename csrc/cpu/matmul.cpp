@@ -38,6 +38,24 @@ Zp zero_points(const at::Tensor& z, int64_t nb, int64_t free_dim) {
 
 }  // namespace
 
+void matmul::run_active(const Problem& p, Scratch& s) {
+  // 8-bit codes: cpu-panel-v1 on the VNNI level (vpdpbusd takes full bytes); the int16 layout on AVX2
+  // (vpmaddubsw would saturate; measured at 65 x 32 x 65 per head, packing included: 1.8x faster than
+  // the tile kernels, whose horizontal sums and K padding to 32 dominate at short K); cpu-tile-v1 elsewhere.
+  const Isa isa = active_isa();
+  const bool panels = isa == Isa::avx512vnni;
+#if defined(__x86_64__) || defined(__i386__)
+  const I16Kernel i16 = isa == Isa::avx2 ? i16_avx2 : nullptr;
+#else
+  const I16Kernel i16 = nullptr;
+#endif
+  if (i16) {
+    run_i16(p, i16, s);
+    return;
+  }
+  run(p, gemm::pick_kernel(isa, panels), panels ? gemm::kPanel : gemm::kTileRows, s);
+}
+
 at::Tensor matmul_int(const at::Tensor& a, const at::Tensor& a_zero_point, const at::Tensor& b,
                       const at::Tensor& b_zero_point) {
   const int64_t dim = a.dim(), nb = dim - 2, m = a.size(-2), k = a.size(-1), n = b.size(-1);
@@ -51,19 +69,6 @@ at::Tensor matmul_int(const at::Tensor& a, const at::Tensor& a_zero_point, const
   int64_t batch = 1;
   for (int64_t d = 0; d < nb; ++d) batch *= shape[d];
   at::Tensor out = at::empty(shape, opts);
-
-  // 8-bit codes: cpu-panel-v1 on the VNNI level (vpdpbusd takes full bytes); the int16 layout on AVX2
-  // (vpmaddubsw would saturate; measured at 65 x 32 x 65 per head, packing included: 1.8x faster than
-  // the tile kernels, whose horizontal sums and K padding to 32 dominate at short K); cpu-tile-v1 elsewhere.
-  const Isa isa = active_isa();
-  const bool panels = isa == Isa::avx512vnni;
-#if defined(__x86_64__) || defined(__i386__)
-  const matmul::I16Kernel i16 = isa == Isa::avx2 ? matmul::i16_avx2 : nullptr;
-#else
-  const matmul::I16Kernel i16 = nullptr;
-#endif
-  const gemm::Kernel fn = gemm::pick_kernel(isa, panels);
-  const int rows = panels ? gemm::kPanel : gemm::kTileRows;
 
   const uint8_t* ap = a.data_ptr<uint8_t>();
   const uint8_t* bp = b.data_ptr<uint8_t>();
@@ -97,8 +102,7 @@ at::Tensor matmul_int(const at::Tensor& a, const at::Tensor& a_zero_point, const
       p.n = n;
       p.k = k;
       p.out = op + i * m * n;
-      if (i16) matmul::run_i16(p, i16, s);
-      else matmul::run(p, fn, rows, s);
+      matmul::run_active(p, s);
     }
   });
   return out;

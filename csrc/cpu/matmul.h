@@ -68,4 +68,7 @@ void i16_avx2(const I16Args& g);  // x86 builds only (matmul_avx2.cpp)
 // Packs the operands in the int16 layout and runs fn. k >= 1.
 void run_i16(const Problem& p, I16Kernel fn, Scratch& s);
 
+// One product on the active ISA's choice of layout and kernel (matmul.cpp, the ATen side: it reads the ISA).
+void run_active(const Problem& p, Scratch& s);
+
 }  // namespace dfqkern::cpu::matmul

@@ -16,24 +16,37 @@ namespace {
 
 inline __m256i ld(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
+inline __m256i bcast(const int16_t* p) {  // one (k, k + 1) pair of a row, to all 8 lanes
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
 template <int MR>
 void strip(const I16Args& g, int64_t m, int64_t p) {
-  __m256i acc[MR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  // named accumulators, not an array: GCC kept the array in memory (stores and reloads every k pair)
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const int16_t* bp = g.b + p * g.kpairs * kI16Panel * 2;
-  const int16_t* ap = g.a + m * g.lda;
-  for (int64_t j = 0; j < g.kpairs; ++j, bp += kI16Panel * 2) {
+  const int16_t* a0 = g.a + m * g.lda;
+  const int64_t lda = g.lda;
+  for (int64_t j = 0; j < g.kpairs; ++j, bp += kI16Panel * 2, a0 += 2) {
     const __m256i b0 = ld(bp), b1 = ld(bp + 16);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      int32_t v;
-      std::memcpy(&v, ap + r * g.lda + 2 * j, 4);
-      const __m256i av = _mm256_set1_epi32(v);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(b0, av));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(b1, av));
+#define DFQ_I16_ROW(r)                                                      \
+    if constexpr (MR > r) {                                                 \
+      const __m256i av = bcast(a0 + r * lda);                               \
+      c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(b0, av));       \
+      c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(b1, av));       \
     }
+    DFQ_I16_ROW(0)
+    DFQ_I16_ROW(1)
+    DFQ_I16_ROW(2)
+    DFQ_I16_ROW(3)
+    DFQ_I16_ROW(4)
+    DFQ_I16_ROW(5)
+#undef DFQ_I16_ROW
   }
+  const __m256i acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   const int64_t n0 = p * kI16Panel;
   const int nvalid = static_cast<int>(std::min<int64_t>(kI16Panel, g.n - n0));
   const __m256i zb0 = ld(g.zb + n0), zb1 = ld(g.zb + n0 + 8), q0 = ld(g.q + n0), q1 = ld(g.q + n0 + 8);

@@ -350,15 +350,16 @@ struct EwVariant {
   void (*fq_backward)(const float*, const float*, float*, int64_t, const ew::FqParams&, uint64_t, ew::Sums2&);
   void (*minmax)(const float*, int64_t, float&, float&);
   void (*dw_conv)(const dw::Plane&, int32_t*);
+  bool (*softmax_codes)(const float*, uint8_t*, uint8_t*, int64_t, const ew::SoftmaxCodeParams&);
 };
 
 std::vector<EwVariant> ew_variants() {
   std::vector<EwVariant> v{{"portable", ew::quantize_portable, ew::fq_forward_portable, ew::fq_backward_portable,
-                            gemm::minmax_portable, dw::conv_portable}};
+                            gemm::minmax_portable, dw::conv_portable, ew::softmax_codes_portable}};
 #if defined(__x86_64__) || defined(__i386__)
   if (cpu_has_avx2())
     v.push_back({"avx2", ew::quantize_avx2, ew::fq_forward_avx2, ew::fq_backward_avx2, gemm::minmax_avx2,
-                 dw::conv_avx2});
+                 dw::conv_avx2, ew::softmax_codes_avx2});
 #endif
   return v;  // aarch64: these kernels are the portable ones (compiled for the NEON baseline)
 }
@@ -409,6 +410,39 @@ void run_elementwise(const std::vector<EwVariant>& variants) {
     }
 }
 
+// Two-range softmax codes: probabilities in [0, 1] (multiples of 2^-20), the range boundary and its
+// float neighbours, NaN / +-Inf / negatives sprinkled in; every shift the softmax quantizer searches.
+void run_softmax_codes(const std::vector<EwVariant>& variants) {
+  for (int64_t n : {1, 7, 33, 1000})
+    for (int bits : {4, 8})
+      for (int shift : {0, 3, 8}) {
+        const std::string base = "smc_n" + std::to_string(n) + "_b" + std::to_string(bits) + "_s" + std::to_string(shift);
+        Rng rng(base);
+        const float levels = static_cast<float>((1 << (bits - 1)) - 1);
+        const float fine = 1.0f / (levels * static_cast<float>(1 << shift)), coarse = fine * static_cast<float>(1 << shift);
+        const ew::SoftmaxCodeParams sp{1.0f / fine, 1.0f / coarse, levels};
+        std::vector<float> p(n);
+        const float edge = (levels + 0.5f) * fine;
+        for (int64_t i = 0; i < n; ++i) {
+          p[i] = std::ldexp(static_cast<float>(rng.below(1u << 20)), -20);
+          if (i % 97 == 5) p[i] = edge;
+          if (i % 97 == 6) p[i] = std::nextafter(edge, 0.f);
+          if (i % 97 == 7) p[i] = std::nextafter(edge, 1.f);
+          if (i % 97 == 8) p[i] = std::numeric_limits<float>::quiet_NaN();
+          if (i % 97 == 9) p[i] = std::numeric_limits<float>::infinity();
+          if (i % 97 == 10) p[i] = -std::numeric_limits<float>::infinity();
+          if (i % 97 == 11) p[i] = -0.25f;
+        }
+        std::vector<std::pair<std::string, uint64_t>> got;
+        for (const EwVariant& v : variants) {
+          std::vector<uint8_t> codes(2 * n + 1);
+          codes[2 * n] = v.softmax_codes(p.data(), codes.data(), codes.data() + n, n, sp) ? 1 : 0;
+          got.emplace_back(v.name, digest(codes));
+        }
+        report(base, got, got.front().second, "portable");
+      }
+}
+
 void run_depthwise(const std::vector<EwVariant>& variants) {
   struct Geo {
     int64_t h, w, kh, kw, s, d;
@@ -446,6 +480,7 @@ int main() {
   for (const GemmCase& c : gemm_cases()) run_gemm(c, gv);
   run_matmuls(gv);
   run_elementwise(ev);
+  run_softmax_codes(ev);
   run_depthwise(ev);
   std::printf("%s: %d mismatches\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;

@@ -12,6 +12,8 @@ and the small helpers backends share to decline what they do not implement (:fun
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..formats import PackedActivation, PackedWeight, check_bits, code_max
@@ -421,9 +423,40 @@ def matmul_int(a, a_zero_point, b, b_zero_point):
     check_same_device(a=a, a_zero_point=a_zero_point, b=b, b_zero_point=b_zero_point)
 
 
+def attention_qkv(qkv, heads, q_mult, scale, zero_point, bits, fine, coarse, levels):
+    check_float("qkv", qkv)
+    if qkv.dtype != torch.float32:
+        raise TypeError(f"qkv must be float32, got {qkv.dtype}")
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an int >= 1, got {heads!r}")
+    if qkv.dim() != 3 or qkv.shape[2] == 0 or qkv.shape[2] % (3 * heads):
+        raise ValueError(f"qkv must be [B, N, 3 * heads * head_dim] with heads={heads}, got shape {tuple(qkv.shape)}")
+    check_bits(bits, WEIGHT_BITS, "bits")
+    check_tensor("scale", scale)
+    check_tensor("zero_point", zero_point)
+    if not scale.dtype.is_floating_point:
+        raise TypeError(f"scale must be a floating-point tensor, got {scale.dtype}")
+    if zero_point.dtype.is_floating_point or zero_point.dtype == torch.bool:
+        raise TypeError(f"zero_point must be an integer tensor, got {zero_point.dtype}")
+    if scale.numel() not in (3, 3 * heads) or zero_point.numel() != scale.numel():
+        raise ValueError(f"scale and zero_point must have 3 (per tensor) or 3 * heads = {3 * heads} (per head) "
+                         f"elements, got {scale.numel()} and {zero_point.numel()}")
+    if max(qkv.shape[1], qkv.shape[2] // (3 * heads)) > MATMUL_MAX_K:  # the two matmuls' K: tokens, head_dim
+        raise ValueError(f"tokens and head_dim must be at most {MATMUL_MAX_K} (exact int32 matmuls), got shape "
+                         f"{tuple(qkv.shape)} with heads={heads}")
+    if not math.isfinite(q_mult):
+        raise ValueError(f"q_mult must be finite, got {q_mult}")
+    if not (math.isfinite(fine) and math.isfinite(coarse) and fine > 0 and coarse > 0):
+        raise ValueError(f"fine and coarse must be finite and > 0, got {fine} and {coarse}")
+    if not isinstance(levels, int) or not 1 <= levels <= 255:
+        raise ValueError(f"levels must be an int in [1, 255], got {levels!r}")
+    check_same_device(qkv=qkv, scale=scale, zero_point=zero_point)
+
+
 CHECKS = {name: globals()[name] for name in (
     "quantize", "dequantize", "fake_quant_forward", "fake_quant_backward", "adaround_forward",
-    "adaround_backward", "quantize_activation", "linear_int", "linear", "conv2d_int", "conv2d", "matmul_int")}
+    "adaround_backward", "quantize_activation", "linear_int", "linear", "conv2d_int", "conv2d", "matmul_int",
+    "attention_qkv")}
 
 
 def check(op: str, *args, **kwargs) -> None:

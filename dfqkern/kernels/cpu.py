@@ -8,9 +8,10 @@ weight-only packed Linear / Conv2d (``act=None``), non-integer activation zero p
 convolutions, string padding, integer input codes that are not uint8, float64 tensors.
 
 Instruction set, chosen at run time: ``avx512vnni`` (the packed GEMM uses ``vpdpbusd`` on 256-bit
-registers; everything else as ``avx2``) where the CPU has AVX512-VNNI/VL, ``avx2`` (AVX2 + FMA + F16C)
-where it has those, ``portable`` C++ otherwise. Force one with ``DFQKERN_CPU_ISA=avx512vnni|avx2|
-portable|auto`` or :func:`use_isa`; every level gives identical integer and epilogue results.
+registers, AdaRound 512-bit registers; everything else as ``avx2``) where the CPU has AVX512-VNNI/VL,
+``avx2`` (AVX2 + FMA + F16C) where it has those, ``portable`` C++ otherwise. Force one with
+``DFQKERN_CPU_ISA=avx512vnni|avx2|portable|auto`` or :func:`use_isa`; every level gives identical integer
+and epilogue results.
 On aarch64 the levels are ``dotprod`` (GEMM with ``sdot``, where the CPU reports it), ``neon`` and
 ``portable`` (``DFQKERN_CPU_ISA=dotprod|neon|portable|auto``); the other kernels are the portable ones.
 
@@ -38,6 +39,9 @@ in place):
 operands (csrc/cpu/matmul.h): B^T as an 8-bit weight for the GEMM micro-kernels above (``cpu-panel-v1``
 on avx512vnni, ``cpu-tile-v1`` on portable / neon / dotprod), or on avx2 both as int16 for a vpmaddwd
 kernel (vpmaddubsw would saturate on two 8-bit codes); threads split the batch (the leading dims).
+
+``attention_qkv`` (a fused-qkv attention core in one call, csrc/cpu/attention.cpp) runs the elementwise and
+matmul kernels above per (batch, head) and torch's softmax in between, so its probabilities are torch's.
 
 Threads: torch's intra-op threads (``torch.set_num_threads``).
 """
@@ -172,10 +176,17 @@ def panel_weight(pw: PackedWeight, groups: int = 1):
     return _prepacked(pw, "panel", groups)
 
 
+def _isa_now() -> str:
+    # read per 8-bit packed Linear call: the direct binding where the build has one (no dispatcher)
+    if _FAST is None:
+        _load()
+    return (getattr(_FAST, "cpu_isa", None) or _OPS.cpu_isa)()
+
+
 def _gemm_layout(pw: PackedWeight) -> str:
     # 8-bit codes on the AVX2 level: the panel kernel must split codes into nibbles (vpmaddubsw would
     # saturate), slower than the tile kernel's int16 widening, so those keep the tiles.
-    if pw.bits == 8 and _load().cpu_isa() != "avx512vnni":
+    if pw.bits == 8 and _isa_now() != "avx512vnni":
         return "tile"
     return "panel"
 
@@ -216,6 +227,16 @@ def matmul_int(a: torch.Tensor, a_zero_point: torch.Tensor, b: torch.Tensor,
     return fn(a, a_zero_point, b, b_zero_point)
 
 
+def attention_qkv(qkv, heads, q_mult, scale, zero_point, bits, fine, coarse, levels):
+    # One call per attention module (csrc/cpu/attention.cpp); the direct binding skips the dispatcher.
+    if _FAST is None:
+        _load()
+    fn = getattr(_FAST, "cpu_attention_qkv", None) or getattr(_OPS, "cpu_attention_qkv", None)
+    if fn is None:
+        raise Unsupported("this build of dfqkern._C has no cpu_attention_qkv (rebuild the extension)")
+    return fn(qkv, heads, q_mult, scale, zero_point, bits, fine, coarse, levels)
+
+
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, act: ActQuant | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     # The M = 1 path is latency-bound: one cache lookup, one op call, no tensor checks in Python
@@ -234,7 +255,7 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
         _load()
     y = _FAST.cpu_linear(x, w[0], w[1], pw.scale, pw.bits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
                         act.per_token, act.symmetric)
-    if x.dim() != 2:
+    if y.dim() != x.dim():  # a build whose kernel returns [M, N] for every x
         y = y.reshape(*x.shape[:-1], pw.n)
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)

@@ -28,6 +28,7 @@ ENV_VAR = "DFQKERN_BACKEND"
 OPS = (
     "quantize", "dequantize", "fake_quant_forward", "fake_quant_backward", "adaround_forward",
     "adaround_backward", "quantize_activation", "linear_int", "linear", "conv2d_int", "conv2d", "matmul_int",
+    "attention_qkv",
 )
 
 

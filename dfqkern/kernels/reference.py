@@ -390,3 +390,47 @@ def matmul_int(a: torch.Tensor, a_zero_point: torch.Tensor, b: torch.Tensor,
     ai = a.double() - a_zero_point.double()
     bi = b.double() - b_zero_point.double()
     return _exact_int(ai @ bi)
+
+
+def softmax_codes(p: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, levels: int):
+    """Two-range codes of probabilities ``p`` (``SoftmaxQuantizer.codes``): ``(fine codes, coarse codes)``, uint8,
+    one of them 0 at each element; ``lo = round(p / fine)`` is the fine code where it is at most ``levels``,
+    else the coarse code is ``clamp(round(p / coarse), 0, levels)``; NaN gives 0 and 0. ``fine`` / ``coarse``:
+    float32 steps, their reciprocals taken in float32."""
+    x = p.float()
+    lo = torch.round(x * (1.0 / fine))
+    in_fine = lo <= levels
+    hi = torch.round(x * (1.0 / coarse))
+    zero = torch.zeros_like(lo)
+    c_fine = torch.where(in_fine, lo.clamp(0, levels), zero)
+    c_coarse = torch.where(in_fine | torch.isnan(x), zero, hi.clamp(0, levels))
+    return c_fine.to(torch.uint8), c_coarse.to(torch.uint8)
+
+
+def attention_qkv(qkv: torch.Tensor, heads: int, q_mult: float, scale: torch.Tensor, zero_point: torch.Tensor,
+                  bits: int, fine: float, coarse: float, levels: int) -> torch.Tensor:
+    """Packed attention core on a fused projection's float32 output ``qkv`` ``[B, N, 3 * heads * d]`` (timm
+    layout, q not yet scaled): q (times ``q_mult`` in float32), k and v quantized with ``scale`` /
+    ``zero_point`` (``[3]`` per tensor or ``[3 * heads]`` per head, in q, k, v order), exact
+    ``(q - zq) . (k - zk)^T`` times ``qs * ks``, softmax, two-range codes (:func:`softmax_codes`, steps
+    ``fine`` / ``coarse``), exact products of both code ranges with ``v - zv``, ``(fine_acc * fine +
+    coarse_acc * coarse) * vs``; a row whose probabilities hold NaN is NaN. Float32 ``[B, N, heads * d]``."""
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    per = scale.numel() // 3
+    x = qkv.float().reshape(b, n, 3, c) * torch.tensor([q_mult, 1.0, 1.0], dtype=torch.float32,
+                                                        device=qkv.device).reshape(3, 1)
+    codes = quantize(x.reshape(b, n, 3 * per, -1), scale.reshape(-1), zero_point.reshape(-1), bits, 2)
+    codes = codes.reshape(b, n, 3, heads, c // heads)
+    s = scale.float().reshape(3, per, 1, 1)
+    z = zero_point.reshape(3, per, 1, 1)
+    scores = matmul_int(codes[:, :, 0].transpose(1, 2), z[0], codes[:, :, 1].permute(0, 2, 3, 1),
+                        z[1].transpose(-2, -1)).float() * (s[0] * s[1])
+    probs = scores.softmax(dim=-1)
+    steps = torch.tensor([fine, coarse], dtype=torch.float32, device=qkv.device)
+    c_fine, c_coarse = softmax_codes(probs, steps[0], steps[1], levels)
+    vc, zero = codes[:, :, 2].transpose(1, 2), torch.zeros(1, dtype=torch.int32, device=qkv.device)
+    out = (matmul_int(c_fine, zero, vc, z[2]).float() * steps[0] + matmul_int(c_coarse, zero, vc, z[2]).float()
+           * steps[1]) * s[2]
+    out = torch.where(torch.isnan(probs).any(dim=-1, keepdim=True), torch.full_like(out, math.nan), out)
+    return out.transpose(1, 2).reshape(b, n, c)

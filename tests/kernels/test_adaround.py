@@ -16,6 +16,8 @@ from kernel_cases import SUM_REL, assert_close, assert_equal, assert_sum_close, 
 AR_CASES = [  # (shape, axis)
     ((37, 50), 0), ((16, 3, 3, 3), 0), ((7, 300), None), ((5, 9), 1), ((17, 33), 0), ((6, 5, 3, 3), 0),
     ((33,), None), ((24, 3, 3, 3), 1),
+    # rows longer than a partial-sum flush (16 vector steps) and the drivers' 4096-element chunks, with tails
+    ((3, 4100), 0), ((4133,), None),
 ]
 
 
@@ -78,3 +80,29 @@ def test_adaround_regularizer_gradient_is_included(row, gen):
     gv1, _ = row.call("adaround_backward", g, base, v, scale, zp, 2, 0, 2.0, 0.5)
     assert float(gv0.abs().max()) == 0.0 and float(gv1.abs().max()) > 0.0
     assert_close(gv1, R.adaround_backward(g, base, v, scale, zp, 2, 0, 2.0, 0.5)[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("beta", [2.0, 7.3])
+def test_adaround_saturated_v(row, gen, beta):
+    """V far in either tail (the sigmoid's exp over- / underflows: h = 0 or 1, dh/dV = 0), around the
+    vector exp's clamps (|V| ~ 87-89, 110) and at +-inf, mixed with ordinary values in one vector."""
+    edges = torch.tensor([-float("inf"), -200.0, -110.5, -88.8, -88.3, -87.4, -87.3, -20.0, -2.4, -1e-3, 0.0,
+                          1e-3, 2.4, 20.0, 87.3, 87.4, 88.3, 88.8, 110.5, 200.0, float("inf")])
+    v = torch.cat([edges, torch.randn(43, generator=gen) * 3]).reshape(4, 16)
+    v = row.dev(v[:, torch.randperm(16, generator=gen)])
+    w = rand_x(row, gen, 4, 16, scale=1.0)
+    s, z = row.dev(w.abs().amax(1).cpu() / 7), row.dev(torch.full((4,), 8, dtype=torch.int32))
+    base, g = R.adaround_base(w, s), rand_x(row, gen, 4, 16, scale=1.0)
+    why = dict(row=row.id, beta=beta)
+
+    wh, reg = row.call("adaround_forward", base, v, s, z, 4, 0, beta)
+    rwh, rreg = R.adaround_forward(base, v, s, z, 4, 0, beta)
+    assert_close(wh, rwh, rtol=1e-5, atol=1e-6 * float(rwh.abs().max()), op="w_hat", **why)
+    assert abs(float(reg) - float(rreg)) <= 1e-5 * float(rreg) + 1e-6, (float(reg), float(rreg), why)
+    gv, gs = row.call("adaround_backward", g, base, v, s, z, 4, 0, beta, 0.01)
+    rgv, rgs = R.adaround_backward(g, base, v, s, z, 4, 0, beta, 0.01)
+    assert_close(gv, rgv, rtol=1e-4 if row.backend == "cuda" else 1e-5, atol=1e-5 * float(rgv.abs().max()),
+                 op="grad_v", **why)
+    terms = R.reduce_to_param((g * rwh / s[:, None]).abs(), 0)
+    assert_sum_close(gs, rgs, terms, SUM_REL[row.backend], op="grad_scale", **why)

@@ -30,6 +30,7 @@ def _bad_calls(row, gen):
     sact = static_act(xc, 8)
     pa = R.quantize_activation(rand_x(row, gen, 2, 12), act)
     meta1 = torch.ones(1, device="meta")
+    qkv, s3, z3 = rand_x(row, gen, 1, 5, 12), row.dev(torch.full((3,), 0.1)), row.dev(torch.zeros(3, dtype=torch.int32))
     return [
         (TypeError, "x must be a torch.Tensor", "quantize", ([1.0], s, z, 4), {}),
         (TypeError, "x must be a floating-point tensor", "quantize", (x.to(torch.int32), s, z, 4), {}),
@@ -74,6 +75,19 @@ def _bad_calls(row, gen):
         (ValueError, "x_codes must be NCHW", "conv2d_int", (torch.zeros(2, 5, 5, dtype=torch.uint8), z, pwc), {}),
         (ValueError, "stride must be an int or a pair of ints", "conv2d_int",
          (row.dev(torch.zeros(1, 2, 5, 5, dtype=torch.uint8)), z, pwc, (1, 2, 3)), {}),
+        (TypeError, "qkv must be float32", "attention_qkv", (qkv.half(), 2, 0.5, s3, z3, 8, 0.1, 0.2, 7), {}),
+        (ValueError, r"qkv must be \[B, N, 3 \* heads \* head_dim\] with heads=2", "attention_qkv",
+         (qkv[..., :-3], 2, 0.5, s3, z3, 8, 0.1, 0.2, 7), {}),
+        (ValueError, "scale and zero_point must have 3 .* or 3 \\* heads = 6", "attention_qkv",
+         (qkv, 2, 0.5, s3[:2], z3[:2], 8, 0.1, 0.2, 7), {}),
+        (TypeError, "zero_point must be an integer tensor", "attention_qkv", (qkv, 2, 0.5, s3, s3, 8, 0.1, 0.2, 7), {}),
+        (ValueError, "fine and coarse must be finite and > 0", "attention_qkv",
+         (qkv, 2, 0.5, s3, z3, 8, 0.1, float("inf"), 7), {}),
+        (ValueError, "levels must be an int in", "attention_qkv", (qkv, 2, 0.5, s3, z3, 8, 0.1, 0.2, 0), {}),
+        (ValueError, f"tokens and head_dim must be at most {contract.MATMUL_MAX_K}", "attention_qkv",
+         (torch.zeros(1, 1, 6 * (contract.MATMUL_MAX_K + 1), device=row.device), 2, 0.5, s3, z3, 8, 0.1, 0.2, 7), {}),
+        (ValueError, "qkv=.*, scale=meta", "attention_qkv",
+         (qkv, 2, 0.5, torch.ones(3, device="meta"), z3, 8, 0.1, 0.2, 7), {}),
     ]
 
 

@@ -55,11 +55,11 @@ def _attend_inputs(model, x):
     return seen
 
 
-def _backends_with_matmul():
-    """The kernel backend modules serving ``matmul_int`` here: the packed paths call them through dispatch
+def _backends_with_matmul(op: str = "matmul_int"):
+    """The kernel backend modules serving ``op`` here: the packed paths call them through dispatch
     (general path) or resolved once (the cached eager call, dfqkern.nn.packed_attention)."""
     mods = (dispatch.backend_module(b) for b in dispatch.Backend)
-    return [m for m in mods if m is not None and hasattr(m, "matmul_int")]
+    return [m for m in mods if m is not None and hasattr(m, op)]
 
 
 @pytest.fixture
@@ -115,9 +115,10 @@ def test_packed_forward_needs_the_integer_op(monkeypatch):
     def gone(*a, **k):
         raise RuntimeError("matmul_int unavailable")
 
-    monkeypatch.setattr(dispatch, "matmul_int", gone)
-    for mod in _backends_with_matmul():
-        monkeypatch.setattr(mod, "matmul_int", gone)
+    for op in ("matmul_int", "attention_qkv"):  # the fused qkv core runs its matmuls inside one kernel
+        monkeypatch.setattr(dispatch, op, gone)
+        for mod in _backends_with_matmul(op):
+            monkeypatch.setattr(mod, op, gone)
     with torch.no_grad(), pytest.raises(RuntimeError, match="matmul_int unavailable"):
         q(x[:2])
 

@@ -60,20 +60,61 @@ def test_eager_call_logits_equal_the_general_path_bit_for_bit(name, setting, gen
 
 
 def test_fused_qkv_path_runs_for_timm_layout_and_matches():
-    """QuantTimmAttention quantizes q, k, v in one call on the qkv output: one quantize call per module,
-    not three (and the logits equal the general path: the test above)."""
+    """QuantTimmAttention runs the whole core in one attention_qkv kernel call per module on the qkv output
+    (no separate quantize calls; the logits equal the general path: the test above)."""
     q, x = _packed("vit_qkv")
     calls = []
     mods = _attention(q)
     with torch.no_grad():
         q(x[:1])  # builds the calls
         for m in mods:
-            real = m._eager.quantize
-            m._eager.quantize = lambda *a, _real=real: calls.append(tuple(a[0].shape)) or _real(*a)
+            real_core, real_quantize = m._eager.core, m._eager.quantize
+            m._eager.core = lambda *a, _real=real_core: calls.append(("core", tuple(a[0].shape))) or _real(*a)
+            m._eager.quantize = lambda *a, _real=real_quantize: calls.append(("quantize",)) or _real(*a)
         q(x[:1])
-    # per module: q/k/v at once ([B, N, 3, C]), then the stacked softmax levels ([B, H, 2, N, S])
-    assert len(calls) == 2 * len(mods), calls
-    assert all(s[2] == 3 for s in calls[::2]) and all(s[2] == 2 for s in calls[1::2]), calls
+    assert len(calls) == len(mods) and all(c[0] == "core" for c in calls), calls
+    assert all(c[1][0] == 1 and c[1][2] == 3 * m.attn_dim for c, m in zip(calls, mods)), calls
+
+
+def test_fused_qkv_chain_runs_where_the_core_does_not(general):
+    """With a mask (additive bias) the fused call keeps its step-by-step chain: one quantize call on the qkv
+    output, one for the stacked softmax levels, and the general path's logits."""
+    q, x = _packed("vit_qkv")
+    mod = _attention(q)[0]
+    tokens = torch.randn(2, 6, mod.qkv.in_features, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril_()
+    with torch.no_grad():
+        want = general(lambda: mod(tokens, attn_mask=mask))
+        mod(tokens, attn_mask=mask)
+        calls = []
+        real = mod._eager.quantize
+        mod._eager.quantize = lambda *a: calls.append(tuple(a[0].shape)) or real(*a)
+        mod._eager.core = None  # would raise if called
+        got = mod(tokens, attn_mask=mask)
+    assert len(calls) == 2 and calls[0][2] == 3 and calls[1][2] == 2, calls
+    assert torch.equal(got, want)
+
+
+def test_fused_core_runs_only_on_the_backend_serving_matmul_int(general, monkeypatch):
+    """A backend without attention_qkv (CUDA / Triton here) keeps its own kernels step by step: the core of
+    the next backend (the reference) is not used in its place."""
+    from dfqkern.kernels import dispatch
+
+    q, x = _packed("vit_qkv")
+    first = dispatch.first_backend("matmul_int", "cpu")
+    mod = dispatch.backend_module(dispatch.Backend(first))
+    if first == "reference":
+        pytest.skip("the reference backend serves matmul_int here: no other backend to decline the core")
+    monkeypatch.delattr(mod, "attention_qkv")
+    with torch.no_grad():
+        got = q(x[:1])
+        assert all(m._eager.core is None for m in _attention(q))
+        assert torch.equal(got, general(lambda: q(x[:1])))
+    monkeypatch.undo()
+    set_backend(q, "reference")  # forced: the reference serves both, so its core runs
+    with torch.no_grad():
+        q(x[:1])
+    assert all(m._eager is not None and m._eager.core is not None for m in _attention(q))
 
 
 def test_softmax_codes_equal_the_quantizer_codes():
@@ -174,7 +215,7 @@ def test_fused_operand_codes_equal_the_general_codes(setting):
     codes = []
     call._finish = lambda qc, kc_t, vc, *rest: codes.append((qc, kc_t, vc)) or (None, None)
     qkv = seen["qkv"]  # [16, 65, 192]: about 66,000 values per operand
-    call.attend_qkv(qkv, mod.num_heads, None, False)
+    call.attend_qkv(qkv, mod.num_heads, None, True)  # need_probs: the step-by-step chain, not the one-call core
     (qc, kc_t, vc), = codes
     b, n, _ = qkv.shape
     q_, k_, v_ = qkv.reshape(b, n, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
