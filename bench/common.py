@@ -178,15 +178,17 @@ def join_key(*fields) -> str:
 
 class Results:
     """The rows finished so far (``out``.json, read back unless ``fresh``; ``empty`` when there is none)
-    and the markdown table ``render(data)`` regenerated from them at every save."""
+    and the markdown table ``render(data)`` regenerated from them at every save. ``merge``: the sections
+    (dicts of the JSON) whose entries another process may have added meanwhile, kept when a row is written:
+    the rows, and what rows refer to (e.g. their data sets and models)."""
 
-    def __init__(self, out, render, *, fresh: bool, empty: dict, upgrade=None):
-        self.out, self.render = Path(out), render
+    def __init__(self, out, render, *, fresh: bool, empty: dict, upgrade=None, merge=("rows",)):
+        self.out, self.render, self.merge = Path(out), render, tuple(merge)
         path = self.out.with_suffix(".json")
         disk = json.loads(path.read_text()) if path.exists() else None
         data = None if fresh else disk
-        # --fresh: the rows on disk now are stale; the merge in row() must not bring them back
-        self._stale = set(disk.get("rows", {})) if fresh and disk else set()
+        # --fresh: the entries on disk now are stale; the merge in row() must not bring them back
+        self._stale = {sec: set(disk.get(sec, {})) for sec in self.merge} if fresh and disk else {}
         if data is not None and upgrade is not None:
             data = upgrade(data)  # rows of older runs, renamed to today's keys
         self.data = data or empty
@@ -206,14 +208,23 @@ class Results:
         with self._locked():  # another process may have written rows of the same table meanwhile: keep them
             path = self.out.with_suffix(".json")
             if path.exists():
-                for k, v in json.loads(path.read_text()).get("rows", {}).items():
-                    if k not in self._stale:
-                        self.rows.setdefault(k, v)
+                disk = json.loads(path.read_text())
+                for sec in self.merge:
+                    stale, mine = self._stale.get(sec, ()), self.data.setdefault(sec, {})
+                    for k, v in disk.get(sec, {}).items():
+                        if k not in stale:
+                            mine.setdefault(k, v)
             self.rows[key] = row
             self._write()
         if summary is not None:
             print(f"  {summary(row)}", flush=True)
         return row
+
+    def discard(self, section: str, keys) -> None:
+        """Forget ``keys`` of ``section`` (a --fresh of part of the table): not merged back from the disk either."""
+        for k in list(keys):
+            self.data.get(section, {}).pop(k, None)
+            self._stale.setdefault(section, set()).add(k)
 
     def save(self) -> None:
         """Write ``out``.json and the markdown table rendered from it, each atomically."""
@@ -234,10 +245,11 @@ class Results:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _write(self) -> None:
-        text_md = self.render(self.data)
-        for suffix, text in ((".json", json.dumps(self.data, indent=1, sort_keys=True)), (".md", text_md)):
+        """The JSON first, so a finished row survives a table that fails to render; each file atomically."""
+        for suffix, text in ((".json", lambda: json.dumps(self.data, indent=1, sort_keys=True)),
+                             (".md", lambda: self.render(self.data))):
             tmp = self.out.with_suffix(suffix + ".tmp")
-            tmp.write_text(text + "\n")
+            tmp.write_text(text() + "\n")
             os.replace(tmp, self.out.with_suffix(suffix))
 
 

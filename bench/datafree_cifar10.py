@@ -376,11 +376,13 @@ def parse_args(argv=None):
     return args
 
 
-def drop_model(results: dict, model: str) -> None:
-    """--fresh: forget ``model``'s rows, sets and FP top-1; the other models' rows stay."""
-    results["rows"] = {k: r for k, r in results["rows"].items() if r["model"] != model}
-    results["datasets"] = {k: d for k, d in results["datasets"].items() if not k.startswith(f"{model}|")}
-    results["models"].pop(model, None)
+def drop_model(table: Results, model: str) -> None:
+    """--fresh: forget ``model``'s rows, sets and FP top-1 (also when another run writes the table meanwhile);
+    the other models' rows stay."""
+    data = table.data
+    table.discard("rows", [k for k, r in data["rows"].items() if r["model"] == model])
+    table.discard("datasets", [k for k in data["datasets"] if k.startswith(f"{model}|")])
+    table.discard("models", [model])
 
 
 def main(argv=None) -> int:
@@ -392,10 +394,10 @@ def main(argv=None) -> int:
     dev = dev_set(cifar10_dir(args.data_dir), model_info(fp_model).input_spec)
     # Never fresh here: --fresh drops only this model's rows (below), not the other models'.
     table = Results(args.out, render_markdown, fresh=False, empty={"rows": {}, "datasets": {}, "models": {}},
-                    upgrade=migrate)
+                    upgrade=migrate, merge=("rows", "datasets", "models"))
     results = table.data
     if args.fresh:
-        drop_model(results, model)
+        drop_model(table, model)
     results["meta"] = run_meta(args.threads, images=args.images, gen_iters=args.gen_iters,
                                calib_method=args.calib_method, calib_iters=args.calib_iters)
     info = results["models"].setdefault(model, {"arch": NETS[model][0]})

@@ -206,7 +206,7 @@ def _convmixer_row(setting, top1):
     return f"{setting}|{dkey}|qdrop|1000", r, dkey
 
 
-def test_datafree_models_do_not_collide_and_convmixer_compares_with_its_own_real_rows(datafree):
+def test_datafree_models_do_not_collide_and_convmixer_compares_with_its_own_real_rows(datafree, tmp_path):
     """Same source, label mode, seed and setting on both models: two rows, two sections, and ConvMixer's
     real-data column is the edge table's real QDrop row of the same setting (not ResNet-20's)."""
     import json
@@ -236,7 +236,8 @@ def test_datafree_models_do_not_collide_and_convmixer_compares_with_its_own_real
     # ConvMixer's targets (issue 17), not ResNet-20's: W4A4 2.54 below FP is within its 3.0 (ResNet-20: 2.0),
     # W4A8 has a target at all (1.0); both within 1.5 of the committed real-data QDrop rows (84.18, 86.62).
     assert lines["w4a4"][-1] == lines["w4a8"][-1] == "yes"
-    datafree.drop_model(res, "convmixer")  # --fresh --model convmixer keeps ResNet-20's rows
+    table = _bench_module("common").Results(str(tmp_path / "t"), lambda d: "", fresh=False, empty=res)
+    datafree.drop_model(table, "convmixer")  # --fresh --model convmixer keeps ResNet-20's rows
     assert [r["model"] for r in res["rows"].values()] == ["resnet20"] and "convmixer" not in res["models"]
     assert all(k.startswith("resnet20|") for k in res["datasets"])
 
@@ -341,6 +342,29 @@ def test_two_processes_filling_one_table_keep_each_others_rows(tmp_path):
         assert p.exitcode == 0
     assert sorted(json.loads((tmp_path / "table.json").read_text())["rows"]) == ["a", "b"]
     assert (tmp_path / "table.md").read_text().strip() == "2 rows"
+
+
+def test_a_row_written_meanwhile_brings_what_it_refers_to(tmp_path):
+    """Two runs of one table (e.g. data-free ResNet-20 and ConvMixer, one per core): a row the other run wrote
+    comes with its model entry, so the table renders (it raised KeyError: the row came, its model did not), and
+    what one run discards (--fresh of one model) is not merged back."""
+    common = _bench_module("common")
+    out = str(tmp_path / "table")
+
+    def render(d):  # looks up what each row refers to, as the data-free table does
+        return "\n".join(d["models"][r["model"]] for r in d["rows"].values())
+
+    a, b = (common.Results(out, render, fresh=False, empty={"rows": {}, "models": {}}, merge=("rows", "models"))
+            for _ in range(2))
+    a.data["models"]["m1"] = "one"
+    a.row("r1", lambda: {"model": "m1"})
+    b.data["models"]["m2"] = "two"
+    b.row("r2", lambda: {"model": "m2"})  # b read the table before a wrote
+    assert (tmp_path / "table.md").read_text() == "one\ntwo\n"
+    b.discard("rows", ["r1"])
+    b.discard("models", ["m1"])
+    b.row("r3", lambda: {"model": "m2"})
+    assert (tmp_path / "table.md").read_text() == "two\ntwo\n"
 
 
 def test_fresh_run_does_not_bring_back_the_rows_it_discarded(tmp_path):
