@@ -259,6 +259,12 @@ def render_markdown(results: dict) -> str:
     return document(lines, results["meta"])
 
 
+def _budget(r: dict, ds: dict, meta: dict) -> str:
+    """'images / inversion iterations / reconstruction iterations per unit' of row ``r`` (set ``ds``)."""
+    gen_iters = ds.get("options", {}).get("iters", meta["gen_iters"])
+    return f"{r.get('calib_images', meta['images'])} / {gen_iters} / {r.get('iters', meta['calib_iters'])}"
+
+
 def _model_section(results: dict, model: str, rows: list) -> list[str]:
     info = results["models"][model]
     fp, meta = info["fp_top1"], info["meta"]
@@ -268,11 +274,11 @@ def _model_section(results: dict, model: str, rows: list) -> list[str]:
         "",
         f"{generated_by(__file__)} Model `{info['arch']}`, FP top-1 "
         f"**{fp:.2f} %** on the {info['dev_images']} dev test images. No real image is used for calibration: "
-        f"{meta['images']} images per set are inverted from the model's BatchNorm statistics "
-        f"({meta['gen_iters']} iterations, `generate_bn_inversion_set`, targets balanced over the 10 classes; "
+        f"the images of a set are inverted from the model's BatchNorm statistics "
+        f"(`generate_bn_inversion_set`, targets balanced over the 10 classes; "
         f"`mixup` = 2 classes per image with Dirichlet(1) weights, soft cross-entropy; the weight of the "
         f"target cross-entropy in the inversion loss is part of the data name: `ce1`, `ce0.5`), then "
-        f"`{meta['calib_method']}` reconstruction with {meta['calib_iters']} iterations per unit, first/last layer "
+        f"`{meta['calib_method']}` reconstruction, first/last layer "
         f"8-bit, {REAL_REFERENCE_TEXT[model]}. The seed drives generation and calibration. "
         f"Data `genie` is dfqkern's labelled genie (method `genie-labels`); every data name's options are listed "
         f"under *Options per data name*. torch threads: {meta['threads']}; machine: {meta['machine']}.",
@@ -280,10 +286,12 @@ def _model_section(results: dict, model: str, rows: list) -> list[str]:
         "`target hit / mass`: the FP model's top-1 agreement with each image's dominant target class and its "
         "mean softmax mass on the target classes. `total s` = generation + calibration wall time (the set is "
         "generated once and reused by the other settings; its time is charged to every row). Timing caveat: "
-        "the 2-core CPU was shared with other jobs while this ran (1-minute load average listed).",
+        "the 2-core CPU was shared with other jobs while this ran (1-minute load average listed). `budget`: "
+        "images per set / inversion iterations / reconstruction iterations per unit.",
         "",
         *table_head("setting", "data", "seed", "top-1 %", "drop (pts)", f"real-data {meta['calib_method']}",
-                    "gap to real", "target hit / mass", "gen s", "calib s", "total s", "load", "within target"),
+                    "gap to real", "target hit / mass", "gen s", "calib s", "total s", "load", "budget",
+                    "within target"),
     ]
     rows = sorted(rows, key=lambda r: (DF_SETTINGS.index(r["setting"]), r["source"], r["variant"], r["label_mode"],
                                        r["seed"]))
@@ -295,16 +303,17 @@ def _model_section(results: dict, model: str, rows: list) -> list[str]:
             f"| {r['setting']} | {_data_name(r)} | {r['seed']} | {r['top1']:.2f} | {fp - r['top1']:.2f} | "
             f"{'' if ref is None else f'{ref:.2f}'} | {gap} | {ds['target_hit_rate']:.2f} / {ds['target_mass']:.2f} | "
             f"{ds['gen_wall_s']:.0f} | {r['calib_wall_s']:.0f} | {r['total_wall_s']:.0f} | "
-            f"{r['load_avg_1min'][1]:.1f} | {_verdict(r, fp, real)} |")
+            f"{r['load_avg_1min'][1]:.1f} | {_budget(r, ds, meta)} | {_verdict(r, fp, real)} |")
     # Mean over seeds: the single-vs-mixup comparison the mission is about.
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["setting"], r["source"], r["variant"], r["label_mode"]), []).append(r["top1"])
+        budget = _budget(r, results["datasets"][r["dataset"]], meta)
+        groups.setdefault((r["setting"], r["source"], r["variant"], budget, r["label_mode"]), []).append(r["top1"])
     lines += ["", "### Mean over seeds", "",
               "Same inversion options for both label modes in a row (`ce0.5`: cross-entropy weight 0.5), except "
               "the `dfqkern defaults` rows: each label mode at the library's default weight "
               "(`DEFAULT_CE_WEIGHT`: single labels 1, mixup 0.5).", "",
-              *table_head("setting", "source", "options", "single labels", "mixup labels", "mixup - single")]
+              *table_head("setting", "source", "options", "budget", "single labels", "mixup labels", "mixup - single")]
 
     def fmt(v):
         if not v:
@@ -317,22 +326,24 @@ def _model_section(results: dict, model: str, rows: list) -> list[str]:
     pairings = [(v, v, v) for v in sorted({k[2] for k in groups})]
     pairings.append((f"dfqkern defaults ({defaults['single']} / {defaults['mixup']})", defaults["single"],
                      defaults["mixup"]))
+    budgets = sorted({k[3] for k in groups}, key=lambda b: [int(x) for x in b.split(" / ")])
     for setting in DF_SETTINGS:
         for source in SOURCES:
             for name, single_variant, mixup_variant in pairings:
-                s_txt, s_mean = fmt(groups.get((setting, source, single_variant, "single"), []))
-                m_txt, m_mean = fmt(groups.get((setting, source, mixup_variant, "mixup"), []))
-                paired = single_variant != mixup_variant  # the defaults row: only with both sides
-                if (s_mean is None and m_mean is None) or (paired and (s_mean is None or m_mean is None)):
-                    continue
-                diff = "" if s_mean is None or m_mean is None else f"{m_mean - s_mean:+.2f}"
-                lines.append(f"| {setting} | {source} | {name} | {s_txt} | {m_txt} | {diff} |")
+                for budget in budgets:
+                    s_txt, s_mean = fmt(groups.get((setting, source, single_variant, budget, "single"), []))
+                    m_txt, m_mean = fmt(groups.get((setting, source, mixup_variant, budget, "mixup"), []))
+                    paired = single_variant != mixup_variant  # the defaults row: only with both sides
+                    if (s_mean is None and m_mean is None) or (paired and (s_mean is None or m_mean is None)):
+                        continue
+                    diff = "" if s_mean is None or m_mean is None else f"{m_mean - s_mean:+.2f}"
+                    lines.append(f"| {setting} | {source} | {name} | {budget} | {s_txt} | {m_txt} | {diff} |")
     opts = {}
     for r in rows:
-        o = dataset_options(results["datasets"][r["dataset"]], r, meta["images"])
+        o = dataset_options(results["datasets"][r["dataset"]], r, r.get("calib_images", meta["images"]))
         opts.setdefault(_data_name(r), set()).add(options_text(o))
     lines += ["", "### Options per data name", "",
-              f"{meta['gen_iters']} inversion iterations and {meta['images']} kept images everywhere.", "",
+              "Images and inversion iterations per set: the `budget` column.", "",
               *table_head("data", "options")]
     lines += [f"| {name} | {'; '.join(sorted(texts))} |" for name, texts in sorted(opts.items())]
     return lines

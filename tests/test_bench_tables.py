@@ -377,3 +377,23 @@ def test_fresh_run_does_not_bring_back_the_rows_it_discarded(tmp_path):
     new.row("a", lambda: {"v": 2})
     assert "b" not in new.rows  # else the fresh run would skip recomputing b
     assert new.rows == {"a": {"v": 2}}
+
+
+def test_datafree_rows_of_other_budgets_are_labelled_and_averaged_apart(datafree):
+    """A row with more images or iterations than the others shows its budget and is not pooled with their
+    seeds (it was: a 2048-image row joined the 512-image rows' mean, under the last run's header numbers)."""
+    import json
+
+    res = datafree.migrate(json.loads((BENCH / "results" / "cifar10_datafree.json").read_text()))
+    base = next(r for r in res["rows"].values() if r["model"] == "resnet20" and r["setting"] == "w3a3"
+                and r["variant"] == "ce0.5" and r["label_mode"] == "mixup" and r["seed"] == 0)
+    big = dict(base, calib_images=4 * base["calib_images"], iters=2 * base["iters"], seed=7, top1=10.0)
+    res["rows"]["w3a3|big"] = big
+    text = datafree.render_markdown(res)
+    budget = f"{big['calib_images']} / " + text.split(f"| {base['calib_images']} / ")[1].split(" / ")[0] + \
+        f" / {big['iters']}"
+    assert any(line.startswith("| w3a3 | dgh mixup ce0.5 | 7 | 10.00 |") and f"| {budget} |" in line
+               for line in text.splitlines())
+    means = [line for line in text.split("### Mean over seeds")[1].splitlines() if line.startswith("| w3a3 | dgh | ce0.5 |")]
+    assert any(f"| {budget} |" in line and "10.00 ± 0.00 (n=1)" in line for line in means)
+    assert not any("10.00" not in line and "(n=1)" not in line and f"| {budget} |" in line for line in means)
