@@ -148,6 +148,14 @@ def _rows() -> list[Row]:
 ROWS = _rows()
 
 
+def cpu_backend():
+    """dfqkern's CPU backend module, skipping (with the reason) where dfqkern._C is not built."""
+    cpu = pytest.importorskip("dfqkern.kernels.cpu")
+    if not cpu.is_available():
+        pytest.skip("dfqkern._C with CPU ops is not built")
+    return cpu
+
+
 def seeded(nodeid: str) -> torch.Generator:
     return torch.Generator().manual_seed(SEED + zlib.crc32(nodeid.encode()))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dfqkern.kernels import contract, dispatch, reference as R
-from kernel_cases import assert_equal, assert_nan_equal
+from kernel_cases import assert_equal, assert_nan_equal, cpu_backend
 
 # (B, N, heads, head_dim): the CIFAR ViT at batch 1, then awkward ones
 SHAPES = [(1, 65, 4, 32), (2, 5, 1, 3), (3, 1, 2, 8), (1, 17, 3, 7), (2, 33, 2, 16)]
@@ -150,15 +150,8 @@ def test_contract_errors_name_the_argument(gen, i, value, exc, msg):
             dispatch.attention_qkv(*args, backend=backend)
 
 
-def _cpu():
-    cpu = pytest.importorskip("dfqkern.kernels.cpu")
-    if not cpu.is_available():
-        pytest.skip("dfqkern._C with CPU ops is not built")
-    return cpu
-
-
 def test_cpu_runs_the_compiled_kernel_not_the_reference(gen, monkeypatch):
-    cpu = _cpu()
+    cpu = cpu_backend()
     args = _ok(gen)
     want = R.attention_qkv(*args)
 
@@ -173,7 +166,7 @@ def test_cpu_runs_the_compiled_kernel_not_the_reference(gen, monkeypatch):
 @pytest.mark.parametrize("direct", [True, False], ids=["pybind", "dispatcher"])
 def test_cpu_op_guards_its_arguments(gen, direct):
     """The C++ wrapper checks what it reads (called directly, without dispatch's contract)."""
-    ops = _cpu()._load()
+    ops = cpu_backend()._load()
     op = __import__("dfqkern._C", fromlist=["cpu_attention_qkv"]).cpu_attention_qkv if direct \
         else ops.cpu_attention_qkv
     qkv, heads, m, s, z, bits, fine, coarse, levels = _ok(gen)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dfqkern.kernels import contract, dispatch, reference as R
-from kernel_cases import ON_GPU, TB, TRITON_NEEDS_FRESH_PROCESS, assert_equal, ctx
+from kernel_cases import ON_GPU, TB, TRITON_NEEDS_FRESH_PROCESS, assert_equal, cpu_backend, ctx
 
 # (batch dims, M, K, N): the tiny ViT's two matmuls, then awkward ones
 SHAPES = [((2, 3), 65, 32, 65), ((1, 2), 65, 65, 32), ((1, 1), 1, 1, 1), ((3,), 7, 1, 5), ((), 5, 129, 3),
@@ -104,15 +104,8 @@ def test_matmul_int_empty_dims(row):
 
 # ----------------------------------------------------------------------------- the CPU op itself
 
-def _cpu():
-    cpu = pytest.importorskip("dfqkern.kernels.cpu")
-    if not cpu.is_available():
-        pytest.skip("dfqkern._C with CPU ops is not built")
-    return cpu
-
-
 def test_cpu_runs_the_compiled_kernel_not_the_reference(gen, monkeypatch):
-    cpu = _cpu()
+    cpu = cpu_backend()
     a, b = _codes(gen, 2, 3, 9, 8), _codes(gen, 2, 3, 8, 5)
     z = torch.tensor([7], dtype=torch.int32)
     want = R.matmul_int(a, z, b, z)
@@ -128,7 +121,7 @@ def test_cpu_runs_the_compiled_kernel_not_the_reference(gen, monkeypatch):
 @pytest.mark.parametrize("direct", [True, False], ids=["pybind", "dispatcher"])
 def test_cpu_op_guards_its_arguments(gen, direct):
     """The C++ wrapper checks what it reads (called directly, without dispatch's contract)."""
-    ops = _cpu()._load()
+    ops = cpu_backend()._load()
     op = __import__("dfqkern._C", fromlist=["cpu_matmul_int"]).cpu_matmul_int if direct else ops.cpu_matmul_int
     a, b, z = _codes(gen, 2, 5, 6), _codes(gen, 2, 6, 4), torch.zeros(1, dtype=torch.int32)
     big = contract.MATMUL_MAX_K + 1
