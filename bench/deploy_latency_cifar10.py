@@ -41,7 +41,7 @@ SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8)}
 MODEL, CHECKPOINT = "cifar10_resnet20", "resnet20-12fca82f.th"
 ORT_INT8 = "onnxruntime-int8"
 ROWS = ("packed", COMPILED, ORT_INT8, "onnxruntime", "pt2", "float")
-ROW_NAMES = {"packed": "dfqkern packed (CPU kernels)", COMPILED: "dfqkern packed, dfqkern.compile (graph)",
+ROW_NAMES = {"packed": "dfqkern packed (CPU kernels)", COMPILED: "dfqkern packed, dfqkern.compile",
              ORT_INT8: "onnxruntime int8 (its own quantize_static of the fp32 model)",
              "onnxruntime": "onnxruntime running dfqkern's QDQ export", "pt2": "AOTInductor .pt2 export",
              "float": "torch fp32 eager"}
@@ -132,8 +132,13 @@ def _compiled_note(data: dict) -> str:
              if x["model"] == COMPILED and "max_abs_diff_vs_packed" in x]
     if not diffs:
         return f"`{ROW_NAMES[COMPILED]}`: {NOT_RUN} in these runs (they predate it)."
-    return (f"`{ROW_NAMES[COMPILED]}`: the packed model's layers called from one captured `torch.fx` graph; its "
-            f"logits differ from the packed row's by at most {max(diffs):g} (the same kernels in the same order).")
+    modes = {s: sorted({x.get("source", "dfqkern.compile(graph)") for x in r["bench"]["rows"] if x["model"] == COMPILED})
+             for s, r in data["rows"].items()}
+    used = "; ".join(f"{s}: {', '.join(m)}" for s, m in modes.items() if m)
+    return (f"`{ROW_NAMES[COMPILED]}`: the packed model's layers called from one captured `torch.fx` graph (`graph`: "
+            f"each layer's packed_forward; `frozen`: each conv one C++ call with its residual add / ReLU fused); its "
+            f"logits differ from the packed row's by at most {max(diffs):g} (the same kernels in the same order). "
+            f"Mode per setting: {used}.")
 
 
 def render_markdown(data: dict) -> str:

@@ -25,7 +25,7 @@ Cases (targets from issue 4, on a 2-core AVX2 machine):
   ops under autograd, as a user writes AdaRound in PyTorch).
 * Whole models at batch 1 (CIFAR ResNet-20, ResNet-18 224x224, random weights): W4A8 packed
   (``quantize_model`` -> ``calibrate_activations`` -> ``pack_model``), eager and through
-  ``dfqkern.compile`` (graph mode, captured before the timing), vs fp32 eager and onnxruntime.
+  ``dfqkern.compile`` (its default frozen mode, captured before the timing), vs fp32 eager and onnxruntime.
 * Peers (optional extras; skipped with the reason when absent): onnxruntime ``MatMulNBits`` (block 128,
   ``accuracy_level`` 4 = int8 compute, W4 and W2) in the Linear groups, torch's
   ``_weight_int4pack_mm_for_cpu`` (bf16 activations, group 128) for W4, and onnxruntime fp32 and
@@ -461,7 +461,8 @@ def test_model_packed(benchmark, group, isa, packed_models):
 @pytest.mark.parametrize("group", list(MODELS))
 @pytest.mark.parametrize("isa", IMPL_ISAS)
 def test_model_packed_compiled(benchmark, group, isa, packed_models):
-    """The packed model as one captured graph of direct packed calls; its logits are the eager packed model's."""
+    """The packed model as one captured graph (dfqkern.compile default mode: convs as bound C++ calls with the add / ReLU
+    after them fused); its logits are the eager packed model's."""
     import dfqkern
 
     _, q, x = packed_models[group]

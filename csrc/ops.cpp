@@ -357,6 +357,74 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& w_corr, const Tens
   return cpu::conv2d(x, w, w_corr, w_scale, w_bits, g, bias, a_scale, a_zero_point, a_bits);
 }
 
+// A packed conv with everything but its input bound (dfqkern.compile mode "frozen"): the checked conv2d
+// above, then the residual add and ReLU that follow it in the model, fused (cpu::add_relu_). One Python
+// call per conv + add + ReLU instead of three, and no per-call Python argument handling. `watch`: the
+// layer's own tensors the bound ones were derived from; an in-place write to any of them (their version
+// counter moves, e.g. load_state_dict) makes the call raise instead of computing with stale weights.
+class PackedConvCall {
+ public:
+  PackedConvCall(Tensor w, Tensor w_corr, Tensor w_scale, int64_t w_bits, std::vector<int64_t> w_shape,
+                 std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                 int64_t groups, optional<Tensor> bias, double a_scale, int64_t a_zero_point, int64_t a_bits, bool relu,
+                 std::vector<Tensor> watch)
+      : w_(std::move(w)), w_corr_(std::move(w_corr)), w_scale_(std::move(w_scale)), w_bits_(w_bits),
+        w_shape_(std::move(w_shape)), stride_(std::move(stride)), padding_(std::move(padding)),
+        dilation_(std::move(dilation)), groups_(groups), bias_(std::move(bias)), a_scale_(a_scale),
+        a_zero_point_(a_zero_point), a_bits_(a_bits), relu_(relu) {
+    for (auto& t : watch)
+      if (!t.is_inference()) {  // inference tensors keep no version counter (and cannot be written outside it)
+        versions_.push_back(t.unsafeGetTensorImpl()->version_counter().current_version());
+        watch_.push_back(std::move(t));
+      }
+    check_bits("a_bits", a_bits, {4, 8});
+    TORCH_CHECK_VALUE(a_zero_point >= 0 && a_zero_point <= 255, "a_zero_point must be an integer in [0, 255], got ",
+                      a_zero_point);
+    TORCH_CHECK_VALUE(a_scale > 0, "a_scale must be > 0, got ", a_scale);
+    TORCH_CHECK_VALUE(w_shape_.size() == 4, "w_shape must have 4 elements, got ", w_shape_.size());
+  }
+
+  // conv2d(x) [+ residual] [then ReLU]; x float32 (the packed layer's output dtype is its input's).
+  Tensor operator()(const Tensor& x, const optional<Tensor>& residual) const {
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32 for a frozen packed conv, got ",
+                     x.scalar_type());
+    TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || (residual && residual->requires_grad())),
+                "dfqkern packed layers are inference-only: no gradient flows through a frozen packed conv (its "
+                "input requires grad); run it under torch.no_grad() / torch.inference_mode()");
+    for (size_t i = 0; i < watch_.size(); ++i)
+      TORCH_CHECK(watch_[i].unsafeGetTensorImpl()->version_counter().current_version() == versions_[i],
+                  "a packed layer's weights or quantizer parameters were written after dfqkern.compile(mode="
+                  "'frozen') bound them: compile the model again");
+    Tensor y = conv2d(x, w_, w_corr_, w_scale_, w_bits_, w_shape_, stride_, padding_, dilation_, groups_, bias_,
+                      a_scale_, a_zero_point_, a_bits_);
+    if (!residual) {
+      if (relu_) cpu::add_relu_(y, nullptr, true);
+      return y;
+    }
+    const Tensor& r = *residual;
+    if (r.device().is_cpu() && r.scalar_type() == at::kFloat && r.is_contiguous() && r.sizes() == y.sizes()) {
+      cpu::add_relu_(y, &r, relu_);
+      return y;
+    }
+    Tensor z = at::add(y, r);  // broadcasting or another dtype: ATen's add and relu, as the model wrote them
+    return relu_ ? at::relu(z) : z;
+  }
+
+  bool relu() const { return relu_; }
+
+ private:
+  Tensor w_, w_corr_, w_scale_;
+  int64_t w_bits_;
+  std::vector<int64_t> w_shape_, stride_, padding_, dilation_;
+  int64_t groups_;
+  optional<Tensor> bias_;
+  double a_scale_;
+  int64_t a_zero_point_, a_bits_;
+  bool relu_;
+  std::vector<Tensor> watch_;
+  std::vector<uint32_t> versions_;
+};
+
 // A zero point of matmul_int: one element, or broadcastable to `shape` with size 1 along `free_dim`.
 void check_matmul_zero_point(const char* name, const Tensor& z, at::IntArrayRef shape, int64_t free_dim) {
   check_cpu(name, z);
@@ -479,4 +547,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_conv2d", &dfqkern::conv2d, "torch.ops.dfqkern.cpu_conv2d without the dispatcher");
   m.def("cpu_matmul_int", &dfqkern::matmul_int, "torch.ops.dfqkern.cpu_matmul_int without the dispatcher");
   m.def("cpu_attention_qkv", &dfqkern::attention_qkv, "torch.ops.dfqkern.cpu_attention_qkv without the dispatcher");
+  pybind11::class_<dfqkern::PackedConvCall>(m, "PackedConvCall",
+                                            "A packed conv with its weights, activation quantizer and the residual "
+                                            "add / ReLU after it bound: call(x, residual=None)")
+      .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, int64_t, std::vector<int64_t>, std::vector<int64_t>,
+                          std::vector<int64_t>, std::vector<int64_t>, int64_t, std::optional<at::Tensor>, double, int64_t,
+                          int64_t, bool, std::vector<at::Tensor>>(),
+           pybind11::arg("w"), pybind11::arg("w_corr"), pybind11::arg("w_scale"), pybind11::arg("w_bits"),
+           pybind11::arg("w_shape"), pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
+           pybind11::arg("groups"), pybind11::arg("bias"), pybind11::arg("a_scale"), pybind11::arg("a_zero_point"),
+           pybind11::arg("a_bits"), pybind11::arg("relu"), pybind11::arg("watch"))
+      .def("__call__", &dfqkern::PackedConvCall::operator(), pybind11::arg("x"),
+           pybind11::arg("residual") = pybind11::none())
+      .def_property_readonly("relu", &dfqkern::PackedConvCall::relu);
 }

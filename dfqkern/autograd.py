@@ -378,6 +378,30 @@ def packed_conv2d_call(key, data, w_scale, w_zero, wbits, weight_shape, bias, a_
     return PackedCall(key, tensors, tokens, _resolved("conv2d", data.device, backend, direct, generic))
 
 
+def frozen_conv2d_call(data, w_scale, w_zero, wbits, weight_shape, bias, a_scale, a_zero, abits, act_symmetric,
+                       stride, padding, dilation, groups, backend, relu: bool = False):
+    """The packed conv with these arguments as one C++ call ``f(x, residual=None)`` =
+    ``relu(conv(x) + residual)`` with every tensor read now (``dfqkern.compile(mode="frozen")``; it raises once
+    one of them has been written in place since), or ``None``
+    where the backend :func:`packed_conv2d_call` would choose first is not the CPU backend, or the CPU backend
+    declines these arguments (weight-only, per-token). The contract's checks of the arguments run here."""
+    name = dispatch.first_backend("conv2d", data.device.type, backend)
+    if name != dispatch.Backend.CPU.value or not abits:
+        return None
+    weight_shape, stride, padding, dilation = tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation)
+    pw = packed_weight_view(data, w_scale, w_zero, wbits, weight_shape[1] * weight_shape[2] * weight_shape[3],
+                            weight_shape)
+    act = ActQuant(abits, a_scale.detach(), a_zero, symmetric=act_symmetric)
+    watch = (data, w_scale, w_zero, bias, a_scale, a_zero)
+    bias = None if bias is None else bias.detach()
+    contract.conv2d_static(pw, bias, act, stride, padding, dilation, groups)
+    try:
+        return dispatch.backend_module(dispatch.Backend.CPU).conv2d_call(pw, bias, act, stride, padding, dilation,
+                                                                         groups, relu=relu, watch=watch)
+    except Unsupported:
+        return None
+
+
 def packed_linear_call(key, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits, per_token,
                        act_symmetric, backend) -> "PackedCall | None":
     """:func:`packed_conv2d_call` for :func:`packed_linear` (``a_scale`` / ``a_zero`` ``None`` when per token)."""

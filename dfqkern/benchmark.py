@@ -228,7 +228,7 @@ def _pt2_runner(path):
     return run
 
 
-COMPILED, COMPILED_MODE = "packed-compiled", "graph"  # the --compile row: dfqkern.compile(packed, mode="graph")
+COMPILED, COMPILED_MODE = "packed-compiled", "frozen"  # the --compile row: dfqkern.compile(packed) (its default)
 
 
 def _compiled_runner(packed: nn.Module):

@@ -1,22 +1,31 @@
 """``dfqkern.compile``: a packed model's forward with less per-layer Python overhead (batch-1 latency).
 
 At batch 1 a small CNN's layers run for tens of microseconds each, so the Python around them (module
-calls, identity modules left by BatchNorm folding, argument handling) is a large share of a forward.
+calls, identity modules left by BatchNorm folding, argument handling, separate add / ReLU ops) is a
+large share of a forward.
 
-``mode="graph"`` (default): ``torch.fx`` captures the forward once with every dfqkern layer as a leaf,
-then each packed layer is called through its ``packed_forward`` (no ``nn.Module.__call__``), folded
-BatchNorms (``nn.Identity``) vanish and ``nn.ReLU`` becomes ``torch.relu``. The layers keep their cached
-eager calls and the checks that rebuild them, so weight writes are followed; the graph itself is a
-snapshot of the model's structure (compile again after replacing a submodule). Layers with hooks stay
-module calls. Exact: the same kernels in the same order.
+``mode="frozen"`` (default): ``torch.fx`` captures the forward once with every dfqkern layer as a leaf;
+folded BatchNorms (``nn.Identity``) vanish, ``nn.ReLU`` becomes ``torch.relu``, and each packed conv the
+CPU backend runs becomes one C++ call with its weights, scales and geometry bound
+(:meth:`~dfqkern.nn.conv.QuantConv2d.frozen_call`), fused with the residual add and / or ReLU that only
+it feeds (``relu(conv(x) + r)``: the same fp32 add and ReLU, so the logits are the packed model's bit for
+bit). The bound tensors are read once: after an in-place write to a layer's weights or quantizer (e.g.
+``load_state_dict``) its call raises until the model is compiled again. Other packed layers (Linear,
+attention, convs another backend runs) are called as in ``graph`` mode.
+
+``mode="graph"``: the same capture, every packed layer called through its ``packed_forward`` (no
+``nn.Module.__call__``), which keeps its cached eager call and the checks that rebuild it, so weight writes
+are followed; the graph itself is a snapshot of the model's structure (compile again after replacing a
+submodule). Layers with hooks stay module calls in both modes. Exact: the same kernels in the same order.
 
 ``mode="inductor"``: ``torch.compile`` (Inductor; needs a C++ compiler on CPU). The packed layers are
 the opaque custom ops ``dfqkern::packed_conv2d`` / ``packed_linear``, so Inductor compiles only the
 float glue (ReLU, adds, pooling) and cannot fuse across them; on CPU at batch 1 each op's round trip
 through the dispatcher and the custom-op wrapper costs more than the fused glue saves.
 
-Measured (CIFAR ResNet-20 W4A8 packed, batch 1, one thread, a 2-core machine under load 4, so
-relative): eager 1.34 ms median, ``graph`` 1.11 ms, ``inductor`` 2.02 ms.
+Measured (CIFAR ResNet-20 W4A8 packed, batch 1, AVX2-only AMD EPYC, quiet, median of 500): 1 thread
+eager 1.68 ms, ``graph`` 1.30 ms, ``frozen`` 0.87 ms; 2 threads 1.51 / 1.11 / 0.69 ms. Earlier
+(a 2-core machine under load 4, one thread): eager 1.34 ms, ``graph`` 1.11 ms, ``inductor`` 2.02 ms.
 
 ViTs trace too (``dfqkern.vit_nets``, timm): quantized attention modules stay leaf module calls (their packed
 forward has its own cached eager call, :mod:`dfqkern.nn.packed_attention`), so ``graph`` only removes the
@@ -25,17 +34,20 @@ of a loaded machine (W8A8 / W4A8, one thread).
 """
 from __future__ import annotations
 
+import operator
 import os
 import shutil
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .nn.attention import QuantAttentionBase
 from .nn.base import QuantLayer
+from .nn.conv import QuantConv2d
 
-MODES = ("graph", "inductor")
+MODES = ("graph", "frozen", "inductor")
 
 
 class CompiledModel(nn.Module):
@@ -68,28 +80,88 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _graph(model: nn.Module):
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
+_ADD_FUNCTIONS = (operator.add, torch.add)
+
+
+def _is_relu(node: fx.Node) -> bool:
+    """``node`` is a plain ReLU of one tensor (``F.relu``'s ``inplace`` changes nothing the graph can see)."""
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
+
+
+def _residual_of(node: fx.Node, conv: fx.Node) -> "fx.Node | None":
+    """The other operand when ``node`` is ``conv + other`` of two tensors, else ``None``. In-place adds only with
+    the conv's own output as the target: ``other += conv`` also changes ``other`` for its other users."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        other = b if a is conv else a
+    elif (node.op == "call_function" and node.target is operator.iadd) or (
+            node.op == "call_method" and node.target in ("add", "add_")):
+        other = b if a is conv else None
+    else:
+        return None
+    return other if isinstance(other, fx.Node) and other is not conv else None
+
+
+def _freeze_conv(g: fx.Graph, node: fx.Node, m: nn.Module) -> "list[fx.Node] | None":
+    """Replaces a packed conv node and the residual add / ReLU that only it feeds by one call of the layer's
+    :meth:`~dfqkern.nn.conv.QuantConv2d.frozen_call`; returns the nodes it replaced, or ``None`` (left as is)."""
+    chain, residual, relu = [node], None, False
+    if len(node.users) == 1:
+        u = next(iter(node.users))
+        if _is_relu(u):
+            chain.append(u)
+            relu = True
+        elif (residual := _residual_of(u, node)) is not None:
+            chain.append(u)
+            if len(u.users) == 1 and _is_relu(nxt := next(iter(u.users))):
+                chain.append(nxt)
+                relu = True
+    call = m.frozen_call(relu=relu)
+    if call is None:
+        return None
+    last = chain[-1]
+    with g.inserting_after(last):  # after the residual's definition too: it feeds the add
+        new = g.call_function(call.__call__, (node.args[0],) + ((residual,) if residual is not None else ()))
+    last.replace_all_uses_with(new)
+    for n in reversed(chain):
+        g.erase_node(n)
+    return chain
+
+
+def _graph(model: nn.Module, frozen: bool = False):
     gm = fx.GraphModule(model, _Tracer().trace(model))
     mods = dict(gm.named_modules())
     g = gm.graph
-    for node in list(g.nodes):
-        if node.op != "call_module":
-            continue
-        m = mods[node.target]
-        if _hooked(m):
+    for node in list(g.nodes):  # folded BatchNorms vanish, ReLU modules become torch.relu
+        if node.op != "call_module" or _hooked(m := mods[node.target]):
             continue
         if isinstance(m, nn.Identity):
             node.replace_all_uses_with(node.args[0])
             g.erase_node(node)
-            continue
-        if isinstance(m, QuantLayer) and m.is_packed:
-            target = m.packed_forward
         elif type(m) is nn.ReLU:
-            target = torch.relu
-        else:
+            with g.inserting_after(node):
+                new = g.call_function(torch.relu, node.args)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+    gone: set = set()
+    for node in list(g.nodes):
+        if node in gone or node.op != "call_module":
             continue
+        m = mods[node.target]
+        if _hooked(m) or not (isinstance(m, QuantLayer) and m.is_packed):
+            continue
+        if frozen and isinstance(m, QuantConv2d) and len(node.args) == 1 and not node.kwargs:
+            replaced = _freeze_conv(g, node, m)
+            if replaced is not None:
+                gone.update(replaced)
+                continue
         with g.inserting_after(node):
-            new = g.call_function(target, node.args, node.kwargs)
+            new = g.call_function(m.packed_forward, node.args, node.kwargs)
         node.replace_all_uses_with(new)
         g.erase_node(node)
     g.eliminate_dead_code()
@@ -102,7 +174,7 @@ def _cxx_compiler() -> str | None:
     return next((p for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and (p := shutil.which(c))), None)
 
 
-def compile(model: nn.Module, mode: str = "graph", example_inputs: tuple | None = None,
+def compile(model: nn.Module, mode: str = "frozen", example_inputs: tuple | None = None,
             fallback: bool = True) -> nn.Module:
     """A low-overhead callable version of a (packed) dfqkern ``model``; see the module docstring.
 
@@ -124,7 +196,7 @@ def compile(model: nn.Module, mode: str = "graph", example_inputs: tuple | None 
                 raise RuntimeError("mode='inductor' needs a C++ compiler on PATH (set CXX, or install g++ / clang++)")
             run = torch.compile(model)
         else:
-            run = _graph(model)
+            run = _graph(model, frozen=mode == "frozen")
         compiled = CompiledModel(model, run, mode)
         if example_inputs is not None:
             with torch.no_grad():

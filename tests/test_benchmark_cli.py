@@ -245,7 +245,7 @@ def test_bench_compiled_row_matches_packed(digits_ckpt, tmp_path, capsys, monkey
     width = len(benchmark.COMPILED)
     for b in (1, 3):
         r = rows[(benchmark.COMPILED, b)]
-        assert r["source"] == "dfqkern.compile(graph)" and r["repeats"] == 3 and "error" not in r
+        assert r["source"] == f"dfqkern.compile({benchmark.COMPILED_MODE})" and r["repeats"] == 3 and "error" not in r
         assert r["max_abs_diff_vs_packed"] == 0.0
         assert r["model_bytes"] == rows[("packed", b)]["model_bytes"]
         assert 0 < r["min_ms"] <= r["median_ms"]
@@ -275,8 +275,8 @@ def test_bench_compile_failure_is_a_row(digits_ckpt, tmp_path, capsys, monkeypat
     for b in (1, 2):
         r = rows[(benchmark.COMPILED, b)]
         assert "median_ms" not in r and "max_abs_diff_vs_packed" not in r
-        assert r["error"] == ("RuntimeError: dfqkern.compile(mode='graph') failed: TraceError: symbolically traced "
-                              "variables cannot be used as inputs to control flow")
+        assert r["error"] == (f"RuntimeError: dfqkern.compile(mode={benchmark.COMPILED_MODE!r}) failed: TraceError: "
+                              "symbolically traced variables cannot be used as inputs to control flow")
         assert f"{benchmark.COMPILED} {b:>5}  error: {r['error']}" in out
 
 

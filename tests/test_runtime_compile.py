@@ -42,10 +42,11 @@ def _x(n=2):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
-def test_graph_logits_equal_eager_packed_logits():
+@pytest.mark.parametrize("mode", ["graph", "frozen"])
+def test_graph_logits_equal_eager_packed_logits(mode):
     q = _packed()
     set_info(q, arch="tiny")
-    c = dfqkern.compile(q, example_inputs=_x())
+    c = dfqkern.compile(q, mode=mode, example_inputs=_x())
     assert isinstance(c, dfqkern.runtime_compile.CompiledModel)
     gm = c._run.__self__
     # every packed layer is called directly and every folded BatchNorm (nn.Identity) is gone
@@ -58,7 +59,7 @@ def test_graph_logits_equal_eager_packed_logits():
 
 def test_graph_follows_weights_written_after_compile():
     q, other = _packed(0), _packed(1)
-    c = dfqkern.compile(q)
+    c = dfqkern.compile(q, mode="graph")
     with torch.no_grad():
         before = c(_x())
         q.load_state_dict(other.state_dict())
@@ -77,8 +78,9 @@ def test_graph_keeps_hooked_layers_as_module_calls():
     assert len(seen) == 2  # once per forward, compiled and eager
 
 
-def test_graph_packed_layers_stay_inference_only():
-    c = dfqkern.compile(_packed())
+@pytest.mark.parametrize("mode", ["graph", "frozen"])
+def test_graph_packed_layers_stay_inference_only(mode):
+    c = dfqkern.compile(_packed(), mode=mode)
     with pytest.raises(RuntimeError, match="inference-only"):
         c(_x().requires_grad_()).sum().backward()
 
@@ -168,3 +170,129 @@ def test_graph_captures_a_packed_vit_with_quantized_attention():
     with torch.no_grad():
         for n in (1, 3):
             assert torch.equal(c(x[:n]), q(x[:n]))
+
+
+# ------------------------------------------------------------------------------------------- mode="frozen"
+
+def _needs_cpu_backend():
+    from dfqkern.kernels import available_backends
+
+    if "cpu" not in available_backends():
+        pytest.skip("mode='frozen' binds the CPU backend's kernels; dfqkern._C is not built here")
+
+
+class Patterns(nn.Module):
+    """Every glue pattern frozen mode fuses into a conv, and the ones it must leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())  # conv -> ReLU module
+        self.a = nn.Conv2d(8, 8, 3, padding=1)   # F.relu(inplace=True)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)   # y = b(x); y += x; relu  (in-place add into the conv's output)
+        self.c = nn.Conv2d(8, 8, 1)              # w = y + c(y)            (conv second, no ReLU)
+        self.d = nn.Conv2d(8, 8, 3, padding=1)   # used twice: not fused
+        self.e = nn.Conv2d(8, 8, 3, padding=1)   # s += e(w): torch.fx records += as +, so fused as conv second
+        self.f = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise + broadcast residual (a buffer) + relu
+        self.register_buffer("shift", torch.linspace(-0.5, 0.5, 8).view(1, 8, 1, 1))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = nn.functional.relu(self.a(x), inplace=True)
+        y = self.b(x)
+        y += x
+        y = torch.relu(y)
+        w = y + self.c(y)
+        t = self.d(w)
+        w = t * 0.5 + t.relu()
+        s = w.clone()
+        s += self.e(w)
+        z = (self.f(s) + self.shift).relu()
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1))
+
+
+def _packed_patterns():
+    torch.manual_seed(0)
+    m = Patterns().eval()
+    q = quantize_model(m, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax", act_observer="minmax"))
+    calibrate_activations(q, torch.randn(8, 3, 8, 8), progress=False)
+    return pack_model(q).eval()
+
+
+def _glue(gm):
+    import operator
+
+    names = {torch.relu: "relu", nn.functional.relu: "relu", operator.add: "add", operator.iadd: "iadd"}
+    out = {}
+    for n in gm.graph.nodes:
+        key = names.get(n.target) if n.op == "call_function" else n.target if n.op == "call_method" else None
+        if key:
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_frozen_fuses_residual_and_relu_and_keeps_the_logits_bit_for_bit():
+    _needs_cpu_backend()
+    q = _packed_patterns()
+    c = dfqkern.compile(q, mode="frozen", example_inputs=_x(), fallback=False)
+    gm = c._run.__self__
+    assert not [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                   QuantLayer)], gm.code
+    frozen = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "__call__"]
+    assert len(frozen) == 7, gm.code
+    # fused: stem / a ReLUs, b's += and relu, c's and e's adds, f's broadcast add + relu. Left: d's two uses
+    # (t * 0.5 + t.relu(): one add, one relu method) and the clone.
+    assert _glue(gm) == {"add": 1, "relu": 1, "clone": 1}, gm.code
+    with torch.no_grad():
+        for n in (1, 3):
+            assert torch.equal(c(_x(n)), q(_x(n)))
+
+
+def test_frozen_refuses_to_run_after_a_weight_write():
+    """Unlike mode='graph', a frozen model reads the weights once: after a write it raises (never stale
+    logits) until compiled again."""
+    _needs_cpu_backend()
+    q, other = _packed(0), _packed(1)
+    c = dfqkern.compile(q, mode="frozen")
+    with torch.no_grad():
+        c(_x())
+        q.load_state_dict(other.state_dict())
+        with pytest.raises(RuntimeError, match="compile the model again"):
+            c(_x())
+        assert torch.equal(dfqkern.compile(q, mode="frozen")(_x()), other(_x()))
+
+
+def test_frozen_leaves_convs_another_backend_serves_and_hooked_convs(monkeypatch):
+    _needs_cpu_backend()
+    q = _packed()
+    seen = []
+    q.conv1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    c = dfqkern.compile(q, mode="frozen", fallback=False)
+    gm = c._run.__self__
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv1"]
+    with torch.no_grad():
+        assert torch.equal(c(_x()), q(_x()))
+    assert len(seen) == 2
+    monkeypatch.setenv("DFQKERN_BACKEND", "reference")
+    assert q.conv2.frozen_call() is None  # the reference backend would run it: no CPU-kernel call bound
+    c = dfqkern.compile(q, mode="frozen", fallback=False)
+    with torch.no_grad():
+        assert torch.equal(c(_x()), q(_x()))
+
+
+def test_frozen_call_errors():
+    _needs_cpu_backend()
+    q = _packed()
+    call = q.conv1.frozen_call(relu=True)
+    assert call.relu
+    with pytest.raises(TypeError, match="x must be float32"):
+        call(torch.randn(1, 8, 8, 8).half())
+    with pytest.raises(ValueError, match="channels"):
+        call(torch.randn(1, 5, 8, 8))
+    with torch.no_grad():  # a residual of another dtype takes ATen's add (type promotion as in the model)
+        x = torch.randn(1, 8, 8, 8)
+        r = torch.randn(1, 8, 8, 8, dtype=torch.float64)
+        assert torch.equal(call(x, r), torch.relu(q.conv1(x) + r))
+    fp = quantize_model(TinyResNet().eval(), QuantConfig(weight_bits=4, act_bits=8))
+    with pytest.raises(RuntimeError, match="needs a packed layer"):
+        fp.conv1.frozen_call()

@@ -463,4 +463,24 @@ at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_prepacked, const a
   return out;
 }
 
+void add_relu_(const at::Tensor& y, const at::Tensor* r, bool relu) {
+  float* o = y.data_ptr<float>();
+  const float* a = r ? r->data_ptr<float>() : nullptr;
+  const int64_t n = y.numel();
+  // Plain loops the compiler vectorizes; (v < 0 ? 0 : v) keeps NaN like torch.relu. Memory-bound and
+  // small at batch 1: split only when large.
+  parallel_for(n, kElementCost, [&](int64_t b, int64_t e) {
+    if (a && relu) {
+      for (int64_t i = b; i < e; ++i) {
+        const float v = o[i] + a[i];
+        o[i] = v < 0.f ? 0.f : v;
+      }
+    } else if (a) {
+      for (int64_t i = b; i < e; ++i) o[i] += a[i];
+    } else if (relu) {
+      for (int64_t i = b; i < e; ++i) o[i] = o[i] < 0.f ? 0.f : o[i];
+    }
+  });
+}
+
 }  // namespace dfqkern::cpu

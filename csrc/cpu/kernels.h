@@ -82,5 +82,9 @@ at::Tensor conv2d_int(const at::Tensor& x_codes, int64_t x_zero_point, const at:
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
                   const at::Tensor& w_scale, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias,
                   double a_scale, int64_t a_zero_point, int64_t a_bits);
+// y = relu(y + r) / y + r / relu(y) in place (r may be null): the fused residual and ReLU of a packed conv's
+// fp32 output (dfqkern.compile mode "frozen"). y and r fp32, contiguous, equal sizes; the same fp32 add as
+// torch's, and ReLU keeps NaN as torch.relu does.
+void add_relu_(const at::Tensor& y, const at::Tensor* r, bool relu);
 
 }  // namespace dfqkern::cpu

@@ -320,3 +320,21 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, shape, s, p, d, groups, bias, scale, za, act.bits)
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def conv2d_call(pw: PackedWeight, bias: torch.Tensor | None, act: ActQuant, stride=1, padding=0, dilation=1,
+                groups: int = 1, relu: bool = False, watch: tuple = ()):
+    """:func:`conv2d` with everything but its float32 input bound, as one C++ callable ``f(x, residual=None)``
+    returning ``relu(conv2d(x) + residual)`` (``relu`` / ``residual`` optional): the same kernel and the same
+    fp32 add and ReLU as the separate ops, with no Python between them (``dfqkern.compile(mode="frozen")``).
+    The weight, scales and geometry are read now; the call raises once a tensor of ``watch`` (those they were
+    read from) has been written in place since."""
+    if act is None or act.per_token:
+        raise Unsupported("a frozen packed conv needs a static per-tensor activation quantizer")
+    _load()
+    if not hasattr(_FAST, "PackedConvCall"):
+        raise Unsupported("this build of dfqkern._C has no PackedConvCall (rebuild the extension)")
+    shape, s, p, d, scale, za = _conv_args(pw, act, stride, padding, dilation)
+    w, corr = _conv_weight(pw, groups)
+    return _FAST.PackedConvCall(w, corr, pw.scale, pw.bits, shape, s, p, d, groups, bias, scale, za, act.bits, relu,
+                                [t for t in watch if t is not None])

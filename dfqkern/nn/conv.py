@@ -8,7 +8,7 @@ from torch.nn.modules.utils import _pair
 
 from ..config import LayerQuant, QuantConfig
 from ..formats import conv_weight_to_matrix
-from ..autograd import packed_conv2d, packed_conv2d_call
+from ..autograd import frozen_conv2d_call, packed_conv2d, packed_conv2d_call
 from .base import QuantLayer, check_finite
 
 
@@ -85,6 +85,23 @@ class QuantConv2d(QuantLayer):
         return packed_conv2d_call(key, *tensors[:3], self.lq.weight_bits, self.weight_shape, tensors[3], a_scale,
                                   a_zero, abits, act_symmetric, self.stride, self.padding, self.dilation, self.groups,
                                   self.backend)
+
+    def frozen_call(self, relu: bool = False):
+        """This packed layer as one C++ call ``f(x, residual=None)`` = ``relu(layer(x) + residual)`` (ReLU when
+        ``relu``) with its tensors read now, or ``None`` where the CPU backend would not run it (another
+        backend first, no activation quantizer). For ``dfqkern.compile(mode="frozen")``."""
+        if not self.is_packed:
+            raise RuntimeError("frozen_call needs a packed layer (dfqkern.quantize.pack_model)")
+        a = self.a_quant
+        if a is not None and a.per_token:
+            return None
+        b = self._buffers
+        return frozen_conv2d_call(b["packed_weight"], b["w_scale"], b["w_zero"], self.lq.weight_bits,
+                                  self.weight_shape, self._parameters.get("bias"),
+                                  None if a is None else a._parameters["scale"],
+                                  None if a is None else a._buffers["zero_point"], 0 if a is None else a.bits,
+                                  False if a is None else a.symmetric, self.stride, self.padding, self.dilation,
+                                  self.groups, self.backend, relu=relu)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
