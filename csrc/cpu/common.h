@@ -68,6 +68,8 @@ int64_t set_parallel_min_cost(int64_t cost);
 // least parallel_min_cost() / item_cost items; work below that runs serially. Defined in isa.cpp (the
 // only place that touches ATen's thread pool).
 void parallel_range(int64_t n, int64_t item_cost, void (*fn)(void* ctx, int64_t begin, int64_t end), void* ctx);
+// Threads parallel_range may use now (1 inside a parallel region): for splitting work into enough items.
+int64_t parallel_threads();
 
 template <class F>
 inline void parallel_for(int64_t n, int64_t item_cost, const F& f) {

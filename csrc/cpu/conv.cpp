@@ -235,10 +235,15 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
   std::vector<float> row_scale;  // per output pixel, only for an image with non-finite input pixels
   // im2col chunks: whole output rows, about kIm2colBytes of GEMM rows
   constexpr int64_t kIm2colBytes = 16 << 10;
-  const int64_t crows = std::max<int64_t>(1, kIm2colBytes / kp / d.ow), nchunk = (d.oh + crows - 1) / crows;
   // Work items: a chunk x blocks of 4 panels (as gemm::run), so that a layer with few output pixels
   // still splits across threads; a thread's consecutive items share a chunk and build it once.
   const int64_t ppi = std::min<int64_t>(tpg, 4), npb = (tpg + ppi - 1) / ppi;
+  // With several threads, chunks small enough for ~4 items per thread: a small image in 16 KiB chunks
+  // makes too few (64ch 8x8, K 576: 3 chunks, a 2:1 split on 2 threads).
+  const int64_t nthr = parallel_threads();
+  int64_t crows = std::max<int64_t>(1, kIm2colBytes / kp / d.ow);
+  if (nthr > 1) crows = std::min(crows, std::max<int64_t>(1, d.oh * npb / (4 * nthr)));
+  const int64_t nchunk = (d.oh + crows - 1) / crows;
   const gemm::Kernel kernel = gemm::pick_kernel(active_isa(), rows_per == gemm::kPanel);
   for (int64_t b = 0; b < d.b; ++b) {
     bool image_bad = false;
@@ -468,8 +473,8 @@ void add_relu_(const at::Tensor& y, const at::Tensor* r, bool relu) {
   const float* a = r ? r->data_ptr<float>() : nullptr;
   const int64_t n = y.numel();
   // Plain loops the compiler vectorizes; (v < 0 ? 0 : v) keeps NaN like torch.relu. Memory-bound and
-  // small at batch 1: split only when large.
-  parallel_for(n, kElementCost, [&](int64_t b, int64_t e) {
+  // small at batch 1 (a cost of 1 per element: split only from ~128 Ki elements).
+  parallel_for(n, 1, [&](int64_t b, int64_t e) {
     if (a && relu) {
       for (int64_t i = b; i < e; ++i) {
         const float v = o[i] + a[i];

@@ -96,4 +96,6 @@ void parallel_range(int64_t n, int64_t item_cost, void (*fn)(void*, int64_t, int
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
 }
 
+int64_t parallel_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
 }  // namespace dfqkern::cpu
