@@ -296,3 +296,25 @@ def test_frozen_call_errors():
     fp = quantize_model(TinyResNet().eval(), QuantConfig(weight_bits=4, act_bits=8))
     with pytest.raises(RuntimeError, match="needs a packed layer"):
         fp.conv1.frozen_call()
+
+
+def test_frozen_cifar_resnet20_fuses_every_block_and_matches_bit_for_bit():
+    """The deployment target of the latency tables: every conv a frozen call, each block's residual add + ReLU
+    fused into its second conv (the option-A shortcut's slice / pad stay float glue)."""
+    _needs_cpu_backend()
+    from dfqkern.models import create_model
+
+    torch.manual_seed(0)
+    fp = create_model("cifar10_resnet20").eval()
+    q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax", act_observer="minmax"))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    calibrate_activations(q, x, progress=False)
+    pack_model(q)
+    c = dfqkern.compile(q.eval(), example_inputs=x[:1], fallback=False)
+    gm = c._run.__self__
+    frozen = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "__call__"]
+    assert len(frozen) == 19 and sum(len(n.args) == 2 for n in frozen) == 9, gm.code  # 19 convs, 9 residual adds
+    assert not _glue(gm), gm.code  # no add or ReLU left outside the convs
+    with torch.no_grad():
+        for n in (1, 3):
+            assert torch.equal(c(x[:n]), q(x[:n]))
