@@ -397,3 +397,19 @@ def test_datafree_rows_of_other_budgets_are_labelled_and_averaged_apart(datafree
     means = [line for line in text.split("### Mean over seeds")[1].splitlines() if line.startswith("| w3a3 | dgh | ce0.5 |")]
     assert any(f"| {budget} |" in line and "10.00 ± 0.00 (n=1)" in line for line in means)
     assert not any("10.00" not in line and "(n=1)" not in line and f"| {budget} |" in line for line in means)
+
+
+def test_datafree_filtered_sets_sharing_a_pool_are_each_charged_its_generation(datafree):
+    """Two filter chains on one pool: the second reloads the pool in seconds, yet its rows carry the pool's
+    first generation time (the bn row of the committed table showed 6 s before this)."""
+    first = {"gen_wall_s": 1090.0, "gen_cpu_s": 1000.0, "pool": "dgh-mixup-n1024", "pool_wall_s": 1089.0,
+             "pool_cpu_s": 999.0}
+    datasets = {"a": first, "b": {"gen_wall_s": 50.0, "gen_cpu_s": 40.0, "pool": "other", "pool_wall_s": 50.0,
+                                  "pool_cpu_s": 40.0}}
+    reused = {"gen_wall_s": 6.0, "gen_cpu_s": 5.0, "pool": "dgh-mixup-n1024", "pool_wall_s": 0.5, "pool_cpu_s": 0.4}
+    got = datafree.charge_shared_pool(reused, datasets)
+    assert got["gen_wall_s"] == 1094.5 and got["gen_cpu_s"] == 1003.6 and got["pool_wall_s"] == 1089.0
+    assert reused["gen_wall_s"] == 6.0  # not modified in place
+    fresh = {"gen_wall_s": 70.0, "gen_cpu_s": 60.0, "pool": "new", "pool_wall_s": 69.0, "pool_cpu_s": 59.0}
+    assert datafree.charge_shared_pool(fresh, datasets) == fresh  # nothing generated it before
+    assert datafree.charge_shared_pool(first, datasets) == first  # the first generation itself
