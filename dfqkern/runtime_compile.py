@@ -10,7 +10,8 @@ CPU backend runs becomes one C++ call with its weights, scales and geometry boun
 (:meth:`~dfqkern.nn.conv.QuantConv2d.frozen_call`), fused with the residual add and / or ReLU that only
 it feeds (``relu(conv(x) + r)``: the same fp32 add and ReLU, so the logits are the packed model's bit for
 bit). The bound tensors are read once: after an in-place write to a layer's weights or quantizer (e.g.
-``load_state_dict``) its call raises until the model is compiled again. Other packed layers (Linear,
+``load_state_dict``) its call raises until the model is compiled again; a tensor *replaced* rather than written
+(``load_state_dict(assign=True)``, ``.to()`` another device) is not seen, so compile again after those too. Other packed layers (Linear,
 attention, convs another backend runs) are called as in ``graph`` mode.
 
 ``mode="graph"``: the same capture, every packed layer called through its ``packed_forward`` (no
