@@ -351,6 +351,17 @@ def _resolved(op: str, device, backend, direct, generic):
     return run
 
 
+def _conv_call_args(data, w_scale, w_zero, wbits, weight_shape, a_scale, a_zero, abits, act_symmetric, stride,
+                    padding, dilation):
+    """``(pw, act, stride, padding, dilation)`` of a packed conv's bound call (eager or frozen); ``act`` is ``None``
+    for a weight-only layer, ``a_scale`` detached for the kernels."""
+    weight_shape = tuple(weight_shape)
+    pw = packed_weight_view(data, w_scale, w_zero, wbits, weight_shape[1] * weight_shape[2] * weight_shape[3],
+                            weight_shape)
+    act = None if not abits else ActQuant(abits, a_scale.detach(), a_zero, symmetric=act_symmetric)
+    return pw, act, tuple(stride), tuple(padding), tuple(dilation)
+
+
 def packed_conv2d_call(key, data, w_scale, w_zero, wbits, weight_shape, bias, a_scale, a_zero, abits,
                        act_symmetric, stride, padding, dilation, groups, backend) -> "PackedCall | None":
     """The :class:`PackedCall` of :func:`packed_conv2d` with these arguments, or ``None`` where a tensor keeps
@@ -361,10 +372,8 @@ def packed_conv2d_call(key, data, w_scale, w_zero, wbits, weight_shape, bias, a_
         tokens = tensor_tokens(tensors)
     except RuntimeError:
         return None
-    weight_shape, stride, padding, dilation = tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation)
-    pw = packed_weight_view(data, w_scale, w_zero, wbits, weight_shape[1] * weight_shape[2] * weight_shape[3],
-                            weight_shape)
-    act = None if not abits else ActQuant(abits, a_scale.detach(), a_zero, symmetric=act_symmetric)
+    pw, act, stride, padding, dilation = _conv_call_args(data, w_scale, w_zero, wbits, weight_shape, a_scale, a_zero,
+                                                         abits, act_symmetric, stride, padding, dilation)
     static = contract.conv2d_static(pw, bias, act, stride, padding, dilation, groups)
     check_input = contract.conv2d_input
 
@@ -388,10 +397,8 @@ def frozen_conv2d_call(data, w_scale, w_zero, wbits, weight_shape, bias, a_scale
     name = dispatch.first_backend("conv2d", data.device.type, backend)
     if name != dispatch.Backend.CPU.value or not abits:
         return None
-    weight_shape, stride, padding, dilation = tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation)
-    pw = packed_weight_view(data, w_scale, w_zero, wbits, weight_shape[1] * weight_shape[2] * weight_shape[3],
-                            weight_shape)
-    act = ActQuant(abits, a_scale.detach(), a_zero, symmetric=act_symmetric)
+    pw, act, stride, padding, dilation = _conv_call_args(data, w_scale, w_zero, wbits, weight_shape, a_scale, a_zero,
+                                                         abits, act_symmetric, stride, padding, dilation)
     watch = (data, w_scale, w_zero, bias, a_scale, a_zero)
     bias = None if bias is None else bias.detach()
     contract.conv2d_static(pw, bias, act, stride, padding, dilation, groups)

@@ -96,12 +96,12 @@ class QuantConv2d(QuantLayer):
         if a is not None and a.per_token:
             return None
         b = self._buffers
-        return frozen_conv2d_call(b["packed_weight"], b["w_scale"], b["w_zero"], self.lq.weight_bits,
-                                  self.weight_shape, self._parameters.get("bias"),
-                                  None if a is None else a._parameters["scale"],
-                                  None if a is None else a._buffers["zero_point"], 0 if a is None else a.bits,
-                                  False if a is None else a.symmetric, self.stride, self.padding, self.dilation,
-                                  self.groups, self.backend, relu=relu)
+        tensors = (b["packed_weight"], b["w_scale"], b["w_zero"], self._parameters.get("bias"),
+                   None if a is None else a._parameters["scale"], None if a is None else a._buffers["zero_point"])
+        a_scale, a_zero, abits, _, act_symmetric = self._packed_act_args(tensors)  # as _make_eager_call
+        return frozen_conv2d_call(*tensors[:3], self.lq.weight_bits, self.weight_shape, tensors[3], a_scale, a_zero,
+                                  abits, act_symmetric, self.stride, self.padding, self.dilation, self.groups,
+                                  self.backend, relu=relu)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
