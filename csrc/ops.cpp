@@ -292,9 +292,10 @@ Tensor linear(const Tensor& x, const Tensor& w_tiles, const Tensor& w_corr, cons
                      symmetric);
 }
 
-cpu::ConvGeom conv_geom(const Tensor& x, at::IntArrayRef w_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+// x: the input's sizes (NCHW).
+cpu::ConvGeom conv_geom(at::IntArrayRef x, at::IntArrayRef w_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be NCHW (4-D), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size() == 4, "x must be NCHW (4-D), got shape ", x);
   TORCH_CHECK_VALUE(w_shape.size() == 4, "w_shape must be [O, C/groups, kh, kw], got ", w_shape);
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                     "stride, padding and dilation must have two elements each, got ", stride, ", ", padding, ", ",
@@ -304,16 +305,27 @@ cpu::ConvGeom conv_geom(const Tensor& x, at::IntArrayRef w_shape, at::IntArrayRe
   TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "padding must be >= 0, got ", padding);
   TORCH_CHECK_VALUE(groups >= 1 && w_shape[0] % groups == 0, "groups must be >= 1 and divide the ", w_shape[0],
                     " output channels, got ", groups);
-  TORCH_CHECK_VALUE(x.size(1) == w_shape[1] * groups, "x has ", x.size(1), " channels, weight expects ",
+  TORCH_CHECK_VALUE(x[1] == w_shape[1] * groups, "x has ", x[1], " channels, weight expects ",
                     w_shape[1] * groups, " (groups=", groups, ")");
-  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (w_shape[2] - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (w_shape[3] - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK_VALUE(x.size(2) + 2 * padding[0] >= dilation[0] * (w_shape[2] - 1) + 1 &&
-                        x.size(3) + 2 * padding[1] >= dilation[1] * (w_shape[3] - 1) + 1 && oh >= 1 && ow >= 1,
-                    "input ", x.sizes(), " with padding ", padding, " is smaller than the dilated kernel ",
+  const int64_t oh = (x[2] + 2 * padding[0] - dilation[0] * (w_shape[2] - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x[3] + 2 * padding[1] - dilation[1] * (w_shape[3] - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(x[2] + 2 * padding[0] >= dilation[0] * (w_shape[2] - 1) + 1 &&
+                        x[3] + 2 * padding[1] >= dilation[1] * (w_shape[3] - 1) + 1 && oh >= 1 && ow >= 1,
+                    "input ", x, " with padding ", padding, " is smaller than the dilated kernel ",
                     w_shape.slice(2));
   return cpu::ConvGeom{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups,
                        w_shape[0], w_shape[1], w_shape[2], w_shape[3]};
+}
+
+cpu::ConvGeom conv_geom(const Tensor& x, at::IntArrayRef w_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups) {
+  return conv_geom(x.sizes(), w_shape, stride, padding, dilation, groups);
+}
+
+// Output height and width of a conv of geometry g on an h x w input.
+std::pair<int64_t, int64_t> conv_out_hw(const cpu::ConvGeom& g, int64_t h, int64_t w) {
+  return {(h + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1,
+          (w + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1};
 }
 
 void check_conv_weight(const Tensor& w, const Tensor& w_corr, int64_t w_bits, const cpu::ConvGeom& g) {
@@ -386,17 +398,45 @@ class PackedConvCall {
 
   // conv2d(x) [+ residual] [then ReLU]; x float32 (the packed layer's output dtype is its input's).
   Tensor operator()(const Tensor& x, const optional<Tensor>& residual) const {
+    check_input(x, residual);
+    check_fresh();
+    return finish(conv2d(x, w_, w_corr_, w_scale_, w_bits_, w_shape_, stride_, padding_, dilation_, groups_, bias_,
+                         a_scale_, a_zero_point_, a_bits_),
+                  residual);
+  }
+
+  bool relu() const { return relu_; }
+  // Whether the conv takes the GEMM path (input channels per group > 1), which PackedConvChain needs.
+  bool gemm_path() const { return w_shape_[1] > 1; }
+
+  static void check_input(const Tensor& x, const optional<Tensor>& residual) {
     TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32 for a frozen packed conv, got ",
                      x.scalar_type());
     TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || (residual && residual->requires_grad())),
                 "dfqkern packed layers are inference-only: no gradient flows through a frozen packed conv (its "
                 "input requires grad); run it under torch.no_grad() / torch.inference_mode()");
+  }
+
+  void check_fresh() const {
     for (size_t i = 0; i < watch_.size(); ++i)
       TORCH_CHECK(watch_[i].unsafeGetTensorImpl()->version_counter().current_version() == versions_[i],
                   "a packed layer's weights or quantizer parameters were written after dfqkern.compile(mode="
                   "'frozen') bound them: compile the model again");
-    Tensor y = conv2d(x, w_, w_corr_, w_scale_, w_bits_, w_shape_, stride_, padding_, dilation_, groups_, bias_,
-                      a_scale_, a_zero_point_, a_bits_);
+  }
+
+  // The geometry on an input of sizes x (checked), the weight checked against it.
+  cpu::ConvGeom geom(at::IntArrayRef x) const {
+    const cpu::ConvGeom g = conv_geom(x, w_shape_, stride_, padding_, dilation_, groups_);
+    check_conv_weight(w_, w_corr_, w_bits_, g);
+    return g;
+  }
+
+  cpu::ConvLayer layer(const cpu::ConvGeom& g) const {
+    return cpu::ConvLayer{w_, w_corr_, w_scale_, w_bits_, g, bias_, a_scale_, a_zero_point_, a_bits_};
+  }
+
+  // The residual add and ReLU after the conv's output y.
+  Tensor finish(Tensor y, const optional<Tensor>& residual) const {
     if (!residual) {
       if (relu_) cpu::add_relu_(y, nullptr, true);
       return y;
@@ -410,8 +450,6 @@ class PackedConvCall {
     return relu_ ? at::relu(z) : z;
   }
 
-  bool relu() const { return relu_; }
-
  private:
   Tensor w_, w_corr_, w_scale_;
   int64_t w_bits_;
@@ -423,6 +461,30 @@ class PackedConvCall {
   bool relu_;
   std::vector<Tensor> watch_;
   std::vector<uint32_t> versions_;
+};
+
+// Two frozen convs where the first's output (after its ReLU, if it has one) feeds only the second: one call
+// of cpu::conv2d_chain (the first writes NHWC fp32, the second quantizes it from there), then the second's
+// residual add / ReLU. The same values as second(first(x), residual), bit for bit.
+class PackedConvChain {
+ public:
+  PackedConvChain(PackedConvCall first, PackedConvCall second) : first_(std::move(first)), second_(std::move(second)) {
+    TORCH_CHECK_VALUE(first_.gemm_path() && second_.gemm_path(),
+                      "PackedConvChain: both convs must take the GEMM path (input channels per group > 1)");
+  }
+
+  Tensor operator()(const Tensor& x, const optional<Tensor>& residual) const {
+    PackedConvCall::check_input(x, residual);
+    first_.check_fresh();
+    second_.check_fresh();
+    const cpu::ConvGeom ga = first_.geom(x.sizes());
+    const auto [oh, ow] = conv_out_hw(ga, x.size(2), x.size(3));
+    const cpu::ConvGeom gb = second_.geom({x.size(0), ga.out_ch, oh, ow});
+    return second_.finish(cpu::conv2d_chain(x, first_.layer(ga), first_.relu(), second_.layer(gb)), residual);
+  }
+
+ private:
+  PackedConvCall first_, second_;
 };
 
 // A zero point of matmul_int: one element, or broadcastable to `shape` with size 1 along `free_dim`.
@@ -559,5 +621,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("a_bits"), pybind11::arg("relu"), pybind11::arg("watch"))
       .def("__call__", &dfqkern::PackedConvCall::operator(), pybind11::arg("x"),
            pybind11::arg("residual") = pybind11::none())
-      .def_property_readonly("relu", &dfqkern::PackedConvCall::relu);
+      .def_property_readonly("relu", &dfqkern::PackedConvCall::relu)
+      .def_property_readonly("gemm_path", &dfqkern::PackedConvCall::gemm_path);
+  pybind11::class_<dfqkern::PackedConvChain>(m, "PackedConvChain",
+                                             "Two frozen convs in a row, the first's output (after its ReLU) feeding "
+                                             "only the second: call(x, residual=None)")
+      .def(pybind11::init<dfqkern::PackedConvCall, dfqkern::PackedConvCall>(), pybind11::arg("first"),
+           pybind11::arg("second"))
+      .def("__call__", &dfqkern::PackedConvChain::operator(), pybind11::arg("x"),
+           pybind11::arg("residual") = pybind11::none());
 }

@@ -108,9 +108,10 @@ def _residual_of(node: fx.Node, conv: fx.Node) -> "fx.Node | None":
     return other if isinstance(other, fx.Node) and other is not conv else None
 
 
-def _freeze_conv(g: fx.Graph, node: fx.Node, m: nn.Module) -> "list[fx.Node] | None":
+def _freeze_conv(g: fx.Graph, node: fx.Node, m: nn.Module):
     """Replaces a packed conv node and the residual add / ReLU that only it feeds by one call of the layer's
-    :meth:`~dfqkern.nn.conv.QuantConv2d.frozen_call`; returns the nodes it replaced, or ``None`` (left as is)."""
+    :meth:`~dfqkern.nn.conv.QuantConv2d.frozen_call`; returns the nodes it replaced, the new node and the call,
+    or ``None`` (left as is)."""
     chain, residual, relu = [node], None, False
     if len(node.users) == 1:
         u = next(iter(node.users))
@@ -131,7 +132,31 @@ def _freeze_conv(g: fx.Graph, node: fx.Node, m: nn.Module) -> "list[fx.Node] | N
     last.replace_all_uses_with(new)
     for n in reversed(chain):
         g.erase_node(n)
-    return chain
+    return chain, new, call
+
+
+def _chain_convs(g: fx.Graph, frozen: dict) -> None:
+    """Merges each frozen conv call whose output (after its ReLU) feeds only the next frozen conv, as that call's
+    input, into one :func:`~dfqkern.kernels.cpu.conv2d_chain_call` (``frozen``: node -> its call), in graph order;
+    a conv already merged as the second of a pair starts no pair."""
+    from .kernels import cpu
+
+    merged = set()
+    for node, call in list(frozen.items()):
+        if node in merged or len(node.args) != 1 or len(node.users) != 1:
+            continue  # the first conv of a pair takes no residual and feeds one node
+        nxt = next(iter(node.users))
+        if nxt not in frozen or nxt.args[0] is not node or node in nxt.args[1:]:
+            continue
+        pair = cpu.conv2d_chain_call(call, frozen[nxt])
+        if pair is None:
+            continue
+        with g.inserting_after(nxt):
+            new = g.call_function(pair.__call__, (node.args[0],) + tuple(nxt.args[1:]))
+        nxt.replace_all_uses_with(new)
+        g.erase_node(nxt)
+        g.erase_node(node)
+        merged.add(nxt)
 
 
 def _graph(model: nn.Module, frozen: bool = False):
@@ -150,6 +175,7 @@ def _graph(model: nn.Module, frozen: bool = False):
             node.replace_all_uses_with(new)
             g.erase_node(node)
     gone: set = set()
+    frozen_calls: dict = {}
     for node in list(g.nodes):
         if node in gone or node.op != "call_module":
             continue
@@ -159,12 +185,14 @@ def _graph(model: nn.Module, frozen: bool = False):
         if frozen and isinstance(m, QuantConv2d) and len(node.args) == 1 and not node.kwargs:
             replaced = _freeze_conv(g, node, m)
             if replaced is not None:
-                gone.update(replaced)
+                gone.update(replaced[0])
+                frozen_calls[replaced[1]] = replaced[2]
                 continue
         with g.inserting_after(node):
             new = g.call_function(m.packed_forward, node.args, node.kwargs)
         node.replace_all_uses_with(new)
         g.erase_node(node)
+    _chain_convs(g, frozen_calls)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()

@@ -231,6 +231,14 @@ def _glue(gm):
     return out
 
 
+def _frozen_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "__call__"]
+
+
+def _kind(node) -> str:
+    return type(node.target.__self__).__name__
+
+
 def test_frozen_fuses_residual_and_relu_and_keeps_the_logits_bit_for_bit():
     _needs_cpu_backend()
     q = _packed_patterns()
@@ -238,8 +246,9 @@ def test_frozen_fuses_residual_and_relu_and_keeps_the_logits_bit_for_bit():
     gm = c._run.__self__
     assert not [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                    QuantLayer)], gm.code
-    frozen = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "__call__"]
-    assert len(frozen) == 7, gm.code
+    frozen = _frozen_calls(gm)
+    # 7 convs in 6 calls: stem -> ReLU -> a is one chained call (stem's output feeds only a)
+    assert sorted(_kind(n) for n in frozen) == ["PackedConvCall"] * 5 + ["PackedConvChain"], gm.code
     # fused: stem / a ReLUs, b's += and relu, c's and e's adds, f's broadcast add + relu. Left: d's two uses
     # (t * 0.5 + t.relu(): one add, one relu method) and the clone.
     assert _glue(gm) == {"add": 1, "relu": 1, "clone": 1}, gm.code
@@ -312,9 +321,106 @@ def test_frozen_cifar_resnet20_fuses_every_block_and_matches_bit_for_bit():
     pack_model(q)
     c = dfqkern.compile(q.eval(), example_inputs=x[:1], fallback=False)
     gm = c._run.__self__
-    frozen = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "__call__"]
-    assert len(frozen) == 19 and sum(len(n.args) == 2 for n in frozen) == 9, gm.code  # 19 convs, 9 residual adds
+    frozen = _frozen_calls(gm)
+    # 19 convs: the stem, and each block's conv1 -> ReLU -> conv2 as one chained call taking the residual
+    assert sorted(_kind(n) for n in frozen) == ["PackedConvCall"] + ["PackedConvChain"] * 9, gm.code
+    assert sum(len(n.args) == 2 for n in frozen) == 9, gm.code  # 9 residual adds
     assert not _glue(gm), gm.code  # no add or ReLU left outside the convs
     with torch.no_grad():
         for n in (1, 3):
             assert torch.equal(c(x[:n]), q(x[:n]))
+
+
+# ------------------------------------------------------------------------------- chained convs (frozen mode)
+
+def _two_convs(first: nn.Conv2d, second: nn.Conv2d, act_bits: int, seed: int = 0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(first, nn.ReLU(), second).eval()
+    q = quantize_model(m, QuantConfig(weight_bits=4, act_bits=act_bits, first_last_bits=None,
+                                      weight_observer="minmax", act_observer="minmax"))
+    calibrate_activations(q, torch.randn(4, first.in_channels, 9, 11), progress=False)
+    return pack_model(q).eval()
+
+
+CHAIN_CASES = {  # first, second, act bits: awkward channel counts, groups, strides, a direct (1x1) second conv
+    "3x3 -> 3x3 stride 2": (lambda: nn.Conv2d(5, 16, 3, padding=1), lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), 8),
+    "groups, 16-ch groups": (lambda: nn.Conv2d(8, 32, 3, padding=1, groups=2),
+                             lambda: nn.Conv2d(32, 8, 3, padding=2, dilation=2, groups=2), 8),
+    "1x1 direct second, 20 ch": (lambda: nn.Conv2d(6, 20, (3, 1), padding=(1, 0)), lambda: nn.Conv2d(20, 7, 1), 4),
+    "48 ch, no padding": (lambda: nn.Conv2d(4, 48, 2, stride=2), lambda: nn.Conv2d(48, 16, 3), 4),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAIN_CASES))
+@pytest.mark.parametrize("relu", [True, False])
+def test_chained_convs_equal_the_two_calls_bit_for_bit(case, relu):
+    """conv2d_chain_call(first, second)(x, r) == second(first(x), r) on every ISA this CPU runs, threads split or
+    not, with NaN / Inf inputs poisoning the same outputs."""
+    _needs_cpu_backend()
+    from dfqkern.kernels import cpu
+
+    first, second, abits = CHAIN_CASES[case]
+    q = _two_convs(first(), second(), abits)
+    a, b = q[0].frozen_call(relu=relu), q[2].frozen_call(relu=True)
+    chain = cpu.conv2d_chain_call(a, b)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, q[0].in_channels, 9, 11, generator=g) * 2
+    bad = x.clone()
+    bad[1, 0, 4, 5], bad[2, 1, 0, 0], bad[2, 0, 8, 10] = float("nan"), float("inf"), float("-inf")
+    with torch.no_grad():
+        mid = a(x)
+        r = torch.randn_like(b(mid))
+        for isa in _cpu_isas():
+            for cost in (None, 1):
+                with cpu.use_isa(isa), (cpu.parallel_min_cost(cost) if cost else _nothing()):
+                    assert torch.equal(chain(x), b(a(x))), (isa, cost)
+                    assert torch.equal(chain(x, r), b(a(x), r)), (isa, cost)
+                    want = b(a(bad))
+                    assert want.isnan().any() and not want.isnan().all()
+                    torch.testing.assert_close(chain(bad), want, rtol=0, atol=0, equal_nan=True)
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _cpu_isas() -> list:
+    """The kernel ISA levels this CPU runs (x86 and aarch64 names; the others raise ValueError)."""
+    from dfqkern.kernels import cpu
+
+    ok = []
+    for isa in ("portable", "avx2", "avx512vnni", "neon", "dotprod"):
+        try:
+            with cpu.use_isa(isa):
+                ok.append(isa)
+        except ValueError:
+            continue
+    return ok
+
+
+def test_chain_needs_two_gemm_path_convs_and_follows_weight_writes():
+    _needs_cpu_backend()
+    from dfqkern import _C
+    from dfqkern.kernels import cpu
+
+    q = _packed()  # conv1 (8 -> 8) -> ReLU -> conv2 (depthwise: one input channel per group)
+    a, dw = q.conv1.frozen_call(relu=True), q.conv2.frozen_call()
+    assert a.gemm_path and not dw.gemm_path
+    assert cpu.conv2d_chain_call(a, dw) is None
+    with pytest.raises(ValueError, match="GEMM path"):
+        _C.PackedConvChain(a, dw)
+    q2 = _two_convs(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), 8)
+    chain = cpu.conv2d_chain_call(q2[0].frozen_call(relu=True), q2[2].frozen_call())
+    with torch.no_grad():
+        chain(torch.randn(1, 3, 8, 8))
+        with pytest.raises(ValueError, match="channels"):
+            chain(torch.randn(1, 4, 8, 8))
+        with pytest.raises(TypeError, match="float32"):
+            chain(torch.randn(1, 3, 8, 8).double())
+        q2[2].bias.add_(1.0)  # a write to the second conv's tensors
+        with pytest.raises(RuntimeError, match="compile the model again"):
+            chain(torch.randn(1, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        chain(torch.randn(1, 3, 8, 8, requires_grad=True))

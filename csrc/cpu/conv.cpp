@@ -39,11 +39,19 @@ struct Dims {
   int64_t b, c, h, w, oh, ow;
 };
 
-Dims dims_of(const at::Tensor& x, const ConvGeom& g) {
-  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0};
+Dims dims_of(int64_t b, int64_t c, int64_t h, int64_t w, const ConvGeom& g) {
+  Dims d{b, c, h, w, 0, 0};
   d.oh = (d.h + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
   d.ow = (d.w + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
   return d;
+}
+
+Dims dims_of(const at::Tensor& x, const ConvGeom& g) { return dims_of(x.size(0), x.size(1), x.size(2), x.size(3), g); }
+
+// The quantizer of a conv's float input (static, per tensor).
+ew::FqParams act_params(double a_scale, int64_t a_zero_point, int64_t a_bits) {
+  const float s = static_cast<float>(a_scale);
+  return ew::FqParams{1.0f / s, s, static_cast<float>(a_zero_point), static_cast<float>((1 << a_bits) - 1), {}};
 }
 
 // Codes of one NCHW plane segment [off, off + n): from float (quantized) or already codes.
@@ -86,6 +94,7 @@ struct Epilogue {
   const float* w_scale = nullptr;
   const float* bias = nullptr;
   float a_scale = 1.f;
+  bool nhwc = false;  // GEMM path: out_f / out_i in NHWC ([b][oh][ow][out_ch]) instead of NCHW
 };
 
 // ---------------------------------------------------------------------------------- GEMM path
@@ -183,28 +192,49 @@ void im2col_rows(const Im2col& c, int64_t oy0, int64_t oy1, int8_t* rows, int32_
   }
 }
 
-void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w_tiles,
-               const at::Tensor& w_corr, int64_t w_bits, const Epilogue& ep) {
-  const int wb = static_cast<int>(w_bits == 3 ? 4 : w_bits);
-  const int rows_per = gemm::layout_rows(w_corr);  // 4: cpu-tile-v1, 16: cpu-panel-v1
-  const int64_t cg = g.in_per_group, og = g.out_ch / g.groups, tpg = (og + rows_per - 1) / rows_per;
-  const int64_t k = g.kh * g.kw * cg, nchunks = gemm::weight_blocks(k, wb, rows_per);
-  // GEMM row length: the K the kernels read (whole chunks for tiles, whole K blocks for panels)
-  const int64_t kp = nchunks * (rows_per == gemm::kPanel ? gemm::panel_k(wb) : gemm::chunk_k(wb));
-  const int64_t wbytes = rows_per == kTileRows ? kTileRows * gemm::kChunkBytes : gemm::kBlockBytes;
-  const int64_t hw = d.h * d.w, p = d.oh * d.ow;
-  const bool direct = g.groups == 1 && g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 &&
-                      g.pad_h == 0 && g.pad_w == 0;
-  const int64_t cs = direct ? kp : d.c;  // NHWC pixel stride (elements)
-  const int8_t pad8 = static_cast<int8_t>(static_cast<uint8_t>(za) ^ 0x80);
+// Shape of a GEMM-path conv's activation rows and weight blocks.
+struct GemmShape {
+  int wb, rows_per;  // weight slot bits; 4: cpu-tile-v1, 16: cpu-panel-v1
+  int64_t cg, og, tpg, k, nchunks, kp, wbytes;
+  bool direct;  // 1x1 / stride 1 / no padding / groups 1: the NHWC buffer is the GEMM rows
+  int64_t cs;   // NHWC pixel stride of the activation buffer (elements)
+};
 
-  // 1. quantize NCHW -> NHWC kernel elements + per-pixel per-group code sums: a block of pixels is
-  // quantized channel by channel, then transposed (cl::to_nhwc). 16 bytes of slack: im2col's
-  // copy_rows16 may read past the last pixel.
-  std::unique_ptr<uint8_t[]> xs(new uint8_t[static_cast<size_t>(d.b * hw * cs + 16)]);
-  std::vector<int32_t> pixsum(static_cast<size_t>(d.b * hw * g.groups));
-  // Input pixels holding NaN / Inf in any channel (float input only; written only when some are).
-  std::vector<uint8_t> badpix(src.x ? static_cast<size_t>(d.b * hw) : 0, 0);
+GemmShape gemm_shape(const Dims& d, const ConvGeom& g, const at::Tensor& w_corr, int64_t w_bits) {
+  GemmShape s{};
+  s.wb = static_cast<int>(w_bits == 3 ? 4 : w_bits);
+  s.rows_per = gemm::layout_rows(w_corr);
+  s.cg = g.in_per_group;
+  s.og = g.out_ch / g.groups;
+  s.tpg = (s.og + s.rows_per - 1) / s.rows_per;
+  s.k = g.kh * g.kw * s.cg;
+  s.nchunks = gemm::weight_blocks(s.k, s.wb, s.rows_per);
+  // GEMM row length: the K the kernels read (whole chunks for tiles, whole K blocks for panels)
+  s.kp = s.nchunks * (s.rows_per == gemm::kPanel ? gemm::panel_k(s.wb) : gemm::chunk_k(s.wb));
+  s.wbytes = s.rows_per == kTileRows ? kTileRows * gemm::kChunkBytes : gemm::kBlockBytes;
+  s.direct = g.groups == 1 && g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 &&
+             g.pad_w == 0;
+  s.cs = s.direct ? s.kp : d.c;
+  return s;
+}
+
+// A conv's input as NHWC kernel elements (code - 128; 16 bytes of slack: im2col's copy_rows16 may read
+// past the last pixel), per-pixel per-group code sums, and the pixels that held NaN / Inf (float input).
+struct ActRows {
+  std::unique_ptr<uint8_t[]> xs;
+  std::vector<int32_t> pixsum;
+  std::vector<uint8_t> badpix;  // per pixel, only for float input (written only when any_bad)
+  bool any_bad = false;
+};
+
+// Step 1 of a GEMM-path conv: quantize NCHW -> NHWC. A block of pixels is quantized channel by channel,
+// then transposed (cl::to_nhwc).
+ActRows quantize_rows(const CodeSource& src, const Dims& d, const ConvGeom& g, const GemmShape& s) {
+  const int64_t hw = d.h * d.w, cs = s.cs;
+  ActRows r;
+  r.xs.reset(new uint8_t[static_cast<size_t>(d.b * hw * cs + 16)]);
+  r.pixsum.resize(static_cast<size_t>(d.b * hw * g.groups));
+  r.badpix.assign(src.x ? static_cast<size_t>(d.b * hw) : 0, 0);
   std::atomic<bool> any_bad{false};
   constexpr int64_t kPix = 64;  // a multiple of 16 (cl::NhwcBlock::ld)
   const int64_t pblocks = (hw + kPix - 1) / kPix;
@@ -216,18 +246,79 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       const int64_t b = it / pblocks, p0 = (it % pblocks) * kPix, n = std::min(kPix, hw - p0);
       for (int64_t c = 0; c < d.c; ++c)
         if (src.get((b * d.c + c) * hw + p0, n, codes.data() + c * kPix, fbuf,
-                    src.x ? badpix.data() + b * hw + p0 : nullptr))
+                    src.x ? r.badpix.data() + b * hw + p0 : nullptr))
           any_bad.store(true, std::memory_order_relaxed);
-      int8_t* dst = reinterpret_cast<int8_t*>(xs.get()) + (b * hw + p0) * cs;
-      to_nhwc(cl::NhwcBlock{codes.data(), kPix, d.c, n, g.groups, dst, cs, pixsum.data() + (b * hw + p0) * g.groups});
-      if (direct && kp > d.c)  // K padding of the rows used in place: code 0
+      int8_t* dst = reinterpret_cast<int8_t*>(r.xs.get()) + (b * hw + p0) * cs;
+      to_nhwc(cl::NhwcBlock{codes.data(), kPix, d.c, n, g.groups, dst, cs, r.pixsum.data() + (b * hw + p0) * g.groups});
+      if (s.direct && s.kp > d.c)  // K padding of the rows used in place: code 0
         for (int64_t i = 0; i < n; ++i) std::fill(dst + i * cs + d.c, dst + (i + 1) * cs, int8_t(-128));
     }
   });
+  r.any_bad = any_bad.load();
+  return r;
+}
 
-  // 2. per image and group: the GEMM writing NCHW output, on the NHWC rows in place (direct) or on
-  // im2col rows built chunk by chunk (a few output rows at a time, so the rows the GEMM reads are still
-  // in L1 / L2: one im2col buffer for the whole image costs a pass through memory).
+// Step 1 of a chained conv (conv2d_chain): the previous conv's fp32 NHWC output y ([b][h][w][c]), with
+// the ReLU between them (relu(v) = v < 0 ? 0 : v, keeping NaN as torch.relu), quantized with p: the same
+// codes as relu then quantize_rows on the NCHW tensor. The ReLU is applied to the codes (quantizing is
+// monotonic, so q(relu(v)) = max(q(v), q(0)) for every v but NaN / -Inf); a block holding NaN / Inf is
+// quantized again from explicitly ReLU'd values.
+ActRows requant_rows(const float* y, const Dims& d, const ConvGeom& g, const GemmShape& s, const ew::FqParams& p,
+                     bool relu) {
+  const int64_t hw = d.h * d.w, npix = d.b * hw, cs = s.cs, c = d.c;
+  ActRows r;
+  r.xs.reset(new uint8_t[static_cast<size_t>(npix * cs + 16)]);
+  r.pixsum.resize(static_cast<size_t>(npix * g.groups));
+  r.badpix.assign(static_cast<size_t>(npix), 0);
+  std::atomic<bool> any_bad{false};
+  uint8_t lo = 0;
+  if (relu) {
+    const float zero = 0.f;
+    gemm::quantize_codes(&zero, &lo, 1, p);
+  }
+  constexpr int64_t kPix = 64;
+  const int64_t blocks = (npix + kPix - 1) / kPix;
+  const auto pixel_rows = DFQKERN_AVX2_OR_PORTABLE(cl, pixel_rows);
+  parallel_for(blocks, kPix * c * kElementCost, [&](int64_t bgn, int64_t end) {
+    std::vector<uint8_t> codes(static_cast<size_t>(kPix * c));
+    std::vector<float> f;
+    for (int64_t it = bgn; it < end; ++it) {
+      const int64_t p0 = it * kPix, n = std::min(kPix, npix - p0), len = n * c;
+      const float* v = y + p0 * c;
+      uint8_t block_lo = lo;
+      if (gemm::quantize_codes(v, codes.data(), len, p)) {  // rare: NaN / Inf; flag their pixels
+        any_bad.store(true, std::memory_order_relaxed);
+        if (relu) {
+          f.resize(static_cast<size_t>(len));
+          for (int64_t i = 0; i < len; ++i) f[i] = v[i] < 0.f ? 0.f : v[i];
+          v = f.data();
+          gemm::quantize_codes(v, codes.data(), len, p);
+          block_lo = 0;
+        }
+        for (int64_t i = 0; i < len; ++i)
+          if (!std::isfinite(v[i])) r.badpix[p0 + i / c] = 1;
+      }
+      pixel_rows(cl::PixelRows{codes.data(), c, n, g.groups, block_lo,
+                               reinterpret_cast<int8_t*>(r.xs.get()) + p0 * cs, cs, r.pixsum.data() + p0 * g.groups});
+    }
+  });
+  r.any_bad = any_bad.load();
+  return r;
+}
+
+// Step 2 of a GEMM-path conv: per image and group, the GEMM on the NHWC rows in place (direct) or on
+// im2col rows built chunk by chunk (a few output rows at a time, so the rows the GEMM reads are still
+// in L1 / L2: one im2col buffer for the whole image costs a pass through memory). Output NCHW, or NHWC
+// where ep.nhwc.
+void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom& g, const GemmShape& s,
+                    const at::Tensor& w_tiles, const at::Tensor& w_corr, const Epilogue& ep) {
+  const int rows_per = s.rows_per;
+  const int64_t cg = s.cg, og = s.og, tpg = s.tpg, k = s.k, nchunks = s.nchunks, kp = s.kp, wbytes = s.wbytes;
+  const int64_t hw = d.h * d.w, p = d.oh * d.ow, cs = s.cs;
+  const bool direct = s.direct;
+  const int8_t pad8 = static_cast<int8_t>(static_cast<uint8_t>(za) ^ 0x80);
+  const uint8_t* xs = r.xs.get();
+  const std::vector<int32_t>& pixsum = r.pixsum;
   std::vector<int32_t> rowsum(direct ? p : 0);
   std::vector<int32_t> hsum(direct ? 0 : static_cast<size_t>(d.h * d.ow));  // per input row, see im2col
   const int32_t zp_vec[1] = {za};
@@ -245,10 +336,11 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
   if (nthr > 1) crows = std::min(crows, std::max<int64_t>(1, d.oh * npb / (4 * nthr)));
   const int64_t nchunk = (d.oh + crows - 1) / crows;
   const gemm::Kernel kernel = gemm::pick_kernel(active_isa(), rows_per == gemm::kPanel);
+  const int64_t ldo_m = ep.nhwc ? g.out_ch : 1, ldo_n = ep.nhwc ? 1 : p;
   for (int64_t b = 0; b < d.b; ++b) {
     bool image_bad = false;
-    if (any_bad.load() && ep.out_f) {
-      const uint8_t* fl = badpix.data() + b * hw;
+    if (r.any_bad && ep.out_f) {
+      const uint8_t* fl = r.badpix.data() + b * hw;
       image_bad = std::any_of(fl, fl + hw, [](uint8_t v) { return v != 0; });
       if (image_bad) {
         row_scale.assign(p, ep.a_scale);
@@ -266,20 +358,20 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
       a.a_scale_step = image_bad ? 1 : 0;
       a.w = w_tiles.data_ptr<uint8_t>() + grp * tpg * nchunks * wbytes;
       a.nchunks = nchunks;
-      a.wbits = wb;
+      a.wbits = s.wb;
       a.group_rows = rows_per;
       a.corr = w_corr.data_ptr<int32_t>() + grp * tpg * 3 * rows_per;
       a.w_scale = ep.w_scale ? ep.w_scale + grp * og : nullptr;
       a.bias = ep.bias ? ep.bias + grp * og : nullptr;
       a.n = og;
-      const int64_t out_off = (b * g.out_ch + grp * og) * p;
+      const int64_t out_off = ep.nhwc ? b * p * g.out_ch + grp * og : (b * g.out_ch + grp * og) * p;
       a.out_i = ep.out_i ? ep.out_i + out_off : nullptr;
       a.out_f = ep.out_f ? ep.out_f + out_off : nullptr;
-      a.ldo_m = 1;
-      a.ldo_n = p;
+      a.ldo_m = ldo_m;
+      a.ldo_n = ldo_n;
       if (direct) {
         for (int64_t m = 0; m < p; ++m) rowsum[m] = pixsum[b * hw + m];
-        a.a = reinterpret_cast<const int8_t*>(xs.get() + b * hw * cs);
+        a.a = reinterpret_cast<const int8_t*>(xs + b * hw * cs);
         a.a_sum = rowsum.data();
         gemm::run(a, p, tpg);
         continue;
@@ -296,20 +388,20 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
           int32_t* hrow = hsum.data() + iy * d.ow;
           for (int64_t ox = 0; ox < d.ow; ++ox) {
             const int64_t ix0 = ox * g.stride_w - g.pad_w;
-            int32_t s = 0;
+            int32_t sum = 0;
             if (ox >= ox_lo && ox < ox_hi) {
-              for (int64_t j = 0; j < g.kw; ++j) s += prow[(ix0 + j * g.dil_w) * g.groups];
+              for (int64_t j = 0; j < g.kw; ++j) sum += prow[(ix0 + j * g.dil_w) * g.groups];
             } else {
               for (int64_t j = 0; j < g.kw; ++j) {
                 const int64_t ix = ix0 + j * g.dil_w;
-                s += ix >= 0 && ix < d.w ? prow[ix * g.groups] : pad_tap;
+                sum += ix >= 0 && ix < d.w ? prow[ix * g.groups] : pad_tap;
               }
             }
-            hrow[ox] = s;
+            hrow[ox] = sum;
           }
         }
       });
-      const Im2col ic{.x = reinterpret_cast<const int8_t*>(xs.get()) + b * hw * cs + grp * cg, .hsum = hsum.data(),
+      const Im2col ic{.x = reinterpret_cast<const int8_t*>(xs) + b * hw * cs + grp * cg, .hsum = hsum.data(),
                       .cs = cs, .h = d.h, .w = d.w, .ow = d.ow, .cg = cg, .kh = g.kh, .kw = g.kw,
                       .sh = g.stride_h, .sw = g.stride_w, .ph = g.pad_h, .pw = g.pad_w, .dh = g.dil_h, .dw = g.dil_w,
                       .k = k, .kp = kp, .ox_lo = ox_lo, .ox_hi = ox_hi, .row_runs = g.groups == 1 && g.dil_w == 1,
@@ -329,13 +421,19 @@ void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom&
           ac.a = rows.get();
           ac.a_sum = rs.data();
           if (image_bad) ac.a_scale = row_scale.data() + m0;
-          if (ac.out_i) ac.out_i += m0;
-          if (ac.out_f) ac.out_f += m0;
+          if (ac.out_i) ac.out_i += m0 * ldo_m;
+          if (ac.out_f) ac.out_f += m0 * ldo_m;
           kernel(ac, 0, (oy1 - oy0) * d.ow, pb * ppi, std::min(tpg, (pb + 1) * ppi));
         }
       });
     }
   }
+}
+
+void conv_gemm(const CodeSource& src, int32_t za, const Dims& d, const ConvGeom& g, const at::Tensor& w_tiles,
+               const at::Tensor& w_corr, int64_t w_bits, const Epilogue& ep) {
+  const GemmShape s = gemm_shape(d, g, w_corr, w_bits);
+  conv_gemm_rows(quantize_rows(src, d, g, s), za, d, g, s, w_tiles, w_corr, ep);
 }
 
 // ---------------------------------------------------------------------------------- depthwise path
@@ -457,14 +555,56 @@ at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_prepacked, const a
   const In xin(x);
   CodeSource src;
   src.x = &xin;
-  const float s = static_cast<float>(a_scale);
-  src.p = ew::FqParams{1.0f / s, s, static_cast<float>(a_zero_point), static_cast<float>((1 << a_bits) - 1), {}};
+  src.p = act_params(a_scale, a_zero_point, a_bits);
   Epilogue ep;
   ep.out_f = out.data_ptr<float>();
   ep.w_scale = w_scale.data_ptr<float>();
   ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  ep.a_scale = s;
+  ep.a_scale = static_cast<float>(a_scale);
   dispatch_conv(src, static_cast<int32_t>(a_zero_point), d, g, w_prepacked, w_corr, w_bits, ep);
+  return out;
+}
+
+at::Tensor conv2d_chain(const at::Tensor& x_in, const ConvLayer& a, bool relu, const ConvLayer& b) {
+  TORCH_CHECK_VALUE(a.g.in_per_group > 1 && b.g.in_per_group > 1,
+                    "conv2d_chain: both convs must take the GEMM path (input channels per group > 1)");
+  TORCH_CHECK_VALUE(b.g.in_per_group * b.g.groups == a.g.out_ch, "conv2d_chain: the second conv takes ",
+                    b.g.in_per_group * b.g.groups, " input channels, the first gives ", a.g.out_ch);
+  const at::Tensor x = x_in.contiguous();
+  // first conv: fp32 NHWC output
+  const Dims da = dims_of(x, a.g);
+  const at::Tensor wsa = a.w_scale.to(at::kFloat).contiguous();
+  at::Tensor ba;
+  if (a.bias) ba = a.bias->to(at::kFloat).contiguous();
+  at::Tensor mid = at::empty({da.b, da.oh, da.ow, a.g.out_ch}, x.options().dtype(at::kFloat));
+  const In xin(x);
+  CodeSource src;
+  src.x = &xin;
+  src.p = act_params(a.a_scale, a.a_zero_point, a.a_bits);
+  Epilogue epa;
+  epa.out_f = mid.data_ptr<float>();
+  epa.w_scale = wsa.data_ptr<float>();
+  epa.bias = ba.defined() ? ba.data_ptr<float>() : nullptr;
+  epa.a_scale = static_cast<float>(a.a_scale);
+  epa.nhwc = true;
+  const GemmShape sa = gemm_shape(da, a.g, a.w_corr, a.w_bits);
+  conv_gemm_rows(quantize_rows(src, da, a.g, sa), static_cast<int32_t>(a.a_zero_point), da, a.g, sa, a.w, a.w_corr,
+                 epa);
+  // second conv: its rows quantized from the NHWC output, fp32 NCHW output
+  const Dims db = dims_of(da.b, a.g.out_ch, da.oh, da.ow, b.g);
+  const GemmShape sb = gemm_shape(db, b.g, b.w_corr, b.w_bits);
+  const ActRows rb = requant_rows(mid.data_ptr<float>(), db, b.g, sb, act_params(b.a_scale, b.a_zero_point, b.a_bits),
+                                  relu);
+  const at::Tensor wsb = b.w_scale.to(at::kFloat).contiguous();
+  at::Tensor bb;
+  if (b.bias) bb = b.bias->to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({db.b, b.g.out_ch, db.oh, db.ow}, x.options().dtype(at::kFloat));
+  Epilogue epb;
+  epb.out_f = out.data_ptr<float>();
+  epb.w_scale = wsb.data_ptr<float>();
+  epb.bias = bb.defined() ? bb.data_ptr<float>() : nullptr;
+  epb.a_scale = static_cast<float>(b.a_scale);
+  conv_gemm_rows(rb, static_cast<int32_t>(b.a_zero_point), db, b.g, sb, b.w, b.w_corr, epb);
   return out;
 }
 

@@ -22,4 +22,19 @@ struct NhwcBlock {
 void to_nhwc_portable(const NhwcBlock& b);
 void to_nhwc_avx2(const NhwcBlock& b);
 
+// Pixel-major codes (a chained conv's requantized NHWC input, see conv2d_chain) -> the same kernel elements
+// and sums as to_nhwc.
+struct PixelRows {
+  const uint8_t* codes;  // codes[i * c + j]: pixel i, channel j
+  int64_t c, n;          // channels, pixels
+  int64_t groups;        // pixsum has one value per pixel and group (C / groups channels each)
+  uint8_t lo;            // codes below lo count as lo: a ReLU before the quantizer, q(relu(v)) = max(q(v), q(0))
+  int8_t* dst;           // dst[i * cs + j] = max(code, lo) ^ 0x80; bytes [c, cs) of a pixel = -128 (code 0)
+  int64_t cs;            // pixel stride of dst (>= c)
+  int32_t* pixsum;       // pixsum[i * groups + g] = sum of pixel i's codes (raised to lo) over group g
+};
+
+void pixel_rows_portable(const PixelRows& b);
+void pixel_rows_avx2(const PixelRows& b);
+
 }  // namespace dfqkern::cpu::cl

@@ -93,4 +93,27 @@ void to_nhwc_avx2(const NhwcBlock& b) {
   }
 }
 
+// 16 channels at a time (group widths that are multiples of 16; others take the portable loop): max with lo,
+// xor 0x80, and the code sum by vpsadbw against zero.
+void pixel_rows_avx2(const PixelRows& b) {
+  const int64_t cg = b.c / b.groups;
+  if (cg % 16 != 0) return pixel_rows_portable(b);
+  const __m128i lo = _mm_set1_epi8(static_cast<char>(b.lo)), flip = _mm_set1_epi8(static_cast<char>(0x80));
+  const __m128i zero = _mm_setzero_si128();
+  for (int64_t i = 0; i < b.n; ++i) {
+    const uint8_t* codes = b.codes + i * b.c;
+    int8_t* dst = b.dst + i * b.cs;
+    for (int64_t g = 0; g < b.groups; ++g) {
+      __m128i acc = zero;
+      for (int64_t j = g * cg; j < (g + 1) * cg; j += 16) {
+        const __m128i q = _mm_max_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)), lo);
+        acc = _mm_add_epi64(acc, _mm_sad_epu8(q, zero));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm_xor_si128(q, flip));
+      }
+      b.pixsum[i * b.groups + g] = static_cast<int32_t>(_mm_cvtsi128_si64(acc) + _mm_extract_epi64(acc, 1));
+    }
+    for (int64_t j = b.c; j < b.cs; ++j) dst[j] = int8_t(-128);
+  }
+}
+
 }  // namespace dfqkern::cpu::cl

@@ -82,6 +82,22 @@ at::Tensor conv2d_int(const at::Tensor& x_codes, int64_t x_zero_point, const at:
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
                   const at::Tensor& w_scale, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias,
                   double a_scale, int64_t a_zero_point, int64_t a_bits);
+// A packed conv's bound arguments (conv2d's, after x).
+struct ConvLayer {
+  const at::Tensor& w;  // prepacked
+  const at::Tensor& w_corr;
+  const at::Tensor& w_scale;
+  int64_t w_bits;
+  ConvGeom g;
+  const std::optional<at::Tensor>& bias;
+  double a_scale;
+  int64_t a_zero_point, a_bits;
+};
+// Two packed convs in a row, x -> first -> [ReLU] -> second (dfqkern.compile mode "frozen"): the first writes
+// its fp32 output NHWC and the second's quantize pass reads it there (no NCHW round trip, no transpose, no
+// separate ReLU pass). Bit for bit conv2d(relu(conv2d(x, first)), second). Both convs must take the GEMM path
+// (input channels per group > 1); x float32 NCHW, fp32 NCHW output.
+at::Tensor conv2d_chain(const at::Tensor& x, const ConvLayer& first, bool relu, const ConvLayer& second);
 // y = relu(y + r) / y + r / relu(y) in place (r may be null): the fused residual and ReLU of a packed conv's
 // fp32 output (dfqkern.compile mode "frozen"). y and r fp32, contiguous, equal sizes; the same fp32 add as
 // torch's, and ReLU keeps NaN as torch.relu does.

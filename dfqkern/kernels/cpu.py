@@ -342,3 +342,14 @@ def conv2d_call(pw: PackedWeight, bias: torch.Tensor | None, act: ActQuant, stri
     w, corr = _conv_weight(pw, groups)
     return _FAST.PackedConvCall(w, corr, pw.scale, pw.bits, shape, s, p, d, groups, bias, scale, za, act.bits, relu,
                                 [t for t in watch if t is not None])
+
+
+def conv2d_chain_call(first, second):
+    """Two :func:`conv2d_call` calls where ``first``'s output (after its ReLU) feeds only ``second``, as one C++
+    callable ``f(x, residual=None)`` = ``second(first(x), residual)``, bit for bit: the first conv writes its fp32
+    output NHWC and the second quantizes it from there (no NCHW round trip, transpose or separate ReLU pass).
+    ``None`` where a conv does not take the GEMM path (depthwise-style, one input channel per group) or
+    ``first`` has a residual input."""
+    if not (first.gemm_path and second.gemm_path):
+        return None
+    return _FAST.PackedConvChain(first, second)
