@@ -394,16 +394,24 @@ class PackedConvCall {
                       a_zero_point);
     TORCH_CHECK_VALUE(a_scale > 0, "a_scale must be > 0, got ", a_scale);
     TORCH_CHECK_VALUE(w_shape_.size() == 4, "w_shape must have 4 elements, got ", w_shape_.size());
+    check_row_vector("w_scale", w_scale_, w_shape_[0]);
+    if (bias_) check_row_vector("bias", *bias_, w_shape_[0]);
   }
 
   // conv2d(x) [+ residual] [then ReLU]; x float32 (the packed layer's output dtype is its input's).
   Tensor operator()(const Tensor& x, const optional<Tensor>& residual) const {
     check_input(x, residual);
     check_fresh();
-    return finish(conv2d(x, w_, w_corr_, w_scale_, w_bits_, w_shape_, stride_, padding_, dilation_, groups_, bias_,
-                         a_scale_, a_zero_point_, a_bits_),
+    const cpu::ConvGeom g = geom(x.sizes());
+    return finish(cpu::conv2d(x, w_, w_corr_, w_scale_, w_bits_, g, bias_, a_scale_, a_zero_point_, a_bits_,
+                              channels_last_out_),
                   residual);
   }
+
+  // Output in channels-last memory (the same values; GEMM-path convs only, others stay NCHW): set by
+  // dfqkern.compile where every user of the output is another frozen conv, which reads it without a transpose.
+  bool channels_last_out() const { return channels_last_out_; }
+  void set_channels_last_out(bool v) { channels_last_out_ = v; }
 
   bool relu() const { return relu_; }
   // Whether the conv takes the GEMM path (input channels per group > 1), which PackedConvChain needs.
@@ -442,7 +450,9 @@ class PackedConvCall {
       return y;
     }
     const Tensor& r = *residual;
-    if (r.device().is_cpu() && r.scalar_type() == at::kFloat && r.is_contiguous() && r.sizes() == y.sizes()) {
+    // the same memory layout as y (NCHW or channels-last, dense): one elementwise pass over both buffers
+    if (r.device().is_cpu() && r.scalar_type() == at::kFloat && r.sizes() == y.sizes() && r.strides() == y.strides() &&
+        r.is_non_overlapping_and_dense()) {
       cpu::add_relu_(y, &r, relu_);
       return y;
     }
@@ -459,6 +469,7 @@ class PackedConvCall {
   double a_scale_;
   int64_t a_zero_point_, a_bits_;
   bool relu_;
+  bool channels_last_out_ = false;
   std::vector<Tensor> watch_;
   std::vector<uint32_t> versions_;
 };
@@ -480,8 +491,13 @@ class PackedConvChain {
     const cpu::ConvGeom ga = first_.geom(x.sizes());
     const auto [oh, ow] = conv_out_hw(ga, x.size(2), x.size(3));
     const cpu::ConvGeom gb = second_.geom({x.size(0), ga.out_ch, oh, ow});
-    return second_.finish(cpu::conv2d_chain(x, first_.layer(ga), first_.relu(), second_.layer(gb)), residual);
+    return second_.finish(
+        cpu::conv2d_chain(x, first_.layer(ga), first_.relu(), second_.layer(gb), second_.channels_last_out()),
+        residual);
   }
+
+  bool channels_last_out() const { return second_.channels_last_out(); }
+  void set_channels_last_out(bool v) { second_.set_channels_last_out(v); }
 
  private:
   PackedConvCall first_, second_;
@@ -622,12 +638,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &dfqkern::PackedConvCall::operator(), pybind11::arg("x"),
            pybind11::arg("residual") = pybind11::none())
       .def_property_readonly("relu", &dfqkern::PackedConvCall::relu)
-      .def_property_readonly("gemm_path", &dfqkern::PackedConvCall::gemm_path);
+      .def_property_readonly("gemm_path", &dfqkern::PackedConvCall::gemm_path)
+      .def_property("channels_last_out", &dfqkern::PackedConvCall::channels_last_out,
+                    &dfqkern::PackedConvCall::set_channels_last_out);
   pybind11::class_<dfqkern::PackedConvChain>(m, "PackedConvChain",
                                              "Two frozen convs in a row, the first's output (after its ReLU) feeding "
                                              "only the second: call(x, residual=None)")
       .def(pybind11::init<dfqkern::PackedConvCall, dfqkern::PackedConvCall>(), pybind11::arg("first"),
            pybind11::arg("second"))
       .def("__call__", &dfqkern::PackedConvChain::operator(), pybind11::arg("x"),
-           pybind11::arg("residual") = pybind11::none());
+           pybind11::arg("residual") = pybind11::none())
+      .def_property("channels_last_out", &dfqkern::PackedConvChain::channels_last_out,
+                    &dfqkern::PackedConvChain::set_channels_last_out);
 }

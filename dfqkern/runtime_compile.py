@@ -137,18 +137,17 @@ def _freeze_conv(g: fx.Graph, node: fx.Node, m: nn.Module):
 
 def _chain_convs(g: fx.Graph, frozen: dict) -> None:
     """Merges each frozen conv call whose output (after its ReLU) feeds only the next frozen conv, as that call's
-    input, into one :func:`~dfqkern.kernels.cpu.conv2d_chain_call` (``frozen``: node -> its call), in graph order;
-    a conv already merged as the second of a pair starts no pair."""
+    input, into one :func:`~dfqkern.kernels.cpu.conv2d_chain_call`, in graph order; a conv already merged as the
+    second of a pair starts no pair. ``frozen`` (node -> its call) is updated to the merged graph."""
     from .kernels import cpu
 
-    merged = set()
-    for node, call in list(frozen.items()):
-        if node in merged or len(node.args) != 1 or len(node.users) != 1:
-            continue  # the first conv of a pair takes no residual and feeds one node
+    for node in list(frozen):
+        if node not in frozen or len(node.args) != 1 or len(node.users) != 1:
+            continue  # merged already, or the first conv of a pair would take a residual / feed several nodes
         nxt = next(iter(node.users))
         if nxt not in frozen or nxt.args[0] is not node or node in nxt.args[1:]:
             continue
-        pair = cpu.conv2d_chain_call(call, frozen[nxt])
+        pair = cpu.conv2d_chain_call(frozen[node], frozen[nxt])
         if pair is None:
             continue
         with g.inserting_after(nxt):
@@ -156,7 +155,30 @@ def _chain_convs(g: fx.Graph, frozen: dict) -> None:
         nxt.replace_all_uses_with(new)
         g.erase_node(nxt)
         g.erase_node(node)
-        merged.add(nxt)
+        del frozen[node], frozen[nxt]
+        frozen[new] = pair
+
+
+# Glue whose values do not depend on its input's memory layout (pooling would: a channels-last kernel may sum in
+# another order), so it may carry a channels-last tensor from one frozen conv to another (ResNet's option-A
+# shortcut: x[:, :, ::2, ::2] then F.pad, which keeps channels-last).
+_LAYOUT_FREE_GLUE = (operator.getitem, F.pad)
+
+
+def _reaches_only_frozen(node: fx.Node, frozen: dict) -> bool:
+    return bool(node.users) and all(
+        u in frozen or (u.op == "call_function" and u.target in _LAYOUT_FREE_GLUE and _reaches_only_frozen(u, frozen))
+        for u in node.users)
+
+
+def _channels_last_between_convs(frozen: dict) -> None:
+    """A frozen call whose output reaches only other frozen calls (directly or through layout-free glue) writes it
+    channels-last (the same values; the next conv reads its pixels without a transpose, and a residual add meets an
+    output of the same layout). Any other user (pooling, the model's output) keeps NCHW, so the float glue computes
+    exactly what the eager model computes."""
+    for node, call in frozen.items():
+        if _reaches_only_frozen(node, frozen):
+            call.channels_last_out = True
 
 
 def _graph(model: nn.Module, frozen: bool = False):
@@ -193,6 +215,7 @@ def _graph(model: nn.Module, frozen: bool = False):
         node.replace_all_uses_with(new)
         g.erase_node(node)
     _chain_convs(g, frozen_calls)
+    _channels_last_between_convs(frozen_calls)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()

@@ -326,6 +326,9 @@ def test_frozen_cifar_resnet20_fuses_every_block_and_matches_bit_for_bit():
     assert sorted(_kind(n) for n in frozen) == ["PackedConvCall"] + ["PackedConvChain"] * 9, gm.code
     assert sum(len(n.args) == 2 for n in frozen) == 9, gm.code  # 9 residual adds
     assert not _glue(gm), gm.code  # no add or ReLU left outside the convs
+    # every output reaching only convs (the shortcut's slice + pad included) is channels-last; the last block's,
+    # which feeds the average pool, stays NCHW
+    assert [n.target.__self__.channels_last_out for n in frozen] == [True] * 9 + [False], gm.code
     with torch.no_grad():
         for n in (1, 3):
             assert torch.equal(c(x[:n]), q(x[:n]))
@@ -378,6 +381,24 @@ def test_chained_convs_equal_the_two_calls_bit_for_bit(case, relu):
                     want = b(a(bad))
                     assert want.isnan().any() and not want.isnan().all()
                     torch.testing.assert_close(chain(bad), want, rtol=0, atol=0, equal_nan=True)
+        # channels-last: read in place, written on request, the same values; a residual of the other layout is
+        # added by ATen (the same fp32 add)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        assert not x_cl.is_contiguous()
+        want = b(a(x), r)
+        for call in (chain, a, b):
+            call.channels_last_out = True
+        try:
+            out = chain(x_cl, r)
+            assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+            assert torch.equal(out, want)
+            assert torch.equal(chain(x_cl, r.contiguous(memory_format=torch.channels_last)), want)
+            assert torch.equal(b(a(x_cl), r), want)
+            assert a(x).is_contiguous(memory_format=torch.channels_last)
+        finally:
+            for call in (chain, a, b):
+                call.channels_last_out = False
+        assert chain(x_cl).is_contiguous()
 
 
 def _nothing():
@@ -398,6 +419,17 @@ def _cpu_isas() -> list:
         except ValueError:
             continue
     return ok
+
+
+def test_depthwise_frozen_conv_reads_channels_last_and_keeps_nchw_out():
+    _needs_cpu_backend()
+    q = _packed()
+    dw = q.conv2.frozen_call(relu=True)
+    dw.channels_last_out = True  # no channels-last path for depthwise-style convs: the output stays NCHW
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        out = dw(x.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous() and torch.equal(out, torch.relu(q.conv2(x)))
 
 
 def test_chain_needs_two_gemm_path_convs_and_follows_weight_writes():

@@ -543,68 +543,96 @@ at::Tensor conv2d_int(const at::Tensor& x_codes_in, int64_t x_zero_point, const 
   return out;
 }
 
+namespace {
+
+// Float input of a conv: NCHW (any float type), or fp32 channels-last (a frozen conv's output, see
+// conv2d_chain), whose rows the GEMM path quantizes pixel by pixel without a transpose.
+struct FloatInput {
+  at::Tensor x;
+  bool nhwc;
+  FloatInput(const at::Tensor& x_in, const ConvGeom& g)
+      : nhwc(g.in_per_group > 1 && x_in.scalar_type() == at::kFloat && x_in.dim() == 4 && !x_in.is_contiguous() &&
+             x_in.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    x = nhwc ? x_in : x_in.contiguous();
+  }
+};
+
+// A conv's fp32 output, NCHW or channels-last (the GEMM path only: ep.nhwc).
+at::Tensor conv_output(const Dims& d, const ConvGeom& g, const at::Tensor& like, bool nhwc) {
+  return at::empty({d.b, g.out_ch, d.oh, d.ow}, like.options().dtype(at::kFloat).memory_format(
+                                                     nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+}
+
+// The bound epilogue of a float conv (w_scale and bias held as fp32 contiguous tensors).
+struct FloatEpilogue {
+  at::Tensor w_scale, bias;
+  Epilogue ep;
+  FloatEpilogue(const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in, double a_scale, at::Tensor& out,
+                bool nhwc)
+      : w_scale(w_scale_in.to(at::kFloat).contiguous()) {
+    if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
+    ep.out_f = out.data_ptr<float>();
+    ep.w_scale = w_scale.data_ptr<float>();
+    ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    ep.a_scale = static_cast<float>(a_scale);
+    ep.nhwc = nhwc;
+  }
+};
+
+// A GEMM-path conv of layer l on float input `in` with output epilogue ep.
+void conv_gemm_float(const FloatInput& in, const Dims& d, const ConvLayer& l, const Epilogue& ep) {
+  const GemmShape s = gemm_shape(d, l.g, l.w_corr, l.w_bits);
+  const ew::FqParams p = act_params(l.a_scale, l.a_zero_point, l.a_bits);
+  const In xin(in.x);
+  CodeSource src;
+  src.x = &xin;
+  src.p = p;
+  conv_gemm_rows(in.nhwc ? requant_rows(in.x.data_ptr<float>(), d, l.g, s, p, false) : quantize_rows(src, d, l.g, s),
+                 static_cast<int32_t>(l.a_zero_point), d, l.g, s, l.w, l.w_corr, ep);
+}
+
+}  // namespace
+
 at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
                   const at::Tensor& w_scale_in, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias_in,
-                  double a_scale, int64_t a_zero_point, int64_t a_bits) {
-  const at::Tensor x = x_in.contiguous();
-  const Dims d = dims_of(x, g);
-  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
-  at::Tensor bias;
-  if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({d.b, g.out_ch, d.oh, d.ow}, x.options().dtype(at::kFloat));
-  const In xin(x);
+                  double a_scale, int64_t a_zero_point, int64_t a_bits, bool channels_last_out) {
+  const FloatInput in(x_in, g);
+  const Dims d = dims_of(in.x, g);
+  const bool gemm_path = g.in_per_group > 1, nhwc_out = channels_last_out && gemm_path;
+  at::Tensor out = conv_output(d, g, in.x, nhwc_out);
+  const FloatEpilogue fe(w_scale_in, bias_in, a_scale, out, nhwc_out);
+  if (gemm_path) {
+    conv_gemm_float(in, d, ConvLayer{w_prepacked, w_corr, w_scale_in, w_bits, g, bias_in, a_scale, a_zero_point, a_bits},
+                    fe.ep);
+    return out;
+  }
+  const In xin(in.x);
   CodeSource src;
   src.x = &xin;
   src.p = act_params(a_scale, a_zero_point, a_bits);
-  Epilogue ep;
-  ep.out_f = out.data_ptr<float>();
-  ep.w_scale = w_scale.data_ptr<float>();
-  ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  ep.a_scale = static_cast<float>(a_scale);
-  dispatch_conv(src, static_cast<int32_t>(a_zero_point), d, g, w_prepacked, w_corr, w_bits, ep);
+  conv_depthwise(src, static_cast<int32_t>(a_zero_point), d, g, w_prepacked, fe.ep);
   return out;
 }
 
-at::Tensor conv2d_chain(const at::Tensor& x_in, const ConvLayer& a, bool relu, const ConvLayer& b) {
+at::Tensor conv2d_chain(const at::Tensor& x_in, const ConvLayer& a, bool relu, const ConvLayer& b,
+                        bool channels_last_out) {
   TORCH_CHECK_VALUE(a.g.in_per_group > 1 && b.g.in_per_group > 1,
                     "conv2d_chain: both convs must take the GEMM path (input channels per group > 1)");
   TORCH_CHECK_VALUE(b.g.in_per_group * b.g.groups == a.g.out_ch, "conv2d_chain: the second conv takes ",
                     b.g.in_per_group * b.g.groups, " input channels, the first gives ", a.g.out_ch);
-  const at::Tensor x = x_in.contiguous();
   // first conv: fp32 NHWC output
-  const Dims da = dims_of(x, a.g);
-  const at::Tensor wsa = a.w_scale.to(at::kFloat).contiguous();
-  at::Tensor ba;
-  if (a.bias) ba = a.bias->to(at::kFloat).contiguous();
-  at::Tensor mid = at::empty({da.b, da.oh, da.ow, a.g.out_ch}, x.options().dtype(at::kFloat));
-  const In xin(x);
-  CodeSource src;
-  src.x = &xin;
-  src.p = act_params(a.a_scale, a.a_zero_point, a.a_bits);
-  Epilogue epa;
-  epa.out_f = mid.data_ptr<float>();
-  epa.w_scale = wsa.data_ptr<float>();
-  epa.bias = ba.defined() ? ba.data_ptr<float>() : nullptr;
-  epa.a_scale = static_cast<float>(a.a_scale);
-  epa.nhwc = true;
-  const GemmShape sa = gemm_shape(da, a.g, a.w_corr, a.w_bits);
-  conv_gemm_rows(quantize_rows(src, da, a.g, sa), static_cast<int32_t>(a.a_zero_point), da, a.g, sa, a.w, a.w_corr,
-                 epa);
-  // second conv: its rows quantized from the NHWC output, fp32 NCHW output
+  const FloatInput in(x_in, a.g);
+  const Dims da = dims_of(in.x, a.g);
+  at::Tensor mid = conv_output(da, a.g, in.x, true);
+  conv_gemm_float(in, da, a, FloatEpilogue(a.w_scale, a.bias, a.a_scale, mid, true).ep);
+  // second conv: its rows quantized from the NHWC output (the ReLU applied there)
   const Dims db = dims_of(da.b, a.g.out_ch, da.oh, da.ow, b.g);
   const GemmShape sb = gemm_shape(db, b.g, b.w_corr, b.w_bits);
   const ActRows rb = requant_rows(mid.data_ptr<float>(), db, b.g, sb, act_params(b.a_scale, b.a_zero_point, b.a_bits),
                                   relu);
-  const at::Tensor wsb = b.w_scale.to(at::kFloat).contiguous();
-  at::Tensor bb;
-  if (b.bias) bb = b.bias->to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({db.b, b.g.out_ch, db.oh, db.ow}, x.options().dtype(at::kFloat));
-  Epilogue epb;
-  epb.out_f = out.data_ptr<float>();
-  epb.w_scale = wsb.data_ptr<float>();
-  epb.bias = bb.defined() ? bb.data_ptr<float>() : nullptr;
-  epb.a_scale = static_cast<float>(b.a_scale);
-  conv_gemm_rows(rb, static_cast<int32_t>(b.a_zero_point), db, b.g, sb, b.w, b.w_corr, epb);
+  at::Tensor out = conv_output(db, b.g, in.x, channels_last_out);
+  conv_gemm_rows(rb, static_cast<int32_t>(b.a_zero_point), db, b.g, sb, b.w, b.w_corr,
+                 FloatEpilogue(b.w_scale, b.bias, b.a_scale, out, channels_last_out).ep);
   return out;
 }
 

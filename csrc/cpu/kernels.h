@@ -78,10 +78,12 @@ struct ConvGeom {
 // Exact int32 NCHW convolution of (x_codes - x_zp) with the prepacked weight (zero padding).
 at::Tensor conv2d_int(const at::Tensor& x_codes, int64_t x_zero_point, const at::Tensor& w_prepacked,
                       const at::Tensor& w_corr, int64_t w_bits, const ConvGeom& g);
-// Packed Conv2d on float NCHW input with static per-tensor activation quantization; fp32 NCHW output.
+// Packed Conv2d on float NCHW input with static per-tensor activation quantization; fp32 NCHW output, or
+// channels-last (NHWC in memory, the same values) with channels_last_out where the conv takes the GEMM path
+// (C / groups > 1). An fp32 channels-last x is read in place by the GEMM path (no transpose).
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
                   const at::Tensor& w_scale, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias,
-                  double a_scale, int64_t a_zero_point, int64_t a_bits);
+                  double a_scale, int64_t a_zero_point, int64_t a_bits, bool channels_last_out = false);
 // A packed conv's bound arguments (conv2d's, after x).
 struct ConvLayer {
   const at::Tensor& w;  // prepacked
@@ -96,8 +98,10 @@ struct ConvLayer {
 // Two packed convs in a row, x -> first -> [ReLU] -> second (dfqkern.compile mode "frozen"): the first writes
 // its fp32 output NHWC and the second's quantize pass reads it there (no NCHW round trip, no transpose, no
 // separate ReLU pass). Bit for bit conv2d(relu(conv2d(x, first)), second). Both convs must take the GEMM path
-// (input channels per group > 1); x float32 NCHW, fp32 NCHW output.
-at::Tensor conv2d_chain(const at::Tensor& x, const ConvLayer& first, bool relu, const ConvLayer& second);
+// (input channels per group > 1); x float32 (NCHW or channels-last, as conv2d), fp32 output NCHW or, with
+// channels_last_out, channels-last.
+at::Tensor conv2d_chain(const at::Tensor& x, const ConvLayer& first, bool relu, const ConvLayer& second,
+                        bool channels_last_out = false);
 // y = relu(y + r) / y + r / relu(y) in place (r may be null): the fused residual and ReLU of a packed conv's
 // fp32 output (dfqkern.compile mode "frozen"). y and r fp32, contiguous, equal sizes; the same fp32 add as
 // torch's, and ReLU keeps NaN as torch.relu does.
