@@ -383,22 +383,27 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
       const int32_t pad_tap = za * static_cast<int32_t>(cg);
       const int32_t* psb = pixsum.data() + b * hw * g.groups + grp;
       parallel_for(d.h, d.ow * g.kw * 2, [&](int64_t y0, int64_t y1) {
-        for (int64_t iy = y0; iy < y1; ++iy) {
-          const int32_t* prow = psb + iy * d.w * g.groups;
-          int32_t* hrow = hsum.data() + iy * d.ow;
-          for (int64_t ox = 0; ox < d.ow; ++ox) {
-            const int64_t ix0 = ox * g.stride_w - g.pad_w;
-            int32_t sum = 0;
-            if (ox >= ox_lo && ox < ox_hi) {
-              for (int64_t j = 0; j < g.kw; ++j) sum += prow[(ix0 + j * g.dil_w) * g.groups];
-            } else {
-              for (int64_t j = 0; j < g.kw; ++j) {
-                const int64_t ix = ix0 + j * g.dil_w;
-                sum += ix >= 0 && ix < d.w ? prow[ix * g.groups] : pad_tap;
-              }
-            }
-            hrow[ox] = sum;
+        const int64_t gs = g.groups, sw = g.stride_w, dw = g.dil_w;
+        const auto edge = [&](const int32_t* prow, int32_t* hrow, int64_t ox) {  // some taps in the padding
+          const int64_t ix0 = ox * sw - g.pad_w;
+          int32_t sum = 0;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t ix = ix0 + j * dw;
+            sum += ix >= 0 && ix < d.w ? prow[ix * gs] : pad_tap;
           }
+          hrow[ox] = sum;
+        };
+        for (int64_t iy = y0; iy < y1; ++iy) {
+          const int32_t* prow = psb + iy * d.w * gs;
+          int32_t* hrow = hsum.data() + iy * d.ow;
+          for (int64_t ox = 0; ox < ox_lo; ++ox) edge(prow, hrow, ox);
+          // all taps inside: tap by tap over the columns (a loop the compiler vectorizes for stride 1)
+          std::fill(hrow + ox_lo, hrow + ox_hi, 0);
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int32_t* src = prow + (j * dw - g.pad_w) * gs;
+            for (int64_t ox = ox_lo; ox < ox_hi; ++ox) hrow[ox] += src[ox * sw * gs];
+          }
+          for (int64_t ox = ox_hi; ox < d.ow; ++ox) edge(prow, hrow, ox);
         }
       });
       const Im2col ic{.x = reinterpret_cast<const int8_t*>(xs) + b * hw * cs + grp * cg, .hsum = hsum.data(),
