@@ -236,7 +236,9 @@ ActRows quantize_rows(const CodeSource& src, const Dims& d, const ConvGeom& g, c
   r.pixsum.resize(static_cast<size_t>(d.b * hw * g.groups));
   r.badpix.assign(src.x ? static_cast<size_t>(d.b * hw) : 0, 0);
   std::atomic<bool> any_bad{false};
-  constexpr int64_t kPix = 64;  // a multiple of 16 (cl::NhwcBlock::ld)
+  // A multiple of 16 (cl::NhwcBlock::ld); 256: each quantize call gets a long run (64 left ~half of the pass in
+  // per-call overhead: 16-ch 32x32 conv, Xeon VNNI)
+  constexpr int64_t kPix = 256;
   const int64_t pblocks = (hw + kPix - 1) / kPix;
   const auto to_nhwc = DFQKERN_AVX2_OR_PORTABLE(cl, to_nhwc);
   parallel_for(d.b * pblocks, std::min(kPix, hw) * d.c * kElementCost, [&](int64_t bgn, int64_t end) {
