@@ -374,6 +374,38 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& w_corr, const Tens
 // call per conv + add + ReLU instead of three, and no per-call Python argument handling. `watch`: the
 // layer's own tensors the bound ones were derived from; an in-place write to any of them (their version
 // counter moves, e.g. load_state_dict) makes the call raise instead of computing with stale weights.
+// The layer tensors a frozen call's bound tensors were derived from, with their version counters at binding:
+// check() raises once any of them was written in place since.
+class WatchedTensors {
+ public:
+  explicit WatchedTensors(std::vector<Tensor> watch) {
+    for (auto& t : watch)
+      if (!t.is_inference()) {  // inference tensors keep no version counter (and cannot be written outside it)
+        versions_.push_back(t.unsafeGetTensorImpl()->version_counter().current_version());
+        tensors_.push_back(std::move(t));
+      }
+  }
+  void check() const {
+    for (size_t i = 0; i < tensors_.size(); ++i)
+      TORCH_CHECK(tensors_[i].unsafeGetTensorImpl()->version_counter().current_version() == versions_[i],
+                  "a packed layer's weights or quantizer parameters were written after dfqkern.compile(mode="
+                  "'frozen') bound them: compile the model again");
+  }
+
+ private:
+  std::vector<Tensor> tensors_;
+  std::vector<uint32_t> versions_;
+};
+
+// A frozen call's input: float32 (the packed layer's output dtype is its input's), no gradient.
+void check_frozen_input(const char* what, const Tensor& x, const optional<Tensor>& residual) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32 for a frozen packed ", what, ", got ",
+                   x.scalar_type());
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || (residual && residual->requires_grad())),
+              "dfqkern packed layers are inference-only: no gradient flows through a frozen packed ", what,
+              " (its input requires grad); run it under torch.no_grad() / torch.inference_mode()");
+}
+
 class PackedConvCall {
  public:
   PackedConvCall(Tensor w, Tensor w_corr, Tensor w_scale, int64_t w_bits, std::vector<int64_t> w_shape,
@@ -383,12 +415,7 @@ class PackedConvCall {
       : w_(std::move(w)), w_corr_(std::move(w_corr)), w_scale_(std::move(w_scale)), w_bits_(w_bits),
         w_shape_(std::move(w_shape)), stride_(std::move(stride)), padding_(std::move(padding)),
         dilation_(std::move(dilation)), groups_(groups), bias_(std::move(bias)), a_scale_(a_scale),
-        a_zero_point_(a_zero_point), a_bits_(a_bits), relu_(relu) {
-    for (auto& t : watch)
-      if (!t.is_inference()) {  // inference tensors keep no version counter (and cannot be written outside it)
-        versions_.push_back(t.unsafeGetTensorImpl()->version_counter().current_version());
-        watch_.push_back(std::move(t));
-      }
+        a_zero_point_(a_zero_point), a_bits_(a_bits), relu_(relu), watch_(std::move(watch)) {
     check_bits("a_bits", a_bits, {4, 8});
     TORCH_CHECK_VALUE(a_zero_point >= 0 && a_zero_point <= 255, "a_zero_point must be an integer in [0, 255], got ",
                       a_zero_point);
@@ -417,20 +444,9 @@ class PackedConvCall {
   // Whether the conv takes the GEMM path (input channels per group > 1), which PackedConvChain needs.
   bool gemm_path() const { return w_shape_[1] > 1; }
 
-  static void check_input(const Tensor& x, const optional<Tensor>& residual) {
-    TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32 for a frozen packed conv, got ",
-                     x.scalar_type());
-    TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || (residual && residual->requires_grad())),
-                "dfqkern packed layers are inference-only: no gradient flows through a frozen packed conv (its "
-                "input requires grad); run it under torch.no_grad() / torch.inference_mode()");
-  }
+  static void check_input(const Tensor& x, const optional<Tensor>& residual) { check_frozen_input("conv", x, residual); }
 
-  void check_fresh() const {
-    for (size_t i = 0; i < watch_.size(); ++i)
-      TORCH_CHECK(watch_[i].unsafeGetTensorImpl()->version_counter().current_version() == versions_[i],
-                  "a packed layer's weights or quantizer parameters were written after dfqkern.compile(mode="
-                  "'frozen') bound them: compile the model again");
-  }
+  void check_fresh() const { watch_.check(); }
 
   // The geometry on an input of sizes x (checked), the weight checked against it.
   cpu::ConvGeom geom(at::IntArrayRef x) const {
@@ -470,8 +486,7 @@ class PackedConvCall {
   int64_t a_zero_point_, a_bits_;
   bool relu_;
   bool channels_last_out_ = false;
-  std::vector<Tensor> watch_;
-  std::vector<uint32_t> versions_;
+  WatchedTensors watch_;
 };
 
 // Two frozen convs where the first's output (after its ReLU, if it has one) feeds only the second: one call
@@ -501,6 +516,52 @@ class PackedConvChain {
 
  private:
   PackedConvCall first_, second_;
+};
+
+// A packed Linear with static per-tensor activation quantization and everything but its input bound
+// (dfqkern.compile mode "frozen"): the checked linear above, with the layout the Python dispatch picks bound
+// per case (w1 / corr1 for one row, wn / corrn for several).
+class PackedLinearCall {
+ public:
+  PackedLinearCall(Tensor w1, Tensor corr1, Tensor wn, Tensor corrn, Tensor w_scale, int64_t w_bits, int64_t n,
+                   int64_t k, optional<Tensor> bias, Tensor a_scale, Tensor a_zero_point, int64_t a_bits, bool symmetric,
+                   std::vector<Tensor> watch)
+      : w1_(std::move(w1)), corr1_(std::move(corr1)), wn_(std::move(wn)), corrn_(std::move(corrn)),
+        w_scale_(std::move(w_scale)), w_bits_(w_bits), n_(n), k_(k), bias_(std::move(bias)),
+        a_scale_(std::move(a_scale)), a_zero_point_(std::move(a_zero_point)), a_bits_(a_bits), symmetric_(symmetric),
+        watch_(std::move(watch)) {
+    check_prepacked(w1_, corr1_, w_bits_, n_, k_, 1);
+    check_prepacked(wn_, corrn_, w_bits_, n_, k_, 1);
+    check_row_vector("w_scale", w_scale_, n_);
+    if (bias_) check_row_vector("bias", *bias_, n_);
+    check_bits("a_bits", a_bits_, {4, 8});
+    check_act_params(a_scale_, a_zero_point_, false);
+  }
+
+  Tensor operator()(const Tensor& x) const {
+    check_frozen_input("linear", x, std::nullopt);
+    watch_.check();
+    TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k_, "x has ", x.dim() ? x.size(-1) : 0,
+                      " input features, weight expects K=", k_);
+    const bool one_row = x.numel() == k_;
+    Tensor y = cpu::linear(x, one_row ? w1_ : wn_, one_row ? corr1_ : corrn_, w_scale_, w_bits_, n_, k_, bias_,
+                           a_scale_, a_zero_point_, a_bits_, false, symmetric_);
+    if (y.dim() != x.dim()) {
+      std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+      shape.back() = n_;
+      y = y.reshape(shape);
+    }
+    return y;
+  }
+
+ private:
+  Tensor w1_, corr1_, wn_, corrn_, w_scale_;
+  int64_t w_bits_, n_, k_;
+  optional<Tensor> bias_;
+  Tensor a_scale_, a_zero_point_;
+  int64_t a_bits_;
+  bool symmetric_;
+  WatchedTensors watch_;
 };
 
 // A zero point of matmul_int: one element, or broadcastable to `shape` with size 1 along `free_dim`.
@@ -641,6 +702,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("gemm_path", &dfqkern::PackedConvCall::gemm_path)
       .def_property("channels_last_out", &dfqkern::PackedConvCall::channels_last_out,
                     &dfqkern::PackedConvCall::set_channels_last_out);
+  pybind11::class_<dfqkern::PackedLinearCall>(m, "PackedLinearCall",
+                                              "A packed Linear with its weights and activation quantizer bound: "
+                                              "call(x)")
+      .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t,
+                          std::optional<at::Tensor>, at::Tensor, at::Tensor, int64_t, bool, std::vector<at::Tensor>>(),
+           pybind11::arg("w1"), pybind11::arg("corr1"), pybind11::arg("wn"), pybind11::arg("corrn"),
+           pybind11::arg("w_scale"), pybind11::arg("w_bits"), pybind11::arg("n"), pybind11::arg("k"),
+           pybind11::arg("bias"), pybind11::arg("a_scale"), pybind11::arg("a_zero_point"), pybind11::arg("a_bits"),
+           pybind11::arg("symmetric"), pybind11::arg("watch"))
+      .def("__call__", &dfqkern::PackedLinearCall::operator(), pybind11::arg("x"));
   pybind11::class_<dfqkern::PackedConvChain>(m, "PackedConvChain",
                                              "Two frozen convs in a row, the first's output (after its ReLU) feeding "
                                              "only the second: call(x, residual=None)")

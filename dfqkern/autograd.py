@@ -409,6 +409,24 @@ def frozen_conv2d_call(data, w_scale, w_zero, wbits, weight_shape, bias, a_scale
         return None
 
 
+def frozen_linear_call(data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits, per_token, act_symmetric,
+                       backend):
+    """:func:`frozen_conv2d_call` for :func:`packed_linear`: one C++ call ``f(x)``, or ``None`` where the CPU
+    backend would not run it first or declines it (weight-only, per-token)."""
+    name = dispatch.first_backend("linear", data.device.type, backend)
+    if name != dispatch.Backend.CPU.value or not abits or per_token:
+        return None
+    pw = packed_weight_view(data, w_scale, w_zero, wbits, k, (data.shape[0], k))
+    act = ActQuant(abits, a_scale.detach(), a_zero, symmetric=act_symmetric)
+    watch = (data, w_scale, w_zero, bias, a_scale, a_zero)
+    bias = None if bias is None else bias.detach()
+    contract.linear_static(pw, bias)
+    try:
+        return dispatch.backend_module(dispatch.Backend.CPU).linear_call(pw, bias, act, watch=watch)
+    except Unsupported:
+        return None
+
+
 def packed_linear_call(key, data, w_scale, w_zero, wbits, k, bias, a_scale, a_zero, abits, per_token,
                        act_symmetric, backend) -> "PackedCall | None":
     """:func:`packed_conv2d_call` for :func:`packed_linear` (``a_scale`` / ``a_zero`` ``None`` when per token)."""

@@ -53,6 +53,7 @@ from torch import fx, nn
 from .nn.attention import QuantAttentionBase
 from .nn.base import QuantLayer
 from .nn.conv import QuantConv2d
+from .nn.linear import QuantLinear
 
 MODES = ("graph", "frozen", "inductor")
 
@@ -215,6 +216,14 @@ def _graph(model: nn.Module, frozen: bool = False):
             if replaced is not None:
                 gone.update(replaced[0])
                 frozen_calls[replaced[1]] = replaced[2]
+                continue
+        if frozen and isinstance(m, QuantLinear) and len(node.args) == 1 and not node.kwargs:
+            call = m.frozen_call()
+            if call is not None:
+                with g.inserting_after(node):
+                    new = g.call_function(call.__call__, node.args)
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
                 continue
         with g.inserting_after(node):
             new = g.call_function(m.packed_forward, node.args, node.kwargs)

@@ -247,8 +247,8 @@ def test_frozen_fuses_residual_and_relu_and_keeps_the_logits_bit_for_bit():
     assert not [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                    QuantLayer)], gm.code
     frozen = _frozen_calls(gm)
-    # 7 convs in 6 calls: stem -> ReLU -> a is one chained call (stem's output feeds only a)
-    assert sorted(_kind(n) for n in frozen) == ["PackedConvCall"] * 5 + ["PackedConvChain"], gm.code
+    # 7 convs in 6 calls: stem -> ReLU -> a is one chained call (stem's output feeds only a); the head a linear call
+    assert sorted(_kind(n) for n in frozen) == ["PackedConvCall"] * 5 + ["PackedConvChain", "PackedLinearCall"], gm.code
     # fused: stem / a ReLUs, b's += and relu, c's and e's adds, f's broadcast add + relu. Left: d's two uses
     # (t * 0.5 + t.relu(): one add, one relu method) and the clone.
     assert _glue(gm) == {"add": 1, "relu": 1, "clone": 1}, gm.code
@@ -322,8 +322,9 @@ def test_frozen_cifar_resnet20_fuses_every_block_and_matches_bit_for_bit():
     c = dfqkern.compile(q.eval(), example_inputs=x[:1], fallback=False)
     gm = c._run.__self__
     frozen = _frozen_calls(gm)
-    # 19 convs: the stem, and each block's conv1 -> ReLU -> conv2 as one chained call taking the residual
-    assert sorted(_kind(n) for n in frozen) == ["PackedConvCall"] + ["PackedConvChain"] * 9, gm.code
+    # 19 convs: the stem, and each block's conv1 -> ReLU -> conv2 as one chained call taking the residual; the fc
+    assert [_kind(n) for n in frozen] == ["PackedConvCall"] + ["PackedConvChain"] * 9 + ["PackedLinearCall"], gm.code
+    frozen = frozen[:-1]
     assert sum(len(n.args) == 2 for n in frozen) == 9, gm.code  # 9 residual adds
     assert not _glue(gm), gm.code  # no add or ReLU left outside the convs
     # every output reaching only convs (the shortcut's slice + pad included) is channels-last; the last block's,
@@ -456,3 +457,59 @@ def test_chain_needs_two_gemm_path_convs_and_follows_weight_writes():
             chain(torch.randn(1, 3, 8, 8))
     with pytest.raises(RuntimeError, match="inference-only"):
         chain(torch.randn(1, 3, 8, 8, requires_grad=True))
+
+
+# ------------------------------------------------------------------------------------ frozen packed Linear
+
+@pytest.mark.parametrize("wbits", [2, 4, 8])
+def test_frozen_linear_equals_the_packed_layer_bit_for_bit(wbits):
+    """One row (the GEMV tiles) and several rows / 3-D input (the layout dispatch picks), every ISA."""
+    _needs_cpu_backend()
+    from dfqkern.kernels import cpu
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(70, 37), nn.ReLU(), nn.Linear(37, 11)).eval()
+    q = quantize_model(m, QuantConfig(weight_bits=wbits, act_bits=8, first_last_bits=None, weight_observer="minmax",
+                                      act_observer="minmax"))
+    calibrate_activations(q, torch.randn(16, 70), progress=False)
+    pack_model(q).eval()
+    c = dfqkern.compile(q, fallback=False)
+    assert [_kind(n) for n in _frozen_calls(c._run.__self__)] == ["PackedLinearCall"] * 2
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for isa in _cpu_isas():
+            with cpu.use_isa(isa):
+                for shape in ((1, 70), (70,), (5, 70), (2, 3, 70)):
+                    x = torch.randn(*shape, generator=g)
+                    assert torch.equal(c(x), q(x)), (isa, shape)
+                    assert c(x).shape == shape[:-1] + (11,)
+
+
+def test_frozen_linear_errors_and_what_it_leaves_alone():
+    _needs_cpu_backend()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 6)).eval()
+    q = quantize_model(m, QuantConfig(weight_bits=4, act_bits=8, first_last_bits=None, weight_observer="minmax",
+                                      act_observer="minmax"))
+    calibrate_activations(q, torch.randn(8, 12), progress=False)
+    pack_model(q).eval()
+    call = q[0].frozen_call()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="x must be float32"):
+            call(torch.randn(2, 12).double())
+        with pytest.raises(ValueError, match="input features"):
+            call(torch.randn(2, 13))
+        q[0].bias.add_(0.5)
+        with pytest.raises(RuntimeError, match="compile the model again"):
+            call(torch.randn(2, 12))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q[0].frozen_call()(torch.randn(2, 12, requires_grad=True))
+    pt = quantize_model(m, QuantConfig(weight_bits=4, act_bits=8, first_last_bits=None, act_granularity="per_token"))
+    calibrate_activations(pt, torch.randn(8, 12), progress=False)
+    pack_model(pt).eval()
+    assert pt[0].frozen_call() is None  # per-token activations: left to packed_forward
+    with torch.no_grad():
+        x = torch.randn(3, 12)
+        assert torch.equal(dfqkern.compile(pt, fallback=False)(x), pt(x))
+    with pytest.raises(RuntimeError, match="needs a packed layer"):
+        quantize_model(m, QuantConfig(weight_bits=4, act_bits=8))[0].frozen_call()

@@ -344,6 +344,23 @@ def conv2d_call(pw: PackedWeight, bias: torch.Tensor | None, act: ActQuant, stri
                                 [t for t in watch if t is not None])
 
 
+def linear_call(pw: PackedWeight, bias: torch.Tensor | None, act: ActQuant, watch: tuple = ()):
+    """:func:`linear` with everything but its float32 input bound, as one C++ callable ``f(x)``: the same kernel
+    and the same layouts :func:`linear` picks (one row: tiles; several: as :func:`_gemm_layout` says now), with no
+    Python around it (``dfqkern.compile(mode="frozen")``). Raises once a tensor of ``watch`` has been written in
+    place since."""
+    if act is None or act.per_token:
+        raise Unsupported("a frozen packed linear needs a static per-tensor activation quantizer")
+    _load()
+    if not hasattr(_FAST, "PackedLinearCall"):
+        raise Unsupported("this build of dfqkern._C has no PackedLinearCall (rebuild the extension)")
+    one = tile_weight(pw)
+    many = one if pw.bits == 8 and _gemm_layout(pw) == "tile" else panel_weight(pw)
+    return _FAST.PackedLinearCall(one[0], one[1], many[0], many[1], pw.scale, pw.bits, pw.n, pw.k, bias,
+                                  _t(act.scale), _t(act.zero_point), act.bits, act.symmetric,
+                                  [t for t in watch if t is not None])
+
+
 def conv2d_chain_call(first, second):
     """Two :func:`conv2d_call` calls where ``first``'s output (after its ReLU) feeds only ``second``, as one C++
     callable ``f(x, residual=None)`` = ``second(first(x), residual)``, bit for bit: the first conv writes its fp32
