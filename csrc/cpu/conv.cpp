@@ -222,8 +222,8 @@ GemmShape gemm_shape(const Dims& d, const ConvGeom& g, const at::Tensor& w_corr,
 // past the last pixel), per-pixel per-group code sums, and the pixels that held NaN / Inf (float input).
 struct ActRows {
   std::unique_ptr<uint8_t[]> xs;
-  std::vector<int32_t> pixsum;
-  std::vector<uint8_t> badpix;  // per pixel, only for float input (written only when any_bad)
+  std::unique_ptr<int32_t[]> pixsum;  // every element written by the layout step
+  std::vector<uint8_t> badpix;        // per pixel, only for float input (written only when any_bad)
   bool any_bad = false;
 };
 
@@ -233,7 +233,7 @@ ActRows quantize_rows(const CodeSource& src, const Dims& d, const ConvGeom& g, c
   const int64_t hw = d.h * d.w, cs = s.cs;
   ActRows r;
   r.xs.reset(new uint8_t[static_cast<size_t>(d.b * hw * cs + 16)]);
-  r.pixsum.resize(static_cast<size_t>(d.b * hw * g.groups));
+  r.pixsum.reset(new int32_t[static_cast<size_t>(d.b * hw * g.groups)]);
   r.badpix.assign(src.x ? static_cast<size_t>(d.b * hw) : 0, 0);
   std::atomic<bool> any_bad{false};
   // A multiple of 16 (cl::NhwcBlock::ld); 256: each quantize call gets a long run (64 left ~half of the pass in
@@ -242,16 +242,16 @@ ActRows quantize_rows(const CodeSource& src, const Dims& d, const ConvGeom& g, c
   const int64_t pblocks = (hw + kPix - 1) / kPix;
   const auto to_nhwc = DFQKERN_AVX2_OR_PORTABLE(cl, to_nhwc);
   parallel_for(d.b * pblocks, std::min(kPix, hw) * d.c * kElementCost, [&](int64_t bgn, int64_t end) {
-    std::vector<uint8_t> codes(static_cast<size_t>(d.c * kPix));  // [channel][pixel of the block]
+    std::unique_ptr<uint8_t[]> codes(new uint8_t[static_cast<size_t>(d.c * kPix)]);  // [channel][pixel of the block]
     float fbuf[kPix];
     for (int64_t it = bgn; it < end; ++it) {
       const int64_t b = it / pblocks, p0 = (it % pblocks) * kPix, n = std::min(kPix, hw - p0);
       for (int64_t c = 0; c < d.c; ++c)
-        if (src.get((b * d.c + c) * hw + p0, n, codes.data() + c * kPix, fbuf,
+        if (src.get((b * d.c + c) * hw + p0, n, codes.get() + c * kPix, fbuf,
                     src.x ? r.badpix.data() + b * hw + p0 : nullptr))
           any_bad.store(true, std::memory_order_relaxed);
       int8_t* dst = reinterpret_cast<int8_t*>(r.xs.get()) + (b * hw + p0) * cs;
-      to_nhwc(cl::NhwcBlock{codes.data(), kPix, d.c, n, g.groups, dst, cs, r.pixsum.data() + (b * hw + p0) * g.groups});
+      to_nhwc(cl::NhwcBlock{codes.get(), kPix, d.c, n, g.groups, dst, cs, r.pixsum.get() + (b * hw + p0) * g.groups});
       if (s.direct && s.kp > d.c)  // K padding of the rows used in place: code 0
         for (int64_t i = 0; i < n; ++i) std::fill(dst + i * cs + d.c, dst + (i + 1) * cs, int8_t(-128));
     }
@@ -270,7 +270,7 @@ ActRows requant_rows(const float* y, const Dims& d, const ConvGeom& g, const Gem
   const int64_t hw = d.h * d.w, npix = d.b * hw, cs = s.cs, c = d.c;
   ActRows r;
   r.xs.reset(new uint8_t[static_cast<size_t>(npix * cs + 16)]);
-  r.pixsum.resize(static_cast<size_t>(npix * g.groups));
+  r.pixsum.reset(new int32_t[static_cast<size_t>(npix * g.groups)]);
   r.badpix.assign(static_cast<size_t>(npix), 0);
   std::atomic<bool> any_bad{false};
   uint8_t lo = 0;
@@ -282,26 +282,26 @@ ActRows requant_rows(const float* y, const Dims& d, const ConvGeom& g, const Gem
   const int64_t blocks = (npix + kPix - 1) / kPix;
   const auto pixel_rows = DFQKERN_AVX2_OR_PORTABLE(cl, pixel_rows);
   parallel_for(blocks, kPix * c * kElementCost, [&](int64_t bgn, int64_t end) {
-    std::vector<uint8_t> codes(static_cast<size_t>(kPix * c));
+    std::unique_ptr<uint8_t[]> codes(new uint8_t[static_cast<size_t>(kPix * c)]);
     std::vector<float> f;
     for (int64_t it = bgn; it < end; ++it) {
       const int64_t p0 = it * kPix, n = std::min(kPix, npix - p0), len = n * c;
       const float* v = y + p0 * c;
       uint8_t block_lo = lo;
-      if (gemm::quantize_codes(v, codes.data(), len, p)) {  // rare: NaN / Inf; flag their pixels
+      if (gemm::quantize_codes(v, codes.get(), len, p)) {  // rare: NaN / Inf; flag their pixels
         any_bad.store(true, std::memory_order_relaxed);
         if (relu) {
           f.resize(static_cast<size_t>(len));
           for (int64_t i = 0; i < len; ++i) f[i] = v[i] < 0.f ? 0.f : v[i];
           v = f.data();
-          gemm::quantize_codes(v, codes.data(), len, p);
+          gemm::quantize_codes(v, codes.get(), len, p);
           block_lo = 0;
         }
         for (int64_t i = 0; i < len; ++i)
           if (!std::isfinite(v[i])) r.badpix[p0 + i / c] = 1;
       }
-      pixel_rows(cl::PixelRows{codes.data(), c, n, g.groups, block_lo,
-                               reinterpret_cast<int8_t*>(r.xs.get()) + p0 * cs, cs, r.pixsum.data() + p0 * g.groups});
+      pixel_rows(cl::PixelRows{codes.get(), c, n, g.groups, block_lo,
+                               reinterpret_cast<int8_t*>(r.xs.get()) + p0 * cs, cs, r.pixsum.get() + p0 * g.groups});
     }
   });
   r.any_bad = any_bad.load();
@@ -320,9 +320,10 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
   const bool direct = s.direct;
   const int8_t pad8 = static_cast<int8_t>(static_cast<uint8_t>(za) ^ 0x80);
   const uint8_t* xs = r.xs.get();
-  const std::vector<int32_t>& pixsum = r.pixsum;
+  const int32_t* pixsum = r.pixsum.get();
   std::vector<int32_t> rowsum(direct ? p : 0);
-  std::vector<int32_t> hsum(direct ? 0 : static_cast<size_t>(d.h * d.ow));  // per input row, see im2col
+  // per input row, see im2col; every element written below
+  std::unique_ptr<int32_t[]> hsum(new int32_t[direct ? 0 : static_cast<size_t>(d.h * d.ow)]);
   const int32_t zp_vec[1] = {za};
   const float as_vec[1] = {ep.a_scale};
   std::vector<float> row_scale;  // per output pixel, only for an image with non-finite input pixels
@@ -383,7 +384,7 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
       const int64_t last = d.w - 1 + g.pad_w - (g.kw - 1) * g.dil_w;  // ox * stride_w <= last: taps inside
       const int64_t ox_hi = last < 0 ? ox_lo : std::max(ox_lo, std::min(d.ow, last / g.stride_w + 1));
       const int32_t pad_tap = za * static_cast<int32_t>(cg);
-      const int32_t* psb = pixsum.data() + b * hw * g.groups + grp;
+      const int32_t* psb = pixsum + b * hw * g.groups + grp;
       parallel_for(d.h, d.ow * g.kw * 2, [&](int64_t y0, int64_t y1) {
         const int64_t gs = g.groups, sw = g.stride_w, dw = g.dil_w;
         const auto edge = [&](const int32_t* prow, int32_t* hrow, int64_t ox) {  // some taps in the padding
@@ -397,7 +398,7 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
         };
         for (int64_t iy = y0; iy < y1; ++iy) {
           const int32_t* prow = psb + iy * d.w * gs;
-          int32_t* hrow = hsum.data() + iy * d.ow;
+          int32_t* hrow = hsum.get() + iy * d.ow;
           for (int64_t ox = 0; ox < ox_lo; ++ox) edge(prow, hrow, ox);
           // all taps inside: tap by tap over the columns (a loop the compiler vectorizes for stride 1)
           std::fill(hrow + ox_lo, hrow + ox_hi, 0);
@@ -408,7 +409,7 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
           for (int64_t ox = ox_hi; ox < d.ow; ++ox) edge(prow, hrow, ox);
         }
       });
-      const Im2col ic{.x = reinterpret_cast<const int8_t*>(xs) + b * hw * cs + grp * cg, .hsum = hsum.data(),
+      const Im2col ic{.x = reinterpret_cast<const int8_t*>(xs) + b * hw * cs + grp * cg, .hsum = hsum.get(),
                       .cs = cs, .h = d.h, .w = d.w, .ow = d.ow, .cg = cg, .kh = g.kh, .kw = g.kw,
                       .sh = g.stride_h, .sw = g.stride_w, .ph = g.pad_h, .pw = g.pad_w, .dh = g.dil_h, .dw = g.dil_w,
                       .k = k, .kp = kp, .ox_lo = ox_lo, .ox_hi = ox_hi, .row_runs = g.groups == 1 && g.dil_w == 1,
@@ -417,16 +418,16 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
       parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
         const int64_t cap = std::min(crows, d.oh) * d.ow;
         std::unique_ptr<int8_t[]> rows(new int8_t[static_cast<size_t>(cap * kp)]);
-        std::vector<int32_t> rs(static_cast<size_t>(cap));
+        std::unique_ptr<int32_t[]> rs(new int32_t[static_cast<size_t>(cap)]);  // im2col_rows assigns it
         int64_t built = -1;
         for (int64_t it = bgn; it < end; ++it) {
           const int64_t c = it / npb, pb = it % npb;
           const int64_t oy0 = c * crows, oy1 = std::min(d.oh, oy0 + crows), m0 = oy0 * d.ow;
-          if (c != built) im2col_rows(ic, oy0, oy1, rows.get(), rs.data());
+          if (c != built) im2col_rows(ic, oy0, oy1, rows.get(), rs.get());
           built = c;
           gemm::Args ac = a;
           ac.a = rows.get();
-          ac.a_sum = rs.data();
+          ac.a_sum = rs.get();
           if (image_bad) ac.a_scale = row_scale.data() + m0;
           if (ac.out_i) ac.out_i += m0 * ldo_m;
           if (ac.out_f) ac.out_f += m0 * ldo_m;
