@@ -369,11 +369,6 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& w_corr, const Tens
   return cpu::conv2d(x, w, w_corr, w_scale, w_bits, g, bias, a_scale, a_zero_point, a_bits);
 }
 
-// A packed conv with everything but its input bound (dfqkern.compile mode "frozen"): the checked conv2d
-// above, then the residual add and ReLU that follow it in the model, fused (cpu::add_relu_). One Python
-// call per conv + add + ReLU instead of three, and no per-call Python argument handling. `watch`: the
-// layer's own tensors the bound ones were derived from; an in-place write to any of them (their version
-// counter moves, e.g. load_state_dict) makes the call raise instead of computing with stale weights.
 // The layer tensors a frozen call's bound tensors were derived from, with their version counters at binding:
 // check() raises once any of them was written in place since.
 class WatchedTensors {
@@ -406,6 +401,11 @@ void check_frozen_input(const char* what, const Tensor& x, const optional<Tensor
               " (its input requires grad); run it under torch.no_grad() / torch.inference_mode()");
 }
 
+// A packed conv with everything but its input bound (dfqkern.compile mode "frozen"): the checked conv2d
+// above, then the residual add and ReLU that follow it in the model, fused (cpu::ConvOutputOps). One Python
+// call per conv + add + ReLU instead of three, and no per-call Python argument handling. `watch`: the
+// layer's own tensors the bound ones were derived from; an in-place write to any of them (their version
+// counter moves, e.g. load_state_dict) makes the call raise instead of computing with stale weights.
 class PackedConvCall {
  public:
   PackedConvCall(Tensor w, Tensor w_corr, Tensor w_scale, int64_t w_bits, std::vector<int64_t> w_shape,
@@ -430,9 +430,13 @@ class PackedConvCall {
     check_input(x, residual);
     check_fresh();
     const cpu::ConvGeom g = geom(x.sizes());
-    return finish(cpu::conv2d(x, w_, w_corr_, w_scale_, w_bits_, g, bias_, a_scale_, a_zero_point_, a_bits_,
-                              channels_last_out_),
-                  residual);
+    return cpu::conv2d(x, w_, w_corr_, w_scale_, w_bits_, g, bias_, a_scale_, a_zero_point_, a_bits_,
+                       channels_last_out_, output_ops(residual));
+  }
+
+  // The residual add / ReLU after the conv.
+  cpu::ConvOutputOps output_ops(const optional<Tensor>& residual) const {
+    return cpu::ConvOutputOps{residual ? &*residual : nullptr, relu_};
   }
 
   // Output in channels-last memory (the same values; GEMM-path convs only, others stay NCHW): set by
@@ -459,22 +463,6 @@ class PackedConvCall {
     return cpu::ConvLayer{w_, w_corr_, w_scale_, w_bits_, g, bias_, a_scale_, a_zero_point_, a_bits_};
   }
 
-  // The residual add and ReLU after the conv's output y.
-  Tensor finish(Tensor y, const optional<Tensor>& residual) const {
-    if (!residual) {
-      if (relu_) cpu::add_relu_(y, nullptr, true);
-      return y;
-    }
-    const Tensor& r = *residual;
-    // the same memory layout as y (NCHW or channels-last, dense): one elementwise pass over both buffers
-    if (r.device().is_cpu() && r.scalar_type() == at::kFloat && r.sizes() == y.sizes() && r.strides() == y.strides() &&
-        r.is_non_overlapping_and_dense()) {
-      cpu::add_relu_(y, &r, relu_);
-      return y;
-    }
-    Tensor z = at::add(y, r);  // broadcasting or another dtype: ATen's add and relu, as the model wrote them
-    return relu_ ? at::relu(z) : z;
-  }
 
  private:
   Tensor w_, w_corr_, w_scale_;
@@ -506,9 +494,8 @@ class PackedConvChain {
     const cpu::ConvGeom ga = first_.geom(x.sizes());
     const auto [oh, ow] = conv_out_hw(ga, x.size(2), x.size(3));
     const cpu::ConvGeom gb = second_.geom({x.size(0), ga.out_ch, oh, ow});
-    return second_.finish(
-        cpu::conv2d_chain(x, first_.layer(ga), first_.relu(), second_.layer(gb), second_.channels_last_out()),
-        residual);
+    return cpu::conv2d_chain(x, first_.layer(ga), first_.relu(), second_.layer(gb), second_.channels_last_out(),
+                             second_.output_ops(residual));
   }
 
   bool channels_last_out() const { return second_.channels_last_out(); }

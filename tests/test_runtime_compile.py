@@ -382,6 +382,7 @@ def test_chained_convs_equal_the_two_calls_bit_for_bit(case, relu):
                     want = b(a(bad))
                     assert want.isnan().any() and not want.isnan().all()
                     torch.testing.assert_close(chain(bad), want, rtol=0, atol=0, equal_nan=True)
+                    torch.testing.assert_close(chain(bad, r), b(a(bad), r), rtol=0, atol=0, equal_nan=True)
         # channels-last: read in place, written on request, the same values; a residual of the other layout is
         # added by ATen (the same fp32 add)
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -431,6 +432,14 @@ def test_depthwise_frozen_conv_reads_channels_last_and_keeps_nchw_out():
     with torch.no_grad():
         out = dw(x.contiguous(memory_format=torch.channels_last))
         assert out.is_contiguous() and torch.equal(out, torch.relu(q.conv2(x)))
+        # the residual add + ReLU fused into the depthwise epilogue, NaN / Inf inputs poisoning the same outputs
+        r = torch.randn(2, 8, 8, 8)
+        bad = x.clone()
+        bad[0, 3, 2, 2], bad[1, 0, 7, 7] = float("nan"), float("-inf")
+        for xin in (x, bad):
+            want = torch.relu(q.conv2(xin) + r)
+            torch.testing.assert_close(dw(xin, r), want, rtol=0, atol=0, equal_nan=True)
+        assert dw(bad, r).isnan().any()
 
 
 def test_chain_needs_two_gemm_path_convs_and_follows_weight_writes():

@@ -95,7 +95,37 @@ struct Epilogue {
   const float* bias = nullptr;
   float a_scale = 1.f;
   bool nhwc = false;  // GEMM path: out_f / out_i in NHWC ([b][oh][ow][out_ch]) instead of NCHW
+  // fp32 output only: then y = y + residual (laid out as out_f) and / or y = relu(y), fused into the work item that
+  // wrote the block (the same fp32 add as torch's; the ReLU keeps NaN as torch.relu)
+  const float* residual = nullptr;
+  bool relu = false;
+  bool post() const { return out_f && (residual || relu); }
 };
+
+// Epilogue::residual / relu on the output block of `rows` pixels x `cols` channels at element offset `off`
+// (pixel stride ldm, channel stride ldn).
+void post_block(const Epilogue& ep, int64_t off, int64_t rows, int64_t cols, int64_t ldm, int64_t ldn) {
+  float* y = ep.out_f + off;
+  const float* r = ep.residual ? ep.residual + off : nullptr;
+  const bool relu = ep.relu;
+  const auto row = [&](float* o, const float* a, int64_t n, int64_t step) {  // step 1: a loop the compiler vectorizes
+    if (a && relu) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = o[i * step] + a[i * step];
+        o[i * step] = v < 0.f ? 0.f : v;
+      }
+    } else if (a) {
+      for (int64_t i = 0; i < n; ++i) o[i * step] += a[i * step];
+    } else {
+      for (int64_t i = 0; i < n; ++i) o[i * step] = o[i * step] < 0.f ? 0.f : o[i * step];
+    }
+  };
+  if (ldn == 1) {
+    for (int64_t m = 0; m < rows; ++m) row(y + m * ldm, r ? r + m * ldm : nullptr, cols, 1);
+  } else {
+    for (int64_t n = 0; n < cols; ++n) row(y + n * ldn, r ? r + n * ldn : nullptr, rows, ldm);
+  }
+}
 
 // ---------------------------------------------------------------------------------- GEMM path
 
@@ -377,6 +407,7 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
         a.a = reinterpret_cast<const int8_t*>(xs + b * hw * cs);
         a.a_sum = rowsum.data();
         gemm::run(a, p, tpg);
+        if (ep.post()) post_block(ep, out_off, p, og, ldo_m, ldo_n);
         continue;
       }
       // Row sums add kh horizontal sums of kw pixel sums (hsum, one per input row).
@@ -432,6 +463,10 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
           if (ac.out_i) ac.out_i += m0 * ldo_m;
           if (ac.out_f) ac.out_f += m0 * ldo_m;
           kernel(ac, 0, (oy1 - oy0) * d.ow, pb * ppi, std::min(tpg, (pb + 1) * ppi));
+          if (ep.post()) {  // the block this item wrote, still in cache
+            const int64_t n0 = pb * ppi * rows_per, n1 = std::min(og, (pb + 1) * ppi * rows_per);
+            post_block(ep, out_off + m0 * ldo_m + n0 * ldo_n, (oy1 - oy0) * d.ow, n1 - n0, ldo_m, ldo_n);
+          }
         }
       });
     }
@@ -508,6 +543,7 @@ void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const Conv
           } else {
             for (int64_t i = 0; i < p; ++i) out[i] = static_cast<float>(acc[i]) * s;
           }
+          if (ep.post()) post_block(ep, off, p, 1, 1, p);
         }
       }
     }
@@ -571,12 +607,13 @@ at::Tensor conv_output(const Dims& d, const ConvGeom& g, const at::Tensor& like,
                                                      nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
-// The bound epilogue of a float conv (w_scale and bias held as fp32 contiguous tensors).
+// The bound epilogue of a float conv (w_scale and bias held as fp32 contiguous tensors), with the residual add /
+// ReLU of `ops` fused where the residual is an fp32 tensor of the output's sizes and memory order.
 struct FloatEpilogue {
   at::Tensor w_scale, bias;
   Epilogue ep;
   FloatEpilogue(const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in, double a_scale, at::Tensor& out,
-                bool nhwc)
+                bool nhwc, const ConvOutputOps& ops = {})
       : w_scale(w_scale_in.to(at::kFloat).contiguous()) {
     if (bias_in) bias = bias_in->to(at::kFloat).contiguous();
     ep.out_f = out.data_ptr<float>();
@@ -584,6 +621,18 @@ struct FloatEpilogue {
     ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
     ep.a_scale = static_cast<float>(a_scale);
     ep.nhwc = nhwc;
+    const at::Tensor* r = ops.residual;
+    if (r && r->device().is_cpu() && r->scalar_type() == at::kFloat && r->sizes() == out.sizes() &&
+        r->strides() == out.strides())
+      ep.residual = r->data_ptr<float>();
+    ep.relu = ops.relu && (!r || ep.residual);
+  }
+  // The conv's output with ops applied: fused above, or (a broadcasting residual, another dtype or layout) ATen's
+  // add and ReLU as the model wrote them.
+  at::Tensor finish(at::Tensor out, const ConvOutputOps& ops) const {
+    if (!ops.residual || ep.residual) return out;
+    at::Tensor z = at::add(out, *ops.residual);
+    return ops.relu ? at::relu(z) : z;
   }
 };
 
@@ -603,27 +652,28 @@ void conv_gemm_float(const FloatInput& in, const Dims& d, const ConvLayer& l, co
 
 at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
                   const at::Tensor& w_scale_in, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias_in,
-                  double a_scale, int64_t a_zero_point, int64_t a_bits, bool channels_last_out) {
+                  double a_scale, int64_t a_zero_point, int64_t a_bits, bool channels_last_out,
+                  const ConvOutputOps& ops) {
   const FloatInput in(x_in, g);
   const Dims d = dims_of(in.x, g);
   const bool gemm_path = g.in_per_group > 1, nhwc_out = channels_last_out && gemm_path;
   at::Tensor out = conv_output(d, g, in.x, nhwc_out);
-  const FloatEpilogue fe(w_scale_in, bias_in, a_scale, out, nhwc_out);
+  const FloatEpilogue fe(w_scale_in, bias_in, a_scale, out, nhwc_out, ops);
   if (gemm_path) {
     conv_gemm_float(in, d, ConvLayer{w_prepacked, w_corr, w_scale_in, w_bits, g, bias_in, a_scale, a_zero_point, a_bits},
                     fe.ep);
-    return out;
+    return fe.finish(out, ops);
   }
   const In xin(in.x);
   CodeSource src;
   src.x = &xin;
   src.p = act_params(a_scale, a_zero_point, a_bits);
   conv_depthwise(src, static_cast<int32_t>(a_zero_point), d, g, w_prepacked, fe.ep);
-  return out;
+  return fe.finish(out, ops);
 }
 
 at::Tensor conv2d_chain(const at::Tensor& x_in, const ConvLayer& a, bool relu, const ConvLayer& b,
-                        bool channels_last_out) {
+                        bool channels_last_out, const ConvOutputOps& ops) {
   TORCH_CHECK_VALUE(a.g.in_per_group > 1 && b.g.in_per_group > 1,
                     "conv2d_chain: both convs must take the GEMM path (input channels per group > 1)");
   TORCH_CHECK_VALUE(b.g.in_per_group * b.g.groups == a.g.out_ch, "conv2d_chain: the second conv takes ",
@@ -639,29 +689,10 @@ at::Tensor conv2d_chain(const at::Tensor& x_in, const ConvLayer& a, bool relu, c
   const ActRows rb = requant_rows(mid.data_ptr<float>(), db, b.g, sb, act_params(b.a_scale, b.a_zero_point, b.a_bits),
                                   relu);
   at::Tensor out = conv_output(db, b.g, in.x, channels_last_out);
-  conv_gemm_rows(rb, static_cast<int32_t>(b.a_zero_point), db, b.g, sb, b.w, b.w_corr,
-                 FloatEpilogue(b.w_scale, b.bias, b.a_scale, out, channels_last_out).ep);
-  return out;
+  const FloatEpilogue fe(b.w_scale, b.bias, b.a_scale, out, channels_last_out, ops);
+  conv_gemm_rows(rb, static_cast<int32_t>(b.a_zero_point), db, b.g, sb, b.w, b.w_corr, fe.ep);
+  return fe.finish(out, ops);
 }
 
-void add_relu_(const at::Tensor& y, const at::Tensor* r, bool relu) {
-  float* o = y.data_ptr<float>();
-  const float* a = r ? r->data_ptr<float>() : nullptr;
-  const int64_t n = y.numel();
-  // Plain loops the compiler vectorizes; (v < 0 ? 0 : v) keeps NaN like torch.relu. Memory-bound and
-  // small at batch 1 (a cost of 1 per element: split only from ~128 Ki elements).
-  parallel_for(n, 1, [&](int64_t b, int64_t e) {
-    if (a && relu) {
-      for (int64_t i = b; i < e; ++i) {
-        const float v = o[i] + a[i];
-        o[i] = v < 0.f ? 0.f : v;
-      }
-    } else if (a) {
-      for (int64_t i = b; i < e; ++i) o[i] += a[i];
-    } else if (relu) {
-      for (int64_t i = b; i < e; ++i) o[i] = o[i] < 0.f ? 0.f : o[i];
-    }
-  });
-}
 
 }  // namespace dfqkern::cpu

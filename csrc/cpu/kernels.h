@@ -78,12 +78,20 @@ struct ConvGeom {
 // Exact int32 NCHW convolution of (x_codes - x_zp) with the prepacked weight (zero padding).
 at::Tensor conv2d_int(const at::Tensor& x_codes, int64_t x_zero_point, const at::Tensor& w_prepacked,
                       const at::Tensor& w_corr, int64_t w_bits, const ConvGeom& g);
+// What follows a frozen conv in the model: relu(y + residual), each optional. Fused into the GEMM / depthwise
+// work items where the residual is fp32 with the output's sizes and strides (the same fp32 add as torch's; the
+// ReLU keeps NaN as torch.relu), else ATen's add and relu as the model wrote them.
+struct ConvOutputOps {
+  const at::Tensor* residual = nullptr;
+  bool relu = false;
+};
 // Packed Conv2d on float NCHW input with static per-tensor activation quantization; fp32 NCHW output, or
 // channels-last (NHWC in memory, the same values) with channels_last_out where the conv takes the GEMM path
 // (C / groups > 1). An fp32 channels-last x is read in place by the GEMM path (no transpose).
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& w_prepacked, const at::Tensor& w_corr,
                   const at::Tensor& w_scale, int64_t w_bits, const ConvGeom& g, const std::optional<at::Tensor>& bias,
-                  double a_scale, int64_t a_zero_point, int64_t a_bits, bool channels_last_out = false);
+                  double a_scale, int64_t a_zero_point, int64_t a_bits, bool channels_last_out = false,
+                  const ConvOutputOps& ops = {});
 // A packed conv's bound arguments (conv2d's, after x).
 struct ConvLayer {
   const at::Tensor& w;  // prepacked
@@ -101,10 +109,6 @@ struct ConvLayer {
 // (input channels per group > 1); x float32 (NCHW or channels-last, as conv2d), fp32 output NCHW or, with
 // channels_last_out, channels-last.
 at::Tensor conv2d_chain(const at::Tensor& x, const ConvLayer& first, bool relu, const ConvLayer& second,
-                        bool channels_last_out = false);
-// y = relu(y + r) / y + r / relu(y) in place (r may be null): the fused residual and ReLU of a packed conv's
-// fp32 output (dfqkern.compile mode "frozen"). y and r fp32, contiguous, equal sizes; the same fp32 add as
-// torch's, and ReLU keeps NaN as torch.relu does.
-void add_relu_(const at::Tensor& y, const at::Tensor* r, bool relu);
+                        bool channels_last_out = false, const ConvOutputOps& ops = {});
 
 }  // namespace dfqkern::cpu
