@@ -102,29 +102,28 @@ struct Epilogue {
   bool post() const { return out_f && (residual || relu); }
 };
 
-// Epilogue::residual / relu on the output block of `rows` pixels x `cols` channels at element offset `off`
-// (pixel stride ldm, channel stride ldn).
+// Epilogue::residual / relu on the output block of `rows` pixels x `cols` channels at element offset `off`:
+// NHWC (ldn == 1, pixel stride ldm) or NCHW (ldm == 1, channel stride ldn); the inner loops run over contiguous
+// elements (loops the compiler vectorizes).
 void post_block(const Epilogue& ep, int64_t off, int64_t rows, int64_t cols, int64_t ldm, int64_t ldn) {
   float* y = ep.out_f + off;
   const float* r = ep.residual ? ep.residual + off : nullptr;
   const bool relu = ep.relu;
-  const auto row = [&](float* o, const float* a, int64_t n, int64_t step) {  // step 1: a loop the compiler vectorizes
+  const auto run = [relu](float* __restrict o, const float* __restrict a, int64_t n) {
     if (a && relu) {
       for (int64_t i = 0; i < n; ++i) {
-        const float v = o[i * step] + a[i * step];
-        o[i * step] = v < 0.f ? 0.f : v;
+        const float v = o[i] + a[i];
+        o[i] = v < 0.f ? 0.f : v;
       }
     } else if (a) {
-      for (int64_t i = 0; i < n; ++i) o[i * step] += a[i * step];
+      for (int64_t i = 0; i < n; ++i) o[i] += a[i];
     } else {
-      for (int64_t i = 0; i < n; ++i) o[i * step] = o[i * step] < 0.f ? 0.f : o[i * step];
+      for (int64_t i = 0; i < n; ++i) o[i] = o[i] < 0.f ? 0.f : o[i];
     }
   };
-  if (ldn == 1) {
-    for (int64_t m = 0; m < rows; ++m) row(y + m * ldm, r ? r + m * ldm : nullptr, cols, 1);
-  } else {
-    for (int64_t n = 0; n < cols; ++n) row(y + n * ldn, r ? r + n * ldn : nullptr, rows, ldm);
-  }
+  const bool nhwc = ldn == 1;
+  const int64_t outer = nhwc ? rows : cols, inner = nhwc ? cols : rows, step = nhwc ? ldm : ldn;
+  for (int64_t j = 0; j < outer; ++j) run(y + j * step, r ? r + j * step : nullptr, inner);
 }
 
 // ---------------------------------------------------------------------------------- GEMM path
