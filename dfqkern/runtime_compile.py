@@ -8,8 +8,9 @@ large share of a forward.
 folded BatchNorms (``nn.Identity``) vanish, ``nn.ReLU`` becomes ``torch.relu``, and each packed conv the
 CPU backend runs becomes one C++ call with its weights, scales and geometry bound
 (:meth:`~dfqkern.nn.conv.QuantConv2d.frozen_call`), fused with the residual add and / or ReLU that only
-it feeds (``relu(conv(x) + r)``: the same fp32 add and ReLU, so the logits are the packed model's bit for
-bit). Two such calls where the first's output (after its ReLU) feeds only the second become one chained call
+it feeds (``relu(conv(x) + r)``: the same fp32 add and ReLU, run by the conv's work items on the block they just
+wrote, so the logits are the packed model's bit for bit); packed Linears with static activations become bound C++
+calls too. Two such calls where the first's output (after its ReLU) feeds only the second become one chained call
 (:func:`~dfqkern.kernels.cpu.conv2d_chain_call`: the first conv writes NHWC fp32, the second quantizes it there,
 no NCHW round trip, transpose or ReLU pass), and a call's output that reaches only other frozen calls (directly
 or through slicing / ``F.pad``) is written channels-last, which the next conv reads in place; outputs seen by
@@ -30,8 +31,8 @@ through the dispatcher and the custom-op wrapper costs more than the fused glue 
 
 Measured (CIFAR ResNet-20 W4A8 packed, batch 1, AVX2-only AMD EPYC, quiet, median of 500): 1 thread
 eager 1.68 ms, ``graph`` 1.30 ms, ``frozen`` 0.87 ms; 2 threads 1.51 / 1.11 / 0.69 ms (before the chained calls).
-Xeon VNNI (AMX machine), quiet, minima of 3000, same process: ``frozen`` without / with chains + channels-last
-1 thread 0.43 / 0.38 ms, 2 threads 0.44 / 0.35 ms. Earlier
+Xeon VNNI (AMX machine), quiet, minima of 3000: ``frozen`` without / with chains, channels-last, frozen Linears and
+the residual add in the conv epilogue: 1 thread 0.42 / 0.36 ms, 2 threads 0.41 / 0.32 ms. Earlier
 (a 2-core machine under load 4, one thread): eager 1.34 ms, ``graph`` 1.11 ms, ``inductor`` 2.02 ms.
 
 ViTs trace too (``dfqkern.vit_nets``, timm): quantized attention modules stay leaf module calls (their packed
