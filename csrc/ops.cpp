@@ -307,25 +307,19 @@ cpu::ConvGeom conv_geom(at::IntArrayRef x, at::IntArrayRef w_shape, at::IntArray
                     " output channels, got ", groups);
   TORCH_CHECK_VALUE(x[1] == w_shape[1] * groups, "x has ", x[1], " channels, weight expects ",
                     w_shape[1] * groups, " (groups=", groups, ")");
-  const int64_t oh = (x[2] + 2 * padding[0] - dilation[0] * (w_shape[2] - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (x[3] + 2 * padding[1] - dilation[1] * (w_shape[3] - 1) - 1) / stride[1] + 1;
+  const cpu::ConvGeom g{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups,
+                       w_shape[0], w_shape[1], w_shape[2], w_shape[3]};
   TORCH_CHECK_VALUE(x[2] + 2 * padding[0] >= dilation[0] * (w_shape[2] - 1) + 1 &&
-                        x[3] + 2 * padding[1] >= dilation[1] * (w_shape[3] - 1) + 1 && oh >= 1 && ow >= 1,
+                        x[3] + 2 * padding[1] >= dilation[1] * (w_shape[3] - 1) + 1 && g.out_h(x[2]) >= 1 &&
+                        g.out_w(x[3]) >= 1,
                     "input ", x, " with padding ", padding, " is smaller than the dilated kernel ",
                     w_shape.slice(2));
-  return cpu::ConvGeom{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups,
-                       w_shape[0], w_shape[1], w_shape[2], w_shape[3]};
+  return g;
 }
 
 cpu::ConvGeom conv_geom(const Tensor& x, at::IntArrayRef w_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups) {
   return conv_geom(x.sizes(), w_shape, stride, padding, dilation, groups);
-}
-
-// Output height and width of a conv of geometry g on an h x w input.
-std::pair<int64_t, int64_t> conv_out_hw(const cpu::ConvGeom& g, int64_t h, int64_t w) {
-  return {(h + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1,
-          (w + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1};
 }
 
 void check_conv_weight(const Tensor& w, const Tensor& w_corr, int64_t w_bits, const cpu::ConvGeom& g) {
@@ -492,8 +486,7 @@ class PackedConvChain {
     first_.check_fresh();
     second_.check_fresh();
     const cpu::ConvGeom ga = first_.geom(x.sizes());
-    const auto [oh, ow] = conv_out_hw(ga, x.size(2), x.size(3));
-    const cpu::ConvGeom gb = second_.geom({x.size(0), ga.out_ch, oh, ow});
+    const cpu::ConvGeom gb = second_.geom({x.size(0), ga.out_ch, ga.out_h(x.size(2)), ga.out_w(x.size(3))});
     return cpu::conv2d_chain(x, first_.layer(ga), first_.relu(), second_.layer(gb), second_.channels_last_out(),
                              second_.output_ops(residual));
   }

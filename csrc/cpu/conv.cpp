@@ -40,10 +40,7 @@ struct Dims {
 };
 
 Dims dims_of(int64_t b, int64_t c, int64_t h, int64_t w, const ConvGeom& g) {
-  Dims d{b, c, h, w, 0, 0};
-  d.oh = (d.h + 2 * g.pad_h - g.dil_h * (g.kh - 1) - 1) / g.stride_h + 1;
-  d.ow = (d.w + 2 * g.pad_w - g.dil_w * (g.kw - 1) - 1) / g.stride_w + 1;
-  return d;
+  return Dims{b, c, h, w, g.out_h(h), g.out_w(w)};
 }
 
 Dims dims_of(const at::Tensor& x, const ConvGeom& g) { return dims_of(x.size(0), x.size(1), x.size(2), x.size(3), g); }

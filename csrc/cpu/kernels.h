@@ -74,6 +74,9 @@ at::Tensor prepack_depthwise(const at::Tensor& data, const at::Tensor& zero_poin
 struct ConvGeom {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
   int64_t out_ch, in_per_group, kh, kw;  // weight [out_ch, in_per_group, kh, kw]
+  // Output height / width on an h x w input (< 1 where the dilated kernel does not fit the padded input).
+  int64_t out_h(int64_t h) const { return (h + 2 * pad_h - dil_h * (kh - 1) - 1) / stride_h + 1; }
+  int64_t out_w(int64_t w) const { return (w + 2 * pad_w - dil_w * (kw - 1) - 1) / stride_w + 1; }
 };
 // Exact int32 NCHW convolution of (x_codes - x_zp) with the prepacked weight (zero padding).
 at::Tensor conv2d_int(const at::Tensor& x_codes, int64_t x_zero_point, const at::Tensor& w_prepacked,

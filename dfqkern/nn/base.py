@@ -159,6 +159,15 @@ class QuantLayer(nn.Module):
                 return call.run(x)
         return self._packed_op(x)
 
+    def _frozen_tensors(self) -> tuple:
+        """``(packed_weight, w_scale, w_zero, bias, a_scale, a_zero)`` as the layer holds them now, for a frozen
+        call (``dfqkern.compile(mode="frozen")``); raises unless the layer is packed."""
+        if not self.is_packed:
+            raise RuntimeError("frozen_call needs a packed layer (dfqkern.quantize.pack_model)")
+        a, b = self.a_quant, self._buffers
+        return (b["packed_weight"], b["w_scale"], b["w_zero"], self._parameters.get("bias"),
+                None if a is None else a._parameters["scale"], None if a is None else a._buffers["zero_point"])
+
     def __setattr__(self, name: str, value) -> None:
         # any attribute the eager call was built from (backend, stride, lq, a_quant, ...) may change here
         self.__dict__.pop("_eager", None)

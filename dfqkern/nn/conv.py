@@ -90,14 +90,9 @@ class QuantConv2d(QuantLayer):
         """This packed layer as one C++ call ``f(x, residual=None)`` = ``relu(layer(x) + residual)`` (ReLU when
         ``relu``) with its tensors read now, or ``None`` where the CPU backend would not run it (another
         backend first, no activation quantizer). For ``dfqkern.compile(mode="frozen")``."""
-        if not self.is_packed:
-            raise RuntimeError("frozen_call needs a packed layer (dfqkern.quantize.pack_model)")
-        a = self.a_quant
-        if a is not None and a.per_token:
+        tensors = self._frozen_tensors()
+        if self.a_quant is not None and self.a_quant.per_token:
             return None
-        b = self._buffers
-        tensors = (b["packed_weight"], b["w_scale"], b["w_zero"], self._parameters.get("bias"),
-                   None if a is None else a._parameters["scale"], None if a is None else a._buffers["zero_point"])
         a_scale, a_zero, abits, _, act_symmetric = self._packed_act_args(tensors)  # as _make_eager_call
         return frozen_conv2d_call(*tensors[:3], self.lq.weight_bits, self.weight_shape, tensors[3], a_scale, a_zero,
                                   abits, act_symmetric, self.stride, self.padding, self.dilation, self.groups,

@@ -53,12 +53,7 @@ class QuantLinear(QuantLayer):
         """This packed layer as one C++ call ``f(x)`` with its tensors read now, or ``None`` where the CPU backend
         would not run it (another backend first, per-token or no activation quantizer). For
         ``dfqkern.compile(mode="frozen")``."""
-        if not self.is_packed:
-            raise RuntimeError("frozen_call needs a packed layer (dfqkern.quantize.pack_model)")
-        b = self._buffers
-        a = self.a_quant
-        tensors = (b["packed_weight"], b["w_scale"], b["w_zero"], self._parameters.get("bias"),
-                   None if a is None else a._parameters["scale"], None if a is None else a._buffers["zero_point"])
+        tensors = self._frozen_tensors()
         return frozen_linear_call(*tensors[:3], self.lq.weight_bits, self.in_features, tensors[3],
                                   *self._packed_act_args(tensors), self.backend)
 
