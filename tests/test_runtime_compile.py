@@ -335,6 +335,54 @@ def test_frozen_cifar_resnet20_fuses_every_block_and_matches_bit_for_bit():
             assert torch.equal(c(x[:n]), q(x[:n]))
 
 
+
+class MaxPooled(nn.Module):
+    """torchvision-ResNet glue: stem -> ReLU -> MaxPool2d feeding a block and its residual; a functional max pool
+    between two convs; a max pool with indices and an average pool, which must see what eager sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 16, 3, padding=1), nn.MaxPool2d(3, 2, 1)
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c, self.d = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.ipool = nn.MaxPool2d(2, return_indices=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.relu(x + self.b(torch.relu(self.a(x))))
+        y = self.d(nn.functional.max_pool2d(self.c(x), 2))  # c: through the functional max pool to d only
+        v, _ = self.ipool(y)  # indices: left alone (d's output stays NCHW)
+        z = torch.cat([nn.functional.adaptive_avg_pool2d(v, 1), nn.functional.adaptive_avg_pool2d(x, 1)], 1)
+        return self.head(torch.flatten(z, 1))
+
+
+def test_frozen_max_pool_carries_channels_last_and_keeps_the_logits_bit_for_bit():
+    """Max pooling is layout-free glue (a max reads the same values in any order): a conv whose output reaches only
+    convs through it writes channels-last (ATen's channels-last max pool is also the fast one). A pool returning
+    indices, or an output that also feeds an average pool, keeps NCHW."""
+    _needs_cpu_backend()
+    torch.manual_seed(0)
+    q = quantize_model(MaxPooled().eval(), QuantConfig(weight_bits=4, act_bits=8, weight_observer="minmax",
+                                                       act_observer="minmax"))
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    calibrate_activations(q, x, progress=False)
+    pack_model(q.eval())
+    c = dfqkern.compile(q, mode="frozen", example_inputs=x[:1], fallback=False)
+    gm = c._run.__self__
+    frozen = _frozen_calls(gm)
+    assert [_kind(n) for n in frozen] == ["PackedConvCall", "PackedConvChain"] + ["PackedConvCall"] * 2 + [
+        "PackedLinearCall"], gm.code
+    # stem (through the MaxPool2d module, to a and to b's residual) and c (through F.max_pool2d to d): channels-
+    # last; the a -> b chain's output also feeds an average pool and d's the indexed pool: NCHW
+    assert [n.target.__self__.channels_last_out for n in frozen[:-1]] == [True, False, True, False], gm.code
+    xs = x.clone()
+    xs[0, 1, 2, 3], xs[1, 0, 5, 5], xs[2, 2, 0, 0] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        for inp in (x[:1], x, xs):
+            want, got = q(inp), c(inp)
+            assert torch.equal(want.isnan(), got.isnan()) and torch.equal(want.nan_to_num(), got.nan_to_num())
+
 # ------------------------------------------------------------------------------- chained convs (frozen mode)
 
 def _two_convs(first: nn.Conv2d, second: nn.Conv2d, act_bits: int, seed: int = 0):
