@@ -361,11 +361,23 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
   // With several threads, chunks small enough for ~4 items per thread: a small image in 16 KiB chunks
   // makes too few (64ch 8x8, K 576: 3 chunks, a 2:1 split on 2 threads).
   const int64_t nthr = parallel_threads();
-  int64_t crows = std::max<int64_t>(1, kIm2colBytes / kp / d.ow);
-  if (nthr > 1) crows = std::min(crows, std::max<int64_t>(1, d.oh * npb / (4 * nthr)));
-  const int64_t nchunk = (d.oh + crows - 1) / crows;
   const gemm::Kernel kernel = gemm::pick_kernel(active_isa(), rows_per == gemm::kPanel);
   const int64_t ldo_m = ep.nhwc ? g.out_ch : 1, ldo_n = ep.nhwc ? 1 : p;
+  // Implicit GEMM: each kernel row's kw * C codes are read in place from a zero-point-padded copy of the
+  // image (one K segment per kernel row, activation rows stride_w * C apart), so no im2col rows (kh * kw
+  // times the image's bytes) are built. Needs the panel layout, groups 1, contiguous kernel rows (dil_w 1)
+  // that are whole K blocks (so K is unpadded and no block straddles two kernel rows) and finite input (the
+  // per-pixel NaN scales live on the im2col path).
+  const bool implicit = !direct && rows_per == gemm::kPanel && g.groups == 1 && g.dil_w == 1 && !r.any_bad &&
+                        (g.kw * cg) % gemm::panel_k(s.wb) == 0;
+  const int64_t hp = d.h + 2 * g.pad_h, wp = d.w + 2 * g.pad_w;
+  // the border never changes: filled once; each image copies its interior
+  std::unique_ptr<int8_t[]> xpad(new int8_t[implicit ? static_cast<size_t>(hp * wp * cs) : 0]);
+  if (implicit) std::fill_n(xpad.get(), hp * wp * cs, pad8);
+  // (implicit: no rows to keep in cache, chunks only for the split across threads)
+  int64_t crows = implicit ? d.oh : std::max<int64_t>(1, kIm2colBytes / kp / d.ow);
+  if (nthr > 1) crows = std::min(crows, std::max<int64_t>(1, d.oh * npb / (4 * nthr)));
+  const int64_t nchunk = (d.oh + crows - 1) / crows;
   for (int64_t b = 0; b < d.b; ++b) {
     bool image_bad = false;
     if (r.any_bad && ep.out_f) {
@@ -424,6 +436,8 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
           hrow[ox] = sum;
         };
         for (int64_t iy = y0; iy < y1; ++iy) {
+          if (implicit)
+            std::memcpy(xpad.get() + ((iy + g.pad_h) * wp + g.pad_w) * cs, xs + (b * hw + iy * d.w) * cs, d.w * cs);
           const int32_t* prow = psb + iy * d.w * gs;
           int32_t* hrow = hsum.get() + iy * d.ow;
           for (int64_t ox = 0; ox < ox_lo; ++ox) edge(prow, hrow, ox);
@@ -441,6 +455,43 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
                       .sh = g.stride_h, .sw = g.stride_w, .ph = g.pad_h, .pw = g.pad_w, .dh = g.dil_h, .dw = g.dil_w,
                       .k = k, .kp = kp, .ox_lo = ox_lo, .ox_hi = ox_hi, .row_runs = g.groups == 1 && g.dil_w == 1,
                       .pad_tap = pad_tap, .pad8 = pad8};
+      if (implicit) {
+        const int64_t item_cost = crows * d.ow * ppi * rows_per * kp;
+        const int64_t kb = gemm::panel_k(s.wb), row_bytes = g.kw * cs;
+        parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
+          std::unique_ptr<int32_t[]> rs(new int32_t[static_cast<size_t>(d.ow)]);
+          for (int64_t it = bgn; it < end; ++it) {
+            const int64_t c = it / npb, pb = it % npb;
+            const int64_t oy0 = c * crows, oy1 = std::min(d.oh, oy0 + crows);
+            for (int64_t oy = oy0; oy < oy1; ++oy) {
+              std::fill(rs.get(), rs.get() + d.ow, 0);  // row sums: kh horizontal sums, as im2col_rows
+              for (int64_t i = 0; i < g.kh; ++i) {
+                const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
+                if (iy < 0 || iy >= d.h) {
+                  for (int64_t ox = 0; ox < d.ow; ++ox) rs[ox] += pad_tap * static_cast<int32_t>(g.kw);
+                } else {
+                  const int32_t* hrow = hsum.get() + iy * d.ow;
+                  for (int64_t ox = 0; ox < d.ow; ++ox) rs[ox] += hrow[ox];
+                }
+              }
+              gemm::Args ac = a;
+              ac.a = xpad.get() + oy * g.stride_h * wp * cs;  // padded row of kernel row 0
+              ac.lda = g.stride_w * cs;
+              ac.seg_blocks = row_bytes / kb;
+              ac.seg_skip = g.dil_h * wp * cs - row_bytes;
+              ac.a_sum = rs.get();
+              if (ac.out_i) ac.out_i += oy * d.ow * ldo_m;
+              if (ac.out_f) ac.out_f += oy * d.ow * ldo_m;
+              kernel(ac, 0, d.ow, pb * ppi, std::min(tpg, (pb + 1) * ppi));
+            }
+            if (ep.post()) {
+              const int64_t n0 = pb * ppi * rows_per, n1 = std::min(og, (pb + 1) * ppi * rows_per);
+              post_block(ep, out_off + oy0 * d.ow * ldo_m + n0 * ldo_n, (oy1 - oy0) * d.ow, n1 - n0, ldo_m, ldo_n);
+            }
+          }
+        });
+        continue;
+      }
       const int64_t item_cost = crows * d.ow * (kp * kElementCost + ppi * rows_per * kp);
       parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
         const int64_t cap = std::min(crows, d.oh) * d.ow;

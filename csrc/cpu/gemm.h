@@ -91,7 +91,24 @@ struct Args {
   int32_t* out_i;
   float* out_f;
   int64_t ldo_m, ldo_n;
+  // K in segments (implicit-GEMM convolution, cpu-panel-v1 only: one segment per kernel row, read in
+  // place from a padded NHWC image): after every seg_blocks K blocks the activation pointer moves
+  // seg_skip bytes beyond the blocks read. seg_blocks 0: one contiguous row (every other caller).
+  int64_t seg_blocks, seg_skip;
 };
+
+// The activation step of the segments above, taken after each K block of a panel kernel's loop.
+struct SegWalk {
+  int64_t blocks, skip, left;
+  explicit SegWalk(const Args& g) : blocks(g.seg_blocks), skip(g.seg_skip), left(g.seg_blocks) {}
+  int64_t next() {
+    if (--left != 0) return 0;
+    left = blocks;
+    return skip;
+  }
+};
+// Offset of K block b of an activation row (the scalar kernels' form of SegWalk).
+inline int64_t seg_offset(const Args& g, int64_t b) { return g.seg_blocks ? b / g.seg_blocks * g.seg_skip : 0; }
 
 // A micro-kernel family's entry: rows [m0, m1) x tiles (or panels) [t0, t1).
 using Kernel = void (*)(const Args& g, int64_t m0, int64_t m1, int64_t t0, int64_t t1);

@@ -133,7 +133,7 @@ inline void tile(const Args& g, int64_t m, int64_t t, int32_t (*dots)[kTileRows]
 // sums) and widened into int32 partial sums on the stack every kFlush blocks. 8-bit weights are split
 // into nibbles (vpmaddubsw of a full code could saturate): dot = lo . a' + 16 * hi . a'.
 template <int MR, int SB>
-void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblocks, int32_t* dots) {
+void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblocks, SegWalk seg, int32_t* dots) {
   constexpr bool kW8 = SB == 8;
   constexpr int kSlots = kW8 ? 1 : 8 / SB;  // activation dwords per block
   constexpr int kParts = kW8 ? 2 : 1;       // nibbles of an 8-bit code
@@ -184,6 +184,7 @@ void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblock
       flush();
       pending = 0;
     }
+    a += seg.next();
   }
   flush();
   for (int m = 0; m < MR; ++m)
@@ -196,9 +197,10 @@ template <int MR>
 void panel_any(const Args& g, int64_t m, int64_t p, int32_t* dots) {
   const uint8_t* w = g.w + p * g.nchunks * kBlockBytes;
   const int8_t* a = g.a + m * g.lda;
-  if (g.wbits == 8) panel_kernel<MR, 8>(a, g.lda, w, g.nchunks, dots);
-  else if (g.wbits == 2) panel_kernel<MR, 2>(a, g.lda, w, g.nchunks, dots);
-  else panel_kernel<MR, 4>(a, g.lda, w, g.nchunks, dots);
+  const SegWalk seg(g);
+  if (g.wbits == 8) panel_kernel<MR, 8>(a, g.lda, w, g.nchunks, seg, dots);
+  else if (g.wbits == 2) panel_kernel<MR, 2>(a, g.lda, w, g.nchunks, seg, dots);
+  else panel_kernel<MR, 4>(a, g.lda, w, g.nchunks, seg, dots);
 }
 
 // Epilogue of mr (<= 4) rows x one panel, 8 weight rows per vector; same operations and order as

@@ -132,7 +132,7 @@ constexpr int kTileMR = 4;  // 4 rows x 4 tile rows = 16 int32x4 accumulators of
 // weight row (lo: rows 4v, 4v + 1; hi: rows 4v + 2, 4v + 3), folded by one addp at the end. 2/4-bit
 // products of all slots of a block are summed in int16 first (<= 4 slots x 2 x 15 x 128 < 2^15).
 template <int MR, int SB>
-void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblocks, int32_t* dots) {
+void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblocks, SegWalk seg, int32_t* dots) {
   constexpr int kSlots = 8 / SB;
 #if DFQ_NEON_DOT
   int32x4_t acc[MR][4];
@@ -189,6 +189,7 @@ void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t nblock
         }
     }
 #endif
+    a += seg.next();
   }
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < 4; ++v) {
@@ -205,16 +206,16 @@ void panel_any(const Args& g, int64_t m, int64_t p, int32_t* dots) {
   const uint8_t* w = g.w + p * g.nchunks * kBlockBytes;
   const int8_t* a = g.a + m * g.lda;
   if (g.wbits == 8) {
-    panel_kernel<MR, 8>(a, g.lda, w, g.nchunks, dots);
+    panel_kernel<MR, 8>(a, g.lda, w, g.nchunks, SegWalk(g), dots);
     for (int i = 0; i < MR; ++i) {
       const uint32_t fix = w8_fix(g, m + i, g.nchunks * panel_k(8));
       for (int j = 0; j < kPanel; ++j)
         dots[i * kPanel + j] = static_cast<int32_t>(static_cast<uint32_t>(dots[i * kPanel + j]) + fix);
     }
   } else if (g.wbits == 2) {
-    panel_kernel<MR, 2>(a, g.lda, w, g.nchunks, dots);
+    panel_kernel<MR, 2>(a, g.lda, w, g.nchunks, SegWalk(g), dots);
   } else {
-    panel_kernel<MR, 4>(a, g.lda, w, g.nchunks, dots);
+    panel_kernel<MR, 4>(a, g.lda, w, g.nchunks, SegWalk(g), dots);
   }
 }
 

@@ -109,7 +109,7 @@ void panels_portable(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
     for (int64_t m = m0; m < m1; ++m) {
       std::fill(dots, dots + kPanel, 0);
       for (int64_t b = 0; b < g.nchunks; ++b) {
-        const int8_t* a = g.a + m * g.lda + b * kb;
+        const int8_t* a = g.a + m * g.lda + b * kb + seg_offset(g, b);
         const uint8_t* wb = wp + b * kBlockBytes;
         for (int r = 0; r < kPanel; ++r)
           for (int s = 0; s < slots; ++s)

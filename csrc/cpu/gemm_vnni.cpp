@@ -115,7 +115,7 @@ inline __m512i bcast4(const int8_t* p) {
 // with panel v, one per lane. Per K block: NV 64-byte weight loads, a shift / mask per slot, and for
 // each slot and row one 4-byte activation broadcast feeding NV vpdpbusd.
 template <int MR, int NV, int SB>
-void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t pstride, int64_t nblocks,
+void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t pstride, int64_t nblocks, SegWalk seg,
                   int32_t* dots) {
   constexpr int kSlots = 8 / SB;
   __m512i acc[MR][NV];
@@ -143,6 +143,7 @@ void panel_kernel(const int8_t* a, int64_t lda, const uint8_t* w, int64_t pstrid
         for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], ws[v], av);
       }
     }
+    a += seg.next();
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
@@ -233,9 +234,10 @@ void panel_any(const Args& g, int64_t m, int64_t p, int32_t* dots) {
   const uint8_t* w = g.w + p * g.nchunks * kBlockBytes;
   const int8_t* a = g.a + m * g.lda;
   const int64_t ps = g.nchunks * kBlockBytes;
-  if (g.wbits == 8) panel_kernel<MR, NV, 8>(a, g.lda, w, ps, g.nchunks, dots);
-  else if (g.wbits == 2) panel_kernel<MR, NV, 2>(a, g.lda, w, ps, g.nchunks, dots);
-  else panel_kernel<MR, NV, 4>(a, g.lda, w, ps, g.nchunks, dots);
+  const SegWalk seg(g);
+  if (g.wbits == 8) panel_kernel<MR, NV, 8>(a, g.lda, w, ps, g.nchunks, seg, dots);
+  else if (g.wbits == 2) panel_kernel<MR, NV, 2>(a, g.lda, w, ps, g.nchunks, seg, dots);
+  else panel_kernel<MR, NV, 4>(a, g.lda, w, ps, g.nchunks, seg, dots);
 }
 
 template <int NV>

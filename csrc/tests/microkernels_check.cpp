@@ -223,6 +223,29 @@ void run_gemm(const GemmCase& c, const std::vector<Variant>& variants) {
         if (m0 < m1 && t0 < t1) fn(g, m0, m1, t0, t1);
     got.emplace_back(v.name, c.out_float ? digest(out_f) : digest(out_i));
   }
+  if (c.panels) {
+    // the implicit-GEMM conv's K segments (gemm::Args::seg_blocks / seg_skip): each row's K blocks in runs of 2,
+    // 12 garbage bytes between runs (never read)
+    const int64_t pk = gemm::panel_k(wb), sb = 2, run = sb * pk, stride = run + 12, nseg = (nblk + sb - 1) / sb;
+    std::vector<int8_t> seg(m * nseg * stride, 0x55);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < nseg; ++j)
+        std::memcpy(seg.data() + i * nseg * stride + j * stride, arows.data() + i * kp + j * run,
+                    std::min(run, kp - j * run));
+    gemm::Args gs = g;
+    gs.a = seg.data();
+    gs.lda = nseg * stride;
+    gs.seg_blocks = sb;
+    gs.seg_skip = stride - run;
+    for (const Variant& v : variants) {
+      std::vector<int32_t> out_i(m * n, 0x7fbadbad);
+      std::vector<float> out_f(m * n, std::numeric_limits<float>::quiet_NaN());
+      gs.out_i = c.out_float ? nullptr : out_i.data();
+      gs.out_f = c.out_float ? out_f.data() : nullptr;
+      v.panels(gs, 0, m, 0, groups);
+      got.emplace_back(v.name + "+kseg", c.out_float ? digest(out_f) : digest(out_i));
+    }
+  }
   report(name, got, expect, "the reference");
 }
 

@@ -41,6 +41,11 @@ CONV_CASES = [
     CC(1, 36, 6, 7, 12, 3, 3, 1, 1, 1, 2, "grouped, 2 groups of 18 channels"),
     CC(1, 64, 8, 6, 16, 3, 3, 1, 1, 1, 1, "64 channels 3x3, several im2col chunks"),
     CC(1, 16, 23, 23, 20, 3, 3, 2, 1, 1, 1, "16 channels, stride 2, odd size, several im2col chunks"),
+    # the CPU implicit GEMM (kernel rows of kw * C codes read in place from a padded image: groups 1, dilation_w 1,
+    # kw * C a whole number of K blocks): per-segment skips with row dilation, strides, asymmetric padding, batches,
+    # output rows longer than the micro-kernel's 12 (AVX-512) / 4 (AVX2) rows
+    CC(2, 16, 9, 10, 20, 3, 5, (1, 2), (2, 1), (2, 1), 1, "implicit GEMM: 3x5, stride (1, 2), dilation (2, 1)"),
+    CC(1, 32, 5, 37, 17, 2, 3, 1, (0, 2), 1, 1, "implicit GEMM: 2x3, 32 ch, 39-pixel output rows"),
 ]
 
 
