@@ -40,7 +40,7 @@ at::Tensor attention_qkv(const at::Tensor& qkv_in, int64_t heads, double q_mult,
   const float mult = static_cast<float>(q_mult), fine = static_cast<float>(fine_step);
   const float coarse = static_cast<float>(coarse_step);
   const ew::SoftmaxCodeParams sp{1.0f / fine, 1.0f / coarse, static_cast<float>(levels)};
-  const auto quantize = DFQKERN_AVX2_OR_PORTABLE(ew, quantize);
+  const auto quantize = ew::quantize_kernel();
   const auto softmax_codes = DFQKERN_AVX2_OR_PORTABLE(ew, softmax_codes);
 
   at::Tensor out = at::empty({nb, n, c}, x.options().dtype(at::kFloat));

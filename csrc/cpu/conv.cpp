@@ -373,7 +373,15 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
   const int64_t hp = d.h + 2 * g.pad_h, wp = d.w + 2 * g.pad_w;
   // the border never changes: filled once; each image copies its interior
   std::unique_ptr<int8_t[]> xpad(new int8_t[implicit ? static_cast<size_t>(hp * wp * cs) : 0]);
-  if (implicit) std::fill_n(xpad.get(), hp * wp * cs, pad8);
+  if (implicit) {
+    int8_t* const xp = xpad.get();
+    std::fill_n(xp, g.pad_h * wp * cs, pad8);
+    std::fill_n(xp + (g.pad_h + d.h) * wp * cs, g.pad_h * wp * cs, pad8);
+    for (int64_t y = g.pad_h; y < g.pad_h + d.h && g.pad_w > 0; ++y) {
+      std::fill_n(xp + y * wp * cs, g.pad_w * cs, pad8);
+      std::fill_n(xp + (y * wp + g.pad_w + d.w) * cs, g.pad_w * cs, pad8);
+    }
+  }
   // (implicit: no rows to keep in cache, chunks only for the split across threads)
   int64_t crows = implicit ? d.oh : std::max<int64_t>(1, kIm2colBytes / kp / d.ow);
   if (nthr > 1) crows = std::min(crows, std::max<int64_t>(1, d.oh * npb / (4 * nthr)));

@@ -92,7 +92,7 @@ at::Tensor quantize(const at::Tensor& x_in, const at::Tensor& scale, const at::T
   const ChannelParams P(scale, zero_point);
   const In xin(x);
   uint8_t* qp = q.data_ptr<uint8_t>();
-  const auto fn = DFQKERN_AVX2_OR_PORTABLE(ew, quantize);
+  const auto fn = ew::quantize_kernel();
   parallel_for(L.items, std::min(L.inner, kChunk) * kElementCost, [&](int64_t b, int64_t e) {
     float buf[kChunk];
     for (int64_t it = b; it < e; ++it) {
@@ -177,6 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
     dz[c] += partial[it].b;
   }
   return {gx, param_shaped(ds, grad_scale), param_shaped(dz, grad_scale)};
+}
+
+ew::QuantizeFn ew::quantize_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (active_isa() == Isa::avx512vnni) return ew::quantize_vnni;
+#endif
+  return DFQKERN_AVX2_OR_PORTABLE(ew, quantize);
 }
 
 namespace {

@@ -68,10 +68,15 @@ DFQ_EW_DECLARE(portable)
 DFQ_EW_DECLARE(avx2)
 #undef DFQ_EW_DECLARE
 
-// The avx512vnni level's AdaRound kernels (elementwise_vnni.cpp, x86 only); its other elementwise
-// kernels are the AVX2 ones.
+// The avx512vnni level's AdaRound and quantize kernels (elementwise_vnni.cpp, x86 only); its other
+// elementwise kernels are the AVX2 ones.
+bool quantize_vnni(const float* x, uint8_t* q, int64_t n, const FqParams& p);
 void ar_forward_vnni(const float* base, const float* v, float* w, int64_t n, const ArParams& p, double& reg);
 void ar_backward_vnni(const float* g, const float* base, const float* v, float* gv, int64_t n, const ArParams& p,
                       double& gs);
+
+// quantize_* of the active ISA (every caller takes it from here).
+using QuantizeFn = bool (*)(const float* x, uint8_t* q, int64_t n, const FqParams& p);
+QuantizeFn quantize_kernel();
 
 }  // namespace dfqkern::cpu::ew

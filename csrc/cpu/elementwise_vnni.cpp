@@ -1,5 +1,5 @@
-// AVX-512 AdaRound kernels for the avx512vnni level (16 lanes; the other elementwise kernels stay on
-// AVX2 there). The soft AdaRound passes are bound by FP instructions (the sigmoid's exp; for beta != 2
+// AVX-512 AdaRound and quantize kernels for the avx512vnni level (16 lanes; the other elementwise kernels
+// stay on AVX2 there). The soft AdaRound passes are bound by FP instructions (the sigmoid's exp; for beta != 2
 // also the log / exp of |u|^beta), not memory, and 512-bit instructions issue on two ports like 256-bit
 // ones, so 16 lanes about halve the time.
 // Same formulas and fusions as elementwise_avx2.cpp; integer-valued results (hard rounding, masks)
@@ -181,6 +181,28 @@ void ar_backward_loop(const float* g, const float* base, const float* v, float* 
 }
 
 }  // namespace
+
+// The codes of quantize_avx2 (same operations per lane: round-half-even x * inv, + zp, clamp with max / min
+// taking the second operand for NaN, so NaN gives code 0, truncate), 16 lanes and a saturating 32 -> 8 bit
+// store; the conv's quantize passes are ~7 % of a CIFAR ResNet-20 on a Zen 4 core at 8 lanes.
+bool quantize_vnni(const float* x, uint8_t* q, int64_t n, const FqParams& p) {
+  const __m512 inv = _mm512_set1_ps(p.inv), zp = _mm512_set1_ps(p.zp), qmax = _mm512_set1_ps(p.qmax);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512i nonfinite = _mm512_setzero_si512();  // x - x: +0 for finite x, NaN otherwise (as quantize_avx2)
+  const auto codes = [&](__m512 xv) {
+    nonfinite = _mm512_or_si512(nonfinite, _mm512_castps_si512(_mm512_sub_ps(xv, xv)));
+    __m512 t = _mm512_add_ps(_mm512_roundscale_ps(_mm512_mul_ps(xv, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+    t = _mm512_min_ps(_mm512_max_ps(t, zero), qmax);
+    return _mm512_cvttps_epu32(_mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtusepi32_epi8(codes(_mm512_loadu_ps(x + i))));
+  if (i < n) {  // tail: masked load (zeros past n are finite) and store
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm_mask_storeu_epi8(q + i, m, _mm512_cvtusepi32_epi8(codes(_mm512_maskz_loadu_ps(m, x + i))));
+  }
+  return _mm512_test_epi32_mask(nonfinite, nonfinite) != 0;
+}
 
 void ar_forward_vnni(const float* base, const float* v, float* w, int64_t n, const ArParams& p, double& reg) {
   if (p.hard) ar_forward_loop<0>(base, v, w, n, p, reg);

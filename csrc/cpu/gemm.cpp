@@ -20,7 +20,7 @@ namespace dfqkern::cpu {
 namespace gemm {
 
 bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p) {
-  return DFQKERN_AVX2_OR_PORTABLE(ew, quantize)(x, q, k, p);
+  return ew::quantize_kernel()(x, q, k, p);
 }
 
 Kernel pick_kernel(Isa isa, bool panels) {
