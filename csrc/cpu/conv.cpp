@@ -268,16 +268,16 @@ ActRows quantize_rows(const CodeSource& src, const Dims& d, const ConvGeom& g, c
   const int64_t pblocks = (hw + kPix - 1) / kPix;
   const auto to_nhwc = DFQKERN_AVX2_OR_PORTABLE(cl, to_nhwc);
   parallel_for(d.b * pblocks, std::min(kPix, hw) * d.c * kElementCost, [&](int64_t bgn, int64_t end) {
-    std::unique_ptr<uint8_t[]> codes(new uint8_t[static_cast<size_t>(d.c * kPix)]);  // [channel][pixel of the block]
+    uint8_t* const codes = scratch_of<uint8_t>(Scratch::act_codes, d.c * kPix);  // [channel][pixel of the block]
     float fbuf[kPix];
     for (int64_t it = bgn; it < end; ++it) {
       const int64_t b = it / pblocks, p0 = (it % pblocks) * kPix, n = std::min(kPix, hw - p0);
       for (int64_t c = 0; c < d.c; ++c)
-        if (src.get((b * d.c + c) * hw + p0, n, codes.get() + c * kPix, fbuf,
+        if (src.get((b * d.c + c) * hw + p0, n, codes + c * kPix, fbuf,
                     src.x ? r.badpix.data() + b * hw + p0 : nullptr))
           any_bad.store(true, std::memory_order_relaxed);
       int8_t* dst = reinterpret_cast<int8_t*>(r.xs.get()) + (b * hw + p0) * cs;
-      to_nhwc(cl::NhwcBlock{codes.get(), kPix, d.c, n, g.groups, dst, cs, r.pixsum.get() + (b * hw + p0) * g.groups});
+      to_nhwc(cl::NhwcBlock{codes, kPix, d.c, n, g.groups, dst, cs, r.pixsum.get() + (b * hw + p0) * g.groups});
       if (s.direct && s.kp > d.c)  // K padding of the rows used in place: code 0
         for (int64_t i = 0; i < n; ++i) std::fill(dst + i * cs + d.c, dst + (i + 1) * cs, int8_t(-128));
     }
@@ -308,25 +308,25 @@ ActRows requant_rows(const float* y, const Dims& d, const ConvGeom& g, const Gem
   const int64_t blocks = (npix + kPix - 1) / kPix;
   const auto pixel_rows = DFQKERN_AVX2_OR_PORTABLE(cl, pixel_rows);
   parallel_for(blocks, kPix * c * kElementCost, [&](int64_t bgn, int64_t end) {
-    std::unique_ptr<uint8_t[]> codes(new uint8_t[static_cast<size_t>(kPix * c)]);
-    std::vector<float> f;
+    uint8_t* const codes = scratch_of<uint8_t>(Scratch::act_codes, kPix * c);
+    std::vector<float> f;  // rare (NaN / Inf)
     for (int64_t it = bgn; it < end; ++it) {
       const int64_t p0 = it * kPix, n = std::min(kPix, npix - p0), len = n * c;
       const float* v = y + p0 * c;
       uint8_t block_lo = lo;
-      if (gemm::quantize_codes(v, codes.get(), len, p)) {  // rare: NaN / Inf; flag their pixels
+      if (gemm::quantize_codes(v, codes, len, p)) {  // rare: NaN / Inf; flag their pixels
         any_bad.store(true, std::memory_order_relaxed);
         if (relu) {
           f.resize(static_cast<size_t>(len));
           for (int64_t i = 0; i < len; ++i) f[i] = v[i] < 0.f ? 0.f : v[i];
           v = f.data();
-          gemm::quantize_codes(v, codes.get(), len, p);
+          gemm::quantize_codes(v, codes, len, p);
           block_lo = 0;
         }
         for (int64_t i = 0; i < len; ++i)
           if (!std::isfinite(v[i])) r.badpix[p0 + i / c] = 1;
       }
-      pixel_rows(cl::PixelRows{codes.get(), c, n, g.groups, block_lo,
+      pixel_rows(cl::PixelRows{codes, c, n, g.groups, block_lo,
                                reinterpret_cast<int8_t*>(r.xs.get()) + p0 * cs, cs, r.pixsum.get() + p0 * g.groups});
     }
   });
@@ -467,12 +467,12 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
         const int64_t item_cost = crows * d.ow * ppi * rows_per * kp;
         const int64_t kb = gemm::panel_k(s.wb), row_bytes = g.kw * cs;
         parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
-          std::unique_ptr<int32_t[]> rs(new int32_t[static_cast<size_t>(d.ow)]);
+          int32_t* const rs = scratch_of<int32_t>(Scratch::row_sums, d.ow);
           for (int64_t it = bgn; it < end; ++it) {
             const int64_t c = it / npb, pb = it % npb;
             const int64_t oy0 = c * crows, oy1 = std::min(d.oh, oy0 + crows);
             for (int64_t oy = oy0; oy < oy1; ++oy) {
-              std::fill(rs.get(), rs.get() + d.ow, 0);  // row sums: kh horizontal sums, as im2col_rows
+              std::fill(rs, rs + d.ow, 0);  // row sums: kh horizontal sums, as im2col_rows
               for (int64_t i = 0; i < g.kh; ++i) {
                 const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
                 if (iy < 0 || iy >= d.h) {
@@ -487,7 +487,7 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
               ac.lda = g.stride_w * cs;
               ac.seg_blocks = row_bytes / kb;
               ac.seg_skip = g.dil_h * wp * cs - row_bytes;
-              ac.a_sum = rs.get();
+              ac.a_sum = rs;
               if (ac.out_i) ac.out_i += oy * d.ow * ldo_m;
               if (ac.out_f) ac.out_f += oy * d.ow * ldo_m;
               kernel(ac, 0, d.ow, pb * ppi, std::min(tpg, (pb + 1) * ppi));
@@ -503,17 +503,17 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
       const int64_t item_cost = crows * d.ow * (kp * kElementCost + ppi * rows_per * kp);
       parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
         const int64_t cap = std::min(crows, d.oh) * d.ow;
-        std::unique_ptr<int8_t[]> rows(new int8_t[static_cast<size_t>(cap * kp)]);
-        std::unique_ptr<int32_t[]> rs(new int32_t[static_cast<size_t>(cap)]);  // im2col_rows assigns it
+        int8_t* const rows = scratch_of<int8_t>(Scratch::im2col_rows, cap * kp);
+        int32_t* const rs = scratch_of<int32_t>(Scratch::row_sums, cap);  // im2col_rows assigns it
         int64_t built = -1;
         for (int64_t it = bgn; it < end; ++it) {
           const int64_t c = it / npb, pb = it % npb;
           const int64_t oy0 = c * crows, oy1 = std::min(d.oh, oy0 + crows), m0 = oy0 * d.ow;
-          if (c != built) im2col_rows(ic, oy0, oy1, rows.get(), rs.get());
+          if (c != built) im2col_rows(ic, oy0, oy1, rows, rs);
           built = c;
           gemm::Args ac = a;
-          ac.a = rows.get();
-          ac.a_sum = rs.get();
+          ac.a = rows;
+          ac.a_sum = rs;
           if (image_bad) ac.a_scale = row_scale.data() + m0;
           if (ac.out_i) ac.out_i += m0 * ldo_m;
           if (ac.out_f) ac.out_f += m0 * ldo_m;
@@ -569,27 +569,27 @@ void conv_depthwise(const CodeSource& src, int32_t za, const Dims& d, const Conv
   std::atomic<bool> any_bad{false};  // some input value was NaN / Inf (reported by the quantize pass)
   // One work item per (image, input channel): the plane is built once for its `mult` outputs.
   parallel_for(d.b * d.c, mult * p * g.kh * g.kw * 2 + hp * wp * kElementCost, [&](int64_t bgn, int64_t end) {
-    std::vector<int16_t> plane(static_cast<size_t>(hp * wp));
-    std::vector<uint8_t> codes(static_cast<size_t>(d.w));
-    std::vector<float> fbuf(static_cast<size_t>(d.w));
-    std::vector<int32_t> acc(static_cast<size_t>(p));
+    int16_t* const plane = scratch_of<int16_t>(Scratch::dw_plane, hp * wp);
+    uint8_t* const codes = scratch_of<uint8_t>(Scratch::dw_codes, d.w);
+    float* const fbuf = scratch_of<float>(Scratch::dw_floats, d.w);
+    int32_t* const acc = scratch_of<int32_t>(Scratch::dw_acc, p);
     for (int64_t it = bgn; it < end; ++it) {
       const int64_t b = it / d.c, c = it % d.c;
-      std::fill(plane.begin(), plane.end(), int16_t(0));
+      std::fill(plane, plane + hp * wp, int16_t(0));
       for (int64_t y = 0; y < d.h; ++y) {
-        if (src.get(((b * d.c + c) * d.h + y) * d.w, d.w, codes.data(), fbuf.data()))
+        if (src.get(((b * d.c + c) * d.h + y) * d.w, d.w, codes, fbuf))
           any_bad.store(true, std::memory_order_relaxed);
-        int16_t* row = plane.data() + (y + g.pad_h) * wp + g.pad_w;
+        int16_t* row = plane + (y + g.pad_h) * wp + g.pad_w;
         for (int64_t x = 0; x < d.w; ++x) row[x] = static_cast<int16_t>(codes[x] - za);
       }
       for (int64_t o = c * mult; o < (c + 1) * mult; ++o) {
-        const dw::Plane pl{plane.data(), wp, wv + o * g.kh * g.kw, g.kh, g.kw, g.stride_h, g.stride_w,
+        const dw::Plane pl{plane, wp, wv + o * g.kh * g.kw, g.kh, g.kw, g.stride_h, g.stride_w,
                            g.dil_h, g.dil_w, d.oh, d.ow};
         const int64_t off = (b * g.out_ch + o) * p;
         if (ep.out_i) {
           fn(pl, ep.out_i + off);
         } else {
-          fn(pl, acc.data());
+          fn(pl, acc);
           const float s = ep.a_scale * ep.w_scale[o];
           float* out = ep.out_f + off;
           if (ep.bias) {

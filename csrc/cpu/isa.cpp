@@ -1,12 +1,14 @@
-// Run-time ISA choice and the thread splitter (see common.h).
+// Run-time ISA choice, the thread splitter and the threads' scratch memory (see common.h).
 #include "common.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
+#include <memory>
 
 namespace dfqkern::cpu {
 
@@ -94,6 +96,20 @@ void parallel_range(int64_t n, int64_t item_cost, void (*fn)(void*, int64_t, int
     return;
   }
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+}
+
+void* thread_scratch(Scratch slot, size_t bytes) {
+  struct Buf {
+    std::unique_ptr<uint8_t[]> p;
+    size_t n = 0;
+  };
+  thread_local std::array<Buf, static_cast<size_t>(Scratch::count)> bufs;
+  Buf& b = bufs[static_cast<size_t>(slot)];
+  if (b.n < bytes || !b.p) {
+    b.p.reset(new uint8_t[std::max<size_t>(bytes, 64)]);
+    b.n = bytes;
+  }
+  return b.p.get();
 }
 
 int64_t parallel_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
