@@ -131,10 +131,10 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
   std::vector<uint8_t> bad_rows(per_token ? 0 : m, 0);
   std::atomic<bool> any_bad{false};
   parallel_for(m, k * kElementCost, [&](int64_t b, int64_t e) {
-    std::vector<float> fbuf(x.scalar_type() == at::kFloat ? 0 : k);
-    std::vector<uint8_t> codes(k);
+    float* const fbuf = x.scalar_type() == at::kFloat ? nullptr : scratch_of<float>(Scratch::act_floats, k);
+    uint8_t* const codes = scratch_of<uint8_t>(Scratch::act_codes, k);  // (see thread_scratch)
     for (int64_t i = b; i < e; ++i) {
-      const float* xr = xin.get(i * k, k, fbuf.data());
+      const float* xr = xin.get(i * k, k, fbuf);
       float scale = s_static;
       int32_t zp = zp_static;
       if (per_token) {
@@ -145,18 +145,18 @@ ActRows quantize_rows(const at::Tensor& x, int64_t abits, bool per_token, bool s
         r.zp[i] = zp;
       }
       const ew::FqParams p{1.0f / scale, scale, static_cast<float>(zp), qmax, {}};
-      if (gemm::quantize_codes(xr, codes.data(), k, p)) {  // rare: the row holds NaN / Inf
+      if (gemm::quantize_codes(xr, codes, k, p)) {  // rare: the row holds NaN / Inf
         if (per_token) {
           zp = symmetric ? (1 << (abits - 1)) : 0;
           r.scale[i] = std::numeric_limits<float>::quiet_NaN();
           r.zp[i] = zp;
-          std::fill(codes.begin(), codes.end(), uint8_t(0));
+          std::fill(codes, codes + k, uint8_t(0));
         } else {
           bad_rows[i] = 1;
           any_bad.store(true, std::memory_order_relaxed);
         }
       }
-      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, r.data.get() + i * row_bytes);
+      r.sum[i] = gemm::codes_to_act_row(codes, k, r.kp, r.data.get() + i * row_bytes);
       if (packed) {
         uint8_t* pr = packed + i * pw;
         std::fill(pr, pr + pw, uint8_t(0));
@@ -297,10 +297,10 @@ at::Tensor linear_int(const at::Tensor& a_data_in, const at::Tensor& a_zero_poin
   const uint8_t* src = a_data.data_ptr<uint8_t>();
   const int64_t row_bytes = r.kp;
   parallel_for(m, k * kElementCost, [&](int64_t b, int64_t e) {
-    std::vector<uint8_t> codes(k);
+    uint8_t* const codes = scratch_of<uint8_t>(Scratch::act_codes, k);
     for (int64_t i = b; i < e; ++i) {
       for (int64_t j = 0; j < k; ++j) codes[j] = kpack_code(src + i * bytes, j, slot);
-      r.sum[i] = gemm::codes_to_act_row(codes.data(), k, r.kp, r.data.get() + i * row_bytes);
+      r.sum[i] = gemm::codes_to_act_row(codes, k, r.kp, r.data.get() + i * row_bytes);
     }
   });
   at::Tensor out = at::empty({m, n}, a_data.options().dtype(at::kInt));
