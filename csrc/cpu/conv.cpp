@@ -153,6 +153,17 @@ struct Im2col {
   int8_t pad8;           // a padded tap's element: the zero point's code - 128
 };
 
+// Adds input row iy's part of one output row's activation-row sums (kernel row iy of every output pixel): its
+// horizontal sums of kw pixel sums, or kw padded taps (pad_row = za * C/groups * kw) when the row is padding.
+inline void add_kernel_row_sums(const int32_t* hsum, int64_t iy, int64_t h, int64_t ow, int32_t pad_row, int32_t* rs) {
+  if (iy < 0 || iy >= h) {
+    for (int64_t ox = 0; ox < ow; ++ox) rs[ox] += pad_row;
+    return;
+  }
+  const int32_t* hrow = hsum + iy * ow;
+  for (int64_t ox = 0; ox < ow; ++ox) rs[ox] += hrow[ox];
+}
+
 // GEMM rows of output rows [oy0, oy1) into rows, their code sums into rs. Per output row: kernel row
 // i of every output pixel, then the next i, so that a run copied in whole 16-byte pieces may spill
 // into kernel row i + 1 or the K padding (both written after) when the spill stays in the GEMM row.
@@ -171,15 +182,11 @@ void im2col_rows(const Im2col& c, int64_t oy0, int64_t oy1, int8_t* rows, int32_
     for (int64_t i = 0; i < kh; ++i) {
       const int64_t iy = oy * sh - ph + i * dh;
       int8_t* base = rows + i * run;
+      add_kernel_row_sums(hsum, iy, h, ow, pad_tap * static_cast<int32_t>(kw), rs);
       if (iy < 0 || iy >= h) {  // whole kernel row in the padding
-        for (int64_t ox = 0; ox < ow; ++ox) {
-          std::fill_n(base + ox * kp, run, pad8);
-          rs[ox] += pad_tap * static_cast<int32_t>(kw);
-        }
+        for (int64_t ox = 0; ox < ow; ++ox) std::fill_n(base + ox * kp, run, pad8);
         continue;
       }
-      const int32_t* hrow = hsum + iy * ow;
-      for (int64_t ox = 0; ox < ow; ++ox) rs[ox] += hrow[ox];
       const int8_t* srow = x + iy * w * cs;
       const auto taps = [&](int64_t ox) {  // one by one, padded taps filled
         int8_t* dst = base + ox * kp;
@@ -472,16 +479,10 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
             const int64_t c = it / npb, pb = it % npb;
             const int64_t oy0 = c * crows, oy1 = std::min(d.oh, oy0 + crows);
             for (int64_t oy = oy0; oy < oy1; ++oy) {
-              std::fill(rs, rs + d.ow, 0);  // row sums: kh horizontal sums, as im2col_rows
-              for (int64_t i = 0; i < g.kh; ++i) {
-                const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
-                if (iy < 0 || iy >= d.h) {
-                  for (int64_t ox = 0; ox < d.ow; ++ox) rs[ox] += pad_tap * static_cast<int32_t>(g.kw);
-                } else {
-                  const int32_t* hrow = hsum.get() + iy * d.ow;
-                  for (int64_t ox = 0; ox < d.ow; ++ox) rs[ox] += hrow[ox];
-                }
-              }
+              std::fill(rs, rs + d.ow, 0);  // row sums, as im2col_rows
+              for (int64_t i = 0; i < g.kh; ++i)
+                add_kernel_row_sums(hsum.get(), oy * g.stride_h - g.pad_h + i * g.dil_h, d.h, d.ow,
+                                    pad_tap * static_cast<int32_t>(g.kw), rs);
               gemm::Args ac = a;
               ac.a = xpad.get() + oy * g.stride_h * wp * cs;  // padded row of kernel row 0
               ac.lda = g.stride_w * cs;
