@@ -48,7 +48,7 @@ def test_attention_qkv_random(row, gen, b, n, heads, d, per_head, bits):
 
 
 def test_attention_qkv_nonfinite_and_nan_rows(row, gen):
-    """NaN / Inf in qkv saturate like quantize; scores that overflow to inf make NaN probability rows, whose
+    """NaN / Inf in qkv saturate like quantize; scores that overflow to inf make a NaN probability row, whose
     outputs are NaN (as the float path's); the other rows stay finite."""
     heads, d = 2, 8
     scale, zero, fine, coarse, levels = _params(gen, heads, True, 8)
@@ -56,7 +56,13 @@ def test_attention_qkv_nonfinite_and_nan_rows(row, gen):
     qkv[0, 1, 3] = math.nan
     qkv[1, 4, 20] = math.inf
     qkv[1, 2, 40] = -math.inf
-    scale[0] = 3e38  # head 0's q scale: q.k^T * (qs * ks) overflows for most rows of head 0
+    # Head 0's q scale: every finite q of head 0 quantizes to its zero point, but the NaN (batch 0, query 1,
+    # dim 3) quantizes to code 0, so (q - zq) = -128 there; key 0's dim 3 sits below its zero point, so that
+    # score is positive and overflows to +inf: query 1's probabilities are NaN. Pinned, not random: a random
+    # zq of 0, or keys all on one side of zk, left no +inf (~1 run in 100).
+    scale[0] = 3e38
+    zero[0] = zero[heads] = 128
+    qkv[0, 0, heads * d + 3] = -1.0
     args = (heads, d ** -0.5, row.dev(scale), row.dev(zero), 8, fine, coarse, levels)
     got = row.call("attention_qkv", row.dev(qkv), *args)
     want = R.attention_qkv(qkv, *args[:2], scale, zero, *args[4:])
