@@ -3,7 +3,7 @@
 ``python csrc/sources.py cpu|kernels|cuda [ARCH]`` prints a ``;``-separated list (CMake passes the target's
 CMAKE_SYSTEM_PROCESSOR, so a cross build gets the target's files, not the build machine's).
 
-Per-architecture CPU files: ``*_avx2.cpp`` / ``*_vnni.cpp`` (x86 intrinsics under ``#pragma GCC target``)
+Per-architecture CPU files: ``*_avx2.cpp`` / ``*_vnni.cpp`` / ``*_amx.cpp`` (x86 intrinsics under ``#pragma GCC target``)
 are compiled only for x86, ``*_neon*.cpp`` only for aarch64; every other csrc/cpu file is portable C++.
 ``kernels`` is the torch-free subset (micro-kernels, layout builders, CPU feature checks): everything in
 csrc/cpu except the ATen drivers below. It links without libtorch (csrc/tests/microkernels_check.cpp).
@@ -21,7 +21,7 @@ VERSION = "0.1.0"
 
 # csrc/cpu files that use ATen (tensors, torch's thread pool, TORCH_CHECK).
 ATEN_DRIVERS = ("attention.cpp", "conv.cpp", "elementwise.cpp", "gemm.cpp", "isa.cpp", "matmul.cpp")
-_ARCH_SUFFIXES = {"x86": ("_avx2.cpp", "_vnni.cpp"), "aarch64": ("_neon.cpp", "_neon_dot.cpp")}
+_ARCH_SUFFIXES = {"x86": ("_avx2.cpp", "_vnni.cpp", "_amx.cpp"), "aarch64": ("_neon.cpp", "_neon_dot.cpp")}
 
 
 def arch_family(machine: str | None = None) -> str:

@@ -462,7 +462,7 @@ def _cpu_isas() -> list:
     from dfqkern.kernels import cpu
 
     ok = []
-    for isa in ("portable", "avx2", "avx512vnni", "neon", "dotprod"):
+    for isa in ("portable", "avx2", "avx512vnni", "amx", "neon", "dotprod"):
         try:
             with cpu.use_isa(isa):
                 ok.append(isa)

@@ -7,11 +7,13 @@
 //   gemm_vnni.cpp   the GEMM micro-kernels with AVX512-VNNI vpdpbusd on 256-bit registers, where
 //                   the CPU has it; elementwise_vnni.cpp the AdaRound kernels in 512-bit registers
 //                   (the other kernels then use their AVX2 versions).
+//   gemm_amx.cpp    the panel GEMM with AMX-INT8 tiles (level amx = avx512vnni + this GEMM), where the
+//                   CPU and the OS offer it (Xeon Sapphire Rapids and later, Linux).
 //   gemm_neon*.cpp  aarch64 only: the GEMM micro-kernels with NEON widening multiplies (neon) or the
 //                   dot-product instruction sdot (dotprod); the other kernels use their portable
 //                   versions there (compiled for the aarch64 baseline, which includes NEON).
 // The choice is made at run time (`active_isa()`), from the CPU's features and the environment
-// variable DFQKERN_CPU_ISA = auto | avx512vnni | avx2 | portable on x86, auto | dotprod | neon |
+// variable DFQKERN_CPU_ISA = auto | amx | avx512vnni | avx2 | portable on x86, auto | dotprod | neon |
 // portable on aarch64 (or `set_isa` from Python, for tests). csrc/sources.py compiles each
 // architecture's files only for that architecture.
 //
@@ -25,21 +27,27 @@
 
 namespace dfqkern::cpu {
 
-// x86: avx512vnni = AVX2 kernels + VNNI GEMM + AVX-512 AdaRound; aarch64: dotprod = neon + sdot GEMM.
-enum class Isa { portable = 0, avx2 = 1, avx512vnni = 2, neon = 3, dotprod = 4 };
+// x86: avx512vnni = AVX2 kernels + VNNI GEMM + AVX-512 AdaRound, amx = avx512vnni with the panel GEMM on
+// AMX tiles; aarch64: dotprod = neon + sdot GEMM.
+enum class Isa { portable = 0, avx2 = 1, avx512vnni = 2, neon = 3, dotprod = 4, amx = 5 };
+// Whether the level includes everything of avx512vnni (the VNNI / AVX-512 kernels and layouts).
+bool vnni_level(Isa isa);  // (cpu_features.cpp: no inline code in this header, see above)
 
 Isa active_isa();
 // CPU features (cpu_features.cpp, torch-free: also linked by the standalone kernel checks); false on
 // other architectures.
 bool cpu_has_avx2();        // AVX2 + FMA + F16C, as reported by the CPU
 bool cpu_has_avx512vnni();  // AVX2 level + AVX512F/BW/VL + AVX512_VNNI (vpdpbusd on ymm registers)
+// avx512vnni level + AMX-TILE / AMX-INT8, and (Linux) the process's permission to use the tile data,
+// requested once here (arch_prctl ARCH_REQ_XCOMP_PERM): false where the kernel refuses it.
+bool cpu_has_amx();
 bool cpu_has_neon();        // aarch64 Advanced SIMD (HWCAP_ASIMD)
 bool cpu_has_dotprod();     // neon + the SDOT/UDOT dot-product instructions (HWCAP_ASIMDDP)
-// "auto" | "avx512vnni" | "avx2" | "portable" (x86), "auto" | "dotprod" | "neon" | "portable"
+// "auto" | "amx" | "avx512vnni" | "avx2" | "portable" (x86), "auto" | "dotprod" | "neon" | "portable"
 // (aarch64); throws when unsupported.
 void set_isa(const std::string& name);
 std::string isa_name();
-// Whether the *_avx2.cpp kernels run (x86 levels avx2 and avx512vnni); pick one with DFQKERN_AVX2_OR_PORTABLE.
+// Whether the *_avx2.cpp kernels run (x86 levels avx2, avx512vnni and amx); pick one with DFQKERN_AVX2_OR_PORTABLE.
 bool uses_avx2();
 
 // ns::fn##_avx2 where the AVX2 kernels run, else ns::fn##_portable. Non-x86 builds have no *_avx2.cpp.
@@ -77,6 +85,10 @@ int64_t parallel_threads();
 // call, which turned slow once glibc raised its dynamic mmap threshold (any large free in the process does):
 // a CIFAR ResNet-20 b1 on 2 threads went from 316 to 650 us after a 64 MiB weight was freed (Zen 4). A slot is
 // used by one kind of item only, and never while another use of it on the same thread is live.
+// Cost units of `macs` multiply-adds of the active ISA's packed GEMM: AMX tiles run them several times
+// faster than the VNNI / AVX2 kernels the units were measured on (isa.cpp: kAmxMacsPerUnit).
+int64_t gemm_cost(int64_t macs);
+
 enum class Scratch : int { act_codes, act_floats, im2col_rows, row_sums, dw_plane, dw_codes, dw_floats, dw_acc, count };
 void* thread_scratch(Scratch slot, size_t bytes);
 template <class T>

@@ -471,7 +471,7 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
                       .k = k, .kp = kp, .ox_lo = ox_lo, .ox_hi = ox_hi, .row_runs = g.groups == 1 && g.dil_w == 1,
                       .pad_tap = pad_tap, .pad8 = pad8};
       if (implicit) {
-        const int64_t item_cost = crows * d.ow * ppi * rows_per * kp;
+        const int64_t item_cost = gemm_cost(crows * d.ow * ppi * rows_per * kp);
         const int64_t kb = gemm::panel_k(s.wb), row_bytes = g.kw * cs;
         parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
           int32_t* const rs = scratch_of<int32_t>(Scratch::row_sums, d.ow);
@@ -501,7 +501,7 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
         });
         continue;
       }
-      const int64_t item_cost = crows * d.ow * (kp * kElementCost + ppi * rows_per * kp);
+      const int64_t item_cost = crows * d.ow * kp * kElementCost + gemm_cost(crows * d.ow * ppi * rows_per * kp);
       parallel_for(nchunk * npb, item_cost, [&](int64_t bgn, int64_t end) {
         const int64_t cap = std::min(crows, d.oh) * d.ow;
         int8_t* const rows = scratch_of<int8_t>(Scratch::im2col_rows, cap * kp);

@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Ten
 
 ew::QuantizeFn ew::quantize_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (active_isa() == Isa::avx512vnni) return ew::quantize_vnni;
+  if (vnni_level(active_isa())) return ew::quantize_vnni;
 #endif
   return DFQKERN_AVX2_OR_PORTABLE(ew, quantize);
 }
@@ -194,14 +194,14 @@ using ArBackward = void (*)(const float*, const float*, const float*, float*, in
 
 ArForward ar_forward_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (active_isa() == Isa::avx512vnni) return ew::ar_forward_vnni;
+  if (vnni_level(active_isa())) return ew::ar_forward_vnni;
 #endif
   return DFQKERN_AVX2_OR_PORTABLE(ew, ar_forward);
 }
 
 ArBackward ar_backward_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (active_isa() == Isa::avx512vnni) return ew::ar_backward_vnni;
+  if (vnni_level(active_isa())) return ew::ar_backward_vnni;
 #endif
   return DFQKERN_AVX2_OR_PORTABLE(ew, ar_backward);
 }

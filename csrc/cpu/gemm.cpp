@@ -26,6 +26,7 @@ bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p
 Kernel pick_kernel(Isa isa, bool panels) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)
+    case Isa::amx: return panels ? panels_amx : run_avx512vnni;
     case Isa::avx512vnni: return panels ? panels_avx512vnni : run_avx512vnni;
     case Isa::avx2: return panels ? panels_avx2 : run_avx2;
 #endif
@@ -46,7 +47,7 @@ void run(const Args& g, int64_t m, int64_t tiles) {
     constexpr int64_t kMB = 96, kPB = 4;
     const int64_t mblocks = (m + kMB - 1) / kMB, pblocks = (tiles + kPB - 1) / kPB;
     const Kernel fn = pick_kernel(isa, true);
-    const int64_t item_cost = std::min(m, kMB) * kPB * kPanel * g.nchunks * panel_k(g.wbits);
+    const int64_t item_cost = gemm_cost(std::min(m, kMB) * kPB * kPanel * g.nchunks * panel_k(g.wbits));
     parallel_for(mblocks * pblocks, item_cost, [&](int64_t b, int64_t e) {
       for (int64_t it = b; it < e; ++it) {
         const int64_t mb = it % mblocks, pb = it / mblocks;

@@ -126,6 +126,9 @@ void panels_avx2(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void panels_avx512vnni(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void panels_neon(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void panels_dotprod(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void panels_amx(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1);  // x86 with AMX-INT8 only
+// The AVX-512 epilogue of mr (<= 16) rows x nv (<= 2) panels, dots[(i * nv + v) * kPanel + j] (x86 only).
+void finish_panels_zmm(const Args& g, int64_t m0, int mr, int64_t p0, int nv, const int32_t* dots);
 // Shared epilogue of mr activation rows x np panels (dots[i * ldd + j] for weight row j of panel p0's
 // first row); scalar, the reference order of operations.
 void finish_panels(const Args& g, int64_t m0, int mr, int64_t p0, int np, const int32_t* dots, int ldd);

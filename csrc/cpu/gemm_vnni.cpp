@@ -180,6 +180,8 @@ inline void transpose16(__m512 (&r)[16]) {
   }
 }
 
+}  // namespace
+
 // Epilogue of mr (<= 16) rows x nv panels, 16 weight rows per vector; same operations and order as
 // finish_panels. Row-major output: masked 16-wide stores; channel-major (NCHW conv, ldo_m == 1):
 // 16 x 16 transposes so each weight row stores mr consecutive pixels.
@@ -228,6 +230,8 @@ void finish_panels_zmm(const Args& g, int64_t m0, int mr, int64_t p0, int nv, co
     }
   }
 }
+
+namespace {
 
 template <int MR, int NV>
 void panel_any(const Args& g, int64_t m, int64_t p, int32_t* dots) {

@@ -43,7 +43,7 @@ void matmul::run_active(const Problem& p, Scratch& s) {
   // (vpmaddubsw would saturate; measured at 65 x 32 x 65 per head, packing included: 1.8x faster than
   // the tile kernels, whose horizontal sums and K padding to 32 dominate at short K); cpu-tile-v1 elsewhere.
   const Isa isa = active_isa();
-  const bool panels = isa == Isa::avx512vnni;
+  const bool panels = vnni_level(isa);
 #if defined(__x86_64__) || defined(__i386__)
   const I16Kernel i16 = isa == Isa::avx2 ? i16_avx2 : nullptr;
 #else

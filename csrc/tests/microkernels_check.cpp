@@ -1,7 +1,7 @@
 // Torch-free check of the CPU micro-kernels (links only csrc/sources.py's `kernels` list), built for
 // the host and cross-built for aarch64 (tests/test_aarch64_kernels.py, CMakeLists.txt target
 // microkernels_check):
-//   * every variant this CPU runs (portable + avx2 / avx512vnni on x86, neon / dotprod on aarch64)
+//   * every variant this CPU runs (portable + avx2 / avx512vnni / amx on x86, neon / dotprod on aarch64)
 //     over fixed awkward cases: packed GEMM in both layouts (odd K, K off the packing, M = 1, N off
 //     the tile / panel, W2/W3/W4/W8 x A4/A8, per-tensor / per-row and symmetric activation zero
 //     points, int32 and fp32 outputs, row- and channel-major stores, split row / tile ranges), the
@@ -79,6 +79,7 @@ std::vector<Variant> gemm_variants() {
 #if defined(__x86_64__) || defined(__i386__)
   if (cpu_has_avx2()) v.push_back({"avx2", gemm::run_avx2, gemm::panels_avx2});
   if (cpu_has_avx512vnni()) v.push_back({"avx512vnni", gemm::run_avx512vnni, gemm::panels_avx512vnni});
+  if (cpu_has_amx()) v.push_back({"amx", gemm::run_avx512vnni, gemm::panels_amx});
 #endif
 #if defined(__aarch64__)
   if (cpu_has_neon()) v.push_back({"neon", gemm::run_neon, gemm::panels_neon});

@@ -7,10 +7,12 @@ against :mod:`dfqkern.kernels.contract`. Argument combinations the kernels do no
 weight-only packed Linear / Conv2d (``act=None``), non-integer activation zero points in
 convolutions, string padding, integer input codes that are not uint8, float64 tensors.
 
-Instruction set, chosen at run time: ``avx512vnni`` (the packed GEMM uses ``vpdpbusd`` on 256-bit
+Instruction set, chosen at run time: ``amx`` (as ``avx512vnni``, but the panel GEMM -- every conv, Linear with
+several rows, the attention matmuls -- runs on AMX-INT8 tiles) where the CPU and the OS offer AMX (Xeon
+Sapphire Rapids and later), ``avx512vnni`` (the packed GEMM uses ``vpdpbusd`` on 256-bit
 registers, AdaRound 512-bit registers; everything else as ``avx2``) where the CPU has AVX512-VNNI/VL,
 ``avx2`` (AVX2 + FMA + F16C) where it has those, ``portable`` C++ otherwise. Force one with
-``DFQKERN_CPU_ISA=avx512vnni|avx2|portable|auto`` or :func:`use_isa`; every level gives identical integer
+``DFQKERN_CPU_ISA=amx|avx512vnni|avx2|portable|auto`` or :func:`use_isa`; every level gives identical integer
 and epilogue results.
 On aarch64 the levels are ``dotprod`` (GEMM with ``sdot``, where the CPU reports it), ``neon`` and
 ``portable`` (``DFQKERN_CPU_ISA=dotprod|neon|portable|auto``); the other kernels are the portable ones.
@@ -183,6 +185,7 @@ def _isa_now() -> str:
     return (getattr(_FAST, "cpu_isa", None) or _OPS.cpu_isa)()
 
 
+_VNNI_LEVELS = ("avx512vnni", "amx")  # the x86 levels with the VNNI kernels and layouts (amx adds AMX tiles)
 _TILE_MIN_K = 65  # 8-bit on AVX2: below this K the tile kernel's per-row, per-tile horizontal sums dominate
 
 
@@ -190,7 +193,7 @@ def _gemm_layout(pw: PackedWeight) -> str:
     # 8-bit codes on the AVX2 level: the panel kernel must split codes into nibbles (vpmaddubsw would
     # saturate), slower than the tile kernel's int16 widening, so those keep the tiles -- except at small K
     # (a first conv, K = 27: panels 42 us vs tiles 56 us on a Zen 3 core), where the tile epilogue dominates.
-    if pw.bits == 8 and _isa_now() != "avx512vnni" and pw.k >= _TILE_MIN_K:
+    if pw.bits == 8 and _isa_now() not in _VNNI_LEVELS and pw.k >= _TILE_MIN_K:
         return "tile"
     return "panel"
 
@@ -281,15 +284,32 @@ def _int_zero_point(zp, what: str) -> int:
     return int(z)
 
 
+def byte_panel_weight(pw: PackedWeight, groups: int = 1):
+    """``(panels, corr)`` of a 2/3/4-bit weight in the 8-bit ``cpu-panel-v1`` layout, one byte per code (cached).
+    The same integers as :func:`panel_weight`'s, in the layout the AMX tiles read in place."""
+    cache = pw.cache.setdefault("cpu", {})
+    w = cache.get(("byte_panel", groups))
+    if w is None:
+        codes = pw.codes().to(torch.uint8).contiguous()  # 8-bit kpack-lsb-v1 is one code per byte
+        w = cache[("byte_panel", groups)] = _load().cpu_prepack_panels(codes, pw.zero_point, 8, pw.k, groups)
+    return w
+
+
 def _conv_weight(pw: PackedWeight, groups: int):
+    """``(weight, corr, bits)``: a conv weight in the layout the active ISA runs, and the code width it holds."""
     if pw.shape[1] == 1:
-        return depthwise_weight(pw), _NO_CORR
+        return depthwise_weight(pw), _NO_CORR, pw.bits
+    if pw.bits != 8 and _isa_now() == "amx":
+        # A conv calls the GEMM once per output row (a few dozen rows): unpacking 2/3/4-bit panels for the tiles
+        # in every call cost more than the tiles saved (512ch 7x7 W4: 2.2x slower than VNNI), so AMX convs read
+        # a copy with one byte per code (2x / 4x the weight bytes, built once).
+        return (*byte_panel_weight(pw, groups), 8)
     layout = "panel" if pw.bits != 8 else _gemm_layout(pw)
     c = pw.cache.get("cpu")
     w = c.get((layout, groups)) if c is not None else None
-    if w is not None:
-        return w
-    return panel_weight(pw, groups) if layout == "panel" else tile_weight(pw, groups)
+    if w is None:
+        w = panel_weight(pw, groups) if layout == "panel" else tile_weight(pw, groups)
+    return (*w, pw.bits)
 
 
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
@@ -297,8 +317,8 @@ def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeig
     if x_codes.dtype != torch.uint8:
         raise Unsupported(f"x_codes must be uint8 for the CPU backend, got {x_codes.dtype}")
     za = _int_zero_point(x_zero_point, "x_zero_point")
-    w, corr = _conv_weight(pw, groups)
-    return _load().cpu_conv2d_int(x_codes, za, w, corr, pw.bits, list(pw.shape),
+    w, corr, wbits = _conv_weight(pw, groups)
+    return _load().cpu_conv2d_int(x_codes, za, w, corr, wbits, list(pw.shape),
                                   *_geometry(stride, padding, dilation), groups)
 
 
@@ -318,10 +338,10 @@ def conv2d(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     shape, s, p, d, scale, za = cached(pw.cache.setdefault("cpu", {}), "conv2d_args", (stride, padding, dilation),
                                        (act.scale, act.zero_point),
                                        lambda: _conv_args(pw, act, stride, padding, dilation))
-    w, corr = _conv_weight(pw, groups)
+    w, corr, wbits = _conv_weight(pw, groups)
     if _FAST is None:
         _load()
-    y = _FAST.cpu_conv2d(x, w, corr, pw.scale, pw.bits, shape, s, p, d, groups, bias, scale, za, act.bits)
+    y = _FAST.cpu_conv2d(x, w, corr, pw.scale, wbits, shape, s, p, d, groups, bias, scale, za, act.bits)
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
@@ -339,8 +359,8 @@ def conv2d_call(pw: PackedWeight, bias: torch.Tensor | None, act: ActQuant, stri
     if not hasattr(_FAST, "PackedConvCall"):
         raise Unsupported("this build of dfqkern._C has no PackedConvCall (rebuild the extension)")
     shape, s, p, d, scale, za = _conv_args(pw, act, stride, padding, dilation)
-    w, corr = _conv_weight(pw, groups)
-    return _FAST.PackedConvCall(w, corr, pw.scale, pw.bits, shape, s, p, d, groups, bias, scale, za, act.bits, relu,
+    w, corr, wbits = _conv_weight(pw, groups)
+    return _FAST.PackedConvCall(w, corr, pw.scale, wbits, shape, s, p, d, groups, bias, scale, za, act.bits, relu,
                                 [t for t in watch if t is not None])
 
 

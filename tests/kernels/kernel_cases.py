@@ -69,7 +69,7 @@ from dfqkern.formats import PackedWeight, code_max, symmetric_zero_point  # noqa
 from dfqkern.kernels import Backend, dispatch, reference as R  # noqa: E402
 from dfqkern.kernels.contract import Unsupported  # noqa: E402
 
-ISAS = ("portable", "avx2", "avx512vnni")
+ISAS = ("portable", "avx2", "avx512vnni", "amx")
 
 
 def supported_isas() -> tuple[str, ...]:

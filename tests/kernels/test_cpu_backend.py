@@ -44,7 +44,7 @@ def test_isa_names_and_env_override():
     assert C.isa() in ISAS
     with C.use_isa("portable"):
         assert C.isa() == "portable"
-    with pytest.raises(ValueError, match="'auto', 'avx512vnni', 'avx2', 'portable'"):
+    with pytest.raises(ValueError, match="'auto', 'amx', 'avx512vnni', 'avx2', 'portable'"):
         with C.use_isa("sse9"):
             pass
     code = "import torch; from dfqkern.kernels import cpu; print(cpu.isa())"
@@ -226,3 +226,27 @@ def test_compiled_ops_guard_their_arguments(gen):
     for exc, msg, fn in cases:
         with pytest.raises(exc, match=msg):
             fn()
+
+
+# ----------------------------------------------------------------------------- AMX level
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_amx_convs_read_one_byte_per_code_and_match_vnni_bit_for_bit(gen, bits):
+    """On the amx level a 2/3/4-bit conv weight is read from an 8-bit copy of its panels (the tiles take bytes;
+    unpacking per call was slower than VNNI); the integers, so every output, are the VNNI level's and the
+    reference's. 40 channels x 3x3: K = 360 is 5 full 64-k tile steps + a 40-byte tail per call; 2 panels + 8
+    rows; stride 2 and padding 1 (the implicit GEMM's segments) and a 1x1 conv (one contiguous row)."""
+    if "amx" not in supported_isas():
+        pytest.skip("this CPU (or OS) does not offer AMX-INT8: the amx level cannot run here")
+    for shape, stride, padding in (((40, 40, 3, 3), 2, 1), ((40, 40, 1, 1), 1, 0)):
+        pw = rand_weight(CPU, gen, shape[0], shape[1] * shape[2] * shape[3], bits, shape=shape)
+        x = rand_x(CPU, gen, 2, 40, 11, 13)
+        act = static_act(x, 8)
+        b = torch.randn(40, generator=gen)
+        with C.use_isa("amx"):
+            got = C.conv2d(x, pw, b, act, stride, padding)
+        assert (("byte_panel", 1) in pw.cache["cpu"]) == (bits != 8)
+        with C.use_isa("avx512vnni"):
+            vnni = C.conv2d(x, pw, b, act, stride, padding)
+        assert torch.equal(got, vnni)
+        assert_equal(got, R.conv2d(x, pw, b, act, stride, padding), bits=bits, shape=shape)
