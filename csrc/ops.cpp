@@ -500,18 +500,19 @@ class PackedConvChain {
 
 // A packed Linear with static per-tensor activation quantization and everything but its input bound
 // (dfqkern.compile mode "frozen"): the checked linear above, with the layout the Python dispatch picks bound
-// per case (w1 / corr1 for one row, wn / corrn for several).
+// per case (w1 / corr1 for one row, wn / corrn for several; wn_bits: the code width wn holds, which differs
+// from w_bits where the several-rows layout is the one-byte-per-code copy of the amx level; -1: w_bits).
 class PackedLinearCall {
  public:
   PackedLinearCall(Tensor w1, Tensor corr1, Tensor wn, Tensor corrn, Tensor w_scale, int64_t w_bits, int64_t n,
                    int64_t k, optional<Tensor> bias, Tensor a_scale, Tensor a_zero_point, int64_t a_bits, bool symmetric,
-                   std::vector<Tensor> watch)
+                   std::vector<Tensor> watch, int64_t wn_bits)
       : w1_(std::move(w1)), corr1_(std::move(corr1)), wn_(std::move(wn)), corrn_(std::move(corrn)),
-        w_scale_(std::move(w_scale)), w_bits_(w_bits), n_(n), k_(k), bias_(std::move(bias)),
-        a_scale_(std::move(a_scale)), a_zero_point_(std::move(a_zero_point)), a_bits_(a_bits), symmetric_(symmetric),
-        watch_(std::move(watch)) {
+        w_scale_(std::move(w_scale)), w_bits_(w_bits), wn_bits_(wn_bits < 0 ? w_bits : wn_bits), n_(n), k_(k),
+        bias_(std::move(bias)), a_scale_(std::move(a_scale)), a_zero_point_(std::move(a_zero_point)), a_bits_(a_bits),
+        symmetric_(symmetric), watch_(std::move(watch)) {
     check_prepacked(w1_, corr1_, w_bits_, n_, k_, 1);
-    check_prepacked(wn_, corrn_, w_bits_, n_, k_, 1);
+    check_prepacked(wn_, corrn_, wn_bits_, n_, k_, 1);
     check_row_vector("w_scale", w_scale_, n_);
     if (bias_) check_row_vector("bias", *bias_, n_);
     check_bits("a_bits", a_bits_, {4, 8});
@@ -524,7 +525,8 @@ class PackedLinearCall {
     TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k_, "x has ", x.dim() ? x.size(-1) : 0,
                       " input features, weight expects K=", k_);
     const bool one_row = x.numel() == k_;
-    Tensor y = cpu::linear(x, one_row ? w1_ : wn_, one_row ? corr1_ : corrn_, w_scale_, w_bits_, n_, k_, bias_,
+    Tensor y = cpu::linear(x, one_row ? w1_ : wn_, one_row ? corr1_ : corrn_, w_scale_, one_row ? w_bits_ : wn_bits_,
+                           n_, k_, bias_,
                            a_scale_, a_zero_point_, a_bits_, false, symmetric_);
     if (y.dim() != x.dim()) {
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -536,7 +538,7 @@ class PackedLinearCall {
 
  private:
   Tensor w1_, corr1_, wn_, corrn_, w_scale_;
-  int64_t w_bits_, n_, k_;
+  int64_t w_bits_, wn_bits_, n_, k_;
   optional<Tensor> bias_;
   Tensor a_scale_, a_zero_point_;
   int64_t a_bits_;
@@ -686,11 +688,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                               "A packed Linear with its weights and activation quantizer bound: "
                                               "call(x)")
       .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t,
-                          std::optional<at::Tensor>, at::Tensor, at::Tensor, int64_t, bool, std::vector<at::Tensor>>(),
+                          std::optional<at::Tensor>, at::Tensor, at::Tensor, int64_t, bool, std::vector<at::Tensor>,
+                          int64_t>(),
            pybind11::arg("w1"), pybind11::arg("corr1"), pybind11::arg("wn"), pybind11::arg("corrn"),
            pybind11::arg("w_scale"), pybind11::arg("w_bits"), pybind11::arg("n"), pybind11::arg("k"),
            pybind11::arg("bias"), pybind11::arg("a_scale"), pybind11::arg("a_zero_point"), pybind11::arg("a_bits"),
-           pybind11::arg("symmetric"), pybind11::arg("watch"))
+           pybind11::arg("symmetric"), pybind11::arg("watch"), pybind11::arg("wn_bits") = -1)
       .def("__call__", &dfqkern::PackedLinearCall::operator(), pybind11::arg("x"));
   pybind11::class_<dfqkern::PackedConvChain>(m, "PackedConvChain",
                                              "Two frozen convs in a row, the first's output (after its ReLU) feeding "

@@ -6,7 +6,8 @@
 // one row of the B tile operand, so 8-bit panels are read in place. A 2/3/4-bit block holds one such
 // row per slot (slot s = bits [s * b, s * b + b) of every byte = k 4s..4s+3 of the block); those
 // panels are unpacked per call into a thread-local int8 copy (one byte per code, same row order),
-// shared by every 16-row block of the call.
+// shared by every 16-row block of the call (calls of fewer rows go to the VNNI kernel); convs and Linear
+// layers read a prepacked one-byte-per-code copy instead.
 // K runs in the activation rows' segments (implicit-GEMM convolution: one per kernel row; otherwise
 // one segment of the whole row); per segment, 64-k steps and one tail step of the remainder (a
 // multiple of 4 k), each with its own tile shape. The int32 sums go through the AVX-512 panel
@@ -94,6 +95,10 @@ const uint8_t* panel_rows_b(const Args& g, int64_t p, uint8_t* dst) {
 
 void panels_amx(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m0 >= m1 || p0 >= p1) return;
+  // Unpacking 2/3/4-bit panels for one 16-row block costs about what the tiles save on it (the callers that
+  // care read the one-byte-per-code copy instead, see dfqkern.kernels.cpu.byte_panel_weight).
+  constexpr int64_t kUnpackMinRows = 2 * kPanel;
+  if (g.wbits != 8 && m1 - m0 < kUnpackMinRows) return panels_avx512vnni(g, m0, m1, p0, p1);
   const int64_t kp = g.nchunks * panel_k(g.wbits);  // activation bytes a row reads
   const int64_t seg_len = g.seg_blocks ? g.seg_blocks * panel_k(g.wbits) : kp;
   const int64_t nseg = (kp + seg_len - 1) / seg_len, last_len = kp - (nseg - 1) * seg_len;  // last may be short

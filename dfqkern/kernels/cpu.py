@@ -198,6 +198,15 @@ def _gemm_layout(pw: PackedWeight) -> str:
     return "panel"
 
 
+def _rows_layout(pw: PackedWeight) -> tuple[tuple[str, int], int]:
+    """(cache key, code width) of the layout a Linear with several rows reads on the active ISA."""
+    if pw.bits != 8 and _isa_now() == "amx":
+        return ("byte_panel", 1), 8  # tiles take bytes: unpacking per call cost W2 most of the tiles' gain
+    if pw.bits == 8 and _gemm_layout(pw) == "tile":
+        return ("tile", 1), 8
+    return ("panel", 1), pw.bits
+
+
 def depthwise_weight(pw: PackedWeight) -> torch.Tensor:
     """int16 ``[O, kh*kw]`` of ``code - zero_point`` for one-input-channel-per-group convolutions (cached)."""
     cache = pw.cache.setdefault("cpu", {})
@@ -252,15 +261,18 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
         raise Unsupported("weight-only packed linear (act=None) is not implemented by the CPU backend")
     if x.dtype not in KERNEL_FLOATS:
         raise Unsupported(f"x dtype {x.dtype} is not implemented by the CPU backend")
-    # M = 1: the tile layout (memory-bound GEMV kernels); M > 1: the panel layout.
-    key = ("tile", 1) if x.numel() == pw.k or pw.bits == 8 and _gemm_layout(pw) == "tile" else ("panel", 1)
+    # M = 1: the tile layout (memory-bound GEMV kernels); M > 1: the panel layout (amx: one byte per code).
+    if x.numel() == pw.k:
+        key, wbits = ("tile", 1), pw.bits
+    else:
+        key, wbits = _rows_layout(pw)
     c = pw.cache.get("cpu")
     w = c.get(key) if c is not None else None
     if w is None:
-        w = tile_weight(pw) if key[0] == "tile" else panel_weight(pw)
+        w = _LAYOUT_BUILDERS[key[0]](pw)
     if _FAST is None:
         _load()
-    y = _FAST.cpu_linear(x, w[0], w[1], pw.scale, pw.bits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
+    y = _FAST.cpu_linear(x, w[0], w[1], pw.scale, wbits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
                         act.per_token, act.symmetric)
     if y.dim() != x.dim():  # a build whose kernel returns [M, N] for every x
         y = y.reshape(*x.shape[:-1], pw.n)
@@ -293,6 +305,9 @@ def byte_panel_weight(pw: PackedWeight, groups: int = 1):
         codes = pw.codes().to(torch.uint8).contiguous()  # 8-bit kpack-lsb-v1 is one code per byte
         w = cache[("byte_panel", groups)] = _load().cpu_prepack_panels(codes, pw.zero_point, 8, pw.k, groups)
     return w
+
+
+_LAYOUT_BUILDERS = {"tile": tile_weight, "panel": panel_weight, "byte_panel": byte_panel_weight}
 
 
 def _conv_weight(pw: PackedWeight, groups: int):
@@ -375,10 +390,11 @@ def linear_call(pw: PackedWeight, bias: torch.Tensor | None, act: ActQuant, watc
     if not hasattr(_FAST, "PackedLinearCall"):
         raise Unsupported("this build of dfqkern._C has no PackedLinearCall (rebuild the extension)")
     one = tile_weight(pw)
-    many = one if pw.bits == 8 and _gemm_layout(pw) == "tile" else panel_weight(pw)
+    key, many_bits = _rows_layout(pw)
+    many = _LAYOUT_BUILDERS[key[0]](pw)
     return _FAST.PackedLinearCall(one[0], one[1], many[0], many[1], pw.scale, pw.bits, pw.n, pw.k, bias,
                                   _t(act.scale), _t(act.zero_point), act.bits, act.symmetric,
-                                  [t for t in watch if t is not None])
+                                  [t for t in watch if t is not None], many_bits)
 
 
 def conv2d_chain_call(first, second):

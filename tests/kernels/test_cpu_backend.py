@@ -250,3 +250,23 @@ def test_amx_convs_read_one_byte_per_code_and_match_vnni_bit_for_bit(gen, bits):
             vnni = C.conv2d(x, pw, b, act, stride, padding)
         assert torch.equal(got, vnni)
         assert_equal(got, R.conv2d(x, pw, b, act, stride, padding), bits=bits, shape=shape)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_amx_linear_rows_read_one_byte_per_code_and_match_vnni_bit_for_bit(gen, bits):
+    """Several rows on the amx level: 2/4-bit weights from the byte copy (the eager op and the frozen call), one
+    row from the tile layout; every output the VNNI level's. K = 200: 3 full 64-k steps + an 8-byte tail."""
+    if "amx" not in supported_isas():
+        pytest.skip("this CPU (or OS) does not offer AMX-INT8: the amx level cannot run here")
+    pw = rand_weight(CPU, gen, 40, 200, bits)
+    b = torch.randn(40, generator=gen)
+    for x in (rand_x(CPU, gen, 37, 200), rand_x(CPU, gen, 200)):
+        act = static_act(x, 8)
+        with C.use_isa("amx"):
+            got = C.linear(x, pw, b, act)
+            frozen = C.linear_call(pw, b, act)(x)
+        with C.use_isa("avx512vnni"):
+            vnni = C.linear(x, pw, b, act)
+        assert torch.equal(got, vnni) and torch.equal(frozen, vnni)
+        assert_equal(got, R.linear(x, pw, b, act), bits=bits, rows=x.numel() // 200)
+    assert (("byte_panel", 1) in pw.cache["cpu"]) == (bits != 8)
