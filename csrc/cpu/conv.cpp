@@ -369,6 +369,10 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
   // makes too few (64ch 8x8, K 576: 3 chunks, a 2:1 split on 2 threads).
   const int64_t nthr = parallel_threads();
   const gemm::Kernel kernel = gemm::pick_kernel(active_isa(), rows_per == gemm::kPanel);
+  // The residual add / ReLU in the GEMM epilogue itself (gemm::Args::residual / relu) where the kernels' epilogue
+  // is finish_panels_zmm (VNNI / AMX panels); elsewhere post_block runs on each block the item wrote.
+  const bool fused_post = ep.post() && rows_per == gemm::kPanel && vnni_level(active_isa());
+  const bool block_post = ep.post() && !fused_post;
   const int64_t ldo_m = ep.nhwc ? g.out_ch : 1, ldo_n = ep.nhwc ? 1 : p;
   // Implicit GEMM: each kernel row's kw * C codes are read in place from a zero-point-padded copy of the
   // image (one K segment per kernel row, activation rows stride_w * C apart), so no im2col rows (kh * kw
@@ -425,12 +429,16 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
       a.out_f = ep.out_f ? ep.out_f + out_off : nullptr;
       a.ldo_m = ldo_m;
       a.ldo_n = ldo_n;
+      if (fused_post) {
+        a.residual = ep.residual ? ep.residual + out_off : nullptr;
+        a.relu = ep.relu;
+      }
       if (direct) {
         for (int64_t m = 0; m < p; ++m) rowsum[m] = pixsum[b * hw + m];
         a.a = reinterpret_cast<const int8_t*>(xs + b * hw * cs);
         a.a_sum = rowsum.data();
         gemm::run(a, p, tpg);
-        if (ep.post()) post_block(ep, out_off, p, og, ldo_m, ldo_n);
+        if (block_post) post_block(ep, out_off, p, og, ldo_m, ldo_n);
         continue;
       }
       // Row sums add kh horizontal sums of kw pixel sums (hsum, one per input row).
@@ -491,9 +499,10 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
               ac.a_sum = rs;
               if (ac.out_i) ac.out_i += oy * d.ow * ldo_m;
               if (ac.out_f) ac.out_f += oy * d.ow * ldo_m;
+              if (ac.residual) ac.residual += oy * d.ow * ldo_m;
               kernel(ac, 0, d.ow, pb * ppi, std::min(tpg, (pb + 1) * ppi));
             }
-            if (ep.post()) {
+            if (block_post) {
               const int64_t n0 = pb * ppi * rows_per, n1 = std::min(og, (pb + 1) * ppi * rows_per);
               post_block(ep, out_off + oy0 * d.ow * ldo_m + n0 * ldo_n, (oy1 - oy0) * d.ow, n1 - n0, ldo_m, ldo_n);
             }
@@ -518,8 +527,9 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
           if (image_bad) ac.a_scale = row_scale.data() + m0;
           if (ac.out_i) ac.out_i += m0 * ldo_m;
           if (ac.out_f) ac.out_f += m0 * ldo_m;
+          if (ac.residual) ac.residual += m0 * ldo_m;
           kernel(ac, 0, (oy1 - oy0) * d.ow, pb * ppi, std::min(tpg, (pb + 1) * ppi));
-          if (ep.post()) {  // the block this item wrote, still in cache
+          if (block_post) {  // the block this item wrote, still in cache
             const int64_t n0 = pb * ppi * rows_per, n1 = std::min(og, (pb + 1) * ppi * rows_per);
             post_block(ep, out_off + m0 * ldo_m + n0 * ldo_n, (oy1 - oy0) * d.ow, n1 - n0, ldo_m, ldo_n);
           }

@@ -95,6 +95,11 @@ struct Args {
   // place from a padded NHWC image): after every seg_blocks K blocks the activation pointer moves
   // seg_skip bytes beyond the blocks read. seg_blocks 0: one contiguous row (every other caller).
   int64_t seg_blocks, seg_skip;
+  // fp32 output only, honoured by finish_panels / finish_panels_zmm (the conv driver sets them only for the
+  // VNNI / AMX panel kernels): y = y + residual (element (m, row) at m*ldo_m + row*ldo_n, the same fp32 add as
+  // torch's) and / or y = relu(y) (y < 0 ? 0 : y: NaN and -0 kept, as torch.relu), in the epilogue that writes y.
+  const float* residual;
+  bool relu;
 };
 
 // The activation step of the segments above, taken after each K block of a panel kernel's loop.

@@ -23,6 +23,8 @@ inline void store_one(const Args& g, int64_t m, int64_t row, int32_t dot, const 
     // reference epilogue order: acc * (a_scale * w_scale) + bias, in fp32
     float y = static_cast<float>(static_cast<int32_t>(acc)) * (g.a_scale[m * g.a_scale_step] * g.w_scale[row]);
     if (g.bias) y = y + g.bias[row];
+    if (g.residual) y = y + g.residual[o];
+    if (g.relu) y = y < 0.f ? 0.f : y;
     g.out_f[o] = y;
   }
 }

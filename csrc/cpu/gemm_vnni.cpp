@@ -195,27 +195,41 @@ void finish_panels_zmm(const Args& g, int64_t m0, int mr, int64_t p0, int nv, co
     const __mmask16 nmask = static_cast<__mmask16>((1u << nvalid) - 1);
     const int32_t* c = g.corr + (p0 + v) * 3 * kPanel;
     const __m512i P = _mm512_loadu_si512(c), ZW = _mm512_loadu_si512(c + kPanel), Q = _mm512_loadu_si512(c + 2 * kPanel);
-    __m512 ws = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+    // per-tensor activation zero point / scale: their terms are the same for every row (int32 wraps, so the
+    // sum's order does not change it; the fp32 product is the one the row loop would form)
+    const bool za_const = g.a_zp_step == 0, as_const = g.a_scale_step == 0;
+    const __m512i PQ = za_const ? _mm512_sub_epi32(P, _mm512_mullo_epi32(_mm512_set1_epi32(g.a_zp[0]), Q)) : P;
+    __m512 ws = _mm512_setzero_ps(), bias = _mm512_setzero_ps(), sc = _mm512_setzero_ps();
     if (g.out_f) {
       ws = _mm512_maskz_loadu_ps(nmask, g.w_scale + row0);
       if (g.bias) bias = _mm512_maskz_loadu_ps(nmask, g.bias + row0);
+      if (as_const) sc = _mm512_mul_ps(_mm512_set1_ps(g.a_scale[0]), ws);
     }
+    const bool post = g.out_f && (g.residual || g.relu);
+    const __m512 zero = _mm512_setzero_ps();
+    // Epilogue::residual / relu of conv.cpp's post_block, on one vector (mask: the valid lanes, residual at r)
+    const auto post_ops = [&](__m512 v, __mmask16 mask, const float* r) {
+      if (g.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, r));
+      if (g.relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+      return v;
+    };
     __m512 y[16];
     for (int i = 0; i < mr; ++i) {
       const int64_t m = m0 + i;
       const __m512i d = _mm512_loadu_si512(dots + (i * nv + v) * kPanel);
-      const __m512i acc = _mm512_sub_epi32(
-          _mm512_sub_epi32(_mm512_add_epi32(d, P), _mm512_mullo_epi32(ZW, _mm512_set1_epi32(g.a_sum[m]))),
-          _mm512_mullo_epi32(_mm512_set1_epi32(g.a_zp[m * g.a_zp_step]), Q));
+      __m512i acc = _mm512_sub_epi32(_mm512_add_epi32(d, PQ), _mm512_mullo_epi32(ZW, _mm512_set1_epi32(g.a_sum[m])));
+      if (!za_const) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(g.a_zp[m * g.a_zp_step]), Q));
       if (g.out_f) {
-        y[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_set1_ps(g.a_scale[m * g.a_scale_step]), ws));
+        y[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc),
+                             as_const ? sc : _mm512_mul_ps(_mm512_set1_ps(g.a_scale[m * g.a_scale_step]), ws));
         if (g.bias) y[i] = _mm512_add_ps(y[i], bias);
       } else {
         y[i] = _mm512_castsi512_ps(acc);
       }
       if (!cmajor) {
-        float* o = g.out_f ? g.out_f + m * g.ldo_m + row0 : reinterpret_cast<float*>(g.out_i + m * g.ldo_m + row0);
-        _mm512_mask_storeu_ps(o, nmask, y[i]);
+        const int64_t o = m * g.ldo_m + row0;
+        if (post) y[i] = post_ops(y[i], nmask, g.residual + o);
+        _mm512_mask_storeu_ps(g.out_f ? g.out_f + o : reinterpret_cast<float*>(g.out_i + o), nmask, y[i]);
       }
     }
     if (cmajor) {
@@ -224,8 +238,8 @@ void finish_panels_zmm(const Args& g, int64_t m0, int mr, int64_t p0, int nv, co
       const __mmask16 mmask = static_cast<__mmask16>((1u << mr) - 1);
       for (int j = 0; j < nvalid; ++j) {
         const int64_t o = m0 + (row0 + j) * g.ldo_n;
-        float* dst = g.out_f ? g.out_f + o : reinterpret_cast<float*>(g.out_i + o);
-        _mm512_mask_storeu_ps(dst, mmask, y[j]);
+        if (post) y[j] = post_ops(y[j], mmask, g.residual + o);
+        _mm512_mask_storeu_ps(g.out_f ? g.out_f + o : reinterpret_cast<float*>(g.out_i + o), mmask, y[j]);
       }
     }
   }
