@@ -93,6 +93,20 @@ const uint8_t* panel_rows_b(const Args& g, int64_t p, uint8_t* dst) {
 
 }  // namespace
 
+// One K step of panels_amx: A tile TA (activation rows at `as`), B tiles TB0 / TB1 (the two panels' rows from
+// `brow`) into accumulators 0 / 1. A macro because the tile intrinsics stringify their tile numbers: an outer
+// macro's arguments are substituted as literals first, a function's or template's would not be.
+#define DFQKERN_AMX_STEP(TA, TB0, TB1)      \
+  do {                                      \
+    _tile_loadd(TA, as, lda);               \
+    _tile_loadd(TB0, b0 + brow * 64, 64);   \
+    _tile_dpbsud(0, TA, TB0);               \
+    if (nv == 2) {                          \
+      _tile_loadd(TB1, b1 + brow * 64, 64); \
+      _tile_dpbsud(1, TA, TB1);             \
+    }                                       \
+  } while (0)
+
 void panels_amx(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m0 >= m1 || p0 >= p1) return;
   // Unpacking 2/3/4-bit panels for one 16-row block costs about what the tiles save on it (the callers that
@@ -130,24 +144,8 @@ void panels_amx(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
         const int64_t len = s + 1 < nseg ? seg_len : last_len;
         const int8_t* as = a + s * seg_step;
         int64_t brow = s * seg_len / 4;  // B row of the segment's first k
-        for (int64_t f = 0; f < len / 64; ++f, as += 64, brow += 16) {
-          _tile_loadd(2, as, lda);
-          _tile_loadd(4, b0 + brow * 64, 64);
-          _tile_dpbsud(0, 2, 4);
-          if (nv == 2) {
-            _tile_loadd(5, b1 + brow * 64, 64);
-            _tile_dpbsud(1, 2, 5);
-          }
-        }
-        if (len % 64) {
-          _tile_loadd(3, as, lda);
-          _tile_loadd(6, b0 + brow * 64, 64);
-          _tile_dpbsud(0, 3, 6);
-          if (nv == 2) {
-            _tile_loadd(7, b1 + brow * 64, 64);
-            _tile_dpbsud(1, 3, 7);
-          }
-        }
+        for (int64_t f = 0; f < len / 64; ++f, as += 64, brow += 16) DFQKERN_AMX_STEP(2, 4, 5);
+        if (len % 64) DFQKERN_AMX_STEP(3, 6, 7);
       }
       _tile_stored(0, dots, nv * kPanel * 4);
       if (nv == 2) _tile_stored(1, dots + kPanel, nv * kPanel * 4);
@@ -157,5 +155,7 @@ void panels_amx(const Args& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   // The tiles stay configured (see configure); their 8 KiB of state is saved at a context switch, which
   // costs less than configuring them again in every call.
 }
+
+#undef DFQKERN_AMX_STEP
 
 }  // namespace dfqkern::cpu::gemm
