@@ -89,7 +89,12 @@ int64_t parallel_threads();
 // faster than the VNNI / AVX2 kernels the units were measured on (isa.cpp: kAmxMacsPerUnit).
 int64_t gemm_cost(int64_t macs);
 
-enum class Scratch : int { act_codes, act_floats, im2col_rows, row_sums, dw_plane, dw_codes, dw_floats, dw_acc, count };
+enum class Scratch : int {
+  act_codes, act_floats, im2col_rows, row_sums, dw_plane, dw_codes, dw_floats, dw_acc,
+  // a GEMM-path conv's per-call buffers, taken by the calling thread (conv.cpp CallBuf)
+  conv_xs, conv_pixsum, conv_hsum, conv_xpad, chain_mid,
+  count
+};
 void* thread_scratch(Scratch slot, size_t bytes);
 template <class T>
 inline T* scratch_of(Scratch slot, int64_t n) {
