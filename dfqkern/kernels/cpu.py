@@ -86,13 +86,16 @@ def is_available() -> bool:
 
 
 def isa() -> str:
-    """The instruction set the kernels use now: ``"avx2"`` or ``"portable"``."""
+    """The instruction set level the kernels use now: ``"amx"``, ``"avx512vnni"``, ``"avx2"`` or ``"portable"`` on
+    x86, ``"dotprod"``, ``"neon"`` or ``"portable"`` on aarch64."""
     return _load().cpu_isa()
 
 
 @contextlib.contextmanager
 def use_isa(name: str):
-    """Run the kernels with ``name`` (``"avx2"``, ``"portable"`` or ``"auto"``) inside the block."""
+    """Run the kernels at level ``name`` (one of :func:`isa`'s names, or ``"auto"``) inside the block; a level
+    the CPU lacks raises ValueError. A frozen (``dfqkern.compile``) model keeps the layouts of the level it was
+    compiled under."""
     ops = _load()
     before = ops.cpu_isa()
     ops.cpu_set_isa(name)
