@@ -394,9 +394,9 @@ void conv_gemm_rows(const ActRows& r, int32_t za, const Dims& d, const ConvGeom&
   // makes too few (64ch 8x8, K 576: 3 chunks, a 2:1 split on 2 threads).
   const int64_t nthr = parallel_threads();
   const gemm::Kernel kernel = gemm::pick_kernel(active_isa(), rows_per == gemm::kPanel);
-  // The residual add / ReLU in the GEMM epilogue itself (gemm::Args::residual / relu) where the kernels' epilogue
-  // is finish_panels_zmm (VNNI / AMX panels); elsewhere post_block runs on each block the item wrote.
-  const bool fused_post = ep.post() && rows_per == gemm::kPanel && vnni_level(active_isa());
+  // The residual add / ReLU in the GEMM epilogue itself (gemm::Args::residual / relu) where the kernel's epilogue
+  // applies them; elsewhere post_block runs on each block the item wrote.
+  const bool fused_post = ep.post() && gemm::epilogue_applies_post(active_isa(), rows_per == gemm::kPanel);
   const bool block_post = ep.post() && !fused_post;
   const int64_t ldo_m = ep.nhwc ? g.out_ch : 1, ldo_n = ep.nhwc ? 1 : p;
   // Implicit GEMM: each kernel row's kw * C codes are read in place from a zero-point-padded copy of the

@@ -38,6 +38,12 @@ Kernel pick_kernel(Isa isa, bool panels) {
   }
 }
 
+bool epilogue_applies_post(Isa isa, bool panels) {
+  // pick_kernel's VNNI / AMX panel kernels end in finish_panels_zmm (or finish_panels); the others' epilogues
+  // (finish_panel_avx2, the tile ones) do not read Args::residual / relu
+  return panels && vnni_level(isa);
+}
+
 void run(const Args& g, int64_t m, int64_t tiles) {
   if (m <= 0 || tiles <= 0) return;
   const Isa isa = active_isa();

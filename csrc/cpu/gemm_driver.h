@@ -30,6 +30,8 @@ bool quantize_codes(const float* x, uint8_t* q, int64_t k, const ew::FqParams& p
 
 // The micro-kernel family of `isa` for one layout (tiles or panels).
 Kernel pick_kernel(Isa isa, bool panels);
+// Whether that family's epilogue applies Args::residual / relu (else the caller must run them after the kernel).
+bool epilogue_applies_post(Isa isa, bool panels);
 
 // Runs g over rows [0, m) and tiles [0, tiles) on torch's threads.
 void run(const Args& g, int64_t m, int64_t tiles);

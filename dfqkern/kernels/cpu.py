@@ -158,7 +158,8 @@ def adaround_backward(grad, base, v, scale, zero_point, bits, axis=0, beta=2.0, 
 
 # ----------------------------------------------------------------------------- weight layouts
 
-_PREPACK = {"tile": "cpu_prepack_weight", "panel": "cpu_prepack_panels"}
+_PREPACK = {"tile": "cpu_prepack_weight", "panel": "cpu_prepack_panels", "byte_panel": "cpu_prepack_panels"}
+_BYTE_LAYOUTS = {"byte_panel"}  # packed from the codes as 8-bit weights: one byte per code (the AMX tiles' layout)
 
 
 def _prepacked(pw: PackedWeight, layout: str, groups: int):
@@ -166,8 +167,9 @@ def _prepacked(pw: PackedWeight, layout: str, groups: int):
     cache = pw.cache.setdefault("cpu", {})
     w = cache.get((layout, groups))
     if w is None:
-        prepack = getattr(_load(), _PREPACK[layout])
-        w = cache[(layout, groups)] = prepack(pw.data, pw.zero_point, pw.bits, pw.k, groups)
+        # 8-bit kpack-lsb-v1 is one code per byte: the codes themselves
+        data, bits = (pw.codes().to(torch.uint8).contiguous(), 8) if layout in _BYTE_LAYOUTS else (pw.data, pw.bits)
+        w = cache[(layout, groups)] = getattr(_load(), _PREPACK[layout])(data, pw.zero_point, bits, pw.k, groups)
     return w
 
 
@@ -272,7 +274,7 @@ def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     c = pw.cache.get("cpu")
     w = c.get(key) if c is not None else None
     if w is None:
-        w = _LAYOUT_BUILDERS[key[0]](pw)
+        w = _prepacked(pw, *key)
     if _FAST is None:
         _load()
     y = _FAST.cpu_linear(x, w[0], w[1], pw.scale, wbits, pw.n, pw.k, bias, act.scale, act.zero_point, act.bits,
@@ -302,15 +304,7 @@ def _int_zero_point(zp, what: str) -> int:
 def byte_panel_weight(pw: PackedWeight, groups: int = 1):
     """``(panels, corr)`` of a 2/3/4-bit weight in the 8-bit ``cpu-panel-v1`` layout, one byte per code (cached).
     The same integers as :func:`panel_weight`'s, in the layout the AMX tiles read in place."""
-    cache = pw.cache.setdefault("cpu", {})
-    w = cache.get(("byte_panel", groups))
-    if w is None:
-        codes = pw.codes().to(torch.uint8).contiguous()  # 8-bit kpack-lsb-v1 is one code per byte
-        w = cache[("byte_panel", groups)] = _load().cpu_prepack_panels(codes, pw.zero_point, 8, pw.k, groups)
-    return w
-
-
-_LAYOUT_BUILDERS = {"tile": tile_weight, "panel": panel_weight, "byte_panel": byte_panel_weight}
+    return _prepacked(pw, "byte_panel", groups)
 
 
 def _conv_weight(pw: PackedWeight, groups: int):
@@ -322,12 +316,7 @@ def _conv_weight(pw: PackedWeight, groups: int):
         # in every call cost more than the tiles saved (512ch 7x7 W4: 2.2x slower than VNNI), so AMX convs read
         # a copy with one byte per code (2x / 4x the weight bytes, built once).
         return (*byte_panel_weight(pw, groups), 8)
-    layout = "panel" if pw.bits != 8 else _gemm_layout(pw)
-    c = pw.cache.get("cpu")
-    w = c.get((layout, groups)) if c is not None else None
-    if w is None:
-        w = panel_weight(pw, groups) if layout == "panel" else tile_weight(pw, groups)
-    return (*w, pw.bits)
+    return (*_prepacked(pw, "panel" if pw.bits != 8 else _gemm_layout(pw), groups), pw.bits)
 
 
 def conv2d_int(x_codes: torch.Tensor, x_zero_point: torch.Tensor, pw: PackedWeight, stride=1, padding=0,
@@ -394,7 +383,7 @@ def linear_call(pw: PackedWeight, bias: torch.Tensor | None, act: ActQuant, watc
         raise Unsupported("this build of dfqkern._C has no PackedLinearCall (rebuild the extension)")
     one = tile_weight(pw)
     key, many_bits = _rows_layout(pw)
-    many = _LAYOUT_BUILDERS[key[0]](pw)
+    many = _prepacked(pw, *key)
     return _FAST.PackedLinearCall(one[0], one[1], many[0], many[1], pw.scale, pw.bits, pw.n, pw.k, bias,
                                   _t(act.scale), _t(act.zero_point), act.bits, act.symmetric,
                                   [t for t in watch if t is not None], many_bits)
