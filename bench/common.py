@@ -171,6 +171,43 @@ def run_meta(threads: int, **settings) -> dict:
 
 # ----------------------------------------------------------------------------- results file
 
+def _number_or_text(value: str) -> "float | str":
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def parse_field_set(items: list, cls, flag: str, own_flags: "tuple[str, ...]" = ()) -> dict:
+    """``FLAG FIELD=VALUE`` items -> fields of the config dataclass ``cls``, typed as their defaults (a field
+    whose default is None takes a number, else the text; ``cls`` checks it); ``own_flags``: fields the script
+    sets with flags of its own."""
+    import dataclasses
+
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            kinds[f.name] = _number_or_text if f.default is None else type(f.default)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in kinds or kinds[key] not in (int, float, str, _number_or_text):
+            raise ValueError(f"{flag} takes FIELD=VALUE with FIELD a number or text field of {cls.__name__}, "
+                             f"got {item!r}")
+        if key in own_flags:
+            raise ValueError(f"{flag} {key}: use the script's own flag for it")
+        try:
+            out[key] = kinds[key](value)
+        except ValueError:
+            raise ValueError(f"{flag} {key} takes a {kinds[key].__name__}, got {value!r}") from None
+    return out
+
+
+def field_set_label(fields: dict) -> str:
+    """``a=1,b=x``: a --*-set dict as it appears in row keys and tables (sorted, floats in %g)."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(fields.items()))
+
+
 def join_key(*fields) -> str:
     """A row's key in the results JSON: the fields that identify it, joined by '|'."""
     return "|".join(str(f) for f in fields)

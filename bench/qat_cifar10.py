@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Results, Timer, add_choices, add_run_flags, cifar10_dir, comma_list, dev_set,  # noqa: E402
-                    document, generated_by, join_key, now, parser, run_meta, table_head, top1)
+                    document, field_set_label, generated_by, join_key, now, parse_field_set, parser, run_meta,
+                    table_head, top1)
 from accuracy_cifar10 import MODEL  # noqa: E402
 
 import torch  # noqa: E402
@@ -50,31 +51,12 @@ def row_key(setting: str, method: str, seed: int, epochs: int, iters: int, start
             replay: float = 0.0, qat_set: "dict | None" = None) -> str:
     # observer-start keys without replay or --qat-set keep their original form, so older rows still match
     return join_key(setting, method, seed, f"{epochs}x{iters}", *(() if start == "observer" else (f"from-{start}",)),
-                    *((f"replay{replay:g}",) if replay else ()), *((set_label(qat_set),) if qat_set else ()))
+                    *((f"replay{replay:g}",) if replay else ()), *((field_set_label(qat_set),) if qat_set else ()))
 
 
-def set_label(qat_set: dict) -> str:
-    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(qat_set.items()))
-
-
-def parse_qat_set(items: list) -> dict:
-    """``--qat-set FIELD=VALUE`` items -> QATConfig fields typed as their defaults (checked by QATConfig)."""
-    import dataclasses
-
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(QATConfig) if f.default is not dataclasses.MISSING}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in kinds or kinds[key] not in (int, float, str):
-            raise ValueError(f"--qat-set takes FIELD=VALUE with FIELD a number or text field of QATConfig, got {item!r}")
-        if key in ("method", "epochs", "iters", "batch_size", "warmup_epochs", "generator_width", "seed",
-                   "replay_weight", "progress"):
-            raise ValueError(f"--qat-set {key}: use the script's own flag for it")
-        try:
-            out[key] = kinds[key](value)
-        except ValueError:
-            raise ValueError(f"--qat-set {key} takes a {kinds[key].__name__}, got {value!r}") from None
-    return out
+# QATConfig fields this script sets with its own flags (--qat-set refuses them)
+QAT_OWN_FLAGS = ("method", "epochs", "iters", "batch_size", "warmup_epochs", "generator_width", "seed", "replay_weight",
+                 "progress")
 
 
 def open_dev(data_dir: "str | None", limit: "int | None" = None):
@@ -199,7 +181,7 @@ def render_markdown(results: dict) -> str:
     order = list(PTQ_METHODS) + list(QAT_METHODS)
     def order_key(r):
         return (list(SETTINGS).index(r["setting"]), STARTS.index(r.get("start", "observer")),
-                r.get("replay_weight", 0), set_label(r.get("qat_set") or {}), order.index(r["method"]),
+                r.get("replay_weight", 0), field_set_label(r.get("qat_set") or {}), order.index(r["method"]),
                 r.get("epochs", 0), r.get("iters", 0), r["seed"])
 
     seeds: dict = {}  # (setting, method label, budget) -> [(top-1, gain)]
@@ -212,7 +194,7 @@ def render_markdown(results: dict) -> str:
             start = gain = ""
         notes = ([f"from {r['start']}"] if r.get("start", "observer") != "observer" else []) + \
             ([f"replay {r['replay_weight']:g}"] if r.get("replay_weight") else []) + \
-            ([set_label(r["qat_set"])] if r.get("qat_set") else [])
+            ([field_set_label(r["qat_set"])] if r.get("qat_set") else [])
         method = r["method"] + (f" ({', '.join(notes)})" if notes else "")
         seeds.setdefault((r["setting"], method, budget), []).append((r["top1"], r.get("gain")))
         lines.append(f"| {r['setting']} | {method} | {r['seed']} | {budget} | {r['top1']:.2f} | "
@@ -266,7 +248,7 @@ def main(argv=None) -> int:
     add_run_flags(p, "cifar10_qat", work_dir=("the dgh set is kept, shared with datafree_cifar10", "bench-datafree"))
     args = p.parse_args(argv)
     try:  # a bad budget or field fails before any work
-        args.qat_set = parse_qat_set(args.qat_set)
+        args.qat_set = parse_field_set(args.qat_set, QATConfig, "--qat-set", QAT_OWN_FLAGS)
         QATConfig(epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
                   generator_width=args.generator_width, replay_weight=args.replay_weight, **args.qat_set)
     except ValueError as e:

@@ -37,7 +37,8 @@ if sys.argv[1:2] == ["--latency-child"]:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, Results, Timer, add_choices, add_run_flags, cifar10_dir, comma_list, dev_set,  # noqa: E402
-                    document, generated_by, git_commit, join_key, now, parser, run_meta, table_head, top1, train_set)
+                    document, field_set_label, generated_by, git_commit, join_key, now, parse_field_set, parser,
+                    run_meta, table_head, top1, train_set)
 
 from machine import cpu_name, dfqkern_isa  # noqa: E402
 import torch  # noqa: E402
@@ -58,6 +59,7 @@ LATENCY_SETTINGS = ("w8a8", "w4a8")  # packed kernels run A4 too; these are the 
 TARGET_DROP = {("w8a8", "real"): 0.3, ("w4a8", "psaq"): 1.5, ("w4a8", "dfq-vit"): 1.5, ("w4a4", "psaq"): 4.0,
                ("w4a4", "dfq-vit"): 4.0}  # issue 19; data-free rows also within 1 point of the real row
 TARGET_GAP_TO_REAL = 1.0
+GEN_OWN_FLAGS = ("method", "seed", "iters")  # set by --data, --seeds, --gen-iters (--gen-set refuses them)
 
 
 def model_name(variant: str) -> str:
@@ -91,10 +93,11 @@ def calibration_images(source: str, fp_model, train, n: int, seed: int, args) ->
     from dfqkern.datagen import load_synthetic
     from dfqkern.pipeline import generate_bn_inversion, tensor_transform
 
-    options = {"method": source, "seed": seed}
+    options = {"method": source, "seed": seed, **args.gen_set}
     if args.gen_iters is not None:
         options["iters"] = args.gen_iters
-    out = Path(args.work_dir) / f"{source}-n{n}-it{args.gen_iters or 'default'}-s{seed}"
+    tail = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(args.gen_set.items()))
+    out = Path(args.work_dir) / f"{source}-n{n}-it{args.gen_iters or 'default'}-s{seed}{tail}"
     with Timer() as t:
         generate_bn_inversion(fp_model, str(out), n, **options)
     ds = load_synthetic(out, transform=tensor_transform(model_info(fp_model).input_spec))
@@ -122,14 +125,23 @@ def run_row(fp_model, dev, calib, setting: str, method: str, data: str, ln_repar
     wbits, abits = SETTINGS[setting]
     return {"setting": setting, "wbits": wbits, "abits": abits, "method": method, "data": data,
             "ln_reparam": ln_reparam, "calib_images": len(calib), "iters": 0 if method == "observer" else args.iters,
-            "gen_iters": None if data == "real" else args.gen_iters, "gelu_act_bits": args.gelu_abits, "seed": seed,
+            "gen_iters": None if data == "real" else args.gen_iters,
+            "gen_set": {} if data == "real" else args.gen_set, "gelu_act_bits": args.gelu_abits, "seed": seed,
             "top1": acc,
             "calib_wall_s": round(t.wall, 1), "calib_cpu_s": round(t.cpu, 1), "load_avg_1min": t.load,
             "unhandled": model_info(qmodel).report.unhandled, "finished": now()}
 
 
+def data_name(r: dict) -> str:
+    """``real``, or ``psaq@N`` (N inversion iterations or ``default``) with ``|field=value,...`` for --gen-set."""
+    if r["data"] == "real":
+        return "real"
+    name = f"{r['data']}@{r.get('gen_iters') or 'default'}"
+    return name + (f"|{field_set_label(r['gen_set'])}" if r.get("gen_set") else "")
+
+
 def row_key(r: dict) -> str:
-    data = r["data"] if r["data"] == "real" else f"{r['data']}@{r['gen_iters'] or 'default'}"  # inversion iterations
+    data = data_name(r)
     if r.get("gelu_act_bits"):  # post-GELU activations at other bits (QuantConfig.gelu_act_bits)
         data += f"|gelu{r['gelu_act_bits']}"
     return join_key(r["setting"], r["method"], data, "ln" if r["ln_reparam"] else "noln", r["calib_images"],
@@ -218,7 +230,7 @@ def render_markdown(data: dict) -> str:
         f"{generated_by(__file__)} Exact command of the last run: `{meta['command']}`.", "",
         f"Model `{meta['model']}` ({meta['weights']}), FP top-1 **{fp:.2f} %** on the {data['dev_images']} dev test "
         f"images. Calibration: {meta['calib_images']} images per row (real: random training images; psaq / dfq-vit: "
-        f"generated from the float model; `psaq@N`: N inversion iterations, `@default`: the library's); "
+        f"generated from the float model; `psaq@N`: N inversion iterations, `@default`: the library's; `|field=value`: other inversion options, `--gen-set`); "
         f"reconstruction batch {meta['batch_size']} (`iters/unit`: iterations per unit of the row). First and last layer 8-bit; "
         f"weights per-channel, activations and attention operands per-tensor (MSE observers), softmax two-range "
         f"uniform (`post-GELU`: activation bits of fc2, `QuantConfig.gelu_act_bits`, when not the setting's). "
@@ -232,7 +244,7 @@ def render_markdown(data: dict) -> str:
     ]
     groups: dict = {}
     for r in rows:
-        source = r["data"] if r["data"] == "real" else f"{r['data']}@{r.get('gen_iters') or 'default'}"
+        source = data_name(r)
         groups.setdefault((r["setting"], source, r["method"], r.get("iters", 0), r["ln_reparam"], r.get("gelu_act_bits")),
                           []).append(r)
     real = _real_reference(rows)
@@ -253,7 +265,8 @@ def render_markdown(data: dict) -> str:
         lines += ["", "## Generated calibration sets", "",
                   *table_head("data", "inversion iterations", "seed", "images", "generation wall s")]
         for k, s in sorted(sets.items()):
-            lines.append(f"| {s['data']} | {s.get('gen_iters') or 'default'} | {s['seed']} | {s['images']} | "
+            name = s["data"] + (f"|{field_set_label(s['gen_set'])}" if s.get("gen_set") else "")
+            lines.append(f"| {name} | {s.get('gen_iters') or 'default'} | {s['seed']} | {s['images']} | "
                          f"{s.get('gen_wall_s', '')} |")
     lat = data.get("latency")
     if lat:
@@ -291,6 +304,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=1000, help="reconstruction iterations per unit")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--gen-iters", type=int, help="inversion iterations of psaq / dfq-vit (default: the library's)")
+    p.add_argument("--gen-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="another inversion option (a BNInversionConfig field, e.g. tv_weight=2); named in the data "
+                        "column and the set's folder")
     p.add_argument("--gelu-abits", type=int, choices=(4, 8), help="activation bits of the post-GELU Linear layers "
                    "(fc2; QuantConfig.gelu_act_bits; default: the setting's)")
     p.add_argument("--dev-limit", type=int, help="evaluate on N dev images spread evenly over the set (smoke runs; "
@@ -304,6 +320,13 @@ def main(argv=None) -> int:
         p.error("--seeds needs at least one seed")
     if not args.ln_reparam:
         p.error("--ln-reparam needs off, on or both")
+    try:  # a bad inversion option fails before any work
+        from dfqkern.datagen.config import BNInversionConfig
+
+        args.gen_set = parse_field_set(args.gen_set, BNInversionConfig, "--gen-set", GEN_OWN_FLAGS)
+        BNInversionConfig(method="psaq", **args.gen_set)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
 
     data_dir = cifar10_dir(args.data_dir)
@@ -351,7 +374,8 @@ def main(argv=None) -> int:
                         ln_on = ln == "on"
                         probe = {"setting": setting, "method": method, "data": source, "ln_reparam": ln_on,
                                  "calib_images": args.calib_images, "iters": 0 if method == "observer" else args.iters,
-                                 "gen_iters": args.gen_iters, "gelu_act_bits": args.gelu_abits, "seed": seed}
+                                 "gen_iters": args.gen_iters, "gen_set": {} if source == "real" else args.gen_set,
+                                 "gelu_act_bits": args.gelu_abits, "seed": seed}
                         key = row_key(probe)
                         save_to = None
                         if (source == "real" and method == "observer" and seed == first and setting in LATENCY_SETTINGS
@@ -363,10 +387,11 @@ def main(argv=None) -> int:
                         if key not in table.rows and calib is None:
                             calib, cost = calibration_images(source, fp_model, train, args.calib_images, seed, args)
                             if cost:
+                                extra = [field_set_label(args.gen_set)] if args.gen_set else []
                                 results["datasets"][join_key(source, seed, args.calib_images,
-                                                             args.gen_iters or "default")] = {
+                                                             args.gen_iters or "default", *extra)] = {
                                     "data": source, "seed": seed, "images": len(calib), "gen_iters": args.gen_iters,
-                                    **cost}
+                                    "gen_set": probe["gen_set"], **cost}
                         table.row(key, lambda: run_row(fp_model, dev, calib, setting, method, source, ln_on, seed,
                                                        args, save_to),
                                   lambda r: f"top-1 {r['top1']:.2f} (drop {results['fp_top1'] - r['top1']:.2f}) "

@@ -413,3 +413,38 @@ def test_datafree_filtered_sets_sharing_a_pool_are_each_charged_its_generation(d
     fresh = {"gen_wall_s": 70.0, "gen_cpu_s": 60.0, "pool": "new", "pool_wall_s": 69.0, "pool_cpu_s": 59.0}
     assert datafree.charge_shared_pool(fresh, datasets) == fresh  # nothing generated it before
     assert datafree.charge_shared_pool(first, datasets) == first  # the first generation itself
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return _bench_module("vit_cifar10")
+
+
+def test_vit_gen_set_rows_are_their_own_data_and_keys(vit):
+    import json
+
+    data = json.loads((BENCH / "results" / "cifar10_vit.json").read_text())
+    plain = next(r for r in data["rows"].values() if r["data"] == "psaq" and r["method"] == "qdrop")
+    tv = {**plain, "gen_set": {"tv_weight": 2.0}, "top1": plain["top1"] + 1.0}
+    assert vit.data_name(plain) == f"psaq@{plain.get('gen_iters') or 'default'}"  # rows of earlier runs keep their name
+    assert vit.data_name(tv) == vit.data_name(plain) + "|tv_weight=2"
+    assert vit.row_key(tv) != vit.row_key(plain)
+    table = vit.render_markdown({**data, "rows": {**data["rows"], vit.row_key(tv): tv}})
+    line = next(ln for ln in table.splitlines() if f"| {vit.data_name(tv)} |" in ln)
+    assert f"| {tv['top1']:.2f} |" in line  # averaged apart from the plain seeds
+    assert vit.render_markdown(data).count("|tv_weight=") == 0
+
+
+@pytest.mark.parametrize("items, message", [
+    (["tv_weight"], "--gen-set takes FIELD=VALUE"),
+    (["nope=1"], "--gen-set takes FIELD=VALUE"),
+    (["tv_weight=x"], "tv_weight takes a float"),
+    (["seed=3"], "use the script's own flag"),
+])
+def test_vit_gen_set_rejects_bad_fields_before_any_work(vit, items, message):
+    from dfqkern.datagen.config import BNInversionConfig
+
+    with pytest.raises(ValueError, match=message):
+        vit.parse_field_set(items, BNInversionConfig, "--gen-set", vit.GEN_OWN_FLAGS)
+    assert vit.parse_field_set(["tv_weight=2", "label_mode=mixup", "ce_weight=0.5"], BNInversionConfig, "--gen-set",
+                               vit.GEN_OWN_FLAGS) == {"tv_weight": 2.0, "label_mode": "mixup", "ce_weight": 0.5}
