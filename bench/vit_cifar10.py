@@ -14,8 +14,8 @@ the first seed. Top-1 on the 5,000 dev test images, packed (integer attention in
 adds the RepQ-ViT LayerNorm reparameterization (``QuantConfig.ln_reparam``) as a row variant. A data
 source whose generation method this dfqkern lacks is listed with the reason instead of rows.
 
-Latency: batch-1 CPU forward of the packed W8A8 / W4A8 observer models against the float model in torch
-eager (fp32) and ``torch.compile`` (``dfqkern.benchmark.measure``: first call and warm-up untimed, median /
+Latency: batch-1 CPU forward of the packed W8A8 / W4A8 observer models (eager, and through ``dfqkern.compile``)
+against the float model in torch eager (fp32) and ``torch.compile`` (``dfqkern.benchmark.measure``: first call and warm-up untimed, median /
 min of the repeats), timed in a child process under the default OpenMP wait policy (the accuracy rows
 run under PASSIVE, see bench/common.py). Each finished row is written to ``bench/results/cifar10_vit.json``
 at once and the markdown table is regenerated from the JSON (never typed).
@@ -54,7 +54,7 @@ SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}  # first / last laye
 METHODS = ("observer", "qdrop", "brecq")
 DATA = ("real", "psaq", "dfq-vit")
 LN_REPARAM = ("off", "on")
-LATENCY_KINDS = ("packed", "eager", "compile")
+LATENCY_KINDS = ("packed", "compiled", "eager", "compile")  # compiled: the packed models through dfqkern.compile
 LATENCY_SETTINGS = ("w8a8", "w4a8")  # packed kernels run A4 too; these are the deployment rows
 TARGET_DROP = {("w8a8", "real"): 0.3, ("w4a8", "psaq"): 1.5, ("w4a8", "dfq-vit"): 1.5, ("w4a4", "psaq"): 4.0,
                ("w4a4", "dfq-vit"): 4.0}  # issue 19; data-free rows also within 1 point of the real row
@@ -152,6 +152,7 @@ def row_key(r: dict) -> str:
 
 def latency_child(argv: list[str]) -> int:
     """``--latency-child JSON``: time the packed checkpoints and the float model, print one JSON line."""
+    import dfqkern
     from dfqkern.benchmark import measure
     from dfqkern.io import load_quantized
 
@@ -166,9 +167,12 @@ def latency_child(argv: list[str]) -> int:
             return measure(lambda: fn(x), warmup=job["warmup"], repeats=job["repeats"]).to_dict()
 
     for kind in job["kinds"]:
-        if kind == "packed":
+        if kind in ("packed", "compiled"):
             for setting, path in job["packed"].items():
-                out[f"packed-{setting}"] = timed(load_quantized(path))
+                model = load_quantized(path)
+                if kind == "compiled":  # captured once on the input it is timed on; a failed capture raises
+                    model = dfqkern.compile(model, example_inputs=x, fallback=False)
+                out[f"{kind}-{setting}"] = timed(model)
         elif kind == "eager":
             out["eager"] = timed(fp)
         else:
@@ -276,9 +280,10 @@ def render_markdown(data: dict) -> str:
                   f"CPU {lat.get('cpu', 'not recorded')} (dfqkern ISA {lat.get('isa', '?')}), package commit "
                   f"{lat.get('commit', '?')}; torch threads {lat['threads']}, OpenMP wait policy {lat['omp_wait_policy']} (child process); "
                   f"load average before/after {lat['load_avg_1min'][0]:.1f} / {lat['load_avg_1min'][1]:.1f}. "
-                  f"Packed rows: the real-data observer models of this table (LN reparam {lat.get('ln_reparam')}).",
+                  f"Packed rows: the real-data observer models of this table (LN reparam {lat.get('ln_reparam')}); "
+                  f"`compiled`: the same models through `dfqkern.compile` (frozen mode).",
                   "", *table_head("model", "median ms", "min ms", "first call ms", "speed-up vs fp32 eager")]
-        for kind, r in sorted(t.items(), key=lambda kv: (not kv[0].startswith("packed"), kv[0] != "eager", kv[0])):
+        for kind, r in sorted(t.items(), key=lambda kv: (LATENCY_KINDS.index(kv[0].split("-")[0]), kv[0])):
             sp = f"{base / r['median_ms']:.2f}x" if base else ""
             lines.append(f"| {kind} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['first_call_ms']:.0f} | {sp} |")
     return document(lines, meta)

@@ -32,14 +32,14 @@ def test_tiny_run_rows_skips_latency_and_resume(vit_bench, tiny_tar_dataset, tmp
     out = tmp_path / "res" / "vit"
     argv = ["--data-dir", str(data), "--weights", str(weights), "--settings", "w8a8", "--methods", "observer,qdrop",
             "--data", "real,dfq-vit", "--seeds", "0,1", "--calib-images", "6", "--iters", "2", "--batch-size", "3",
-            "--latency", "packed,eager", "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out),
+            "--latency", "packed,compiled,eager", "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(out),
             "--work-dir", str(tmp_path / "work")]
     assert vit_bench.main(argv) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     keys = sorted(res["rows"])
     assert keys == sorted(["w8a8|observer|real|noln|6|0|0", "w8a8|qdrop|real|noln|6|2|0", "w8a8|qdrop|real|noln|6|2|1"])
     assert res["skipped"] == {"dfq-vit": "dfq-vit is not here yet"}
-    assert set(res["latency"]["timings"]) == {"packed-w8a8", "eager"}
+    assert set(res["latency"]["timings"]) == {"packed-w8a8", "compiled-w8a8", "eager"}
     assert all(t["median_ms"] > 0 for t in res["latency"]["timings"].values())
     md = out.with_suffix(".md").read_text()
     assert md == vit_bench.render_markdown(res) + "\n"  # generated from the JSON, not typed
