@@ -235,7 +235,7 @@ def _given(args, names) -> dict:
 
 
 BN_OPTIONS = ("method", "label_mode", "mixup_k", "iters", "batch_size", "seed", "ce_weight", "augment", "jitter",
-              "input_prior_weight", "precision")
+              "input_prior_weight", "precision", "tv_weight", "l2_weight", "patch_weight", "kde_bandwidth")
 
 
 def _gen_batch_size(text: str):
@@ -634,6 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"weight of the target cross-entropy (default per label mode: {DEFAULT_CE_WEIGHT})")
     gb.add_argument("--input-prior-weight", type=float,
                     help=f"weight of ZeroQ's input prior (default per method: {DEFAULT_INPUT_PRIOR_WEIGHT}, else 0)")
+    gb.add_argument("--tv-weight", type=float, help="weight of a total-variation image prior (smoother images; "
+                    f"default {BN.default('tv_weight')})")
+    gb.add_argument("--l2-weight", type=float, help=f"weight of an L2 image prior (default {BN.default('l2_weight')})")
+    gb.add_argument("--patch-weight", type=float, help="psaq / dfq-vit: weight of the patch-similarity entropy "
+                    f"(default {BN.default('patch_weight')})")
+    gb.add_argument("--kde-bandwidth", type=float, help="psaq / dfq-vit: kernel width of the similarity density "
+                    f"(default {BN.default('kde_bandwidth')})")
     gb.add_argument("--augment", choices=AUGMENTS, help="images as the model sees them while inverting: dgh = "
                     "smoothing + random crop + flip, flip-shift = flip + circular shift (default none)")
     gb.add_argument("--jitter", type=int, help=f"max shift in pixels of --augment (default {BN.default('jitter')})")

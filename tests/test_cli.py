@@ -184,11 +184,12 @@ def test_generate_bn_inversion_then_quantize_on_it(tmp_path, tiny_tar_dataset, c
     syn = tmp_path / "syn"
     rc, out, err = run_cli(capsys, "generate", "--source", "bn-inversion", "--model", "cifar10_resnet20",
                            "--method", "dgh", "--label-mode", "mixup", "--ce-weight", 0.25, "--num-images", 4,
-                           "--iters", 2, "--batch-size", 4, "--out", syn)
+                           "--iters", 2, "--batch-size", 4, "--tv-weight", 0.5, "--out", syn)
     assert rc == 0, err
     assert f"synthetic:{syn}" in out
     manifest = json.loads((syn / "manifest.json").read_text())
     assert len(manifest["images"]) == 4 and manifest["config"]["options"]["ce_weight"] == 0.25
+    assert manifest["config"]["options"]["tv_weight"] == 0.5
     assert all(len(e["classes"]) == 2 for e in manifest["images"])
     rc, out, err = run_cli(capsys, "quantize", "--model", "cifar10_resnet20", "--calib-data", f"synthetic:{syn}",
                            "--num-calib", 4, "--batch-size", 2, "--out", tmp_path / "q",

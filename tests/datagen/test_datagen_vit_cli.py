@@ -29,13 +29,21 @@ def gen(vit_checkpoint, out, *flags):
 
 def test_psaq_set_from_the_cli(vit_checkpoint, tmp_path, capsys):
     rc, out, err = run_cli(capsys, *gen(vit_checkpoint, tmp_path / "s", "--method", "psaq", "--label-mode", "mixup",
-                                        "--num-images", 3))
+                                        "--num-images", 3, "--tv-weight", 2, "--patch-weight", 0.5,
+                                        "--kde-bandwidth", 0.1, "--l2-weight", 0.01))
     assert rc == 0, err
     ds = load_synthetic(tmp_path / "s")
     cfg = ds.manifest["config"]
     assert len(ds) == 3 and cfg["method"] == "psaq" and cfg["label_mode"] == "mixup" and cfg["mixup_k"] == 2
     assert ds.manifest["generator"]["id"] == "bn-inversion/psaq" and ds[0][1].count_nonzero() == 2
     assert "psaq: 1 shard(s)" in out
+    assert {k: cfg["options"][k] for k in ("tv_weight", "patch_weight", "kde_bandwidth", "l2_weight")} == {
+        "tv_weight": 2.0, "patch_weight": 0.5, "kde_bandwidth": 0.1, "l2_weight": 0.01}
+
+
+def test_a_bad_prior_weight_fails_before_the_model_is_built(vit_checkpoint, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, *gen(vit_checkpoint, tmp_path / "s", "--method", "psaq", "--tv-weight", -1))
+    assert rc != 0 and "tv_weight" in err and not (tmp_path / "s").exists()
 
 
 def test_dfq_vit_with_the_patchsim_filter(vit_checkpoint, tmp_path, capsys):
