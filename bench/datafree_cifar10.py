@@ -23,6 +23,7 @@ are read from ``bench/results/cifar10_real.json`` (ResNet-20) or ``bench/results
 """
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -261,6 +262,11 @@ def _verdict(r: dict, fp: float, real: dict) -> str:
     return "yes" if acc and in_time else "accuracy yes, time no" if acc else "no"
 
 
+def _method(r: dict, meta: dict) -> str:
+    """Row ``r``'s reconstruction method (rows written before the column existed: the run's)."""
+    return r.get("method", meta["calib_method"])
+
+
 def _data_name(r: dict) -> str:
     return f"{r['source']} {r['label_mode']} {r['variant']}"
 
@@ -284,7 +290,8 @@ def _budget(r: dict, ds: dict, meta: dict) -> str:
 def _model_section(results: dict, model: str, rows: list) -> list[str]:
     info = results["models"][model]
     fp, meta = info["fp_top1"], info["meta"]
-    real = real_reference(meta["calib_method"], model)
+    methods = sorted({_method(r, meta) for r in rows})
+    real = {m: real_reference(m, model) for m in methods}
     lines = [
         f"## {TITLE[model]}",
         "",
@@ -294,7 +301,7 @@ def _model_section(results: dict, model: str, rows: list) -> list[str]:
         f"(`generate_bn_inversion_set`, targets balanced over the 10 classes; "
         f"`mixup` = 2 classes per image with Dirichlet(1) weights, soft cross-entropy; the weight of the "
         f"target cross-entropy in the inversion loss is part of the data name: `ce1`, `ce0.5`), then "
-        f"`{meta['calib_method']}` reconstruction, first/last layer "
+        f"{' / '.join(f'`{m}`' for m in methods)} reconstruction (the `method` column), first/last layer "
         f"8-bit, {REAL_REFERENCE_TEXT[model]}. The seed drives generation and calibration. "
         f"Data `genie` is dfqkern's labelled genie (method `genie-labels`); every data name's options are listed "
         f"under *Options per data name*. torch threads: {meta['threads']}; machine: {meta['machine']}.",
@@ -305,31 +312,34 @@ def _model_section(results: dict, model: str, rows: list) -> list[str]:
         "the 2-core CPU was shared with other jobs while this ran (1-minute load average listed). `budget`: "
         "images per set / inversion iterations / reconstruction iterations per unit.",
         "",
-        *table_head("setting", "data", "seed", "top-1 %", "drop (pts)", f"real-data {meta['calib_method']}",
+        *table_head("setting", "data", "seed", "top-1 %", "drop (pts)", "real-data (same method)",
                     "gap to real", "target hit / mass", "gen s", "calib s", "total s", "load", "budget",
-                    "within target"),
+                    "method", "within target"),
     ]
     rows = sorted(rows, key=lambda r: (DF_SETTINGS.index(r["setting"]), r["source"], r["variant"], r["label_mode"],
-                                       r["seed"]))
+                                       _method(r, meta), r["seed"]))
     for r in rows:
-        ref = real.get(r["setting"])
+        ref = real[_method(r, meta)].get(r["setting"])
         gap = "" if ref is None else f"{ref - r['top1']:.2f}"
         ds = results["datasets"][r["dataset"]]
         lines.append(
             f"| {r['setting']} | {_data_name(r)} | {r['seed']} | {r['top1']:.2f} | {fp - r['top1']:.2f} | "
             f"{'' if ref is None else f'{ref:.2f}'} | {gap} | {ds['target_hit_rate']:.2f} / {ds['target_mass']:.2f} | "
             f"{ds['gen_wall_s']:.0f} | {r['calib_wall_s']:.0f} | {r['total_wall_s']:.0f} | "
-            f"{r['load_avg_1min'][1]:.1f} | {_budget(r, ds, meta)} | {_verdict(r, fp, real)} |")
+            f"{r['load_avg_1min'][1]:.1f} | {_budget(r, ds, meta)} | {_method(r, meta)} | "
+            f"{_verdict(r, fp, real[_method(r, meta)])} |")
     # Mean over seeds: the single-vs-mixup comparison the mission is about.
     groups: dict = {}
     for r in rows:
         budget = _budget(r, results["datasets"][r["dataset"]], meta)
-        groups.setdefault((r["setting"], r["source"], r["variant"], budget, r["label_mode"]), []).append(r["top1"])
+        key = (r["setting"], r["source"], r["variant"], budget, _method(r, meta), r["label_mode"])
+        groups.setdefault(key, []).append(r["top1"])
     lines += ["", "### Mean over seeds", "",
               "Same inversion options for both label modes in a row (`ce0.5`: cross-entropy weight 0.5), except "
               "the `dfqkern defaults` rows: each label mode at the library's default weight "
               "(`DEFAULT_CE_WEIGHT`: single labels 1, mixup 0.5).", "",
-              *table_head("setting", "source", "options", "budget", "single labels", "mixup labels", "mixup - single")]
+              *table_head("setting", "source", "options", "budget", "method", "single labels", "mixup labels",
+                          "mixup - single")]
 
     def fmt(v):
         if not v:
@@ -346,14 +356,14 @@ def _model_section(results: dict, model: str, rows: list) -> list[str]:
     for setting in DF_SETTINGS:
         for source in SOURCES:
             for name, single_variant, mixup_variant in pairings:
-                for budget in budgets:
-                    s_txt, s_mean = fmt(groups.get((setting, source, single_variant, budget, "single"), []))
-                    m_txt, m_mean = fmt(groups.get((setting, source, mixup_variant, budget, "mixup"), []))
+                for budget, method in itertools.product(budgets, methods):
+                    s_txt, s_mean = fmt(groups.get((setting, source, single_variant, budget, method, "single"), []))
+                    m_txt, m_mean = fmt(groups.get((setting, source, mixup_variant, budget, method, "mixup"), []))
                     paired = single_variant != mixup_variant  # the defaults row: only with both sides
                     if (s_mean is None and m_mean is None) or (paired and (s_mean is None or m_mean is None)):
                         continue
                     diff = "" if s_mean is None or m_mean is None else f"{m_mean - s_mean:+.2f}"
-                    lines.append(f"| {setting} | {source} | {name} | {budget} | {s_txt} | {m_txt} | {diff} |")
+                    lines.append(f"| {setting} | {source} | {name} | {budget} | {method} | {s_txt} | {m_txt} | {diff} |")
     opts = {}
     for r in rows:
         o = dataset_options(results["datasets"][r["dataset"]], r, r.get("calib_images", meta["images"]))

@@ -448,3 +448,24 @@ def test_vit_gen_set_rejects_bad_fields_before_any_work(vit, items, message):
         vit.parse_field_set(items, BNInversionConfig, "--gen-set", vit.GEN_OWN_FLAGS)
     assert vit.parse_field_set(["tv_weight=2", "label_mode=mixup", "ce_weight=0.5"], BNInversionConfig, "--gen-set",
                                vit.GEN_OWN_FLAGS) == {"tv_weight": 2.0, "label_mode": "mixup", "ce_weight": 0.5}
+
+
+def test_datafree_rows_of_two_methods_compare_with_their_own_real_rows(datafree):
+    """A brecq row beside qdrop rows on the same set: each compares with the real-data row of its own method
+    (cifar10_real.json), names its method, and the seed means keep the methods apart."""
+    import json
+
+    key, r, dkey = _row("w3a3", "dgh", "mixup", 0, 77.5, "ce0.5")
+    brecq = dict(r, method="brecq")
+    res = _results([(key, dict(r, method="qdrop"), dkey), (key.replace("|qdrop|", "|brecq|"), brecq, dkey)])
+    res = datafree.migrate(res)
+    real_rows = json.loads((BENCH / "results" / "cifar10_real.json").read_text())["rows"].values()
+    real = {m: next(x["top1"] for x in real_rows if x["method"] == m and x["setting"] == "w3a3"
+                    and x["first_last_bits"] == 8 and x["calib_images"] >= 1024) for m in ("qdrop", "brecq")}
+    assert real["qdrop"] != real["brecq"]
+    text = datafree.render_markdown(res)
+    body, means = text.split("### Mean over seeds")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in body.splitlines() if line.startswith("| w3a3")]
+    assert sorted((c[-2], c[5]) for c in cells) == sorted((m, f"{v:.2f}") for m, v in real.items())
+    mean_rows = [line for line in means.split("### Options")[0].splitlines() if line.startswith("| w3a3")]
+    assert sorted(line.split(" | ")[4] for line in mean_rows) == ["brecq", "qdrop"]
