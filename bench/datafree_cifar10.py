@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (NETS, RESULTS_DIR, Results, Timer, add_choices, add_run_flags, cifar10_dir,  # noqa: E402
-                    comma_list, dev_set, document, generated_by, join_key, now, open_net, parser, run_meta,
-                    table_head, top1)
+                    comma_list, dev_set, document, generated_by, join_key, now, open_net, parse_field_set, parser,
+                    run_meta, table_head, top1)
 from accuracy_cifar10 import SETTINGS, row_summary, run_row  # noqa: E402
 import accuracy_edge_cifar10 as edge  # noqa: E402
 
@@ -61,21 +61,25 @@ MODEL_SETTINGS = {"resnet20": ("w4a4", "w3a3", "w2a4"), "convmixer": ("w4a8", "w
 # same calibration method; ConvMixer's are issue 17's.
 TARGET_DROP = {"resnet20": {"w4a4": 2.0}, "convmixer": {"w4a8": 1.0, "w4a4": 3.0}}
 TARGET_GAP_TO_REAL = {"resnet20": {"w2a4": 2.0}, "convmixer": {"w4a8": 1.5, "w4a4": 1.5}}
+# BNInversionConfig fields the script sets with flags of its own (--gen-set refuses them)
+GEN_OWN_FLAGS = ("method", "label_mode", "iters", "seed", "ce_weight", "dirichlet_alpha", "precision")
 TIME_LIMIT_S = 20 * 60  # generation + calibration per setting
 REAL_RESULTS = RESULTS_DIR / "cifar10_real.json"
 EDGE_RESULTS = RESULTS_DIR / "cifar10_edge.json"
 
 
 def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str, filters: str = "",
-                 precision: str = "fp32") -> str:
+                 precision: str = "fp32", gen_set: "dict | None" = None) -> str:
     """The inversion options a set was made with, as a short tag: 'ce0.5', 'ce1-a0.5' (mixup Dirichlet alpha),
-    'ce0.5-bf16' (the model's forward autocast to bf16 during inversion), 'ce0.5-energy0.5' (GenQ filter chain
-    ``filters``, e.g. 'energy:0.5+bn:0.5'; '' or 'none': unfiltered)."""
+    'ce0.5-bf16' (the model's forward autocast to bf16 during inversion), 'ce0.5-tv_weight2' (``--gen-set``
+    options, sorted), 'ce0.5-energy0.5' (GenQ filter chain ``filters``, e.g. 'energy:0.5+bn:0.5'; '' or 'none':
+    unfiltered)."""
     tags = [f"ce{ce_weight:g}"]
     if label_mode == "mixup" and dirichlet_alpha != 1.0:
         tags.append(f"a{dirichlet_alpha:g}")
     if precision != "fp32":
         tags.append(precision)
+    tags += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted((gen_set or {}).items())]
     tags += [f"{s.kind}{s.keep_fraction:g}" for s in filter_steps(filters)]
     return "-".join(tags)
 
@@ -125,20 +129,23 @@ def migrate(results: dict) -> dict:
 
 def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, images: int, gen_iters: int,
              progress: bool, ce_weight: float = 1.0, dirichlet_alpha: float = 1.0,
-             filters: str = "", model: str = "resnet20", precision: str = "fp32") -> tuple[Path, dict]:
+             filters: str = "", model: str = "resnet20", precision: str = "fp32",
+             gen_set: "dict | None" = None) -> tuple[Path, dict]:
     """The synthetic set (generated now, or resumed / reused from ``work_dir``), its timing and the options
     it was made with. ``method`` is the table's source name (``INVERSION_METHOD``). With ``filters`` a pool
     of images / (product of keep fractions) is generated and filtered down to ``images``. ``model``: its name in
-    :data:`MODELS` (the set folders of ResNet-20, made before there was a choice, carry no model name)."""
+    :data:`MODELS` (the set folders of ResNet-20, made before there was a choice, carry no model name); ``gen_set``:
+    further :class:`BNInversionConfig` options (``--gen-set``)."""
     spec = model_info(fp_model).input_spec
     steps = filter_steps(filters)
     pool = pool_size(images, steps)
     prefix = "" if model == "resnet20" else f"{model}-"
-    variant = variant_name(ce_weight, dirichlet_alpha, label_mode, precision=precision)
+    gen_set = dict(gen_set or {})
+    variant = variant_name(ce_weight, dirichlet_alpha, label_mode, precision=precision, gen_set=gen_set)
     base = f"{prefix}{method}-{label_mode}-n{{}}-it{gen_iters}-s{seed}-{variant}"
     pool_dir = work_dir / base.format(pool)
     options = dict(method=INVERSION_METHOD[method], label_mode=label_mode, iters=gen_iters, seed=seed,
-                   ce_weight=ce_weight, dirichlet_alpha=dirichlet_alpha, precision=precision)
+                   ce_weight=ce_weight, dirichlet_alpha=dirichlet_alpha, precision=precision, **gen_set)
     out, chain = pool_dir, None
     with Timer() as timer:
         with Timer() as pool_timer:
@@ -147,7 +154,8 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
                                       mean=spec.mean, std=spec.std, shard_size=pool, model_id=NETS[model][0],
                                       progress=progress, **options)
         if steps:
-            out = work_dir / f"{base.format(images)}-{variant_name(ce_weight, dirichlet_alpha, label_mode, filters, precision)}"
+            tag = variant_name(ce_weight, dirichlet_alpha, label_mode, filters, precision, gen_set)
+            out = work_dir / f"{base.format(images)}-{tag}"
             filter_synthetic_set(pool_dir, out, fp_model, steps, num_images=images, progress=progress,
                                  transform=tensor_transform(spec))
             chain = load_synthetic(out, verify=False).manifest["filter"]["chain"]
@@ -156,7 +164,8 @@ def generate(fp_model, work_dir: Path, method: str, label_mode: str, seed: int, 
             "dirichlet_alpha": dirichlet_alpha if label_mode == "mixup" else None, "iters": gen_iters,
             "shard_size": pool, "augment": cfg["options"]["augment"],
             "input_prior_weight": cfg["options"]["input_prior_weight"], "pool_images": pool, "precision": precision,
-            "filter": [{k: c[k] for k in ("kind", "keep_fraction", "candidates", "kept")} for c in chain or []]}
+            "filter": [{k: c[k] for k in ("kind", "keep_fraction", "candidates", "kept")} for c in chain or []],
+            "gen_set": gen_set}
     if chain and chain[-1]["kind"] == "bn":
         used["filter_bn_loss"] = chain[-1]["set_bn_loss"]
     return out, {"gen_wall_s": round(timer.wall, 1), "gen_cpu_s": round(timer.cpu, 1), "pool": pool_dir.name,
@@ -202,6 +211,7 @@ def options_text(o: dict) -> str:
         parts.append(f"input prior {o['input_prior_weight']:g}")
     if o.get("precision", "fp32") != "fp32":
         parts.append(f"forward in {o['precision']} (autocast)")
+    parts += [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(o.get("gen_set", {}).items())]
     chain = " then ".join(f"{f['kind']} keeps {f['kept']} of {f['candidates']}" for f in o["filter"])
     parts.append(f"filter: {chain}" if chain else "no filter")
     return ", ".join(parts)
@@ -397,6 +407,9 @@ def parse_args(argv=None):
                         "each generates IMAGES / (product of keep fractions) images and keeps IMAGES")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="arithmetic of the model's forward during inversion (bf16: autocast; own set and row keys)")
+    p.add_argument("--gen-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a further BNInversionConfig option of every set (repeatable, e.g. tv_weight=2; in the set's "
+                        f"data name and folder; {', '.join(GEN_OWN_FLAGS)} have flags of their own)")
     p.add_argument("--calib-method", default="qdrop", choices=("brecq", "qdrop", "genie"))
     p.add_argument("--calib-iters", type=int, default=1000, help="reconstruction iterations per unit")
     add_run_flags(p, "cifar10_datafree", work_dir=("synthetic sets are kept", "bench-datafree"))
@@ -410,6 +423,11 @@ def parse_args(argv=None):
     except ValueError as err:
         p.error(f"--filter-chains: {err}")
     args.chains = chains
+    try:  # a bad inversion option fails before any model is opened
+        args.gen_set = parse_field_set(args.gen_set, BNInversionConfig, "--gen-set", GEN_OWN_FLAGS)
+        BNInversionConfig(method="dgh", **args.gen_set)
+    except (ValueError, TypeError) as err:
+        p.error(str(err))
     return args
 
 
@@ -446,7 +464,7 @@ def main(argv=None) -> int:
     jobs = [(seed, source, ce, mode, chain) for seed in args.seeds for source in args.sources
             for ce in args.ce_weights for mode in args.label_modes for chain in chains]
     for seed, source, ce, mode, chain in jobs:
-        variant = variant_name(ce, args.dirichlet_alpha, mode, chain, args.precision)
+        variant = variant_name(ce, args.dirichlet_alpha, mode, chain, args.precision, args.gen_set)
         dkey = dataset_key(model, source, mode, seed, args.images, args.gen_iters, variant)
         pending = [s for s in args.settings
                    if row_key(s, dkey, args.calib_method, args.calib_iters) not in results["rows"]]
@@ -455,7 +473,7 @@ def main(argv=None) -> int:
             continue
         print(f"data {dkey}", flush=True)
         set_dir, timing = generate(fp_model, args.work_dir, source, mode, seed, args.images, args.gen_iters,
-                                   args.progress, ce, args.dirichlet_alpha, chain, model, args.precision)
+                                   args.progress, ce, args.dirichlet_alpha, chain, model, args.precision, args.gen_set)
         synthetic = load_synthetic(set_dir, transform=tensor_transform(model_info(fp_model).input_spec))
         if dkey not in results["datasets"]:  # first generation's time counts, not a reload's
             results["datasets"][dkey] = {**charge_shared_pool(timing, results["datasets"]),

@@ -424,15 +424,16 @@ def test_vit_gen_set_rows_are_their_own_data_and_keys(vit):
     import json
 
     data = json.loads((BENCH / "results" / "cifar10_vit.json").read_text())
-    plain = next(r for r in data["rows"].values() if r["data"] == "psaq" and r["method"] == "qdrop")
-    tv = {**plain, "gen_set": {"tv_weight": 2.0}, "top1": plain["top1"] + 1.0}
+    plain = next(r for r in data["rows"].values()
+                 if r["data"] == "psaq" and r["method"] == "qdrop" and not r.get("gen_set"))
+    tv = {**plain, "gen_set": {"tv_weight": 3.25}, "top1": plain["top1"] + 1.0}  # a value no committed row has
     assert vit.data_name(plain) == f"psaq@{plain.get('gen_iters') or 'default'}"  # rows of earlier runs keep their name
-    assert vit.data_name(tv) == vit.data_name(plain) + "|tv_weight=2"
+    assert vit.data_name(tv) == vit.data_name(plain) + "|tv_weight=3.25"
     assert vit.row_key(tv) != vit.row_key(plain)
     table = vit.render_markdown({**data, "rows": {**data["rows"], vit.row_key(tv): tv}})
     line = next(ln for ln in table.splitlines() if f"| {vit.data_name(tv)} |" in ln)
     assert f"| {tv['top1']:.2f} |" in line  # averaged apart from the plain seeds
-    assert vit.render_markdown(data).count("|tv_weight=") == 0
+    assert vit.render_markdown(data).count("|tv_weight=3.25") == 0
 
 
 @pytest.mark.parametrize("items, message", [
@@ -469,3 +470,19 @@ def test_datafree_rows_of_two_methods_compare_with_their_own_real_rows(datafree)
     assert sorted((c[-2], c[5]) for c in cells) == sorted((m, f"{v:.2f}") for m, v in real.items())
     mean_rows = [line for line in means.split("### Options")[0].splitlines() if line.startswith("| w3a3")]
     assert sorted(line.split(" | ")[4] for line in mean_rows) == ["brecq", "qdrop"]
+
+
+def test_datafree_gen_set_names_the_set_and_bad_fields_fail_early(datafree):
+    """--gen-set options join the variant (data name, set folder, row key) and the options section; fields the
+    script owns, unknown fields and bad values are refused by the parser, before any model is opened."""
+    assert datafree.variant_name(0.5, 1.0, "mixup", gen_set={"tv_weight": 2.0}) == "ce0.5-tv_weight2"
+    assert datafree.variant_name(0.5, 1.0, "mixup", "energy:0.5", "bf16", {"tv_weight": 2.0, "jitter": 2}) == \
+        "ce0.5-bf16-jitter2-tv_weight2-energy0.5"
+    assert datafree.parse_args(["--gen-set", "tv_weight=2", "--gen-set", "jitter=2"]).gen_set == \
+        {"tv_weight": 2.0, "jitter": 2}
+    for bad in ("ce_weight=1", "iters=5", "nope=1", "tv_weight=x", "tv_weight=-1"):
+        with pytest.raises(SystemExit):
+            datafree.parse_args(["--gen-set", bad])
+    o = {"method": "dgh", "label_mode": "mixup", "ce_weight": 0.5, "dirichlet_alpha": 1.0, "shard_size": 512,
+         "pool_images": 512, "augment": "none", "input_prior_weight": 0.0, "filter": [], "gen_set": {"tv_weight": 2.0}}
+    assert "tv_weight 2" in datafree.options_text(o)
