@@ -133,11 +133,12 @@ def run_row(fp_model, dev, calib, setting: str, method: str, data: str, ln_repar
 
 
 def data_name(r: dict) -> str:
-    """``real``, or ``psaq@N`` (N inversion iterations or ``default``) with ``|field=value,...`` for --gen-set."""
+    """``real``, or ``psaq@N`` (N inversion iterations or ``default``) with `` field=value,...`` for --gen-set
+    (a space, not '|': the name sits in markdown table cells)."""
     if r["data"] == "real":
         return "real"
     name = f"{r['data']}@{r.get('gen_iters') or 'default'}"
-    return name + (f"|{field_set_label(r['gen_set'])}" if r.get("gen_set") else "")
+    return name + (f" {field_set_label(r['gen_set'])}" if r.get("gen_set") else "")
 
 
 def row_key(r: dict) -> str:
@@ -234,7 +235,7 @@ def render_markdown(data: dict) -> str:
         f"{generated_by(__file__)} Exact command of the last run: `{meta['command']}`.", "",
         f"Model `{meta['model']}` ({meta['weights']}), FP top-1 **{fp:.2f} %** on the {data['dev_images']} dev test "
         f"images. Calibration: {meta['calib_images']} images per row (real: random training images; psaq / dfq-vit: "
-        f"generated from the float model; `psaq@N`: N inversion iterations, `@default`: the library's; `|field=value`: other inversion options, `--gen-set`); "
+        f"generated from the float model; `psaq@N`: N inversion iterations, `@default`: the library's; ` field=value`: other inversion options, `--gen-set`); "
         f"reconstruction batch {meta['batch_size']} (`iters/unit`: iterations per unit of the row). First and last layer 8-bit; "
         f"weights per-channel, activations and attention operands per-tensor (MSE observers), softmax two-range "
         f"uniform (`post-GELU`: activation bits of fc2, `QuantConfig.gelu_act_bits`, when not the setting's). "
@@ -269,7 +270,7 @@ def render_markdown(data: dict) -> str:
         lines += ["", "## Generated calibration sets", "",
                   *table_head("data", "inversion iterations", "seed", "images", "generation wall s")]
         for k, s in sorted(sets.items()):
-            name = s["data"] + (f"|{field_set_label(s['gen_set'])}" if s.get("gen_set") else "")
+            name = s["data"] + (f" {field_set_label(s['gen_set'])}" if s.get("gen_set") else "")
             lines.append(f"| {name} | {s.get('gen_iters') or 'default'} | {s['seed']} | {s['images']} | "
                          f"{s.get('gen_wall_s', '')} |")
     lat = data.get("latency")
