@@ -488,3 +488,36 @@ def test_datafree_gen_set_names_the_set_and_bad_fields_fail_early(datafree):
     o = {"method": "dgh", "label_mode": "mixup", "ce_weight": 0.5, "dirichlet_alpha": 1.0, "shard_size": 512,
          "pool_images": 512, "augment": "none", "input_prior_weight": 0.0, "filter": [], "gen_set": {"tv_weight": 2.0}}
     assert "tv_weight 2" in datafree.options_text(o)
+
+
+def test_vit_set_made_by_an_earlier_run_is_not_timed(vit, tmp_path, monkeypatch):
+    """A finished set found in the work dir costs ~0 s to 'generate': its time is recorded as unknown (None, shown
+    as such), not as a generation time; a set made now is timed."""
+    import argparse
+    import json
+    import types
+
+    import dfqkern.datagen
+    import dfqkern.pipeline
+
+    def fake_generate(model, out, n, **options):
+        from pathlib import Path
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(dfqkern.pipeline, "generate_bn_inversion", fake_generate)
+    monkeypatch.setattr(dfqkern.datagen, "load_synthetic", lambda out, transform=None: [])
+    monkeypatch.setattr(vit, "model_info", lambda m: types.SimpleNamespace(input_spec=None))
+    monkeypatch.setattr(dfqkern.pipeline, "tensor_transform", lambda spec: None)
+    monkeypatch.setattr(vit, "calibration_tensor", lambda ds, n, seed: ds)
+    args = argparse.Namespace(gen_set={"tv_weight": 2.0}, gen_iters=50, work_dir=str(tmp_path))
+    _, made = vit.calibration_images("psaq", None, None, 4, 0, args)
+    _, found = vit.calibration_images("psaq", None, None, 4, 0, args)
+    assert made["gen_wall_s"] is not None and found["gen_wall_s"] is None
+    assert made["set"] == found["set"] and made["set"].endswith("psaq-n4-it50-s0-tv_weight2")
+    committed = json.loads((BENCH / "results" / "cifar10_vit.json").read_text())
+    data = {**committed, "rows": {}, "latency": None,
+            "datasets": {"psaq|0|4|50|tv_weight=2": {"data": "psaq", "seed": 0, "images": 4, "gen_iters": 50,
+                                                     "gen_set": {"tv_weight": 2.0}, **found}}}
+    assert "| psaq tv_weight=2 | 50 | 0 | 4 | made by an earlier run, not timed |" in vit.render_markdown(data)
