@@ -143,7 +143,7 @@ def data_name(r: dict) -> str:
 
 
 def row_key(r: dict) -> str:
-    data = data_name(r)
+    data = data_name(r).replace(" ", "|", 1)  # keys written before names took a space keep matching
     if r.get("gelu_act_bits"):  # post-GELU activations at other bits (QuantConfig.gelu_act_bits)
         data += f"|gelu{r['gelu_act_bits']}"
     return join_key(r["setting"], r["method"], data, "ln" if r["ln_reparam"] else "noln", r["calib_images"],

@@ -430,6 +430,8 @@ def test_vit_gen_set_rows_are_their_own_data_and_keys(vit):
     assert vit.data_name(plain) == f"psaq@{plain.get('gen_iters') or 'default'}"  # rows of earlier runs keep their name
     assert vit.data_name(tv) == vit.data_name(plain) + " tv_weight=3.25"
     assert vit.row_key(tv) != vit.row_key(plain)
+    assert vit.row_key({**tv, "gen_set": {"tv_weight": 2.0}}).startswith(
+        f"{plain['setting']}|qdrop|{vit.data_name(plain)}|tv_weight=2|")  # the committed rows' keys resume
     table = vit.render_markdown({**data, "rows": {**data["rows"], vit.row_key(tv): tv}})
     line = next(ln for ln in table.splitlines() if f"| {vit.data_name(tv)} |" in ln)
     assert f"| {tv['top1']:.2f} |" in line  # averaged apart from the plain seeds
