@@ -523,3 +523,11 @@ def test_vit_set_made_by_an_earlier_run_is_not_timed(vit, tmp_path, monkeypatch)
             "datasets": {"psaq|0|4|50|tv_weight=2": {"data": "psaq", "seed": 0, "images": 4, "gen_iters": 50,
                                                      "gen_set": {"tv_weight": 2.0}, **found}}}
     assert "| psaq tv_weight=2 | 50 | 0 | 4 | made by an earlier run, not timed |" in vit.render_markdown(data)
+
+
+def test_committed_vit_rows_sit_under_their_own_keys(vit):
+    """Every committed row resumes: its key is what row_key makes of it today."""
+    import json
+
+    rows = json.loads((BENCH / "results" / "cifar10_vit.json").read_text())["rows"]
+    assert rows and all(vit.row_key(r) == k for k, r in rows.items())
