@@ -15,6 +15,7 @@ others' results. Everything lands in one folder:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -225,8 +226,9 @@ def run_stage(stage: Stage, limit: int, env: dict, log: Log) -> tuple[int | None
     """Run one stage with a hard limit: SIGINT to its process group at the limit (pytest stops and
     writes its junit file), SIGKILL after TERM_GRACE more seconds. Returns (exit code or None, seconds)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(stage.cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", bufsize=1, start_new_session=True)
+    with _sigint_reaches_children():
+        proc = subprocess.Popen(stage.cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", bufsize=1, start_new_session=True)
 
     def pump():
         for line in proc.stdout:
@@ -254,6 +256,22 @@ def run_stage(stage: Stage, limit: int, env: dict, log: Log) -> tuple[int | None
     _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the stage (compile workers, a hung child)
     reader.join(timeout=5)
     return (None if timed_out else proc.returncode), time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def _sigint_reaches_children():
+    """An ignored SIGINT is inherited through exec (a background job of a non-interactive shell starts so, and so
+    does anything after a library set SIG_IGN): the stage could then only be SIGKILLed and would write no junit
+    file. A handled one is reset to the default at exec, so while the stage starts the driver handles it."""
+    ignored = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _kill_group(pgid: int, sig) -> bool:

@@ -159,6 +159,25 @@ def test_stage_hard_limit_interrupts_and_returns(driver, tmp_path):
     assert driver.status_of(0) == "passed" and driver.status_of(1) == "FAILED (exit 1)"
 
 
+def test_stage_is_interruptible_when_the_driver_ignores_sigint(driver, tmp_path):
+    """A driver started with SIGINT ignored (a background job of a non-interactive shell, or a process that set
+    SIG_IGN earlier -- one full CI run hit this) must still interrupt its stages with SIGINT, not only SIGKILL
+    after TERM_GRACE: a child would inherit the ignored signal."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        log = driver.Log(tmp_path / "log")
+        stage = driver.Stage("sleepy", [sys.executable, "-c", "import time; print('started', flush=True); "
+                                        "time.sleep(60)"], cap=1, floor=0)
+        rc, seconds = driver.run_stage(stage, 1, dict(os.environ), log)
+        log.close()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the driver's own disposition is left as it was
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert rc is None and seconds < 10
+
+
 def test_junit_parts_are_counted_and_merged(driver, tmp_path):
     parts = tmp_path / driver.PARTS
     parts.mkdir()
