@@ -208,6 +208,11 @@ def field_set_label(fields: dict) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(fields.items()))
 
 
+def field_set_tags(fields: dict) -> list:
+    """``['a1', 'bx']``: a --*-set dict as tags of folder names and variant names (sorted, floats in %g)."""
+    return [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(fields.items())]
+
+
 def join_key(*fields) -> str:
     """A row's key in the results JSON: the fields that identify it, joined by '|'."""
     return "|".join(str(f) for f in fields)

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (NETS, RESULTS_DIR, Results, Timer, add_choices, add_run_flags, cifar10_dir,  # noqa: E402
                     comma_list, dev_set, document, generated_by, join_key, now, open_net, parse_field_set, parser,
-                    run_meta, table_head, top1)
+                    field_set_tags, run_meta, table_head, top1)
 from accuracy_cifar10 import SETTINGS, row_summary, run_row  # noqa: E402
 import accuracy_edge_cifar10 as edge  # noqa: E402
 
@@ -79,7 +79,7 @@ def variant_name(ce_weight: float, dirichlet_alpha: float, label_mode: str, filt
         tags.append(f"a{dirichlet_alpha:g}")
     if precision != "fp32":
         tags.append(precision)
-    tags += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted((gen_set or {}).items())]
+    tags += field_set_tags(gen_set or {})
     tags += [f"{s.kind}{s.keep_fraction:g}" for s in filter_steps(filters)]
     return "-".join(tags)
 

@@ -37,8 +37,8 @@ if sys.argv[1:2] == ["--latency-child"]:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, Results, Timer, add_choices, add_run_flags, cifar10_dir, comma_list, dev_set,  # noqa: E402
-                    document, field_set_label, generated_by, git_commit, join_key, now, parse_field_set, parser,
-                    run_meta, table_head, top1, train_set)
+                    document, field_set_label, field_set_tags, generated_by, git_commit, join_key, now,
+                    parse_field_set, parser, run_meta, table_head, top1, train_set)
 
 from machine import cpu_name, dfqkern_isa  # noqa: E402
 import torch  # noqa: E402
@@ -96,7 +96,7 @@ def calibration_images(source: str, fp_model, train, n: int, seed: int, args) ->
     options = {"method": source, "seed": seed, **args.gen_set}
     if args.gen_iters is not None:
         options["iters"] = args.gen_iters
-    tail = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(args.gen_set.items()))
+    tail = "".join(f"-{t}" for t in field_set_tags(args.gen_set))
     out = Path(args.work_dir) / f"{source}-n{n}-it{args.gen_iters or 'default'}-s{seed}{tail}"
     cached = (out / "manifest.json").is_file()  # made by an earlier run: its time was not measured here
     with Timer() as t:
@@ -133,17 +133,17 @@ def run_row(fp_model, dev, calib, setting: str, method: str, data: str, ln_repar
             "unhandled": model_info(qmodel).report.unhandled, "finished": now()}
 
 
-def data_name(r: dict) -> str:
+def data_name(r: dict, sep: str = " ") -> str:
     """``real``, or ``psaq@N`` (N inversion iterations or ``default``) with `` field=value,...`` for --gen-set
     (a space, not '|': the name sits in markdown table cells)."""
     if r["data"] == "real":
         return "real"
     name = f"{r['data']}@{r.get('gen_iters') or 'default'}"
-    return name + (f" {field_set_label(r['gen_set'])}" if r.get("gen_set") else "")
+    return name + (f"{sep}{field_set_label(r['gen_set'])}" if r.get("gen_set") else "")
 
 
 def row_key(r: dict) -> str:
-    data = data_name(r).replace(" ", "|", 1)  # keys written before names took a space keep matching
+    data = data_name(r, "|")  # keys: '|' as before the display name took a space
     if r.get("gelu_act_bits"):  # post-GELU activations at other bits (QuantConfig.gelu_act_bits)
         data += f"|gelu{r['gelu_act_bits']}"
     return join_key(r["setting"], r["method"], data, "ln" if r["ln_reparam"] else "noln", r["calib_images"],
