@@ -92,7 +92,8 @@ def cmd_quantize(args) -> int:
                       eval_data=args.eval_data, eval_limit=args.eval_limit, overwrite=args.overwrite,
                       device=args.device, resume=not args.no_resume, backend=args.backend,
                       equalize=args.equalize, absorb_bias=args.absorb_bias, equalize_relu6=args.equalize_relu6,
-                      bias_correction=args.bias_correction, act_correction=args.act_correction)
+                      bias_correction=args.bias_correction, act_correction=args.act_correction,
+                      pd_weight=args.pd_weight)
     _emit(run_quantize(job), args.json_out)
     return 0
 
@@ -467,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="observer", choices=QUANT_METHODS)
     q.add_argument("--iters", type=int, help="reconstruction iterations per block / layer")
     q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--pd-weight", type=float, default=0.0, help="reconstruction methods: weight of PD-Quant's "
+                   "prediction-difference term (KL of the float model's prediction to the float rest of the net fed "
+                   "each unit's quantized output; costs a whole-model forward and backward per step; default 0: off)")
     q.add_argument("--eval-data", help="also report FP vs quantized top-1 on this labelled data")
     q.add_argument("--eval-limit", type=int)
     _add_run_flags(q, "output checkpoint directory", "reconstruction methods: start over instead of resuming a "
@@ -573,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .datagen import generate_diffusion_set
     from .datagen.config import (AUGMENTS, DEFAULT_CE_WEIGHT, DEFAULT_INPUT_PRIOR_WEIGHT, DEFAULT_LABEL_MODE,
-                                 DEFAULT_SHARD_SIZE, DGH_MEMORY_FRACTION, FILTER_KINDS, LABEL_MODES, PRECISIONS)
+                                 DEFAULT_SHARD_SIZE, DEFAULT_TV_WEIGHT, DGH_MEMORY_FRACTION, FILTER_KINDS, LABEL_MODES, PRECISIONS)
     from .datagen.config import METHODS as BN_METHODS, BNInversionConfig as BN, DiffusionConfig as DC
     from .datagen.prompts import MIXUP_LEVELS, PROMPT_MODES
 
@@ -635,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--input-prior-weight", type=float,
                     help=f"weight of ZeroQ's input prior (default per method: {DEFAULT_INPUT_PRIOR_WEIGHT}, else 0)")
     gb.add_argument("--tv-weight", type=float, help="weight of a total-variation image prior (smoother images; "
-                    f"default {BN.default('tv_weight')})")
+                    f"default per method: {DEFAULT_TV_WEIGHT}, else 0)")
     gb.add_argument("--l2-weight", type=float, help=f"weight of an L2 image prior (default {BN.default('l2_weight')})")
     gb.add_argument("--patch-weight", type=float, help="psaq / dfq-vit: weight of the patch-similarity entropy "
                     f"(default {BN.default('patch_weight')})")

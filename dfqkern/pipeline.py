@@ -45,6 +45,7 @@ class QuantizeJob:
     equalize_relu6: str | None = None  # ReLU6 policy of equalization (None: EqualizeConfig's default)
     bias_correction: str = "none"  # after observer calibration: none / analytic / empirical
     act_correction: str = "none"  # after calibration: DFQ-ViT's per-channel correction, none / shift / affine
+    pd_weight: float = 0.0  # reconstruction: PD-Quant's prediction-difference term (CalibConfig.pd_weight)
 
     def __post_init__(self):
         """Every argument and the output location, before any work (a long calibration must not
@@ -69,10 +70,13 @@ class QuantizeJob:
         self.equalize_config = self._equalize_config()  # checks the ReLU6 policy
         if self.num_calib <= 0:
             raise ValueError(f"num_calib must be positive, got {self.num_calib}")
-        kw = {"method": self.method, "batch_size": self.batch_size, "seed": self.config.seed, "backend": self.backend}
+        kw = {"method": self.method, "batch_size": self.batch_size, "seed": self.config.seed, "backend": self.backend,
+              "pd_weight": self.pd_weight}
         if self.iters is not None:
             kw["iters"] = self.iters
-        self.calib_config = CalibConfig(**kw)  # checks iters, batch_size, seed, backend
+        self.calib_config = CalibConfig(**kw)  # checks iters, batch_size, seed, backend, pd_weight
+        if self.pd_weight and self.method == "observer":
+            raise ValueError(f"pd_weight {self.pd_weight} applies to reconstruction methods, not 'observer'")
         if self.eval_limit is not None and (isinstance(self.eval_limit, bool) or not isinstance(self.eval_limit, int)
                                             or self.eval_limit <= 0):
             raise ValueError(f"eval_limit must be a positive int or None, got {self.eval_limit!r}")
@@ -303,7 +307,8 @@ def _run_quantize(job: QuantizeJob) -> dict:
             "units_resumed": sum(u.resumed for u in report.units),
             "heldout_images": report.heldout_images, "units_kept_start": report.units_kept_start,
             "reverted_to_observer": report.reverted_to_observer,
-            "heldout_loss_observer": report.model_loss_observer, "heldout_loss_final": report.model_loss_final}
+            "heldout_loss_observer": report.model_loss_observer, "heldout_loss_final": report.model_loss_final,
+            "config": job.calib_config.result_fields()}  # what the reconstruction ran with (iters, lrs, pd_weight, ...)
     if job.eval_data:
         summary["fp_top1"] = evaluate_on(fp, job.eval_data, job.eval_limit, device=job.device)["top1"]
         if src is not fp:  # equalization through ReLU6 is exact only under its bound: show what it did

@@ -213,6 +213,16 @@ def test_quantize_with_reconstruction_reports_the_guard(tiny_tar_dataset, tmp_pa
     assert isinstance(calib["units_kept_start"], list) and isinstance(calib["reverted_to_observer"], bool)
 
 
+def test_quantize_with_the_prediction_difference_term(tiny_tar_dataset, tmp_path, capsys):
+    """``--pd-weight`` reaches the reconstruction, whose configuration the summary lists."""
+    rc, stdout, err = run_cli(capsys, "quantize", "--model", "cifar10_resnet20", "--calib-data", tiny_tar_dataset["tar"],
+                         "--num-calib", 16, "--batch-size", 4, "--method", "qdrop", "--iters", 3, "--pd-weight", 0.5,
+                         "--out", tmp_path / "q")
+    assert rc == 0, err
+    config = json_block(stdout)["calibration"]["config"]
+    assert config["pd_weight"] == 0.5 and config["method"] == "qdrop" and config["iters"] == 3
+
+
 def test_trust_unverified_flag(tiny_image_folder, tmp_path, capsys):
     """``eval --quantized`` and ``info`` refuse a checkpoint they cannot verify (no config_sha256, as
     written before it existed) unless given ``--trust-unverified``; an edited one stays refused."""
@@ -267,6 +277,10 @@ def test_quantize_checks_arguments_and_output_before_work(monkeypatch, tmp_path,
     _one_line_error(rc, err, "iters must be a positive int, got 0")
     rc, _, err = run_cli(capsys, *base, "--out", out, "--batch-size", 0)
     _one_line_error(rc, err, "batch_size must be a positive int, got 0")
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--method", "qdrop", "--pd-weight", -1)
+    _one_line_error(rc, err, "pd_weight must be a float >= 0, got -1.0")
+    rc, _, err = run_cli(capsys, *base, "--out", out, "--pd-weight", 1)
+    _one_line_error(rc, err, "pd_weight 1.0 applies to reconstruction methods, not 'observer'")
     rc, _, err = run_cli(capsys, *base, "--out", out, "--eval-data", tiny_tar_dataset["tar"], "--eval-limit", 0)
     _one_line_error(rc, err, "eval_limit")
     rc, _, err = run_cli(capsys, *base, "--out", out, "--eval-data", tmp_path / "no_eval_data")

@@ -64,6 +64,10 @@ class CalibConfig:
     every backend), ``torch`` draws it with torch's generator around the op (much faster on the
     reference backend), ``auto`` uses the kernel when a compiled backend serves the device.
     observe_samples: calibration images used to observe activation ranges (``None``: all).
+    pd_weight: PD-Quant's prediction-difference term, added to each unit's output MSE with this
+    weight: the KL divergence from the float model's class probabilities to those of the float rest
+    of the network fed the unit's quantized output (0: off; costs a float forward and backward of the
+    whole model per step). The model must return one logits tensor ``[B, classes]``.
     memory_budget_mb: block inputs/outputs beyond this are spilled to safetensors files in
     ``spill_dir`` (a temporary directory when ``None``). checkpoint_dir: a per-unit checkpoint is
     written there and a rerun with the same config and data resumes after the last finished unit.
@@ -82,6 +86,7 @@ class CalibConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     drop_prob: float | None = None
+    pd_weight: float = 0.0
     qdrop_mask: str = "auto"
     observe_samples: int | None = 256
     seed: int = 0
@@ -103,9 +108,10 @@ class CalibConfig:
             _positive(name, getattr(self, name))
         if self.round_lr is not None:
             _positive("round_lr", self.round_lr)
-        if isinstance(self.round_weight, bool) or not isinstance(self.round_weight, (int, float)) \
-                or self.round_weight < 0:
-            raise ValueError(f"round_weight must be a float >= 0, got {self.round_weight!r}")
+        for name in ("round_weight", "pd_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a float >= 0, got {value!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
         if self.drop_prob is not None and not 0.0 <= self.drop_prob <= 1.0:

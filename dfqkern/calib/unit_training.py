@@ -18,6 +18,7 @@ from ..nn import ActQuantizer, WeightQuantizer
 from .capture import ActivationStore
 from .config import CalibConfig
 from .losses import beta_at, reconstruction_loss, rounding_active, rounding_loss
+from .prediction_difference import PredictionDifference
 from .units import Unit
 from .vit import FixedRangeActQuantizer
 
@@ -74,10 +75,16 @@ def eval_loss(unit: Unit, store: ActivationStore, idx: torch.Tensor, batch_size:
 
 
 class UnitTraining:
-    """One unit's learning on stored rows ``[first_row, n)``, seeded by ``(cfg.seed, index)``."""
+    """One unit's learning on stored rows ``[first_row, n)``, seeded by ``(cfg.seed, index)``.
 
-    def __init__(self, unit: Unit, index: int, cfg: CalibConfig, device, first_row: int, n: int):
+    ``pd_data``: ``(model, images, fp_logits)`` for the prediction-difference term (``cfg.pd_weight`` > 0):
+    the whole quantized model and, row for row with the store, its input images and float outputs.
+    """
+
+    def __init__(self, unit: Unit, index: int, cfg: CalibConfig, device, first_row: int, n: int, pd_data=None):
         self.unit, self.cfg, self.device = unit, cfg, device
+        self.pd = PredictionDifference(pd_data[0], unit.module, *pd_data[1:]) \
+            if cfg.pd_weight > 0 and pd_data is not None else None
         self.first_row, self.n_train = first_row, n - first_row
         self.gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, index, 0))
         layers = unit.quant_layers()
@@ -131,7 +138,7 @@ class UnitTraining:
                     fp_in = store.rows("fp_in", idx).to(device)
                     inp = torch.where(torch.rand(inp.shape, generator=gen, device=device) < self.drop, fp_in, inp)
                 target = store.rows("fp_out", idx).to(device)
-                rec = self._step(step, inp, target)
+                rec = self._step(step, inp, target, idx)
                 self.losses.append(rec)
                 if step % 50 == 0 or step == cfg.iters - 1:
                     bar.set_postfix(loss=f"{rec:.4g}", refresh=False)
@@ -141,17 +148,18 @@ class UnitTraining:
         finally:
             bar.close()
 
-    def _step(self, step: int, inp: torch.Tensor, target: torch.Tensor) -> float:
+    def _step(self, step: int, inp: torch.Tensor, target: torch.Tensor, idx: torch.Tensor) -> float:
         cfg = self.cfg
         beta = beta_at(step, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
         for wq in self.wqs:
             wq.beta = beta
-        rec = reconstruction_loss(self.unit.module(inp), target)
-        loss = rec
+        out = self.unit.module(inp)
+        rec = reconstruction_loss(out, target)
+        loss = rec if self.pd is None else rec + cfg.pd_weight * self.pd(idx, out)
         if rounding_active(step, cfg.iters, cfg.warmup) and cfg.round_weight > 0:
             reg = rounding_loss(self.wqs)
             if reg is not None:
-                loss = rec + cfg.round_weight * reg
+                loss = loss + cfg.round_weight * reg
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -160,6 +168,8 @@ class UnitTraining:
 
     def teardown(self) -> None:
         """Harden the rounding, freeze every learned tensor, leave the quantizers in eval mode without QDrop."""
+        if self.pd is not None:
+            self.pd.close()
         if self.torch_qdrop is not None:
             self.torch_qdrop.remove()
         for a in self.unit_acts:

@@ -43,6 +43,11 @@ DEFAULT_LABEL_MODE = {"zeroq": "none", "genie": "none", "genie-labels": "single"
 DEFAULT_CE_WEIGHT = {"single": 1.0, "mixup": 0.5, "none": 0.0}
 # ZeroQ's input prior (the input treated as one more BN layer with mean 0 / std 1) is part of zeroq.
 DEFAULT_INPUT_PRIOR_WEIGHT = {"zeroq": 1.0}
+# The ViT methods' images come out far rougher than real ones (vertical total variation 1.4 vs 0.3 in
+# normalized space) and the rounding learned on them overfits that: a total-variation prior of weight 2
+# gave +0.6 to +1.6 points of W4A4 QDrop top-1 on the trained CIFAR ViT (bench/results/cifar10_vit.md,
+# `tv_weight=2` rows; plateau from 1 to 3). No gain for dgh on ResNet-20, so the BN methods keep 0.
+DEFAULT_TV_WEIGHT = {"psaq": 2.0, "dfq-vit": 2.0}
 # Records without "config_version" were written before the method split: their "genie" is genie-labels,
 # a missing options.ce_weight was weight 1, a missing input prior weight 0 and jitter > 0 meant flip-shift.
 CONFIG_VERSION = 2
@@ -110,6 +115,7 @@ class BNInversionConfig(_Options):
     ``lr`` None: the method's default (``DEFAULT_LR``); ``label_mode`` None: the method's
     (``DEFAULT_LABEL_MODE``); ``ce_weight`` None: the label mode's (``DEFAULT_CE_WEIGHT``);
     ``input_prior_weight`` None: the method's (``DEFAULT_INPUT_PRIOR_WEIGHT``, 0 if absent);
+    ``tv_weight`` None: the method's (``DEFAULT_TV_WEIGHT``, 0 if absent);
     ``augment`` None: ``flip-shift`` when ``jitter`` > 0, else ``none`` (``AUGMENTS``). ``focal_gamma``
     is used by ``hast``, ``stretch_weight`` by ``dgh``, ``latent_dim`` by the genie methods;
     ``jitter`` is the augmentation's max shift in pixels, ``tv_weight`` a total-variation prior,
@@ -133,7 +139,7 @@ class BNInversionConfig(_Options):
     ce_weight: "float | None" = None
     focal_gamma: float = 2.0
     stretch_weight: float = 1.0
-    tv_weight: float = 0.0
+    tv_weight: "float | None" = None
     jitter: int = 0
     latent_dim: int = 256
     input_prior_weight: "float | None" = None
@@ -185,6 +191,10 @@ class BNInversionConfig(_Options):
         return float(DEFAULT_INPUT_PRIOR_WEIGHT.get(self.method, 0.0) if w is None else w)
 
     @property
+    def effective_tv_weight(self) -> float:
+        return float(DEFAULT_TV_WEIGHT.get(self.method, 0.0) if self.tv_weight is None else self.tv_weight)
+
+    @property
     def effective_augment(self) -> str:
         if self.augment is not None:
             return self.augment
@@ -198,7 +208,7 @@ class BNInversionConfig(_Options):
         d["mixup_k"] = self.mixup_k if d["label_mode"] == "mixup" else None
         d["options"] = {k: getattr(self, k) for k in LOSS_OPTIONS}
         d["options"].update(ce_weight=self.effective_ce_weight, input_prior_weight=self.effective_input_prior_weight,
-                            augment=self.effective_augment)
+                            tv_weight=self.effective_tv_weight, augment=self.effective_augment)
         d["config_version"] = CONFIG_VERSION
         return d
 
@@ -206,13 +216,14 @@ class BNInversionConfig(_Options):
     def from_dict(cls, d: Mapping[str, Any]) -> "BNInversionConfig":
         """Read a record of :meth:`to_dict`, or an older one (no ``config_version``): those recorded
         only the loss options their caller passed (the others were at today's defaults), before the
-        per-mode default no ``ce_weight`` (it was ``LEGACY_CE_WEIGHT``), no input prior (weight 0),
+        per-mode default no ``ce_weight`` (it was ``LEGACY_CE_WEIGHT``), no input prior or TV prior (weight 0),
         and named genie-labels ``genie``. Other keys of the record are ignored."""
         options = dict(d.get("options") or {})
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name not in LOSS_OPTIONS and f.name in d}
         if "config_version" not in d:
             options.setdefault("ce_weight", LEGACY_CE_WEIGHT)
             options.setdefault("input_prior_weight", 0.0)
+            options.setdefault("tv_weight", 0.0)
             if kw.get("method") == "genie":
                 kw["method"] = "genie-labels"
         if kw.get("mixup_k") is None:

@@ -29,7 +29,8 @@ Choices where the papers leave room (each switchable where it says so):
 * KDE: Gaussian kernel of fixed bandwidth ``kde_bandwidth`` (default 0.05), density on a grid of
   ``KDE_GRID_POINTS`` points over [-1, 1]; density floored at ``KDE_FLOOR`` inside the log.
 * aggregation: mean over modules (the weight does not depend on depth) and over images.
-* priors: ``tv_weight`` (total variation), ``l2_weight`` (mean squared pixel), both off by default.
+* priors: ``tv_weight`` (total variation; 2 by default, ``DEFAULT_TV_WEIGHT``: without it the images are far
+  rougher than real ones and the learned rounding overfits that), ``l2_weight`` (mean squared pixel, off).
 * PSAQ-ViT v2's adaptive teacher-student loop is not implemented.
 
 The sets are made by :func:`~dfqkern.datagen.bn_inversion.generate_bn_inversion_set` (same targets,

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dfqkern.datagen import bn_inversion as B
-from dfqkern.datagen.config import (DEFAULT_LABEL_MODE, DGH_MEMORY_FRACTION, BNInversionConfig)
+from dfqkern.datagen.config import (DEFAULT_LABEL_MODE, DEFAULT_TV_WEIGHT, DGH_MEMORY_FRACTION, BNInversionConfig)
 from dfqkern.datagen.store import MANIFEST, RUN_FILE, load_synthetic
 from dfqkern.model_info import set_info
 
@@ -30,6 +30,26 @@ def test_per_method_defaults_and_records():
     assert BNInversionConfig(jitter=2).effective_augment == "flip-shift"  # what jitter alone meant before
 
 
+def test_vit_methods_default_to_a_tv_prior_that_the_record_states():
+    """psaq / dfq-vit get DEFAULT_TV_WEIGHT unless given one; the BN methods none; a record says the value used,
+    so a set made before the default (tv_weight 0 recorded) is not resumed under the new default."""
+    assert set(DEFAULT_TV_WEIGHT) == {"psaq", "dfq-vit"} and all(w > 0 for w in DEFAULT_TV_WEIGHT.values())
+    for method in B.METHODS:
+        cfg = BNInversionConfig(method=method)
+        assert cfg.effective_tv_weight == DEFAULT_TV_WEIGHT.get(method, 0.0), method
+        assert cfg.to_dict()["options"]["tv_weight"] == cfg.effective_tv_weight
+    explicit = BNInversionConfig(method="psaq", tv_weight=0.0)
+    assert explicit.effective_tv_weight == 0.0 and explicit.to_dict()["options"]["tv_weight"] == 0.0
+    assert not BNInversionConfig(method="psaq").same_record(explicit.to_dict())
+    assert BNInversionConfig(method="psaq", tv_weight=2.0).same_record(BNInversionConfig(method="psaq").to_dict())
+    with pytest.raises(ValueError, match="tv_weight must be a number >= 0"):
+        BNInversionConfig(method="psaq", tv_weight=-1.0)
+    rough = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    assert float(B.prior_loss(rough, BNInversionConfig(method="psaq"), 4)) > 0
+    assert float(B.prior_loss(rough, BNInversionConfig(method="psaq", tv_weight=0.0), 4)) == 0
+    assert float(B.prior_loss(rough, BNInversionConfig(method="dgh"), 4)) == 0
+
+
 def test_older_genie_records_mean_genie_labels():
     old = {"method": "genie", "label_mode": "single", "mixup_k": None, "iters": 200, "batch_size": 32, "lr": None,
            "seed": 1, "weights": "dirichlet", "dirichlet_alpha": 1.0,
@@ -37,6 +57,8 @@ def test_older_genie_records_mean_genie_labels():
                        "latent_dim": 256}}
     cfg = BNInversionConfig.from_dict(old)
     assert cfg.method == "genie-labels" and cfg.effective_input_prior_weight == 0.0
+    unrecorded = {**old, "method": "psaq", "options": {k: v for k, v in old["options"].items() if k != "tv_weight"}}
+    assert BNInversionConfig.from_dict(unrecorded).effective_tv_weight == 0.0  # the default when it was written
     assert BNInversionConfig(method="genie-labels", label_mode="single", iters=200, seed=1,
                              ce_weight=0.5).same_record(old)
     assert not BNInversionConfig(method="genie", label_mode="single", iters=200, seed=1, ce_weight=0.5).same_record(old)
