@@ -45,8 +45,9 @@ DEFAULT_CE_WEIGHT = {"single": 1.0, "mixup": 0.5, "none": 0.0}
 DEFAULT_INPUT_PRIOR_WEIGHT = {"zeroq": 1.0}
 # The ViT methods' images come out far rougher than real ones (vertical total variation 1.4 vs 0.3 in
 # normalized space) and the rounding learned on them overfits that: a total-variation prior of weight 2
-# gave +0.6 to +1.6 points of W4A4 QDrop top-1 on the trained CIFAR ViT (bench/results/cifar10_vit.md,
-# `tv_weight=2` rows; plateau from 1 to 3). No gain for dgh on ResNet-20, so the BN methods keep 0.
+# gave +0.7 points of W4A4 QDrop top-1 on the trained CIFAR ViT at the library's iterations (seeds 0 and 1;
+# +0.3 / +1.6 at 50 iterations; plateau from 1 to 3; bench/results/cifar10_vit.md, `tv_weight=2` rows).
+# No gain for dgh on ResNet-20, so the BN methods keep 0.
 DEFAULT_TV_WEIGHT = {"psaq": 2.0, "dfq-vit": 2.0}
 # Records without "config_version" were written before the method split: their "genie" is genie-labels,
 # a missing options.ce_weight was weight 1, a missing input prior weight 0 and jitter > 0 meant flip-shift.
