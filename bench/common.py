@@ -178,16 +178,23 @@ def _number_or_text(value: str) -> "float | str":
         return value
 
 
+def _optional_kind(annotation) -> type:
+    """The type a field defaulting to None takes, read from its annotation (``"float | None"`` -> float);
+    a number or else the text when the annotation names none of float / int / str."""
+    names = [t.strip() for t in str(annotation).replace("'", "").replace('"', "").split("|")]
+    return next((kind for kind in (float, int, str) if kind.__name__ in names), _number_or_text)
+
+
 def parse_field_set(items: list, cls, flag: str, own_flags: "tuple[str, ...]" = ()) -> dict:
     """``FLAG FIELD=VALUE`` items -> fields of the config dataclass ``cls``, typed as their defaults (a field
-    whose default is None takes a number, else the text; ``cls`` checks it); ``own_flags``: fields the script
+    whose default is None as its annotation says; ``cls`` checks the value); ``own_flags``: fields the script
     sets with flags of its own."""
     import dataclasses
 
     kinds = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
-            kinds[f.name] = _number_or_text if f.default is None else type(f.default)
+            kinds[f.name] = _optional_kind(f.type) if f.default is None else type(f.default)
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
