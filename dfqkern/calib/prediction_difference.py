@@ -34,21 +34,32 @@ def prediction_kl(logits: torch.Tensor, fp_logits: torch.Tensor) -> torch.Tensor
 
 
 class PredictionDifference:
-    """``term(idx, unit_out)``: the KL for calibration rows ``idx`` when ``unit`` outputs ``unit_out``.
+    """The term over one calibration set: ``model`` (the whole quantized model) and, row for row with the
+    stored activations, its input ``images`` and float outputs ``fp_logits`` (checked to be class logits).
 
-    While it exists, the model's parameters outside ``unit`` stop requiring gradients (the rest of the
-    network is fixed; only the path through ``unit_out`` is differentiated); :meth:`close` restores them.
+    :meth:`bind` a unit before calling ``term(idx, unit_out)`` (the KL for calibration rows ``idx`` when the
+    unit outputs ``unit_out``): while bound, the model's parameters outside the unit stop requiring gradients
+    (the rest of the network is fixed; only the path through ``unit_out`` is differentiated); :meth:`release`
+    restores them.
     """
 
-    def __init__(self, model: nn.Module, unit: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor):
-        self.model, self.unit = model, unit
-        self.images, self.fp_logits = images, check_logits(fp_logits)
+    def __init__(self, model: nn.Module, images: torch.Tensor, fp_logits: torch.Tensor | None):
+        self.model, self.images, self.fp_logits = model, images, check_logits(fp_logits)
+        self.unit: nn.Module | None = None
+        self.frozen: list[torch.nn.Parameter] = []
+
+    def bind(self, unit: nn.Module) -> "PredictionDifference":
+        self.release()
         own = {id(p) for p in unit.parameters()}
-        self.frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+        self.unit = unit
+        self.frozen = [p for p in self.model.parameters() if p.requires_grad and id(p) not in own]
         for p in self.frozen:
             p.requires_grad_(False)
+        return self
 
     def __call__(self, idx: torch.Tensor, unit_out: torch.Tensor) -> torch.Tensor:
+        if self.unit is None:
+            raise RuntimeError("PredictionDifference: bind(unit) first")
         device = unit_out.device
         own_forward = self.unit.__dict__.get("forward")
         self.unit.forward = lambda *args, **kwargs: unit_out  # an instance attribute shadows the class's
@@ -62,7 +73,7 @@ class PredictionDifference:
                 self.unit.forward = own_forward
         return prediction_kl(logits, self.fp_logits[idx].to(device))
 
-    def close(self) -> None:
+    def release(self) -> None:
         for p in self.frozen:
             p.requires_grad_(True)
-        self.frozen = []
+        self.frozen, self.unit = [], None

@@ -40,7 +40,7 @@ from .config import CalibConfig
 from .guard import QuantizerState, heldout_count, heldout_split
 from .ln_reparam import apply_configured as apply_ln_reparam
 from .losses import reconstruction_loss
-from .prediction_difference import check_logits
+from .prediction_difference import PredictionDifference
 from .report import CalibReport, UnitReport
 from .unit_training import UnitTraining, derived_seed, eval_loss
 from .units import Unit, execution_order, find_units
@@ -136,14 +136,14 @@ class _Checkpoint:
 # ----------------------------------------------------------------------------- one unit
 
 def _reconstruct_unit(unit: Unit, index: int, store: ActivationStore, n: int, cfg: CalibConfig, device,
-                      desc: str, n_heldout: int = 0, pd_data=None) -> UnitReport:
+                      desc: str, n_heldout: int = 0, pd: PredictionDifference | None = None) -> UnitReport:
     """Reconstruct ``unit`` on stored rows ``[n_heldout, n)``; rows ``[0, n_heldout)`` are its held-out
     yardstick (the first training rows when there are none). A unit that ends worse keeps its start."""
     t0 = time.perf_counter()
     eval_idx = torch.arange(n_heldout) if n_heldout else torch.arange(min(n, EVAL_SAMPLES))
     start_state = QuantizerState(unit.module)
     loss_nearest = eval_loss(unit, store, eval_idx, cfg.batch_size, device)
-    training = UnitTraining(unit, index, cfg, device, n_heldout, n, pd_data)
+    training = UnitTraining(unit, index, cfg, device, n_heldout, n, pd)
     try:
         training.run(store, desc)
     finally:
@@ -266,7 +266,7 @@ def _calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, cfg: CalibCo
     report.model_loss_observer = _model_loss(qmodel, guard_x, guard_target, cfg.batch_size, device)
     need_fp_in = cfg.effective_drop_prob > 0
     # PD-Quant's term: the float outputs of every calibration image, row for row with the stored activations
-    pd_data = (qmodel, x, check_logits(_float_outputs(qmodel, x, cfg.batch_size, device))) if cfg.pd_weight > 0 \
+    pd = PredictionDifference(qmodel, x, _float_outputs(qmodel, x, cfg.batch_size, device)) if cfg.pd_weight > 0 \
         else None
     with ActivationStore(cfg.memory_budget_mb * 2 ** 20, cfg.spill_dir, device) as store:
         for i, unit in enumerate(units):
@@ -283,7 +283,7 @@ def _calibrate(qmodel: nn.Module, fp_model: nn.Module | None, data, cfg: CalibCo
             with quantization_disabled(qmodel):
                 capture(qmodel, unit.module, x, cfg.batch_size, store, input_name="fp_in" if need_fp_in else None,
                         output_name="fp_out", module_name=unit.name, device=device)
-            rep = _reconstruct_unit(unit, i, store, len(x), cfg, device, desc, n_heldout, pd_data)
+            rep = _reconstruct_unit(unit, i, store, len(x), cfg, device, desc, n_heldout, pd)
             report.units.append(rep)
             log.info("%s: held-out loss %.4g (start) -> %.4g (learned, hard)%s in %.1fs", unit.name, rep.loss_nearest,
                      rep.loss_hard, " [kept start]" if rep.kept_start else "", rep.seconds)

@@ -77,14 +77,13 @@ def eval_loss(unit: Unit, store: ActivationStore, idx: torch.Tensor, batch_size:
 class UnitTraining:
     """One unit's learning on stored rows ``[first_row, n)``, seeded by ``(cfg.seed, index)``.
 
-    ``pd_data``: ``(model, images, fp_logits)`` for the prediction-difference term (``cfg.pd_weight`` > 0):
-    the whole quantized model and, row for row with the store, its input images and float outputs.
+    ``pd``: the prediction-difference term (``cfg.pd_weight`` > 0), bound to this unit while it learns.
     """
 
-    def __init__(self, unit: Unit, index: int, cfg: CalibConfig, device, first_row: int, n: int, pd_data=None):
+    def __init__(self, unit: Unit, index: int, cfg: CalibConfig, device, first_row: int, n: int,
+                 pd: "PredictionDifference | None" = None):
         self.unit, self.cfg, self.device = unit, cfg, device
-        self.pd = PredictionDifference(pd_data[0], unit.module, *pd_data[1:]) \
-            if cfg.pd_weight > 0 and pd_data is not None else None
+        self.pd = None if pd is None else pd.bind(unit.module)
         self.first_row, self.n_train = first_row, n - first_row
         self.gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, index, 0))
         layers = unit.quant_layers()
@@ -169,7 +168,7 @@ class UnitTraining:
     def teardown(self) -> None:
         """Harden the rounding, freeze every learned tensor, leave the quantizers in eval mode without QDrop."""
         if self.pd is not None:
-            self.pd.close()
+            self.pd.release()
         if self.torch_qdrop is not None:
             self.torch_qdrop.remove()
         for a in self.unit_acts:

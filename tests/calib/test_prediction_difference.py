@@ -34,7 +34,7 @@ def test_term_feeds_the_unit_output_through_the_float_rest(tiny_cnn, images, qua
     unit_out = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
     grads_before = [p.requires_grad for p in q.parameters()]
     assert any(grads_before)
-    pd = PredictionDifference(q, unit, images, fp_logits)
+    pd = PredictionDifference(q, images, fp_logits).bind(unit)
     try:
         assert not any(p.requires_grad for p in q.fc.parameters())
         term = pd(idx, unit_out)
@@ -48,7 +48,7 @@ def test_term_feeds_the_unit_output_through_the_float_rest(tiny_cnn, images, qua
         with torch.no_grad():  # and the model runs its own unit again
             assert q(images[:2]).shape == (2, 10)
     finally:
-        pd.close()
+        pd.release()
     assert [p.requires_grad for p in q.parameters()] == grads_before
 
 
