@@ -468,9 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="observer", choices=QUANT_METHODS)
     q.add_argument("--iters", type=int, help="reconstruction iterations per block / layer")
     q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--pd-weight", type=float, default=0.0, help="reconstruction methods: weight of PD-Quant's "
+    q.add_argument("--pd-weight", type=float, help="reconstruction methods: weight of PD-Quant's "
                    "prediction-difference term (KL of the float model's prediction to the float rest of the net fed "
-                   "each unit's quantized output; costs a whole-model forward and backward per step; default 0: off)")
+                   "each unit's quantized output; costs a whole-model forward and backward per step; default "
+                   "CalibConfig's, 0: off)")
     q.add_argument("--eval-data", help="also report FP vs quantized top-1 on this labelled data")
     q.add_argument("--eval-limit", type=int)
     _add_run_flags(q, "output checkpoint directory", "reconstruction methods: start over instead of resuming a "

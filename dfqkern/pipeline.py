@@ -45,7 +45,7 @@ class QuantizeJob:
     equalize_relu6: str | None = None  # ReLU6 policy of equalization (None: EqualizeConfig's default)
     bias_correction: str = "none"  # after observer calibration: none / analytic / empirical
     act_correction: str = "none"  # after calibration: DFQ-ViT's per-channel correction, none / shift / affine
-    pd_weight: float = 0.0  # reconstruction: PD-Quant's prediction-difference term (CalibConfig.pd_weight)
+    pd_weight: float | None = None  # reconstruction: PD-Quant's term (None: CalibConfig's default, off)
 
     def __post_init__(self):
         """Every argument and the output location, before any work (a long calibration must not
@@ -70,10 +70,10 @@ class QuantizeJob:
         self.equalize_config = self._equalize_config()  # checks the ReLU6 policy
         if self.num_calib <= 0:
             raise ValueError(f"num_calib must be positive, got {self.num_calib}")
-        kw = {"method": self.method, "batch_size": self.batch_size, "seed": self.config.seed, "backend": self.backend,
-              "pd_weight": self.pd_weight}
-        if self.iters is not None:
-            kw["iters"] = self.iters
+        kw = {"method": self.method, "batch_size": self.batch_size, "seed": self.config.seed, "backend": self.backend}
+        for name in ("iters", "pd_weight"):  # None: CalibConfig's default
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
         self.calib_config = CalibConfig(**kw)  # checks iters, batch_size, seed, backend, pd_weight
         if self.pd_weight and self.method == "observer":
             raise ValueError(f"pd_weight {self.pd_weight} applies to reconstruction methods, not 'observer'")

@@ -504,10 +504,10 @@ def input_prior(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def prior_loss(x: torch.Tensor, cfg: BNInversionConfig, num_bn_layers: int) -> "torch.Tensor | float":
     """Image priors: total variation (``tv_weight``), L2 (``l2_weight``, mean squared pixel) and ZeroQ's
     input prior, which is scaled like one more BN layer of the layer-mean BN term."""
-    loss = 0.0
-    if cfg.effective_tv_weight > 0:
+    loss, tv_weight = 0.0, cfg.effective_tv_weight
+    if tv_weight > 0:
         tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-        loss = loss + cfg.effective_tv_weight * tv
+        loss = loss + tv_weight * tv
     if cfg.l2_weight > 0:
         loss = loss + cfg.l2_weight * x.float().pow(2).mean()
     if cfg.effective_input_prior_weight > 0:
